@@ -1,0 +1,68 @@
+# gridloop — the closed loop of urban incidents (一网统管) over Apache Kafka.
+#   make demo    run the whole system with a simulation of Gaohang town
+#   make test    run every test against a real Kafka broker
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV      ?= uv
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.synced
+KAFKA   := infra/kafka/kafka.sh
+PYTEST_ARGS ?=
+
+.PHONY: help venv lint fmt schemas kafka-up kafka-down kafka-status kafka-reset topics test test-unit demo run clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml uv.lock
+	@command -v $(UV) >/dev/null || python3 -m pip install --quiet uv
+	$(UV) sync --frozen --python 3.11
+	@touch $@
+
+venv: $(STAMP) ## create/update the virtualenv from uv.lock
+
+lint: $(STAMP) ## ruff + mypy
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen mypy
+
+fmt: $(STAMP) ## format the code
+	$(UV) run --frozen ruff format .
+	$(UV) run --frozen ruff check --fix .
+
+schemas: $(STAMP) ## re-export the JSON Schema files from the event models
+	$(PY) -m schemas.export
+
+kafka-up: ## start the single-node KRaft broker (reused if running)
+	@bash $(KAFKA) up
+
+kafka-down: ## stop the broker
+	@bash $(KAFKA) down
+
+kafka-status: ## is the broker up?
+	@bash $(KAFKA) status
+
+kafka-reset: ## stop the broker and delete its data
+	@bash $(KAFKA) reset
+
+topics: $(STAMP) kafka-up ## create the catalog's topics (idempotent)
+	$(PY) -m services.admin topics create
+
+test: $(STAMP) topics ## every test, over the real broker
+	$(PY) -m schemas.export --check
+	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP) ## tests that need no broker
+	$(UV) run --frozen pytest tests/unit $(PYTEST_ARGS)
+
+demo: $(STAMP) topics ## run every service and a simulation of Gaohang town; ends with a table per department
+	$(PY) -m services.simulator demo
+
+run: $(STAMP) topics ## run every service in the foreground (Ctrl-C stops them)
+	$(PY) -m services.supervisor
+
+clean: ## stop the broker, delete var/ and caches (keeps .venv and the Kafka jars)
+	-@bash $(KAFKA) down
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache artifacts

@@ -1,0 +1,84 @@
+"""The envelope every gridloop event carries, and the small value types events share."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Self
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+"""The only envelope schema version this build reads and writes."""
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("timestamps must carry a timezone (ISO 8601 with offset)")
+    return value.astimezone(UTC)
+
+
+AwareDatetime = Annotated[datetime, AfterValidator(_aware)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Frozen(BaseModel):
+    """Immutable, strict-keyed model: unknown fields are an error, not silently dropped."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+class ActorKind(StrEnum):
+    GRID_WORKER = "grid_worker"
+    DEPARTMENT = "department"
+    OPS_CENTER = "ops_center"
+    CITIZEN = "citizen"
+    SENSOR = "sensor"
+    SYSTEM = "system"
+
+
+class Actor(Frozen):
+    """Who did it: a person or a service, always recorded on every transition."""
+
+    kind: ActorKind
+    id: Annotated[str, Field(min_length=1, max_length=64)]
+    department: str | None = None
+
+    @classmethod
+    def system(cls, service: str) -> Actor:
+        return cls(kind=ActorKind.SYSTEM, id=service)
+
+
+class Location(Frozen):
+    lat: Annotated[float, Field(ge=-90, le=90)]
+    lon: Annotated[float, Field(ge=-180, le=180)]
+    address: Annotated[str, Field(max_length=200)] = ""
+
+
+class Event(Frozen):
+    """Envelope shared by every event. Subclasses pin ``type`` to their own name."""
+
+    event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=64)
+    incident_id: Annotated[str, Field(min_length=1, max_length=64)]
+    type: str
+    schema_version: int = SCHEMA_VERSION
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+    actor: Actor
+    correlation_id: Annotated[str, Field(min_length=1, max_length=64)]
+    causation_id: str | None = None
+
+    @classmethod
+    def following(cls, cause: Event, actor: Actor, **fields: Any) -> Self:
+        """An event that follows ``cause``: same incident and correlation id, cause recorded."""
+        fields.setdefault("incident_id", cause.incident_id)
+        return cls(
+            actor=actor, correlation_id=cause.correlation_id, causation_id=cause.event_id, **fields
+        )

@@ -1,0 +1,1 @@
+"""gridloop's microservices: intake, dispatch, handling, verification, opscenter; and what they share."""

@@ -1,0 +1,1 @@
+"""Operator commands: topics, dead letters."""

@@ -1,0 +1,80 @@
+"""Kafka administration through kafka-python: create the catalog's topics, wait for the broker and topics."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterable
+
+from schemas.topics import CATALOG, Topic
+
+with warnings.catch_warnings():
+    # kafka-python reads its protocol schemas with importlib.resources' legacy API, deprecated on 3.11.
+    warnings.filterwarnings("ignore", message=r"(read|open)_text is deprecated", category=DeprecationWarning)
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+log = logging.getLogger(__name__)
+
+
+class KafkaUnavailable(RuntimeError):
+    pass
+
+
+def admin_client(bootstrap: str, timeout_s: float = 10.0) -> KafkaAdminClient:
+    return KafkaAdminClient(
+        bootstrap_servers=bootstrap.split(","),
+        client_id="gridloop-admin",
+        request_timeout_ms=int(timeout_s * 1000),
+    )
+
+
+def create_topics(bootstrap: str, topics: Iterable[Topic] = CATALOG) -> list[str]:
+    """Create missing topics; existing ones are left as they are. Returns the names created."""
+    admin = admin_client(bootstrap)
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in topics if t.name not in existing]
+        created: list[str] = []
+        for topic in missing:
+            try:
+                admin.create_topics(
+                    [NewTopic(topic.name, num_partitions=topic.partitions, replication_factor=1,
+                              topic_configs=dict(topic.config))]
+                )
+                created.append(topic.name)
+            except TopicAlreadyExistsError:
+                pass
+        return created
+    finally:
+        admin.close()
+
+
+def list_topics(bootstrap: str) -> set[str]:
+    admin = admin_client(bootstrap)
+    try:
+        return set(admin.list_topics())
+    finally:
+        admin.close()
+
+
+def wait_for_topics(bootstrap: str, names: Iterable[str], timeout_s: float = 120.0) -> None:
+    """Block until the broker answers and every topic exists; log clearly while waiting."""
+    wanted = set(names)
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    while True:
+        try:
+            missing = wanted - list_topics(bootstrap)
+            if not missing:
+                return
+            problem = f"topics missing: {', '.join(sorted(missing))} (run `make topics`)"
+        except (KafkaError, OSError) as exc:
+            problem = f"Kafka at {bootstrap} unavailable ({type(exc).__name__}); start it with `make kafka-up`"
+        if time.monotonic() > deadline:
+            raise KafkaUnavailable(problem)
+        log.warning("%s; retrying in %.1fs", problem, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)

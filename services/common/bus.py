@@ -1,0 +1,48 @@
+"""The message bus: route a decoded event to its handler inside a unit of work, exactly once per event id."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from schemas import Event
+
+from .db import UnitOfWork
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, UnitOfWork], None]
+
+
+class MessageBus:
+    def __init__(self, uow_factory: Callable[[], UnitOfWork], handlers: Mapping[type[Event], Handler]) -> None:
+        self.uow_factory = uow_factory
+        self.handlers = dict(handlers)
+
+    def handles(self, event: Event) -> bool:
+        return type(event) in self.handlers
+
+    def handle(self, event: Event) -> list[Event]:
+        """Apply ``event`` once; returns the events it caused (empty for a redelivery or an ignored type)."""
+        handler = self.handlers.get(type(event))
+        if handler is None:
+            return []
+        uow = self.uow_factory()
+        with uow:
+            if not uow.claim(event):
+                log.debug("skipping redelivered %s %s", event.type, event.event_id)
+                return []
+            handler(event, uow)
+            try:
+                uow.commit()
+            except IntegrityError:
+                uow.session.rollback()
+                if not uow.claim(event):
+                    # Another instance applied the same event between our check and our commit.
+                    log.info("%s %s applied concurrently elsewhere; skipping", event.type, event.event_id)
+                    return []
+                raise
+            return list(uow.emitted)

@@ -1,0 +1,155 @@
+"""Database plumbing every service shares: the engine, the processed-event and outbox tables, the unit of work.
+
+Each service owns its database (a SQLite file by default, PostgreSQL where configured). A message is handled
+inside one unit of work: the idempotency mark, the state change and the events to publish (the outbox) are
+committed together or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, Session, SQLModel
+
+from schemas import Event, encode_event, topics_for, utcnow
+
+Clock = Callable[[], datetime]
+
+
+class ProcessedEvent(SQLModel, table=True):
+    """Every event a service has applied, so a redelivered one changes nothing."""
+
+    __tablename__ = "processed_event"
+    event_id: str = Field(primary_key=True, max_length=64)
+    type: str = Field(max_length=40)
+    processed_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+
+
+class OutboxRecord(SQLModel, table=True):
+    """An event committed with the state change that caused it, waiting to be published to Kafka."""
+
+    __tablename__ = "outbox"
+    id: int | None = Field(default=None, primary_key=True)
+    event_id: str = Field(max_length=64)
+    incident_id: str = Field(max_length=64)
+    type: str = Field(max_length=40)
+    topics: str = Field(max_length=200)
+    payload: bytes = Field(sa_type=sa.LargeBinary)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+    published_at: datetime | None = Field(default=None, index=True, sa_type=sa.DateTime(timezone=True))
+
+
+SHARED_TABLES: tuple[sa.Table, ...] = (ProcessedEvent.__table__, OutboxRecord.__table__)  # type: ignore[attr-defined]
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite files get their folder, WAL and a busy timeout."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @sa_event.listens_for(engine, "connect")
+        def _pragmas(conn: Any, _record: Any) -> None:
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def create_tables(engine: Engine, tables: Iterable[sa.Table]) -> None:
+    SQLModel.metadata.create_all(engine, tables=[*SHARED_TABLES, *tables])
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes: read them as the UTC they were stored as."""
+    from datetime import UTC
+
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class UnitOfWork:
+    """One transaction: claim the message, change state, queue events; ``commit`` makes all of it durable."""
+
+    def __init__(self, engine: Engine, clock: Clock = utcnow, time_scale: float = 1.0) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.time_scale = time_scale
+        self.emitted: list[Event] = []
+        self._session: Session | None = None
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            raise RuntimeError("unit of work used outside `with`")
+        return self._session
+
+    def __enter__(self) -> Self:
+        self._session = Session(self.engine, expire_on_commit=False)
+        self.emitted = []
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._session is not None
+        self._session.rollback()
+        self._session.close()
+        self._session = None
+
+    def now(self) -> datetime:
+        return self.clock()
+
+    def business_hours(self, hours: float) -> timedelta:
+        """A span of business time, as wall-clock time under the configured time scale."""
+        return timedelta(hours=hours) / self.time_scale
+
+    def claim(self, event: Event) -> bool:
+        """Mark ``event`` as processed; False if it already was (a redelivery: do nothing)."""
+        if self.session.get(ProcessedEvent, event.event_id) is not None:
+            return False
+        self.session.add(ProcessedEvent(event_id=event.event_id, type=event.type, processed_at=self.now()))
+        return True
+
+    def emit(self, event: Event) -> None:
+        """Queue ``event`` for publishing; it is sent only once the transaction commits."""
+        self.session.add(
+            OutboxRecord(
+                event_id=event.event_id,
+                incident_id=event.incident_id,
+                type=event.type,
+                topics=",".join(t.name for t in topics_for(event)),
+                payload=encode_event(event),
+                created_at=self.now(),
+            )
+        )
+        self.emitted.append(event)
+
+    def commit(self) -> None:
+        self.session.commit()
+
+
+__all__ = [
+    "Clock",
+    "IntegrityError",
+    "OutboxRecord",
+    "ProcessedEvent",
+    "SHARED_TABLES",
+    "UnitOfWork",
+    "as_utc",
+    "create_tables",
+    "make_engine",
+]

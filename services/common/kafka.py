@@ -1,0 +1,166 @@
+"""Kafka plumbing: a durable publisher (acks=all, idempotent), the outbox relay and the dead-letter writer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from aiokafka import AIOKafkaProducer
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from schemas import Event, encode_event, topics_for, utcnow
+from schemas.topics import DEADLETTER
+
+from .db import OutboxRecord
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """One idempotent producer per process; every send waits for all in-sync replicas."""
+
+    def __init__(self, bootstrap: str, client_id: str) -> None:
+        self.bootstrap = bootstrap
+        self.client_id = client_id
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        """Connect (created here: aiokafka needs the running loop); a no-op once connected."""
+        if self._producer is not None:
+            return
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            client_id=self.client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            request_timeout_ms=15000,
+        )
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("publisher not started")
+        return self._producer
+
+    async def send_all(self, records: Sequence[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]) -> None:
+        """Send every (topic, key, value, headers) and wait until the broker has them all."""
+        futures = [
+            await self.producer.send(topic, value=value, key=key, headers=headers or None)
+            for topic, key, value, headers in records
+        ]
+        await asyncio.gather(*futures)
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        """Publish events directly (no outbox): each to its own topic and to the lifecycle log."""
+        await self.send_all(
+            [
+                (t.name, e.incident_id.encode(), encode_event(e), [("type", e.type.encode())])
+                for e in events
+                for t in topics_for(e)
+            ]
+        )
+
+
+class OutboxRelay:
+    """Publishes committed outbox records in order and marks them sent. At least once: consumers dedupe."""
+
+    def __init__(self, engine: Engine, publisher: Publisher, batch: int = 500) -> None:
+        self.engine = engine
+        self.publisher = publisher
+        self.batch = batch
+        self._lock = asyncio.Lock()
+
+    def pending(self) -> int:
+        with Session(self.engine) as s:
+            return int(
+                s.exec(select(sa.func.count()).select_from(OutboxRecord).where(col(OutboxRecord.published_at).is_(None))).one()
+            )
+
+    async def flush(self) -> int:
+        """Publish everything pending; returns how many records went out."""
+        sent = 0
+        async with self._lock:
+            while True:
+                with Session(self.engine) as s:
+                    rows = s.exec(
+                        select(OutboxRecord)
+                        .where(col(OutboxRecord.published_at).is_(None))
+                        .order_by(col(OutboxRecord.id))
+                        .limit(self.batch)
+                    ).all()
+                    if not rows:
+                        return sent
+                    await self.publisher.send_all(
+                        [
+                            (topic, r.incident_id.encode(), r.payload, [("type", r.type.encode())])
+                            for r in rows
+                            for topic in r.topics.split(",")
+                        ]
+                    )
+                    ids = [r.id for r in rows]
+                    s.exec(  # type: ignore[call-overload]
+                        sa.update(OutboxRecord).where(col(OutboxRecord.id).in_(ids)).values(published_at=utcnow())
+                    )
+                    s.commit()
+                    sent += len(rows)
+
+
+def dead_letter_record(
+    *,
+    service: str,
+    reason: str,
+    source_topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    failed_at: datetime | None = None,
+) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """The (key, value, headers) of a dead letter: the original record and why it could not be processed."""
+    text: str | None
+    encoding = "utf-8"
+    try:
+        text = value.decode() if value is not None else None
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(value or b"").decode(), "base64"
+    body: dict[str, Any] = {
+        "reason": reason,
+        "service": service,
+        "source_topic": source_topic,
+        "partition": partition,
+        "offset": offset,
+        "key": key.decode(errors="replace") if key is not None else None,
+        "value": text,
+        "value_encoding": encoding,
+        "failed_at": (failed_at or utcnow()).isoformat(),
+    }
+    dl_key = f"{source_topic}/{partition}/{offset}".encode()
+    headers = [("reason", reason[:200].encode()), ("source_topic", source_topic.encode()), ("service", service.encode())]
+    return dl_key, orjson.dumps(body), headers
+
+
+async def send_dead_letter(publisher: Publisher, **fields: Any) -> None:
+    key, value, headers = dead_letter_record(**fields)
+    await publisher.send_all([(DEADLETTER.name, key, value, headers)])
+    log.warning(
+        "dead-lettered %s[%s]@%s: %s", fields["source_topic"], fields["partition"], fields["offset"], fields["reason"]
+    )

@@ -1,0 +1,221 @@
+"""The shape every service runs in: one faust worker (agents at concurrency 1) serving one FastAPI app.
+
+A consumed record is decoded, applied through the message bus in one unit of work (idempotent on event id,
+state and outbox committed together), and the outbox is flushed to Kafka. Records that can never be applied
+(bad JSON, unknown schema version, missing fields, unknown incident, a handler bug) go to the dead-letter
+topic with the reason; the stream goes on. A database that is down is retried with backoff, never skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import faust
+import sqlalchemy as sa
+from aiokafka.errors import KafkaError as _KafkaError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+from schemas import DecodeError, Event, decode_event
+from schemas.topics import CATALOG, Topic, namespace
+
+from . import metrics
+from .bus import Handler, MessageBus
+from .db import UnitOfWork, create_tables, make_engine
+from .errors import PoisonMessage
+from .kafka import OutboxRelay, Publisher, send_dead_letter
+from .settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+log = logging.getLogger("gridloop")
+
+_TRANSIENT = (OperationalError, DBAPIError)
+
+
+class Runtime:
+    """Everything one service process owns: settings, database, bus, publisher, outbox relay, faust app."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        tables: Iterable[sa.Table],
+        handlers: Mapping[type[Event], Handler],
+        *,
+        consumes: Iterable[Topic] = (),
+    ) -> None:
+        self.settings = settings
+        self.name = settings.service
+        self.engine = make_engine(settings.database_url)
+        self.tables = tuple(tables)
+        self.bus = MessageBus(self.uow, handlers)
+        self.publisher = Publisher(settings.kafka_bootstrap, client_id=f"gridloop-{self.name}")
+        self.relay = OutboxRelay(self.engine, self.publisher)
+        self.consumes = tuple(consumes)
+        self._publisher_ready = asyncio.Lock()
+        self.app = self._faust_app()
+
+    # -- units of work -------------------------------------------------------------------------------
+
+    def uow(self) -> UnitOfWork:
+        return UnitOfWork(self.engine, time_scale=self.settings.time_scale)
+
+    def init_db(self) -> None:
+        create_tables(self.engine, self.tables)
+
+    # -- faust ------------------------------------------------------------------------------------------
+
+    def _faust_app(self) -> faust.App:
+        s = self.settings
+        app = faust.App(
+            f"{namespace()}-{self.name}",
+            broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",")],
+            value_serializer="raw",
+            key_serializer="raw",
+            topic_allow_declare=False,
+            topic_disable_leader=True,
+            consumer_auto_offset_reset="earliest",
+            broker_commit_every=50,
+            broker_commit_interval=0.5,
+            web_enabled=True,
+            web_bind=s.http_host,
+            web_port=s.http_port,
+            datadir=str(s.var_dir / "faust" / f"{self.name}{'-' + s.instance if s.instance else ''}"),
+            producer_acks=-1,
+            logging_config=None,
+        )
+        if self.consumes:
+            channel = app.topic(*(t.name for t in self.consumes), key_type=bytes, value_type=bytes)
+
+            @app.agent(channel, concurrency=1, name=f"{self.name}-consumer")
+            async def consume(stream: Any) -> None:
+                async for record in stream.events():
+                    await self.process(record.message)
+
+        @app.timer(s.outbox_interval_s)
+        async def relay_outbox() -> None:
+            await self.flush_outbox()
+
+        return app
+
+    def serve(self, api: FastAPI) -> None:
+        from faust.contrib.asgi import serve_asgi
+
+        serve_asgi(self.app, api, host=self.settings.http_host, port=self.settings.http_port, log_level="warning")
+
+    def timer(self, interval: float) -> Callable[[Callable[[], Any]], Any]:
+        return self.app.timer(interval)  # type: ignore[no-any-return]
+
+    # -- processing ------------------------------------------------------------------------------------
+
+    async def ensure_publisher(self) -> None:
+        async with self._publisher_ready:
+            async for attempt in _forever("Kafka producer"):
+                with attempt:
+                    await self.publisher.start()
+
+    async def process(self, message: Any) -> None:
+        """Apply one consumed record (a faust Message: topic, partition, offset, key, value)."""
+        try:
+            event = decode_event(message.value)
+        except DecodeError as exc:
+            await self.dead_letter(message, exc.reason, kind="decode")
+            return
+        metrics.EVENTS_CONSUMED.labels(self.name, message.topic, event.type).inc()
+        if not self.bus.handles(event):
+            return
+        try:
+            emitted = await self.apply(event)
+        except PoisonMessage as exc:
+            await self.dead_letter(message, f"{type(exc).__name__}: {exc}", kind="poison")
+            return
+        except Exception as exc:  # a bug must not stop the town's pipeline: park the record, keep going
+            log.exception("handler failed on %s %s", event.type, event.event_id)
+            await self.dead_letter(message, f"handler error {type(exc).__name__}: {exc}", kind="error")
+            return
+        if emitted:
+            await self.flush_outbox()
+
+    async def apply(self, event: Event) -> list[Event]:
+        """Run the bus for ``event``, retrying while the database is unreachable."""
+        async for attempt in _forever("database"):
+            with attempt:
+                started = time.perf_counter()
+                emitted = self.bus.handle(event)
+                metrics.HANDLE_SECONDS.labels(self.name, event.type).observe(time.perf_counter() - started)
+                return emitted
+        raise AssertionError("unreachable")
+
+    async def flush_outbox(self) -> None:
+        try:
+            await self.ensure_publisher()
+            sent = await self.relay.flush()
+            if sent:
+                metrics.OUTBOX_PUBLISHED.labels(self.name).inc(sent)
+            metrics.OUTBOX_PENDING.labels(self.name).set(self.relay.pending())
+        except Exception as exc:  # the records stay in the outbox; the timer tries again
+            log.warning("outbox not flushed yet (%s: %s); will retry", type(exc).__name__, exc)
+
+    async def dead_letter(self, message: Any, reason: str, *, kind: str) -> None:
+        metrics.DEAD_LETTERS.labels(self.name, kind).inc()
+        await self.ensure_publisher()
+        async for attempt in _forever("dead-letter topic"):
+            with attempt:
+                await send_dead_letter(
+                    self.publisher,
+                    service=self.name,
+                    reason=reason,
+                    source_topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    key=message.key,
+                    value=message.value,
+                )
+
+    # -- running ---------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Wait for the broker and the topics, create tables, then run the faust worker (blocks)."""
+        from .admin import wait_for_topics
+
+        logging.basicConfig(
+            level=self.settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        wait_for_topics(self.settings.kafka_bootstrap, [t.name for t in CATALOG])
+        _retry_sync("database", self.init_db)
+        Path(self.app.conf.datadir).mkdir(parents=True, exist_ok=True)
+        sys.argv = [sys.argv[0], "worker", "--loglevel", self.settings.log_level]
+        self.app.main()
+
+
+def _forever(what: str) -> AsyncRetrying:
+    def _log(state: Any) -> None:
+        log.warning("%s unavailable (%s); retrying", what, state.outcome.exception() if state.outcome else "?")
+
+    return AsyncRetrying(
+        retry=retry_if_exception_type((*_TRANSIENT, OSError, ConnectionError, asyncio.TimeoutError, _KafkaError)),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        before_sleep=_log,
+        reraise=True,
+    )
+
+
+def _retry_sync(what: str, fn: Callable[[], None]) -> None:
+    from tenacity import Retrying
+
+    for attempt in Retrying(
+        retry=retry_if_exception_type(_TRANSIENT),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        before_sleep=lambda s: log.warning("%s unavailable; retrying", what),
+        reraise=True,
+    ):
+        with attempt:
+            fn()
+

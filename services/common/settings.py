@@ -1,0 +1,61 @@
+"""Settings shared by every service, from the environment (prefix ``GRIDLOOP_``) with safe local defaults.
+
+A service-specific value can be given as ``GRIDLOOP_<SERVICE>_<NAME>`` (e.g. ``GRIDLOOP_INTAKE_HTTP_PORT``)
+or, in a container running one service, plainly as ``GRIDLOOP_<NAME>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRIDLOOP_", extra="ignore", case_sensitive=False)
+
+    SERVICE: ClassVar[str] = "service"
+    DEFAULT_HTTP_PORT: ClassVar[int] = 8100
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    var_dir: Path = REPO_ROOT / "var"
+    database_url: str = ""
+    """SQLAlchemy URL; empty means a SQLite file var/db/<service>.sqlite."""
+    http_host: str = "127.0.0.1"
+    http_port: int = 0
+    """0 means the service's default port."""
+    time_scale: float = Field(default=1.0, gt=0)
+    """How many times faster than the wall clock deadlines run (3600: one business hour per second)."""
+    outbox_interval_s: float = Field(default=0.5, gt=0)
+    log_level: str = "info"
+    instance: str = ""
+    """Distinguishes two instances of one service in one consumer group (they share the database)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _service_specific(cls, data: Any) -> Any:
+        import os
+
+        if not isinstance(data, dict):
+            return data
+        prefix = f"GRIDLOOP_{cls.SERVICE.upper()}_"
+        for key, value in os.environ.items():
+            if key.upper().startswith(prefix):
+                data.setdefault(key[len(prefix):].lower(), value)
+        return data
+
+    @model_validator(mode="after")
+    def _defaults(self) -> ServiceSettings:
+        if not self.http_port:
+            self.http_port = self.DEFAULT_HTTP_PORT
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.var_dir / 'db' / f'{self.SERVICE}.sqlite'}"
+        return self
+
+    @property
+    def service(self) -> str:
+        return self.SERVICE

@@ -1,0 +1,45 @@
+"""dispatch's HTTP edge for the operations center (城运中心): cases, work orders, extension decisions."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from schemas import Actor, ActorKind
+from services.common.api import create_api
+from services.common.runtime import Runtime
+
+from . import handlers
+from .models import CasePublic, ExtensionDecision, WorkOrderPublic
+
+
+def build_api(runtime: Runtime) -> FastAPI:
+    api = create_api(
+        "dispatch",
+        title="gridloop dispatch",
+        description="立案 and 派遣: cases, their work orders, and the operations center's extension decisions.",
+    )
+
+    @api.get("/cases/{incident_id}", response_model=CasePublic, tags=["cases"],
+             responses={404: {"description": "no such case"}})
+    async def case(incident_id: str) -> CasePublic:
+        with runtime.uow() as uow:
+            return handlers.get_case(incident_id, uow)
+
+    @api.get("/extensions", response_model=list[WorkOrderPublic], tags=["extensions"])
+    async def extensions() -> list[WorkOrderPublic]:
+        """Work orders whose department asked for more time (延期), waiting for a decision."""
+        with runtime.uow() as uow:
+            return handlers.pending_extensions(uow)
+
+    @api.post("/work-orders/{work_order_id}/extension", tags=["extensions"],
+              responses={404: {"description": "no such work order"},
+                         409: {"description": "no pending request, or nothing to extend"}})
+    async def decide(work_order_id: str, body: ExtensionDecision) -> dict[str, str]:
+        """The operations center grants or refuses an extension."""
+        actor = Actor(kind=ActorKind.OPS_CENTER, id=body.actor_id, department="ops_center")
+        with runtime.uow() as uow:
+            event = handlers.decide_extension(work_order_id, body.grant, body.new_deadline, body.reason, actor, uow)
+        await runtime.flush_outbox()
+        return {"work_order_id": work_order_id, "decision": event.type}
+
+    return api

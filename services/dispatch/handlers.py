@@ -1,0 +1,439 @@
+"""dispatch's rules, as plain functions ``verb_noun(event, uow, policy)``.
+
+立案: a report is filed only if its category is known and it lies inside a grid; a report of the same category
+close to an open case is merged into it. 派遣: the category's lead department gets a work order with a deadline;
+a big incident (by category or a major-severity flag) engages every listed department at once, the operations
+center coordinating (大事全网联动). A returned order goes to the next candidate; after repeated returns the
+operations center takes it. When every live order is handled the grid worker verifies; pass closes the case,
+fail sends the work back (返工). The watchdog reminds (催办) overdue orders and later escalates them (督办).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import col, select
+
+from schemas import Actor, Location
+from schemas import events as ev
+from schemas.reference import CATEGORIES, GRIDS, OPS_CENTER, Category, distance_m, grid_at
+from services.common.db import UnitOfWork, as_utc
+from services.common.errors import NotFound, Rejected, UnknownIncident
+
+from .models import CasePublic, CaseStatus, DispatchCase, DispatchWorkOrder, OrderStatus, WorkOrderPublic
+from .settings import DispatchSettings
+
+DISPATCH = Actor.system("dispatch")
+WATCHDOG = Actor.system("dispatch-watchdog")
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def _case(uow: UnitOfWork, incident_id: str) -> DispatchCase:
+    case = uow.session.get(DispatchCase, incident_id)
+    if case is None:
+        raise UnknownIncident(f"no case for incident {incident_id}")
+    return case
+
+
+def _order(uow: UnitOfWork, work_order_id: str, incident_id: str) -> DispatchWorkOrder:
+    order = uow.session.get(DispatchWorkOrder, work_order_id)
+    if order is None or order.incident_id != incident_id:
+        raise UnknownIncident(f"no work order {work_order_id} for incident {incident_id}")
+    return order
+
+
+def _orders(uow: UnitOfWork, incident_id: str) -> list[DispatchWorkOrder]:
+    return list(
+        uow.session.exec(
+            select(DispatchWorkOrder)
+            .where(DispatchWorkOrder.incident_id == incident_id)
+            .order_by(col(DispatchWorkOrder.dispatched_at), col(DispatchWorkOrder.work_order_id))
+        ).all()
+    )
+
+
+def _urls(text: str) -> list[Any]:
+    return [u for u in text.split() if u]
+
+
+def _dispatch(
+    uow: UnitOfWork, case: DispatchCase, cause: ev.Event, department: str, role: ev.WorkOrderRole, attempt: int
+) -> None:
+    category = CATEGORIES[case.category_code]
+    now = uow.now()
+    order = DispatchWorkOrder(
+        work_order_id=f"{case.incident_id}-{len(_orders(uow, case.incident_id)) + 1}",
+        incident_id=case.incident_id,
+        department_code=department,
+        role=role.value,
+        attempt=attempt,
+        status=OrderStatus.DISPATCHED,
+        deadline=now + uow.business_hours(category.deadline_hours),
+        dispatched_at=now,
+    )
+    uow.session.add(order)
+    uow.session.flush()
+    case.status = CaseStatus.DISPATCHED
+    uow.emit(
+        ev.WorkOrderDispatched.following(
+            cause,
+            DISPATCH,
+            occurred_at=now,
+            work_order_id=order.work_order_id,
+            department_code=department,
+            role=role,
+            coordinator=OPS_CENTER if case.big else None,
+            category_code=case.category_code,
+            grid_id=case.grid_id,
+            location=Location(lat=case.lat, lon=case.lon, address=case.address),
+            description=case.description,
+            photo_urls=_urls(case.photo_urls),
+            priority=case.priority,
+            deadline=order.deadline,
+            attempt=attempt,
+        )
+    )
+
+
+def _verifier(case: DispatchCase) -> str:
+    """The grid's worker who verifies: another worker than the reporter where the grid has one."""
+    workers = GRIDS[case.grid_id].workers if case.grid_id else ()
+    others = [w for w in workers if w != case.reporter_id]
+    return (others or list(workers) or [case.reporter_id])[0]
+
+
+def _request_verification(uow: UnitOfWork, case: DispatchCase, cause: ev.Event, evidence: list[Any]) -> None:
+    case.status = CaseStatus.VERIFYING
+    case.verification_round += 1
+    assert case.grid_id is not None
+    uow.emit(
+        ev.VerificationRequested.following(
+            cause,
+            DISPATCH,
+            occurred_at=uow.now(),
+            verification_id=f"{case.incident_id}-v{case.verification_round}",
+            grid_id=case.grid_id,
+            worker_id=_verifier(case),
+            category_code=case.category_code,
+            location=Location(lat=case.lat, lon=case.lon, address=case.address),
+            description=case.description,
+            work_order_ids=[o.work_order_id for o in _orders(uow, case.incident_id) if o.status == OrderStatus.HANDLED],
+            evidence_urls=evidence[:10],
+            round=case.verification_round,
+        )
+    )
+
+
+def _reject(uow: UnitOfWork, case: DispatchCase, cause: ev.Event, code: ev.RejectReason, reason: str) -> None:
+    case.status = CaseStatus.REJECTED
+    case.closed_at = uow.now()
+    uow.emit(ev.IncidentRejected.following(cause, DISPATCH, occurred_at=uow.now(), reason_code=code, reason=reason))
+
+
+def _find_duplicate(
+    uow: UnitOfWork, report: ev.IncidentReported, policy: DispatchSettings
+) -> tuple[DispatchCase, float] | None:
+    since = uow.now() - uow.business_hours(policy.merge_window_hours)
+    candidates = uow.session.exec(
+        select(DispatchCase).where(
+            DispatchCase.category_code == report.category_code,
+            col(DispatchCase.status).in_(CaseStatus.OPEN),
+            col(DispatchCase.reported_at) >= since,
+            DispatchCase.incident_id != report.incident_id,
+        )
+    ).all()
+    best: tuple[DispatchCase, float] | None = None
+    for case in candidates:
+        d = distance_m(case.lat, case.lon, report.location.lat, report.location.lon)
+        if d <= policy.merge_distance_m and (best is None or d < best[1]):
+            best = (case, d)
+    return best
+
+
+# -- 立案 / 派遣 ------------------------------------------------------------------------------------------
+
+
+def file_incident(report: ev.IncidentReported, uow: UnitOfWork, policy: DispatchSettings) -> None:
+    """立案: reject, merge or file a report; a filed one is dispatched, or verified at once if fixed on the spot."""
+    if uow.session.get(DispatchCase, report.incident_id) is not None:
+        return  # the same incident re-reported under another event id: already decided
+    loc = report.location
+    category: Category | None = CATEGORIES.get(report.category_code)
+    grid = grid_at(loc.lat, loc.lon)
+    case = DispatchCase(
+        incident_id=report.incident_id,
+        correlation_id=report.correlation_id,
+        status=CaseStatus.FILED,
+        category_code=report.category_code,
+        grid_id=grid.code if grid else None,
+        lat=loc.lat,
+        lon=loc.lon,
+        address=loc.address,
+        description=report.description,
+        photo_urls=" ".join(str(u) for u in report.photo_urls),
+        evidence_urls=" ".join(str(u) for u in report.evidence_urls),
+        reporter_id=report.reporter_id,
+        severity=report.severity.value,
+        priority=category.priority if category else 5,
+        big=bool(category and (category.big or report.severity is ev.Severity.MAJOR)),
+        handled_on_spot=report.handled_on_spot,
+        reported_at=report.occurred_at,
+    )
+    uow.session.add(case)
+    if category is None:
+        _reject(uow, case, report, ev.RejectReason.UNKNOWN_CATEGORY,
+                f"unknown category {report.category_code!r}; known: {', '.join(sorted(CATEGORIES))}")
+        return
+    if grid is None:
+        _reject(uow, case, report, ev.RejectReason.OUTSIDE_GRIDS,
+                f"location {loc.lat:.5f},{loc.lon:.5f} lies outside every grid of the town")
+        return
+    if not report.handled_on_spot and (dup := _find_duplicate(uow, report, policy)):
+        into, distance = dup
+        case.status, case.merged_into, case.closed_at = CaseStatus.MERGED, into.incident_id, uow.now()
+        into.duplicates += 1
+        uow.emit(ev.IncidentMerged.following(report, DISPATCH, occurred_at=uow.now(),
+                                             into_incident_id=into.incident_id, distance_m=round(distance, 1)))
+        return
+
+    case.filed_at = uow.now()
+    uow.emit(
+        ev.IncidentFiled.following(
+            report, DISPATCH, occurred_at=uow.now(), category_code=category.code, grid_id=grid.code,
+            priority=category.priority, severity=report.severity, big=case.big,
+            handled_on_spot=report.handled_on_spot,
+        )
+    )
+    if report.handled_on_spot:
+        _request_verification(uow, case, report, list(report.evidence_urls))
+        return
+    if case.big:
+        for i, dept in enumerate(category.departments):
+            _dispatch(uow, case, report, dept, ev.WorkOrderRole.LEAD if i == 0 else ev.WorkOrderRole.SUPPORT, 1)
+    else:
+        _dispatch(uow, case, report, category.lead, ev.WorkOrderRole.LEAD, 1)
+
+
+def reroute_work_order(returned: ev.WorkOrderReturned, uow: UnitOfWork, policy: DispatchSettings) -> None:
+    """退回: the next candidate department takes the work; after repeated returns, the operations center."""
+    case = _case(uow, returned.incident_id)
+    order = _order(uow, returned.work_order_id, returned.incident_id)
+    if order.status not in OrderStatus.ACTIVE:
+        raise UnknownIncident(f"work order {order.work_order_id} is {order.status}; a return is not expected")
+    order.status = OrderStatus.RETURNED
+    case.return_count += 1
+    tried = {o.department_code for o in _orders(uow, case.incident_id)}
+    category = CATEGORIES[case.category_code]
+    role = ev.WorkOrderRole(order.role)
+    candidates = [d for d in category.departments if d not in tried]
+    if case.return_count >= policy.max_returns or not candidates:
+        reason = (f"returned {case.return_count} times" if case.return_count >= policy.max_returns
+                  else "no other department can take it")
+        if OPS_CENTER in {o.department_code for o in _orders(uow, case.incident_id) if o.status in OrderStatus.LIVE}:
+            return  # the operations center already holds this case
+        uow.emit(ev.IncidentEscalated.following(
+            returned, DISPATCH, occurred_at=uow.now(),
+            reason_code=ev.EscalationReason.REPEATED_RETURNS if candidates else ev.EscalationReason.NO_DEPARTMENT,
+            reason=f"{reason}; last: {returned.department_code}: {returned.reason}"[:1000],
+            work_order_id=order.work_order_id, department_code=order.department_code,
+        ))
+        _dispatch(uow, case, returned, OPS_CENTER, role, order.attempt + 1)
+        return
+    _dispatch(uow, case, returned, candidates[0], role, order.attempt + 1)
+
+
+def record_acceptance(accepted: ev.WorkOrderAccepted, uow: UnitOfWork, policy: DispatchSettings) -> None:
+    order = _order(uow, accepted.work_order_id, accepted.incident_id)
+    if order.status == OrderStatus.DISPATCHED:
+        order.status, order.accepted_at = OrderStatus.ACCEPTED, accepted.occurred_at
+
+
+def record_extension_request(req: ev.ExtensionRequested, uow: UnitOfWork, policy: DispatchSettings) -> None:
+    order = _order(uow, req.work_order_id, req.incident_id)
+    order.extension_requested_until, order.extension_reason = req.requested_deadline, req.reason
+
+
+def request_verification(handled: ev.WorkOrderHandled, uow: UnitOfWork, policy: DispatchSettings) -> None:
+    """处置 done: once every live work order of the case is handled, the grid worker verifies (核查)."""
+    case = _case(uow, handled.incident_id)
+    order = _order(uow, handled.work_order_id, handled.incident_id)
+    if order.status not in OrderStatus.ACTIVE:
+        raise UnknownIncident(f"work order {order.work_order_id} is {order.status}; handling is not expected")
+    order.status, order.handled_at = OrderStatus.HANDLED, handled.occurred_at
+    if any(o.status in OrderStatus.ACTIVE for o in _orders(uow, case.incident_id)):
+        return  # a big incident waits for every department
+    _request_verification(uow, case, handled, list(handled.evidence_urls))
+
+
+def close_incident(passed: ev.VerificationPassed, uow: UnitOfWork, policy: DispatchSettings) -> None:
+    """核查 passed → 结案. On time when closed by the latest deadline of its work orders."""
+    case = _case(uow, passed.incident_id)
+    if case.status != CaseStatus.VERIFYING:
+        raise UnknownIncident(f"incident {case.incident_id} is {case.status}; not awaiting verification")
+    now = uow.now()
+    orders = _orders(uow, case.incident_id)
+    deadline = max((as_utc(o.deadline) for o in orders), default=None)
+    for o in orders:
+        if o.status == OrderStatus.HANDLED:
+            o.status = OrderStatus.CLOSED
+    case.status, case.closed_at = CaseStatus.CLOSED, now
+    uow.emit(
+        ev.IncidentClosed.following(
+            passed, DISPATCH, occurred_at=now, category_code=case.category_code, grid_id=case.grid_id,
+            departments=sorted({o.department_code for o in orders if o.status == OrderStatus.CLOSED}),
+            reported_at=as_utc(case.reported_at), deadline=deadline,
+            on_time=deadline is None or now <= deadline,
+            rework_count=case.rework_count, return_count=case.return_count, handled_on_spot=case.handled_on_spot,
+        )
+    )
+
+
+def rework_incident(failed: ev.VerificationFailed, uow: UnitOfWork, policy: DispatchSettings) -> None:
+    """核查 failed → 返工: the same department(s) get the work back with the worker's note and a new deadline."""
+    case = _case(uow, failed.incident_id)
+    if case.status != CaseStatus.VERIFYING:
+        raise UnknownIncident(f"incident {case.incident_id} is {case.status}; not awaiting verification")
+    case.rework_count += 1
+    handled = [o for o in _orders(uow, case.incident_id) if o.status == OrderStatus.HANDLED]
+    category = CATEGORIES[case.category_code]
+    if not handled:  # fixed on the spot but not well enough: the lead department takes it properly
+        _dispatch(uow, case, failed, category.lead, ev.WorkOrderRole.LEAD, 1)
+        return
+    case.status = CaseStatus.DISPATCHED
+    for order in handled:
+        order.status = OrderStatus.REWORK
+        order.deadline = uow.now() + uow.business_hours(category.deadline_hours)
+        order.reminded_at = order.escalated_at = None
+        uow.emit(
+            ev.IncidentReworked.following(
+                failed, DISPATCH, occurred_at=uow.now(), work_order_id=order.work_order_id,
+                department_code=order.department_code, rework_count=case.rework_count, note=failed.note,
+                deadline=order.deadline,
+            )
+        )
+
+
+# -- commands from the operations center ------------------------------------------------------------------
+
+
+def decide_extension(
+    work_order_id: str, grant: bool, new_deadline: datetime | None, reason: str, actor: Actor, uow: UnitOfWork
+) -> ev.Event:
+    """延期: the operations center grants (to the asked or a given deadline) or refuses a department's request."""
+    order = uow.session.get(DispatchWorkOrder, work_order_id)
+    if order is None:
+        raise NotFound(f"no work order {work_order_id}")
+    if order.extension_requested_until is None:
+        raise Rejected(f"work order {work_order_id} has no pending extension request")
+    if order.status not in OrderStatus.ACTIVE:
+        raise Rejected(f"work order {work_order_id} is {order.status}; nothing to extend")
+    case = _case(uow, order.incident_id)
+    common: dict[str, Any] = dict(
+        incident_id=order.incident_id, actor=actor, correlation_id=case.correlation_id, occurred_at=uow.now(),
+        work_order_id=work_order_id, department_code=order.department_code,
+    )
+    event: ev.Event
+    if grant:
+        deadline = new_deadline or as_utc(order.extension_requested_until)
+        if deadline <= as_utc(order.deadline):
+            raise Rejected(f"new deadline {deadline.isoformat()} is not later than {order.deadline.isoformat()}")
+        order.deadline, order.reminded_at, order.escalated_at = deadline, None, None
+        event = ev.ExtensionGranted(**common, new_deadline=deadline)
+    else:
+        event = ev.ExtensionRefused(**common, reason=reason)
+    order.extension_requested_until, order.extension_reason = None, ""
+    uow.emit(event)
+    uow.commit()
+    return event
+
+
+# -- watchdog (催办 / 督办) -----------------------------------------------------------------------------------
+
+
+def watch_deadlines(uow: UnitOfWork, policy: DispatchSettings) -> int:
+    """Remind every active work order past its deadline once, escalate it once when far past. Returns events."""
+    now = uow.now()
+    late = uow.session.exec(
+        select(DispatchWorkOrder).where(
+            col(DispatchWorkOrder.status).in_(OrderStatus.ACTIVE),
+            col(DispatchWorkOrder.deadline) < now,
+            col(DispatchWorkOrder.escalated_at).is_(None),
+        ).limit(500)
+    ).all()
+    emitted = 0
+    escalate_after = uow.business_hours(policy.escalate_after_hours)
+    for order in late:
+        case = _case(uow, order.incident_id)
+        deadline = as_utc(order.deadline)
+        common: dict[str, Any] = dict(
+            incident_id=order.incident_id, correlation_id=case.correlation_id, occurred_at=now,
+            work_order_id=order.work_order_id, department_code=order.department_code,
+        )
+        if order.reminded_at is None:
+            order.reminded_at = now
+            uow.emit(ev.OverdueReminded(**common, actor=WATCHDOG, deadline=deadline,
+                                        overdue_s=(now - deadline).total_seconds()))
+            emitted += 1
+        if now - deadline >= escalate_after:
+            order.escalated_at = now
+            uow.emit(ev.IncidentEscalated(
+                **common, actor=WATCHDOG, reason_code=ev.EscalationReason.OVERDUE,
+                reason=f"{order.department_code} is {(now - deadline).total_seconds():.0f} s past its deadline",
+            ))
+            emitted += 1
+    uow.commit()
+    return emitted
+
+
+# -- queries --------------------------------------------------------------------------------------------
+
+
+def _order_public(o: DispatchWorkOrder, now: datetime) -> WorkOrderPublic:
+    return WorkOrderPublic(
+        work_order_id=o.work_order_id, incident_id=o.incident_id, department_code=o.department_code, role=o.role,
+        attempt=o.attempt, status=o.status, deadline=as_utc(o.deadline), dispatched_at=as_utc(o.dispatched_at),
+        overdue=o.status in OrderStatus.ACTIVE and as_utc(o.deadline) < now, reminded=o.reminded_at is not None,
+        escalated=o.escalated_at is not None,
+        extension_requested_until=as_utc(o.extension_requested_until) if o.extension_requested_until else None,
+        extension_reason=o.extension_reason,
+    )
+
+
+def get_case(incident_id: str, uow: UnitOfWork) -> CasePublic:
+    case = uow.session.get(DispatchCase, incident_id)
+    if case is None:
+        raise NotFound(f"no case for incident {incident_id}")
+    now = uow.now()
+    return CasePublic(
+        incident_id=case.incident_id, status=case.status, category_code=case.category_code, grid_id=case.grid_id,
+        priority=case.priority, big=case.big, handled_on_spot=case.handled_on_spot, merged_into=case.merged_into,
+        duplicates=case.duplicates, return_count=case.return_count, rework_count=case.rework_count,
+        reported_at=as_utc(case.reported_at), closed_at=as_utc(case.closed_at) if case.closed_at else None,
+        work_orders=[_order_public(o, now) for o in _orders(uow, incident_id)],
+    )
+
+
+def pending_extensions(uow: UnitOfWork) -> list[WorkOrderPublic]:
+    now = uow.now()
+    rows = uow.session.exec(
+        select(DispatchWorkOrder).where(col(DispatchWorkOrder.extension_requested_until).is_not(None))
+    ).all()
+    return [_order_public(o, now) for o in rows]
+
+
+def bind(policy: DispatchSettings) -> Mapping[type[ev.Event], Callable[[Any, UnitOfWork], None]]:
+    rules: dict[type[ev.Event], Callable[..., None]] = {
+        ev.IncidentReported: file_incident,
+        ev.WorkOrderReturned: reroute_work_order,
+        ev.WorkOrderAccepted: record_acceptance,
+        ev.ExtensionRequested: record_extension_request,
+        ev.WorkOrderHandled: request_verification,
+        ev.VerificationPassed: close_incident,
+        ev.VerificationFailed: rework_incident,
+    }
+    return {etype: functools.partial(fn, policy=policy) for etype, fn in rules.items()}

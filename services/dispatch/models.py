@@ -1,0 +1,144 @@
+"""dispatch's own data: the case (one per incident) and its work orders, with every deadline the watchdog needs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlmodel import Field as SqlField
+from sqlmodel import SQLModel
+
+
+def _ts() -> sa.DateTime:
+    return sa.DateTime(timezone=True)
+
+
+class CaseStatus:
+    FILED = "filed"
+    DISPATCHED = "dispatched"
+    VERIFYING = "verifying"
+    CLOSED = "closed"
+    REJECTED = "rejected"
+    MERGED = "merged"
+    OPEN = (FILED, DISPATCHED, VERIFYING)
+
+
+class OrderStatus:
+    DISPATCHED = "dispatched"
+    ACCEPTED = "accepted"
+    RETURNED = "returned"
+    HANDLED = "handled"
+    REWORK = "rework"
+    CLOSED = "closed"
+    ACTIVE = (DISPATCHED, ACCEPTED, REWORK)
+    """Work the department still owes: the watchdog watches these."""
+    LIVE = (DISPATCHED, ACCEPTED, REWORK, HANDLED)
+
+
+class DispatchCase(SQLModel, table=True):
+    __tablename__ = "dispatch_case"
+
+    incident_id: str = SqlField(primary_key=True, max_length=64)
+    correlation_id: str = SqlField(max_length=64)
+    status: str = SqlField(max_length=20, index=True)
+    category_code: str = SqlField(max_length=40, index=True)
+    grid_id: str | None = SqlField(default=None, max_length=40)
+    lat: float
+    lon: float
+    address: str = SqlField(default="", max_length=200)
+    description: str = SqlField(default="", max_length=2000)
+    photo_urls: str = ""
+    evidence_urls: str = ""
+    reporter_id: str = SqlField(max_length=64)
+    severity: str = SqlField(default="normal", max_length=10)
+    priority: int = 3
+    big: bool = False
+    handled_on_spot: bool = False
+    merged_into: str | None = SqlField(default=None, max_length=64)
+    duplicates: int = 0
+    return_count: int = 0
+    rework_count: int = 0
+    verification_round: int = 0
+    reported_at: datetime = SqlField(sa_type=_ts(), index=True)
+    filed_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    closed_at: datetime | None = SqlField(default=None, sa_type=_ts())
+
+
+class DispatchWorkOrder(SQLModel, table=True):
+    __tablename__ = "dispatch_work_order"
+
+    work_order_id: str = SqlField(primary_key=True, max_length=80)
+    incident_id: str = SqlField(max_length=64, index=True)
+    department_code: str = SqlField(max_length=40, index=True)
+    role: str = SqlField(max_length=10)
+    attempt: int = 1
+    status: str = SqlField(max_length=20, index=True)
+    deadline: datetime = SqlField(sa_type=_ts(), index=True)
+    dispatched_at: datetime = SqlField(sa_type=_ts())
+    accepted_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    handled_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    reminded_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    escalated_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    extension_requested_until: datetime | None = SqlField(default=None, sa_type=_ts())
+    extension_reason: str = SqlField(default="", max_length=1000)
+
+
+TABLES = (DispatchCase.__table__, DispatchWorkOrder.__table__)  # type: ignore[attr-defined]
+
+
+# -- API ---------------------------------------------------------------------------------------------
+
+
+class ExtensionDecision(BaseModel):
+    """The operations center (城运中心) grants or refuses a department's 延期 request."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    actor_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.@:-]+$")]
+    grant: bool
+    new_deadline: datetime | None = None
+    """Defaults to the deadline the department asked for."""
+    reason: Annotated[str, Field(max_length=1000)] = ""
+
+    @model_validator(mode="after")
+    def _reason_for_refusal(self) -> ExtensionDecision:
+        if not self.grant and not self.reason:
+            raise ValueError("a refusal needs a reason")
+        if self.new_deadline is not None and self.new_deadline.tzinfo is None:
+            raise ValueError("new_deadline needs a timezone")
+        return self
+
+
+class WorkOrderPublic(BaseModel):
+    work_order_id: str
+    incident_id: str
+    department_code: str
+    role: str
+    attempt: int
+    status: str
+    deadline: datetime
+    dispatched_at: datetime
+    overdue: bool
+    reminded: bool
+    escalated: bool
+    extension_requested_until: datetime | None
+    extension_reason: str
+
+
+class CasePublic(BaseModel):
+    incident_id: str
+    status: str
+    category_code: str
+    grid_id: str | None
+    priority: int
+    big: bool
+    handled_on_spot: bool
+    merged_into: str | None
+    duplicates: int
+    return_count: int
+    rework_count: int
+    reported_at: datetime
+    closed_at: datetime | None
+    work_orders: list[WorkOrderPublic]

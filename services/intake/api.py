@@ -1,0 +1,57 @@
+"""intake's HTTP edge: thin routes that validate, call a handler and answer."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import FastAPI, Query, Response
+
+from services.common.api import create_api
+from services.common.runtime import Runtime
+
+from . import handlers
+from .models import IncidentPublic, ReportAccepted, ReportCreate
+
+
+def build_api(runtime: Runtime) -> FastAPI:
+    api = create_api(
+        "intake",
+        title="gridloop intake",
+        description="Grid workers (网格员), the 12345 hotline and sensors report incidents; anyone follows them.",
+    )
+
+    @api.post("/reports", status_code=202, response_model=ReportAccepted, tags=["reports"],
+              responses={409: {"description": "client_report_id reused for a different report"},
+                         422: {"description": "invalid report"}})
+    async def report(body: ReportCreate, response: Response) -> ReportAccepted:
+        """Report an incident. A retry with the same client_report_id returns the same incident."""
+        with runtime.uow() as uow:
+            accepted = handlers.report_incident(body, uow)
+        if not accepted.duplicate:
+            await runtime.flush_outbox()
+        response.headers["Location"] = f"/incidents/{accepted.incident_id}"
+        return accepted
+
+    @api.get("/incidents/{incident_id}", response_model=IncidentPublic, tags=["incidents"],
+             responses={404: {"description": "no such incident"}})
+    async def incident(incident_id: str) -> IncidentPublic:
+        """Current status, department(s), deadline and the timeline of every transition."""
+        with runtime.uow() as uow:
+            return handlers.get_incident(incident_id, uow)
+
+    @api.get("/incidents", tags=["incidents"])
+    async def incidents(
+        status: Annotated[str | None, Query(max_length=20, pattern=r"^[a-z_]+$")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[dict[str, object]]:
+        """Recent incidents, newest first, optionally by status."""
+        with runtime.uow() as uow:
+            rows = handlers.list_incidents(uow, status, limit, offset)
+            return [
+                {"incident_id": r.incident_id, "status": r.status, "category_code": r.category_code,
+                 "grid_id": r.grid_id, "reported_at": r.reported_at}
+                for r in rows
+            ]
+
+    return api

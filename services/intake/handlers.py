@@ -1,0 +1,246 @@
+"""intake's rules: take a report once (idempotent on the client's report id), follow the incident's lifecycle."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+from sqlmodel import col, select
+
+from schemas import Actor, ActorKind, Event, Location
+from schemas import events as ev
+from services.common.db import UnitOfWork, as_utc
+from services.common.errors import NotFound, Rejected, UnknownIncident
+
+from .models import IncidentPublic, IntakeIncident, IntakeTransition, ReportAccepted, ReportCreate, TransitionPublic
+
+_REPORTER_KIND = {
+    ev.Source.GRID_WORKER: ActorKind.GRID_WORKER,
+    ev.Source.HOTLINE_12345: ActorKind.CITIZEN,
+    ev.Source.OPEN311: ActorKind.CITIZEN,
+    ev.Source.SENSOR: ActorKind.SENSOR,
+}
+
+_STATUS_AFTER: dict[str, str] = {
+    "IncidentReported": "reported",
+    "IncidentFiled": "filed",
+    "IncidentRejected": "rejected",
+    "IncidentMerged": "merged",
+    "WorkOrderDispatched": "dispatched",
+    "WorkOrderAccepted": "in_progress",
+    "WorkOrderReturned": "returned",
+    "WorkOrderHandled": "handled",
+    "VerificationRequested": "verifying",
+    "VerificationFailed": "rework",
+    "IncidentReworked": "rework",
+    "IncidentClosed": "closed",
+}
+_FINAL = {"closed", "rejected", "merged"}
+
+
+def new_incident_id(now: datetime) -> str:
+    return f"GL{now:%Y%m%d}-{secrets.token_hex(4).upper()}"
+
+
+def _same_report(row: IntakeIncident, cmd: ReportCreate) -> bool:
+    return (row.category_code, round(row.lat, 6), round(row.lon, 6), row.description) == (
+        cmd.category_code, round(cmd.lat, 6), round(cmd.lon, 6), cmd.description,
+    )
+
+
+def _find_report(uow: UnitOfWork, reporter_id: str, client_report_id: str) -> IntakeIncident | None:
+    return uow.session.exec(
+        select(IntakeIncident).where(
+            IntakeIncident.reporter_id == reporter_id, IntakeIncident.client_report_id == client_report_id
+        )
+    ).first()
+
+
+def report_incident(cmd: ReportCreate, uow: UnitOfWork) -> ReportAccepted:
+    """Record a report and queue IncidentReported; a retry with the same client report id changes nothing."""
+    existing = _find_report(uow, cmd.reporter_id, cmd.client_report_id)
+    if existing is not None:
+        if not _same_report(existing, cmd):
+            raise Rejected(
+                f"client_report_id {cmd.client_report_id!r} was already used by {cmd.reporter_id!r} "
+                f"for another report ({existing.incident_id})"
+            )
+        return ReportAccepted(incident_id=existing.incident_id, status=existing.status, duplicate=True)
+
+    now = uow.now()
+    incident_id = new_incident_id(now)
+    event = ev.IncidentReported(
+        incident_id=incident_id,
+        occurred_at=now,
+        actor=Actor(kind=_REPORTER_KIND[cmd.source], id=cmd.reporter_id),
+        correlation_id=incident_id,
+        source=cmd.source,
+        category_code=cmd.category_code,
+        location=Location(lat=cmd.lat, lon=cmd.lon, address=cmd.address),
+        description=cmd.description,
+        photo_urls=cmd.photo_urls,
+        reporter_id=cmd.reporter_id,
+        client_report_id=cmd.client_report_id,
+        severity=cmd.severity,
+        handled_on_spot=cmd.handled_on_spot,
+        evidence_urls=cmd.evidence_urls,
+    )
+    uow.session.add(_row_from_report(event))
+    uow.emit(event)
+    uow.commit()
+    return ReportAccepted(incident_id=incident_id, status="reported")
+
+
+def _row_from_report(event: ev.IncidentReported) -> IntakeIncident:
+    return IntakeIncident(
+        incident_id=event.incident_id,
+        client_report_id=event.client_report_id,
+        reporter_id=event.reporter_id,
+        source=event.source.value,
+        category_code=event.category_code,
+        lat=event.location.lat,
+        lon=event.location.lon,
+        address=event.location.address,
+        description=event.description,
+        photo_urls=" ".join(str(u) for u in event.photo_urls),
+        severity=event.severity.value,
+        handled_on_spot=event.handled_on_spot,
+        evidence_urls=" ".join(str(u) for u in event.evidence_urls),
+        status="reported",
+        reported_at=event.occurred_at,
+        updated_at=event.occurred_at,
+    )
+
+
+def _detail(event: Event) -> str:
+    match event:
+        case ev.IncidentRejected(reason=reason):
+            return reason
+        case ev.IncidentMerged(into_incident_id=into, distance_m=d):
+            return f"merged into {into} ({d:.0f} m away)"
+        case ev.IncidentFiled(grid_id=grid, priority=p, big=big):
+            return f"filed in grid {grid}, priority {p}" + (", all-network linkage (大事全网联动)" if big else "")
+        case ev.WorkOrderDispatched(department_code=dept, deadline=deadline, role=role):
+            return f"dispatched to {dept} ({role.value}), due {deadline.isoformat()}"
+        case ev.WorkOrderReturned(department_code=dept, reason=reason):
+            return f"returned by {dept}: {reason}"
+        case ev.ExtensionRequested(department_code=dept, requested_deadline=d, reason=reason):
+            return f"{dept} asks until {d.isoformat()}: {reason}"
+        case ev.ExtensionGranted(new_deadline=d):
+            return f"extension granted until {d.isoformat()}"
+        case ev.ExtensionRefused(reason=reason):
+            return f"extension refused: {reason}"
+        case ev.WorkOrderHandled(department_code=dept, result=result):
+            return f"{dept}: {result}"
+        case ev.VerificationRequested(worker_id=worker):
+            return f"verification by {worker}"
+        case ev.VerificationPassed(note=note) | ev.VerificationFailed(note=note):
+            return note
+        case ev.IncidentReworked(department_code=dept, note=note):
+            return f"back to {dept}: {note}"
+        case ev.OverdueReminded(department_code=dept, overdue_s=s):
+            return f"{dept} overdue by {s:.0f} s (催办)"
+        case ev.IncidentEscalated(reason=reason):
+            return f"escalated to the operations center (督办): {reason}"
+        case ev.IncidentClosed(on_time=on_time):
+            return "closed on time" if on_time else "closed late"
+    return ""
+
+
+def record_transition(event: Event, uow: UnitOfWork) -> None:
+    """Fold one lifecycle event into the incident's status and timeline."""
+    row = uow.session.get(IntakeIncident, event.incident_id)
+    if row is None:
+        if not isinstance(event, ev.IncidentReported):
+            raise UnknownIncident(f"{event.type} for unknown incident {event.incident_id}")
+        row = _row_from_report(event)
+        uow.session.add(row)
+    status = _STATUS_AFTER.get(event.type)
+    if status and (row.status not in _FINAL or status in _FINAL):
+        row.status = status
+    match event:
+        case ev.IncidentFiled(grid_id=grid):
+            row.grid_id = grid
+        case ev.WorkOrderDispatched(department_code=dept, deadline=deadline):
+            depts = [d for d in row.departments.split() if d]
+            if dept not in depts:
+                depts.append(dept)
+            row.departments = " ".join(depts)
+            row.deadline = max(deadline, as_utc(row.deadline)) if row.deadline else deadline
+            row.overdue = False
+        case ev.IncidentReworked(deadline=deadline, rework_count=n):
+            row.deadline, row.rework_count, row.overdue = deadline, n, False
+        case ev.ExtensionGranted(new_deadline=deadline):
+            row.deadline, row.overdue = deadline, False
+        case ev.OverdueReminded():
+            row.overdue = True
+        case ev.IncidentEscalated():
+            row.escalated = True
+        case ev.IncidentClosed():
+            row.closed_at = event.occurred_at
+    row.updated_at = max(as_utc(row.updated_at), event.occurred_at)
+    uow.session.add(
+        IntakeTransition(
+            incident_id=event.incident_id,
+            event_id=event.event_id,
+            type=event.type,
+            occurred_at=event.occurred_at,
+            actor_kind=event.actor.kind.value,
+            actor_id=event.actor.id,
+            detail=_detail(event)[:2000],
+        )
+    )
+
+
+def get_incident(incident_id: str, uow: UnitOfWork) -> IncidentPublic:
+    row = uow.session.get(IntakeIncident, incident_id)
+    if row is None:
+        raise NotFound(f"no incident {incident_id}")
+    timeline = uow.session.exec(
+        select(IntakeTransition)
+        .where(IntakeTransition.incident_id == incident_id)
+        .order_by(col(IntakeTransition.occurred_at), col(IntakeTransition.id))
+    ).all()
+    return IncidentPublic(
+        incident_id=row.incident_id,
+        status=row.status,
+        source=row.source,
+        category_code=row.category_code,
+        lat=row.lat,
+        lon=row.lon,
+        address=row.address,
+        description=row.description,
+        severity=row.severity,
+        reporter_id=row.reporter_id,
+        handled_on_spot=row.handled_on_spot,
+        grid_id=row.grid_id,
+        departments=[d for d in row.departments.split() if d],
+        deadline=as_utc(row.deadline) if row.deadline else None,
+        overdue=row.overdue,
+        escalated=row.escalated,
+        rework_count=row.rework_count,
+        reported_at=as_utc(row.reported_at),
+        updated_at=as_utc(row.updated_at),
+        closed_at=as_utc(row.closed_at) if row.closed_at else None,
+        timeline=[
+            TransitionPublic(
+                event_id=t.event_id,
+                type=t.type,
+                occurred_at=as_utc(t.occurred_at),
+                actor_kind=t.actor_kind,
+                actor_id=t.actor_id,
+                detail=t.detail,
+            )
+            for t in timeline
+        ],
+    )
+
+
+def list_incidents(uow: UnitOfWork, status: str | None, limit: int, offset: int) -> list[IntakeIncident]:
+    q = select(IntakeIncident).order_by(col(IntakeIncident.reported_at).desc())
+    if status:
+        q = q.where(IntakeIncident.status == status)
+    return list(uow.session.exec(q.offset(offset).limit(limit)).all())
+
+
+HANDLERS = {cls: record_transition for cls in ev.EVENT_TYPES.values()}
