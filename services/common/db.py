@@ -106,8 +106,7 @@ class UnitOfWork:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self._session is not None
-        self._session.rollback()
-        self._session.close()
+        self._session.close()  # anything not committed is rolled back
         self._session = None
 
     def now(self) -> datetime:

@@ -1,0 +1,268 @@
+"""dispatch's rules, applied through the message bus on a real SQLite database, no broker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from schemas import Actor, ActorKind, Event, Location
+from schemas import events as ev
+from services.common.bus import MessageBus
+from services.common.db import UnitOfWork
+from services.common.errors import NotFound, Rejected, UnknownIncident
+from services.dispatch import handlers
+from services.dispatch.models import TABLES
+from services.dispatch.settings import DispatchSettings
+
+from .conftest import FakeClock
+
+WORKER = Actor(kind=ActorKind.GRID_WORKER, id="w-gh01-1")
+OPS = Actor(kind=ActorKind.OPS_CENTER, id="ops-1")
+IN_GH01 = (31.275, 121.565)
+
+
+class Loop:
+    """dispatch's bus with helpers to play the other services' part."""
+
+    def __init__(self, engine: Engine, clock: FakeClock, policy: DispatchSettings) -> None:
+        self.engine, self.clock, self.policy = engine, clock, policy
+        self.bus = MessageBus(self.uow, handlers.bind(policy))
+        self.n = 0
+
+    def uow(self) -> UnitOfWork:
+        return UnitOfWork(self.engine, clock=self.clock)
+
+    def report(self, category: str = "exposed_garbage", at: tuple[float, float] = IN_GH01, **kw: Any) -> list[Event]:
+        self.n += 1
+        iid = f"GL-{self.n}"
+        event = ev.IncidentReported(
+            incident_id=iid, actor=WORKER, correlation_id=iid, occurred_at=self.clock(), source="grid_worker",
+            category_code=category, location=Location(lat=at[0], lon=at[1]), description="d",
+            reporter_id="w-gh01-1", client_report_id=f"r{self.n}", **kw,
+        )
+        return self.bus.handle(event)
+
+    def dept(self, cls: type[Event], order: ev.WorkOrderDispatched | ev.IncidentReworked, **kw: Any) -> list[Event]:
+        actor = Actor(kind=ActorKind.DEPARTMENT, id="staff", department=order.department_code)
+        event = cls.following(order, actor, occurred_at=self.clock(), work_order_id=order.work_order_id,
+                              department_code=order.department_code, **kw)
+        return self.bus.handle(event)
+
+    def verify(self, req: ev.VerificationRequested, passed: bool, note: str = "ok") -> list[Event]:
+        actor = Actor(kind=ActorKind.GRID_WORKER, id=req.worker_id)
+        cls = ev.VerificationPassed if passed else ev.VerificationFailed
+        return self.bus.handle(cls.following(req, actor, occurred_at=self.clock(),
+                                             verification_id=req.verification_id, note=note))
+
+
+@pytest.fixture
+def loop(make_db: Callable[[tuple[sa.Table, ...]], Engine], clock: FakeClock) -> Loop:
+    return Loop(make_db(TABLES), clock, DispatchSettings(max_returns=2, escalate_after_hours=24))
+
+
+def only(events: list[Event], cls: type[Any]) -> Any:
+    found = [e for e in events if isinstance(e, cls)]
+    assert len(found) == 1, f"expected one {cls.__name__} in {[e.type for e in events]}"
+    return found[0]
+
+
+def test_report_is_filed_and_dispatched_to_the_lead_department(loop: Loop, clock: FakeClock) -> None:
+    out = loop.report("exposed_garbage")
+    assert [e.type for e in out] == ["IncidentFiled", "WorkOrderDispatched"]
+    filed, order = out[0], out[1]
+    assert isinstance(filed, ev.IncidentFiled) and filed.grid_id == "gh01" and filed.priority == 3
+    assert isinstance(order, ev.WorkOrderDispatched)
+    assert order.department_code == "city_ops" and order.role is ev.WorkOrderRole.LEAD
+    assert order.deadline == clock() + timedelta(hours=24)
+    assert order.correlation_id == order.incident_id and order.actor.id == "dispatch"
+
+
+@pytest.mark.parametrize(
+    ("category", "at", "code"),
+    [
+        ("no_such_thing", IN_GH01, ev.RejectReason.UNKNOWN_CATEGORY),
+        ("exposed_garbage", (31.10, 121.50), ev.RejectReason.OUTSIDE_GRIDS),
+    ],
+)
+def test_rejected_reports(loop: Loop, category: str, at: tuple[float, float], code: ev.RejectReason) -> None:
+    rejected = only(loop.report(category, at), ev.IncidentRejected)
+    assert rejected.reason_code is code and rejected.reason
+
+
+def test_nearby_report_of_same_category_is_merged(loop: Loop, clock: FakeClock) -> None:
+    first = only(loop.report("illegal_parking", (31.2800, 121.5700)), ev.IncidentFiled)
+    clock.advance(minutes=30)
+    merged = only(loop.report("illegal_parking", (31.2801, 121.5701)), ev.IncidentMerged)
+    assert merged.into_incident_id == first.incident_id and merged.distance_m < 50
+    # another category at the same spot, or the same category far away, is a new case
+    assert only(loop.report("exposed_garbage", (31.2801, 121.5701)), ev.IncidentFiled)
+    assert only(loop.report("illegal_parking", (31.2900, 121.5700)), ev.IncidentFiled)
+    # outside the time window it is new as well
+    clock.advance(hours=25)
+    assert only(loop.report("illegal_parking", (31.2800, 121.5700)), ev.IncidentFiled)
+
+
+def test_big_incident_engages_every_department_with_the_ops_center_coordinating(loop: Loop) -> None:
+    out = loop.report("safety_hazard")
+    assert only(out, ev.IncidentFiled).big
+    orders = [e for e in out if isinstance(e, ev.WorkOrderDispatched)]
+    assert [o.department_code for o in orders] == ["work_safety", "public_safety", "planning"]
+    assert [o.role for o in orders] == [ev.WorkOrderRole.LEAD, ev.WorkOrderRole.SUPPORT, ev.WorkOrderRole.SUPPORT]
+    assert {o.coordinator for o in orders} == {"ops_center"}
+    # a major-severity report of an ordinary category is big too
+    out = loop.report("illegal_construction", severity="major")
+    assert len([e for e in out if isinstance(e, ev.WorkOrderDispatched)]) == 2
+
+
+def test_big_incident_is_verified_only_when_every_department_handled(loop: Loop) -> None:
+    orders = [e for e in loop.report("flooding") if isinstance(e, ev.WorkOrderDispatched)]
+    assert loop.dept(ev.WorkOrderHandled, orders[0], result="pumped") == []
+    req = only(loop.dept(ev.WorkOrderHandled, orders[1], result="drain cleared"), ev.VerificationRequested)
+    assert sorted(req.work_order_ids) == sorted(o.work_order_id for o in orders)
+
+
+def test_straight_close_on_time(loop: Loop, clock: FakeClock) -> None:
+    order = only(loop.report(), ev.WorkOrderDispatched)
+    assert loop.dept(ev.WorkOrderAccepted, order) == []
+    clock.advance(hours=3)
+    req = only(loop.dept(ev.WorkOrderHandled, order, result="cleaned"), ev.VerificationRequested)
+    assert req.worker_id == "w-gh01-2" and req.grid_id == "gh01"  # not the reporter
+    closed = only(loop.verify(req, passed=True), ev.IncidentClosed)
+    assert closed.on_time and closed.rework_count == 0 and closed.departments == ["city_ops"]
+    assert closed.deadline == order.deadline
+
+
+def test_late_close_is_not_on_time(loop: Loop, clock: FakeClock) -> None:
+    order = only(loop.report(), ev.WorkOrderDispatched)
+    clock.advance(hours=30)
+    req = only(loop.dept(ev.WorkOrderHandled, order, result="cleaned"), ev.VerificationRequested)
+    assert not only(loop.verify(req, passed=True), ev.IncidentClosed).on_time
+
+
+def test_failed_verification_sends_the_work_back(loop: Loop, clock: FakeClock) -> None:
+    order = only(loop.report(), ev.WorkOrderDispatched)
+    req = only(loop.dept(ev.WorkOrderHandled, order, result="cleaned"), ev.VerificationRequested)
+    clock.advance(hours=1)
+    rework = only(loop.verify(req, passed=False, note="still dirty"), ev.IncidentReworked)
+    assert (rework.work_order_id, rework.department_code, rework.rework_count) == (order.work_order_id, "city_ops", 1)
+    assert rework.note == "still dirty" and rework.deadline == clock() + timedelta(hours=24)
+    req2 = only(loop.dept(ev.WorkOrderHandled, rework, result="cleaned again"), ev.VerificationRequested)
+    assert req2.round == 2 and req2.verification_id != req.verification_id
+    closed = only(loop.verify(req2, passed=True), ev.IncidentClosed)
+    assert closed.rework_count == 1
+
+
+def test_return_reroutes_then_escalates_after_repeated_returns(loop: Loop) -> None:
+    first = only(loop.report("illegal_signage"), ev.WorkOrderDispatched)
+    assert first.department_code == "civic_creation"
+    second = only(loop.dept(ev.WorkOrderReturned, first, reason="not ours"), ev.WorkOrderDispatched)
+    assert (second.department_code, second.attempt) == ("env_rectification", 2)
+    out = loop.dept(ev.WorkOrderReturned, second, reason="not ours either")
+    escalated = only(out, ev.IncidentEscalated)
+    assert escalated.reason_code is ev.EscalationReason.REPEATED_RETURNS
+    third = only(out, ev.WorkOrderDispatched)
+    assert third.department_code == "ops_center" and third.attempt == 3
+
+
+def test_return_with_no_candidate_left_goes_to_the_ops_center(loop: Loop) -> None:
+    order = only(loop.report("garbage_sorting"), ev.WorkOrderDispatched)  # one department only
+    out = loop.dept(ev.WorkOrderReturned, order, reason="wrong")
+    assert only(out, ev.IncidentEscalated).reason_code is ev.EscalationReason.NO_DEPARTMENT
+    assert only(out, ev.WorkOrderDispatched).department_code == "ops_center"
+
+
+def test_handled_on_the_spot_goes_straight_to_verification(loop: Loop) -> None:
+    out = loop.report(handled_on_spot=True, evidence_urls=["https://example.org/after.jpg"])
+    assert [e.type for e in out] == ["IncidentFiled", "VerificationRequested"]
+    req = only(out, ev.VerificationRequested)
+    assert [str(u) for u in req.evidence_urls] == ["https://example.org/after.jpg"]
+    closed = only(loop.verify(req, passed=True), ev.IncidentClosed)
+    assert closed.handled_on_spot and closed.on_time and closed.departments == []
+
+
+def test_on_the_spot_fix_that_fails_verification_is_dispatched(loop: Loop) -> None:
+    req = only(loop.report(handled_on_spot=True, evidence_urls=["https://e.org/a.jpg"]), ev.VerificationRequested)
+    assert only(loop.verify(req, passed=False, note="not fixed"), ev.WorkOrderDispatched).department_code == "city_ops"
+
+
+def test_watchdog_reminds_then_escalates_once(loop: Loop, clock: FakeClock) -> None:
+    order = only(loop.report(), ev.WorkOrderDispatched)
+
+    def watch() -> list[Event]:
+        with loop.uow() as uow:
+            handlers.watch_deadlines(uow, loop.policy)
+            return uow.emitted
+
+    assert watch() == []
+    clock.advance(hours=25)
+    reminded = only(watch(), ev.OverdueReminded)
+    assert reminded.work_order_id == order.work_order_id and reminded.overdue_s == pytest.approx(3600)
+    assert watch() == []  # once
+    clock.advance(hours=24)
+    escalated = only(watch(), ev.IncidentEscalated)
+    assert escalated.reason_code is ev.EscalationReason.OVERDUE and escalated.to == "ops_center"
+    assert watch() == []
+
+
+def test_time_scale_shrinks_deadlines(make_db: Callable[[tuple[sa.Table, ...]], Engine], clock: FakeClock) -> None:
+    engine = make_db(TABLES)
+    bus = MessageBus(lambda: UnitOfWork(engine, clock=clock, time_scale=3600), handlers.bind(DispatchSettings()))
+    report = ev.IncidentReported(
+        incident_id="X", actor=WORKER, correlation_id="X", source="grid_worker", category_code="flooding",
+        location=Location(lat=IN_GH01[0], lon=IN_GH01[1]), description="d", reporter_id="w", client_report_id="r",
+    )
+    orders = [e for e in bus.handle(report) if isinstance(e, ev.WorkOrderDispatched)]
+    assert {o.deadline for o in orders} == {clock() + timedelta(seconds=4)}  # 4 business hours
+
+
+def test_extension_granted_moves_the_deadline_and_rearms_the_watchdog(loop: Loop, clock: FakeClock) -> None:
+    order = only(loop.report(), ev.WorkOrderDispatched)
+    with loop.uow() as uow, pytest.raises(Rejected, match="no pending extension"):
+        handlers.decide_extension(order.work_order_id, True, None, "", OPS, uow)
+    asked = order.deadline + timedelta(hours=48)
+    loop.dept(ev.ExtensionRequested, order, requested_deadline=asked, reason="need a permit")
+    with loop.uow() as uow:
+        granted = handlers.decide_extension(order.work_order_id, True, None, "", OPS, uow)
+    assert isinstance(granted, ev.ExtensionGranted) and granted.new_deadline == asked
+    assert granted.actor == OPS
+    clock.advance(hours=30)
+    with loop.uow() as uow:
+        handlers.watch_deadlines(uow, loop.policy)
+        assert uow.emitted == []
+    with loop.uow() as uow, pytest.raises(NotFound):
+        handlers.decide_extension("nope", True, None, "", OPS, uow)
+
+
+def test_extension_refused(loop: Loop) -> None:
+    order = only(loop.report(), ev.WorkOrderDispatched)
+    loop.dept(ev.ExtensionRequested, order, requested_deadline=order.deadline + timedelta(hours=1), reason="r")
+    with loop.uow() as uow:
+        refused = handlers.decide_extension(order.work_order_id, False, None, "do it now", OPS, uow)
+    assert isinstance(refused, ev.ExtensionRefused) and refused.reason == "do it now"
+    with loop.uow() as uow:
+        assert handlers.get_case(order.incident_id, uow).work_orders[0].deadline == order.deadline
+
+
+def test_redelivered_event_changes_nothing(loop: Loop) -> None:
+    order = only(loop.report(), ev.WorkOrderDispatched)
+    handled = ev.WorkOrderHandled.following(order, Actor(kind=ActorKind.DEPARTMENT, id="s"),
+                                            work_order_id=order.work_order_id, department_code="city_ops", result="r")
+    assert only(loop.bus.handle(handled), ev.VerificationRequested)
+    assert loop.bus.handle(handled) == []
+    with loop.uow() as uow:
+        assert handlers.get_case(order.incident_id, uow).status == "verifying"
+
+
+def test_events_for_unknown_incidents_are_poison(loop: Loop) -> None:
+    ghost = ev.WorkOrderAccepted(incident_id="nope", actor=WORKER, correlation_id="c", work_order_id="nope-1",
+                                 department_code="city_ops")
+    with pytest.raises(UnknownIncident):
+        loop.bus.handle(ghost)
+    passed = ev.VerificationPassed(incident_id="nope", actor=WORKER, correlation_id="c", verification_id="v")
+    with pytest.raises(UnknownIncident):
+        loop.bus.handle(passed)

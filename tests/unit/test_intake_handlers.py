@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from schemas import Actor, ActorKind, decode_event
+from schemas import events as ev
+from services.common.bus import MessageBus
+from services.common.db import OutboxRecord, UnitOfWork
+from services.common.errors import NotFound, Rejected, UnknownIncident
+from services.intake import handlers
+from services.intake.models import TABLES, ReportCreate
+
+from .conftest import FakeClock
+
+
+@pytest.fixture
+def engine(make_db: Callable[[tuple[sa.Table, ...]], Engine]) -> Engine:
+    return make_db(TABLES)
+
+
+def _cmd(**kw: object) -> ReportCreate:
+    body: dict[str, object] = dict(category_code="exposed_garbage", lat=31.285, lon=121.575, description="垃圾",
+                                   reporter_id="w-gh01-1", client_report_id="r-1")
+    body.update(kw)
+    return ReportCreate.model_validate(body)
+
+
+def _outbox(engine: Engine) -> list[OutboxRecord]:
+    with UnitOfWork(engine) as uow:
+        return list(uow.session.exec(select(OutboxRecord)).all())
+
+
+def test_report_queues_one_incident_reported(engine: Engine, clock: FakeClock) -> None:
+    with UnitOfWork(engine, clock=clock) as uow:
+        accepted = handlers.report_incident(_cmd(), uow)
+    assert accepted.status == "reported" and not accepted.duplicate
+    [record] = _outbox(engine)
+    event = decode_event(record.payload)
+    assert isinstance(event, ev.IncidentReported)
+    assert event.incident_id == accepted.incident_id == event.correlation_id
+    assert event.actor == Actor(kind=ActorKind.GRID_WORKER, id="w-gh01-1")
+    assert record.topics.split(",") == ["gridloop.incidents.reported", "gridloop.incidents.lifecycle"]
+
+
+def test_same_client_report_id_returns_the_same_incident(engine: Engine, clock: FakeClock) -> None:
+    with UnitOfWork(engine, clock=clock) as uow:
+        first = handlers.report_incident(_cmd(), uow)
+    with UnitOfWork(engine, clock=clock) as uow:
+        again = handlers.report_incident(_cmd(), uow)
+    assert again.incident_id == first.incident_id and again.duplicate
+    assert len(_outbox(engine)) == 1
+    with UnitOfWork(engine, clock=clock) as uow, pytest.raises(Rejected, match="already used"):
+        handlers.report_incident(_cmd(description="something else"), uow)
+    with UnitOfWork(engine, clock=clock) as uow:  # another reporter may use the same id
+        assert handlers.report_incident(_cmd(reporter_id="w-gh02-1"), uow).incident_id != first.incident_id
+
+
+def test_on_the_spot_needs_evidence_and_a_grid_worker() -> None:
+    with pytest.raises(ValueError, match="evidence"):
+        _cmd(handled_on_spot=True)
+    with pytest.raises(ValueError, match="grid worker"):
+        _cmd(handled_on_spot=True, evidence_urls=["https://e.org/a.jpg"], source="hotline_12345")
+    assert _cmd(handled_on_spot=True, evidence_urls=["https://e.org/a.jpg"]).handled_on_spot
+
+
+def test_lifecycle_folds_into_status_and_timeline(engine: Engine, clock: FakeClock) -> None:
+    with UnitOfWork(engine, clock=clock) as uow:
+        incident_id = handlers.report_incident(_cmd(), uow).incident_id
+    [record] = _outbox(engine)
+    reported = decode_event(record.payload)
+    bus = MessageBus(lambda: UnitOfWork(engine, clock=clock), handlers.HANDLERS)
+    system = Actor.system("dispatch")
+    filed = ev.IncidentFiled.following(reported, system, category_code="exposed_garbage", grid_id="gh01",
+                                       priority=3, severity="normal")
+    order = ev.WorkOrderDispatched.following(
+        reported, system, work_order_id=f"{incident_id}-1", department_code="city_ops",
+        category_code="exposed_garbage", grid_id="gh01", location=reported.location,  # type: ignore[attr-defined]
+        description="d", priority=3, deadline=clock.advance(hours=24),
+    )
+    for event in (reported, filed, order, order):  # the last one is a redelivery
+        bus.handle(event)
+    with UnitOfWork(engine) as uow:
+        view = handlers.get_incident(incident_id, uow)
+    assert view.status == "dispatched" and view.grid_id == "gh01" and view.departments == ["city_ops"]
+    assert view.deadline == order.deadline
+    assert [t.type for t in view.timeline] == ["IncidentReported", "IncidentFiled", "WorkOrderDispatched"]
+    closed = ev.IncidentClosed.following(reported, system, category_code="exposed_garbage", grid_id="gh01",
+                                         departments=["city_ops"], reported_at=reported.occurred_at,
+                                         deadline=order.deadline, on_time=True, rework_count=0, return_count=0)
+    late_reminder = ev.OverdueReminded.following(reported, system, work_order_id=order.work_order_id,
+                                                 department_code="city_ops", deadline=order.deadline, overdue_s=1)
+    bus.handle(closed)
+    bus.handle(late_reminder)
+    with UnitOfWork(engine) as uow:
+        view = handlers.get_incident(incident_id, uow)
+    assert view.status == "closed" and view.closed_at is not None  # a terminal status stays
+
+
+def test_unknown_incident(engine: Engine) -> None:
+    bus = MessageBus(lambda: UnitOfWork(engine), handlers.HANDLERS)
+    ghost = ev.WorkOrderAccepted(incident_id="nope", actor=Actor.system("x"), correlation_id="c",
+                                 work_order_id="w", department_code="city_ops")
+    with pytest.raises(UnknownIncident):
+        bus.handle(ghost)
+    with UnitOfWork(engine) as uow, pytest.raises(NotFound):
+        handlers.get_incident("nope", uow)
