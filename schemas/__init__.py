@@ -6,7 +6,7 @@ from .events import *  # noqa: F403
 from .events import EVENT_TYPES, TERMINAL_EVENTS, AnyEvent
 from .topics import CATALOG, Topic, topics_for
 
-__all__ = [  # noqa: F405
+__all__ = [
     "SCHEMA_VERSION",
     "Actor",
     "ActorKind",

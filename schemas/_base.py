@@ -79,6 +79,4 @@ class Event(Frozen):
     def following(cls, cause: Event, actor: Actor, **fields: Any) -> Self:
         """An event that follows ``cause``: same incident and correlation id, cause recorded."""
         fields.setdefault("incident_id", cause.incident_id)
-        return cls(
-            actor=actor, correlation_id=cause.correlation_id, causation_id=cause.event_id, **fields
-        )
+        return cls(actor=actor, correlation_id=cause.correlation_id, causation_id=cause.event_id, **fields)

@@ -1,7 +1,7 @@
 """Export the contract as JSON Schema files under schemas/jsonschema/ (checked in; a test fails on drift).
 
-    python -m schemas.export          # write the files
-    python -m schemas.export --check  # exit 1 if the checked-in files differ from the models
+python -m schemas.export          # write the files
+python -m schemas.export --check  # exit 1 if the checked-in files differ from the models
 """
 
 from __future__ import annotations

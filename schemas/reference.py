@@ -77,41 +77,56 @@ CATEGORIES: dict[str, Category] = {
     c.code: c
     for c in (
         # 五违四必 / 群租 (task 8)
-        Category("illegal_construction", "违法建筑", "Illegal construction", "violations",
-                 ("env_rectification", "planning"), 2, 72),
-        Category("group_renting", "群租", "Group renting", "violations",
-                 ("env_rectification", "public_safety"), 2, 72),
+        Category(
+            "illegal_construction",
+            "违法建筑",
+            "Illegal construction",
+            "violations",
+            ("env_rectification", "planning"),
+            2,
+            72,
+        ),
+        Category("group_renting", "群租", "Group renting", "violations", ("env_rectification", "public_safety"), 2, 72),
         # 违法户外广告、店招店牌 (task 9)
-        Category("illegal_signage", "违法户外广告/店招店牌", "Illegal ads and shop signs", "appearance",
-                 ("civic_creation", "env_rectification", "city_ops"), 3, 120),
-        Category("street_vending", "占道经营", "Street vending", "appearance",
-                 ("city_ops", "env_rectification"), 3, 8),
+        Category(
+            "illegal_signage",
+            "违法户外广告/店招店牌",
+            "Illegal ads and shop signs",
+            "appearance",
+            ("civic_creation", "env_rectification", "city_ops"),
+            3,
+            120,
+        ),
+        Category("street_vending", "占道经营", "Street vending", "appearance", ("city_ops", "env_rectification"), 3, 8),
         # 垃圾 (task 10)
-        Category("exposed_garbage", "暴露垃圾", "Exposed garbage", "garbage",
-                 ("city_ops", "civic_creation"), 3, 24),
-        Category("garbage_sorting", "垃圾分类不规范", "Unsorted garbage", "garbage",
-                 ("city_ops",), 4, 48),
+        Category("exposed_garbage", "暴露垃圾", "Exposed garbage", "garbage", ("city_ops", "civic_creation"), 3, 24),
+        Category("garbage_sorting", "垃圾分类不规范", "Unsorted garbage", "garbage", ("city_ops",), 4, 48),
         # 停车 / 共享单车 (tasks 12, 16)
-        Category("illegal_parking", "乱停车", "Illegal parking", "parking",
-                 ("public_safety", "city_ops"), 3, 8),
-        Category("shared_bikes", "共享单车乱停放", "Shared bikes parked badly", "parking",
-                 (OPS_CENTER, "city_ops"), 4, 24),
+        Category("illegal_parking", "乱停车", "Illegal parking", "parking", ("public_safety", "city_ops"), 3, 8),
+        Category(
+            "shared_bikes", "共享单车乱停放", "Shared bikes parked badly", "parking", (OPS_CENTER, "city_ops"), 4, 24
+        ),
         # 河道 (task 11)
-        Category("river_pollution", "河道污染", "River pollution", "water",
-                 ("river_chief", "env_rectification"), 2, 48),
+        Category(
+            "river_pollution", "河道污染", "River pollution", "water", ("river_chief", "env_rectification"), 2, 48
+        ),
         # 绿化 (task 2)
-        Category("greenery_damage", "绿化损坏", "Damaged greenery", "greenery",
-                 ("forest_chief", "planning"), 4, 72),
+        Category("greenery_damage", "绿化损坏", "Damaged greenery", "greenery", ("forest_chief", "planning"), 4, 72),
         # 安全隐患 (task 13), 防汛 (task 15)
-        Category("safety_hazard", "安全隐患（厂房仓库）", "Safety hazard (factory/warehouse)", "safety",
-                 ("work_safety", "public_safety", "planning"), 1, 24, big=True),
-        Category("flooding", "积水", "Flooding", "safety",
-                 ("city_ops", "planning"), 1, 4, big=True),
+        Category(
+            "safety_hazard",
+            "安全隐患（厂房仓库）",
+            "Safety hazard (factory/warehouse)",
+            "safety",
+            ("work_safety", "public_safety", "planning"),
+            1,
+            24,
+            big=True,
+        ),
+        Category("flooding", "积水", "Flooding", "safety", ("city_ops", "planning"), 1, 4, big=True),
         # 公厕 (task 1), 闲置土地 (task 16)
-        Category("public_toilet", "公厕问题", "Public toilet problem", "facilities",
-                 ("planning", "city_ops"), 4, 48),
-        Category("idle_land", "闲置土地", "Idle land misuse", "land",
-                 (OPS_CENTER, "planning"), 4, 120),
+        Category("public_toilet", "公厕问题", "Public toilet problem", "facilities", ("planning", "city_ops"), 4, 48),
+        Category("idle_land", "闲置土地", "Idle land misuse", "land", (OPS_CENTER, "planning"), 4, 120),
     )
 }
 
@@ -119,9 +134,17 @@ CATEGORIES: dict[str, Category] = {
 _SOUTH, _NORTH, _WEST, _EAST = 31.27, 31.33, 121.56, 121.63
 _ROWS, _COLS = 3, 4
 _NAMES = (
-    ("华高", "Huagao"), ("高海", "Gaohai"), ("东力", "Dongli"), ("紫翠", "Zicui"),
-    ("浦江东旭", "Pujiang Dongxu"), ("和悦家园", "Heyue Jiayuan"), ("东语璟庭", "Dongyu Jingting"),
-    ("森兰", "Senlan"), ("金京", "Jinjing"), ("东沟", "Donggou"), ("赵家沟", "Zhaojiagou"),
+    ("华高", "Huagao"),
+    ("高海", "Gaohai"),
+    ("东力", "Dongli"),
+    ("紫翠", "Zicui"),
+    ("浦江东旭", "Pujiang Dongxu"),
+    ("和悦家园", "Heyue Jiayuan"),
+    ("东语璟庭", "Dongyu Jingting"),
+    ("森兰", "Senlan"),
+    ("金京", "Jinjing"),
+    ("东沟", "Donggou"),
+    ("赵家沟", "Zhaojiagou"),
     ("芦九沟", "Lujiugou"),
 )
 
@@ -135,9 +158,13 @@ def _grids() -> dict[str, Grid]:
             code = f"gh{i + 1:02d}"
             zh, en = _NAMES[i]
             cells[code] = Grid(
-                code, f"{zh}网格", f"{en} grid",
-                round(_SOUTH + row * dlat, 6), round(_WEST + col * dlon, 6),
-                round(_SOUTH + (row + 1) * dlat, 6), round(_WEST + (col + 1) * dlon, 6),
+                code,
+                f"{zh}网格",
+                f"{en} grid",
+                round(_SOUTH + row * dlat, 6),
+                round(_WEST + col * dlon, 6),
+                round(_SOUTH + (row + 1) * dlat, 6),
+                round(_WEST + (col + 1) * dlon, 6),
                 (f"w-{code}-1", f"w-{code}-2"),
             )
     return cells

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from . import events as ev
 from ._base import Event
 
-
 DEFAULT_NAMESPACE = "gridloop"
 
 

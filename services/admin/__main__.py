@@ -1,7 +1,7 @@
 """gridloop administration CLI.
 
-    python -m services.admin topics create     # create every topic of the catalog (idempotent)
-    python -m services.admin topics list
+python -m services.admin topics create     # create every topic of the catalog (idempotent)
+python -m services.admin topics list
 """
 
 from __future__ import annotations

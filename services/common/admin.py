@@ -41,8 +41,14 @@ def create_topics(bootstrap: str, topics: Iterable[Topic] = CATALOG) -> list[str
         for topic in missing:
             try:
                 admin.create_topics(
-                    [NewTopic(topic.name, num_partitions=topic.partitions, replication_factor=1,
-                              topic_configs=dict(topic.config))]
+                    [
+                        NewTopic(
+                            topic.name,
+                            num_partitions=topic.partitions,
+                            replication_factor=1,
+                            topic_configs=dict(topic.config),
+                        )
+                    ]
                 )
                 created.append(topic.name)
             except TopicAlreadyExistsError:

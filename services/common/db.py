@@ -142,11 +142,11 @@ class UnitOfWork:
 
 
 __all__ = [
+    "SHARED_TABLES",
     "Clock",
     "IntegrityError",
     "OutboxRecord",
     "ProcessedEvent",
-    "SHARED_TABLES",
     "UnitOfWork",
     "as_utc",
     "create_tables",

@@ -92,7 +92,9 @@ class OutboxRelay:
     def pending(self) -> int:
         with Session(self.engine) as s:
             return int(
-                s.exec(select(sa.func.count()).select_from(OutboxRecord).where(col(OutboxRecord.published_at).is_(None))).one()
+                s.exec(
+                    select(sa.func.count()).select_from(OutboxRecord).where(col(OutboxRecord.published_at).is_(None))
+                ).one()
             )
 
     async def flush(self) -> int:
@@ -154,7 +156,11 @@ def dead_letter_record(
         "failed_at": (failed_at or utcnow()).isoformat(),
     }
     dl_key = f"{source_topic}/{partition}/{offset}".encode()
-    headers = [("reason", reason[:200].encode()), ("source_topic", source_topic.encode()), ("service", service.encode())]
+    headers = [
+        ("reason", reason[:200].encode()),
+        ("source_topic", source_topic.encode()),
+        ("service", service.encode()),
+    ]
     return dl_key, orjson.dumps(body), headers
 
 

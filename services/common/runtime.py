@@ -12,8 +12,8 @@ import asyncio
 import logging
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import faust
@@ -94,12 +94,12 @@ class Runtime:
         if self.consumes:
             channel = app.topic(*(t.name for t in self.consumes), key_type=bytes, value_type=bytes)
 
-            @app.agent(channel, concurrency=1, name=f"{self.name}-consumer")
+            @app.agent(channel, concurrency=1, name=f"{self.name}-consumer")  # type: ignore[untyped-decorator]
             async def consume(stream: Any) -> None:
                 async for record in stream.events():
                     await self.process(record.message)
 
-        @app.timer(s.outbox_interval_s)
+        @app.timer(s.outbox_interval_s)  # type: ignore[untyped-decorator]
         async def relay_outbox() -> None:
             await self.flush_outbox()
 
@@ -218,4 +218,3 @@ def _retry_sync(what: str, fn: Callable[[], None]) -> None:
     ):
         with attempt:
             fn()
-

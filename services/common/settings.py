@@ -45,7 +45,7 @@ class ServiceSettings(BaseSettings):
         prefix = f"GRIDLOOP_{cls.SERVICE.upper()}_"
         for key, value in os.environ.items():
             if key.upper().startswith(prefix):
-                data.setdefault(key[len(prefix):].lower(), value)
+                data.setdefault(key[len(prefix) :].lower(), value)
         return data
 
     @model_validator(mode="after")

@@ -19,8 +19,12 @@ def build_api(runtime: Runtime) -> FastAPI:
         description="立案 and 派遣: cases, their work orders, and the operations center's extension decisions.",
     )
 
-    @api.get("/cases/{incident_id}", response_model=CasePublic, tags=["cases"],
-             responses={404: {"description": "no such case"}})
+    @api.get(
+        "/cases/{incident_id}",
+        response_model=CasePublic,
+        tags=["cases"],
+        responses={404: {"description": "no such case"}},
+    )
     async def case(incident_id: str) -> CasePublic:
         with runtime.uow() as uow:
             return handlers.get_case(incident_id, uow)
@@ -31,9 +35,14 @@ def build_api(runtime: Runtime) -> FastAPI:
         with runtime.uow() as uow:
             return handlers.pending_extensions(uow)
 
-    @api.post("/work-orders/{work_order_id}/extension", tags=["extensions"],
-              responses={404: {"description": "no such work order"},
-                         409: {"description": "no pending request, or nothing to extend"}})
+    @api.post(
+        "/work-orders/{work_order_id}/extension",
+        tags=["extensions"],
+        responses={
+            404: {"description": "no such work order"},
+            409: {"description": "no pending request, or nothing to extend"},
+        },
+    )
     async def decide(work_order_id: str, body: ExtensionDecision) -> dict[str, str]:
         """The operations center grants or refuses an extension."""
         actor = Actor(kind=ActorKind.OPS_CENTER, id=body.actor_id, department="ops_center")

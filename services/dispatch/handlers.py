@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from schemas import Actor, Location
+from schemas import Actor, Event, Location
 from schemas import events as ev
 from schemas.reference import CATEGORIES, GRIDS, OPS_CENTER, Category, distance_m, grid_at
 from services.common.db import UnitOfWork, as_utc
@@ -62,7 +62,7 @@ def _urls(text: str) -> list[Any]:
 
 
 def _dispatch(
-    uow: UnitOfWork, case: DispatchCase, cause: ev.Event, department: str, role: ev.WorkOrderRole, attempt: int
+    uow: UnitOfWork, case: DispatchCase, cause: Event, department: str, role: ev.WorkOrderRole, attempt: int
 ) -> None:
     category = CATEGORIES[case.category_code]
     now = uow.now()
@@ -107,7 +107,7 @@ def _verifier(case: DispatchCase) -> str:
     return (others or list(workers) or [case.reporter_id])[0]
 
 
-def _request_verification(uow: UnitOfWork, case: DispatchCase, cause: ev.Event, evidence: list[Any]) -> None:
+def _request_verification(uow: UnitOfWork, case: DispatchCase, cause: Event, evidence: list[Any]) -> None:
     case.status = CaseStatus.VERIFYING
     case.verification_round += 1
     assert case.grid_id is not None
@@ -129,7 +129,7 @@ def _request_verification(uow: UnitOfWork, case: DispatchCase, cause: ev.Event, 
     )
 
 
-def _reject(uow: UnitOfWork, case: DispatchCase, cause: ev.Event, code: ev.RejectReason, reason: str) -> None:
+def _reject(uow: UnitOfWork, case: DispatchCase, cause: Event, code: ev.RejectReason, reason: str) -> None:
     case.status = CaseStatus.REJECTED
     case.closed_at = uow.now()
     uow.emit(ev.IncidentRejected.following(cause, DISPATCH, occurred_at=uow.now(), reason_code=code, reason=reason))
@@ -186,26 +186,49 @@ def file_incident(report: ev.IncidentReported, uow: UnitOfWork, policy: Dispatch
     )
     uow.session.add(case)
     if category is None:
-        _reject(uow, case, report, ev.RejectReason.UNKNOWN_CATEGORY,
-                f"unknown category {report.category_code!r}; known: {', '.join(sorted(CATEGORIES))}")
+        _reject(
+            uow,
+            case,
+            report,
+            ev.RejectReason.UNKNOWN_CATEGORY,
+            f"unknown category {report.category_code!r}; known: {', '.join(sorted(CATEGORIES))}",
+        )
         return
     if grid is None:
-        _reject(uow, case, report, ev.RejectReason.OUTSIDE_GRIDS,
-                f"location {loc.lat:.5f},{loc.lon:.5f} lies outside every grid of the town")
+        _reject(
+            uow,
+            case,
+            report,
+            ev.RejectReason.OUTSIDE_GRIDS,
+            f"location {loc.lat:.5f},{loc.lon:.5f} lies outside every grid of the town",
+        )
         return
     if not report.handled_on_spot and (dup := _find_duplicate(uow, report, policy)):
         into, distance = dup
         case.status, case.merged_into, case.closed_at = CaseStatus.MERGED, into.incident_id, uow.now()
         into.duplicates += 1
-        uow.emit(ev.IncidentMerged.following(report, DISPATCH, occurred_at=uow.now(),
-                                             into_incident_id=into.incident_id, distance_m=round(distance, 1)))
+        uow.emit(
+            ev.IncidentMerged.following(
+                report,
+                DISPATCH,
+                occurred_at=uow.now(),
+                into_incident_id=into.incident_id,
+                distance_m=round(distance, 1),
+            )
+        )
         return
 
     case.filed_at = uow.now()
     uow.emit(
         ev.IncidentFiled.following(
-            report, DISPATCH, occurred_at=uow.now(), category_code=category.code, grid_id=grid.code,
-            priority=category.priority, severity=report.severity, big=case.big,
+            report,
+            DISPATCH,
+            occurred_at=uow.now(),
+            category_code=category.code,
+            grid_id=grid.code,
+            priority=category.priority,
+            severity=report.severity,
+            big=case.big,
             handled_on_spot=report.handled_on_spot,
         )
     )
@@ -232,16 +255,24 @@ def reroute_work_order(returned: ev.WorkOrderReturned, uow: UnitOfWork, policy: 
     role = ev.WorkOrderRole(order.role)
     candidates = [d for d in category.departments if d not in tried]
     if case.return_count >= policy.max_returns or not candidates:
-        reason = (f"returned {case.return_count} times" if case.return_count >= policy.max_returns
-                  else "no other department can take it")
+        reason = (
+            f"returned {case.return_count} times"
+            if case.return_count >= policy.max_returns
+            else "no other department can take it"
+        )
         if OPS_CENTER in {o.department_code for o in _orders(uow, case.incident_id) if o.status in OrderStatus.LIVE}:
             return  # the operations center already holds this case
-        uow.emit(ev.IncidentEscalated.following(
-            returned, DISPATCH, occurred_at=uow.now(),
-            reason_code=ev.EscalationReason.REPEATED_RETURNS if candidates else ev.EscalationReason.NO_DEPARTMENT,
-            reason=f"{reason}; last: {returned.department_code}: {returned.reason}"[:1000],
-            work_order_id=order.work_order_id, department_code=order.department_code,
-        ))
+        uow.emit(
+            ev.IncidentEscalated.following(
+                returned,
+                DISPATCH,
+                occurred_at=uow.now(),
+                reason_code=ev.EscalationReason.REPEATED_RETURNS if candidates else ev.EscalationReason.NO_DEPARTMENT,
+                reason=f"{reason}; last: {returned.department_code}: {returned.reason}"[:1000],
+                work_order_id=order.work_order_id,
+                department_code=order.department_code,
+            )
+        )
         _dispatch(uow, case, returned, OPS_CENTER, role, order.attempt + 1)
         return
     _dispatch(uow, case, returned, candidates[0], role, order.attempt + 1)
@@ -284,11 +315,18 @@ def close_incident(passed: ev.VerificationPassed, uow: UnitOfWork, policy: Dispa
     case.status, case.closed_at = CaseStatus.CLOSED, now
     uow.emit(
         ev.IncidentClosed.following(
-            passed, DISPATCH, occurred_at=now, category_code=case.category_code, grid_id=case.grid_id,
+            passed,
+            DISPATCH,
+            occurred_at=now,
+            category_code=case.category_code,
+            grid_id=case.grid_id,
             departments=sorted({o.department_code for o in orders if o.status == OrderStatus.CLOSED}),
-            reported_at=as_utc(case.reported_at), deadline=deadline,
+            reported_at=as_utc(case.reported_at),
+            deadline=deadline,
             on_time=deadline is None or now <= deadline,
-            rework_count=case.rework_count, return_count=case.return_count, handled_on_spot=case.handled_on_spot,
+            rework_count=case.rework_count,
+            return_count=case.return_count,
+            handled_on_spot=case.handled_on_spot,
         )
     )
 
@@ -311,8 +349,13 @@ def rework_incident(failed: ev.VerificationFailed, uow: UnitOfWork, policy: Disp
         order.reminded_at = order.escalated_at = None
         uow.emit(
             ev.IncidentReworked.following(
-                failed, DISPATCH, occurred_at=uow.now(), work_order_id=order.work_order_id,
-                department_code=order.department_code, rework_count=case.rework_count, note=failed.note,
+                failed,
+                DISPATCH,
+                occurred_at=uow.now(),
+                work_order_id=order.work_order_id,
+                department_code=order.department_code,
+                rework_count=case.rework_count,
+                note=failed.note,
                 deadline=order.deadline,
             )
         )
@@ -323,7 +366,7 @@ def rework_incident(failed: ev.VerificationFailed, uow: UnitOfWork, policy: Disp
 
 def decide_extension(
     work_order_id: str, grant: bool, new_deadline: datetime | None, reason: str, actor: Actor, uow: UnitOfWork
-) -> ev.Event:
+) -> Event:
     """延期: the operations center grants (to the asked or a given deadline) or refuses a department's request."""
     order = uow.session.get(DispatchWorkOrder, work_order_id)
     if order is None:
@@ -334,10 +377,14 @@ def decide_extension(
         raise Rejected(f"work order {work_order_id} is {order.status}; nothing to extend")
     case = _case(uow, order.incident_id)
     common: dict[str, Any] = dict(
-        incident_id=order.incident_id, actor=actor, correlation_id=case.correlation_id, occurred_at=uow.now(),
-        work_order_id=work_order_id, department_code=order.department_code,
+        incident_id=order.incident_id,
+        actor=actor,
+        correlation_id=case.correlation_id,
+        occurred_at=uow.now(),
+        work_order_id=work_order_id,
+        department_code=order.department_code,
     )
-    event: ev.Event
+    event: Event
     if grant:
         deadline = new_deadline or as_utc(order.extension_requested_until)
         if deadline <= as_utc(order.deadline):
@@ -359,11 +406,13 @@ def watch_deadlines(uow: UnitOfWork, policy: DispatchSettings) -> int:
     """Remind every active work order past its deadline once, escalate it once when far past. Returns events."""
     now = uow.now()
     late = uow.session.exec(
-        select(DispatchWorkOrder).where(
+        select(DispatchWorkOrder)
+        .where(
             col(DispatchWorkOrder.status).in_(OrderStatus.ACTIVE),
             col(DispatchWorkOrder.deadline) < now,
             col(DispatchWorkOrder.escalated_at).is_(None),
-        ).limit(500)
+        )
+        .limit(500)
     ).all()
     emitted = 0
     escalate_after = uow.business_hours(policy.escalate_after_hours)
@@ -371,20 +420,30 @@ def watch_deadlines(uow: UnitOfWork, policy: DispatchSettings) -> int:
         case = _case(uow, order.incident_id)
         deadline = as_utc(order.deadline)
         common: dict[str, Any] = dict(
-            incident_id=order.incident_id, correlation_id=case.correlation_id, occurred_at=now,
-            work_order_id=order.work_order_id, department_code=order.department_code,
+            incident_id=order.incident_id,
+            correlation_id=case.correlation_id,
+            occurred_at=now,
+            work_order_id=order.work_order_id,
+            department_code=order.department_code,
         )
         if order.reminded_at is None:
             order.reminded_at = now
-            uow.emit(ev.OverdueReminded(**common, actor=WATCHDOG, deadline=deadline,
-                                        overdue_s=(now - deadline).total_seconds()))
+            uow.emit(
+                ev.OverdueReminded(
+                    **common, actor=WATCHDOG, deadline=deadline, overdue_s=(now - deadline).total_seconds()
+                )
+            )
             emitted += 1
         if now - deadline >= escalate_after:
             order.escalated_at = now
-            uow.emit(ev.IncidentEscalated(
-                **common, actor=WATCHDOG, reason_code=ev.EscalationReason.OVERDUE,
-                reason=f"{order.department_code} is {(now - deadline).total_seconds():.0f} s past its deadline",
-            ))
+            uow.emit(
+                ev.IncidentEscalated(
+                    **common,
+                    actor=WATCHDOG,
+                    reason_code=ev.EscalationReason.OVERDUE,
+                    reason=f"{order.department_code} is {(now - deadline).total_seconds():.0f} s past its deadline",
+                )
+            )
             emitted += 1
     uow.commit()
     return emitted
@@ -395,9 +454,16 @@ def watch_deadlines(uow: UnitOfWork, policy: DispatchSettings) -> int:
 
 def _order_public(o: DispatchWorkOrder, now: datetime) -> WorkOrderPublic:
     return WorkOrderPublic(
-        work_order_id=o.work_order_id, incident_id=o.incident_id, department_code=o.department_code, role=o.role,
-        attempt=o.attempt, status=o.status, deadline=as_utc(o.deadline), dispatched_at=as_utc(o.dispatched_at),
-        overdue=o.status in OrderStatus.ACTIVE and as_utc(o.deadline) < now, reminded=o.reminded_at is not None,
+        work_order_id=o.work_order_id,
+        incident_id=o.incident_id,
+        department_code=o.department_code,
+        role=o.role,
+        attempt=o.attempt,
+        status=o.status,
+        deadline=as_utc(o.deadline),
+        dispatched_at=as_utc(o.dispatched_at),
+        overdue=o.status in OrderStatus.ACTIVE and as_utc(o.deadline) < now,
+        reminded=o.reminded_at is not None,
         escalated=o.escalated_at is not None,
         extension_requested_until=as_utc(o.extension_requested_until) if o.extension_requested_until else None,
         extension_reason=o.extension_reason,
@@ -410,10 +476,19 @@ def get_case(incident_id: str, uow: UnitOfWork) -> CasePublic:
         raise NotFound(f"no case for incident {incident_id}")
     now = uow.now()
     return CasePublic(
-        incident_id=case.incident_id, status=case.status, category_code=case.category_code, grid_id=case.grid_id,
-        priority=case.priority, big=case.big, handled_on_spot=case.handled_on_spot, merged_into=case.merged_into,
-        duplicates=case.duplicates, return_count=case.return_count, rework_count=case.rework_count,
-        reported_at=as_utc(case.reported_at), closed_at=as_utc(case.closed_at) if case.closed_at else None,
+        incident_id=case.incident_id,
+        status=case.status,
+        category_code=case.category_code,
+        grid_id=case.grid_id,
+        priority=case.priority,
+        big=case.big,
+        handled_on_spot=case.handled_on_spot,
+        merged_into=case.merged_into,
+        duplicates=case.duplicates,
+        return_count=case.return_count,
+        rework_count=case.rework_count,
+        reported_at=as_utc(case.reported_at),
+        closed_at=as_utc(case.closed_at) if case.closed_at else None,
         work_orders=[_order_public(o, now) for o in _orders(uow, incident_id)],
     )
 
@@ -426,8 +501,8 @@ def pending_extensions(uow: UnitOfWork) -> list[WorkOrderPublic]:
     return [_order_public(o, now) for o in rows]
 
 
-def bind(policy: DispatchSettings) -> Mapping[type[ev.Event], Callable[[Any, UnitOfWork], None]]:
-    rules: dict[type[ev.Event], Callable[..., None]] = {
+def bind(policy: DispatchSettings) -> Mapping[type[Event], Callable[[Any, UnitOfWork], None]]:
+    rules: dict[type[Event], Callable[..., None]] = {
         ev.IncidentReported: file_incident,
         ev.WorkOrderReturned: reroute_work_order,
         ev.WorkOrderAccepted: record_acceptance,

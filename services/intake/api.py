@@ -20,9 +20,16 @@ def build_api(runtime: Runtime) -> FastAPI:
         description="Grid workers (网格员), the 12345 hotline and sensors report incidents; anyone follows them.",
     )
 
-    @api.post("/reports", status_code=202, response_model=ReportAccepted, tags=["reports"],
-              responses={409: {"description": "client_report_id reused for a different report"},
-                         422: {"description": "invalid report"}})
+    @api.post(
+        "/reports",
+        status_code=202,
+        response_model=ReportAccepted,
+        tags=["reports"],
+        responses={
+            409: {"description": "client_report_id reused for a different report"},
+            422: {"description": "invalid report"},
+        },
+    )
     async def report(body: ReportCreate, response: Response) -> ReportAccepted:
         """Report an incident. A retry with the same client_report_id returns the same incident."""
         with runtime.uow() as uow:
@@ -32,8 +39,12 @@ def build_api(runtime: Runtime) -> FastAPI:
         response.headers["Location"] = f"/incidents/{accepted.incident_id}"
         return accepted
 
-    @api.get("/incidents/{incident_id}", response_model=IncidentPublic, tags=["incidents"],
-             responses={404: {"description": "no such incident"}})
+    @api.get(
+        "/incidents/{incident_id}",
+        response_model=IncidentPublic,
+        tags=["incidents"],
+        responses={404: {"description": "no such incident"}},
+    )
     async def incident(incident_id: str) -> IncidentPublic:
         """Current status, department(s), deadline and the timeline of every transition."""
         with runtime.uow() as uow:
@@ -49,8 +60,13 @@ def build_api(runtime: Runtime) -> FastAPI:
         with runtime.uow() as uow:
             rows = handlers.list_incidents(uow, status, limit, offset)
             return [
-                {"incident_id": r.incident_id, "status": r.status, "category_code": r.category_code,
-                 "grid_id": r.grid_id, "reported_at": r.reported_at}
+                {
+                    "incident_id": r.incident_id,
+                    "status": r.status,
+                    "category_code": r.category_code,
+                    "grid_id": r.grid_id,
+                    "reported_at": r.reported_at,
+                }
                 for r in rows
             ]
 

@@ -44,7 +44,10 @@ def new_incident_id(now: datetime) -> str:
 
 def _same_report(row: IntakeIncident, cmd: ReportCreate) -> bool:
     return (row.category_code, round(row.lat, 6), round(row.lon, 6), row.description) == (
-        cmd.category_code, round(cmd.lat, 6), round(cmd.lon, 6), cmd.description,
+        cmd.category_code,
+        round(cmd.lat, 6),
+        round(cmd.lon, 6),
+        cmd.description,
     )
 
 

@@ -41,23 +41,38 @@ class Loop:
         self.n += 1
         iid = f"GL-{self.n}"
         event = ev.IncidentReported(
-            incident_id=iid, actor=WORKER, correlation_id=iid, occurred_at=self.clock(), source="grid_worker",
-            category_code=category, location=Location(lat=at[0], lon=at[1]), description="d",
-            reporter_id="w-gh01-1", client_report_id=f"r{self.n}", **kw,
+            incident_id=iid,
+            actor=WORKER,
+            correlation_id=iid,
+            occurred_at=self.clock(),
+            source="grid_worker",
+            category_code=category,
+            location=Location(lat=at[0], lon=at[1]),
+            description="d",
+            reporter_id="w-gh01-1",
+            client_report_id=f"r{self.n}",
+            **kw,
         )
         return self.bus.handle(event)
 
     def dept(self, cls: type[Event], order: ev.WorkOrderDispatched | ev.IncidentReworked, **kw: Any) -> list[Event]:
         actor = Actor(kind=ActorKind.DEPARTMENT, id="staff", department=order.department_code)
-        event = cls.following(order, actor, occurred_at=self.clock(), work_order_id=order.work_order_id,
-                              department_code=order.department_code, **kw)
+        event = cls.following(
+            order,
+            actor,
+            occurred_at=self.clock(),
+            work_order_id=order.work_order_id,
+            department_code=order.department_code,
+            **kw,
+        )
         return self.bus.handle(event)
 
     def verify(self, req: ev.VerificationRequested, passed: bool, note: str = "ok") -> list[Event]:
         actor = Actor(kind=ActorKind.GRID_WORKER, id=req.worker_id)
         cls = ev.VerificationPassed if passed else ev.VerificationFailed
-        return self.bus.handle(cls.following(req, actor, occurred_at=self.clock(),
-                                             verification_id=req.verification_id, note=note))
+        return self.bus.handle(
+            cls.following(req, actor, occurred_at=self.clock(), verification_id=req.verification_id, note=note)
+        )
 
 
 @pytest.fixture
@@ -213,8 +228,15 @@ def test_time_scale_shrinks_deadlines(make_db: Callable[[tuple[sa.Table, ...]], 
     engine = make_db(TABLES)
     bus = MessageBus(lambda: UnitOfWork(engine, clock=clock, time_scale=3600), handlers.bind(DispatchSettings()))
     report = ev.IncidentReported(
-        incident_id="X", actor=WORKER, correlation_id="X", source="grid_worker", category_code="flooding",
-        location=Location(lat=IN_GH01[0], lon=IN_GH01[1]), description="d", reporter_id="w", client_report_id="r",
+        incident_id="X",
+        actor=WORKER,
+        correlation_id="X",
+        source="grid_worker",
+        category_code="flooding",
+        location=Location(lat=IN_GH01[0], lon=IN_GH01[1]),
+        description="d",
+        reporter_id="w",
+        client_report_id="r",
     )
     orders = [e for e in bus.handle(report) if isinstance(e, ev.WorkOrderDispatched)]
     assert {o.deadline for o in orders} == {clock() + timedelta(seconds=4)}  # 4 business hours
@@ -250,8 +272,13 @@ def test_extension_refused(loop: Loop) -> None:
 
 def test_redelivered_event_changes_nothing(loop: Loop) -> None:
     order = only(loop.report(), ev.WorkOrderDispatched)
-    handled = ev.WorkOrderHandled.following(order, Actor(kind=ActorKind.DEPARTMENT, id="s"),
-                                            work_order_id=order.work_order_id, department_code="city_ops", result="r")
+    handled = ev.WorkOrderHandled.following(
+        order,
+        Actor(kind=ActorKind.DEPARTMENT, id="s"),
+        work_order_id=order.work_order_id,
+        department_code="city_ops",
+        result="r",
+    )
     assert only(loop.bus.handle(handled), ev.VerificationRequested)
     assert loop.bus.handle(handled) == []
     with loop.uow() as uow:
@@ -259,8 +286,9 @@ def test_redelivered_event_changes_nothing(loop: Loop) -> None:
 
 
 def test_events_for_unknown_incidents_are_poison(loop: Loop) -> None:
-    ghost = ev.WorkOrderAccepted(incident_id="nope", actor=WORKER, correlation_id="c", work_order_id="nope-1",
-                                 department_code="city_ops")
+    ghost = ev.WorkOrderAccepted(
+        incident_id="nope", actor=WORKER, correlation_id="c", work_order_id="nope-1", department_code="city_ops"
+    )
     with pytest.raises(UnknownIncident):
         loop.bus.handle(ghost)
     passed = ev.VerificationPassed(incident_id="nope", actor=WORKER, correlation_id="c", verification_id="v")

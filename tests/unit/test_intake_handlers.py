@@ -24,8 +24,14 @@ def engine(make_db: Callable[[tuple[sa.Table, ...]], Engine]) -> Engine:
 
 
 def _cmd(**kw: object) -> ReportCreate:
-    body: dict[str, object] = dict(category_code="exposed_garbage", lat=31.285, lon=121.575, description="垃圾",
-                                   reporter_id="w-gh01-1", client_report_id="r-1")
+    body: dict[str, object] = dict(
+        category_code="exposed_garbage",
+        lat=31.285,
+        lon=121.575,
+        description="垃圾",
+        reporter_id="w-gh01-1",
+        client_report_id="r-1",
+    )
     body.update(kw)
     return ReportCreate.model_validate(body)
 
@@ -75,12 +81,20 @@ def test_lifecycle_folds_into_status_and_timeline(engine: Engine, clock: FakeClo
     reported = decode_event(record.payload)
     bus = MessageBus(lambda: UnitOfWork(engine, clock=clock), handlers.HANDLERS)
     system = Actor.system("dispatch")
-    filed = ev.IncidentFiled.following(reported, system, category_code="exposed_garbage", grid_id="gh01",
-                                       priority=3, severity="normal")
+    filed = ev.IncidentFiled.following(
+        reported, system, category_code="exposed_garbage", grid_id="gh01", priority=3, severity="normal"
+    )
     order = ev.WorkOrderDispatched.following(
-        reported, system, work_order_id=f"{incident_id}-1", department_code="city_ops",
-        category_code="exposed_garbage", grid_id="gh01", location=reported.location,  # type: ignore[attr-defined]
-        description="d", priority=3, deadline=clock.advance(hours=24),
+        reported,
+        system,
+        work_order_id=f"{incident_id}-1",
+        department_code="city_ops",
+        category_code="exposed_garbage",
+        grid_id="gh01",
+        location=reported.location,  # type: ignore[attr-defined]
+        description="d",
+        priority=3,
+        deadline=clock.advance(hours=24),
     )
     for event in (reported, filed, order, order):  # the last one is a redelivery
         bus.handle(event)
@@ -89,11 +103,26 @@ def test_lifecycle_folds_into_status_and_timeline(engine: Engine, clock: FakeClo
     assert view.status == "dispatched" and view.grid_id == "gh01" and view.departments == ["city_ops"]
     assert view.deadline == order.deadline
     assert [t.type for t in view.timeline] == ["IncidentReported", "IncidentFiled", "WorkOrderDispatched"]
-    closed = ev.IncidentClosed.following(reported, system, category_code="exposed_garbage", grid_id="gh01",
-                                         departments=["city_ops"], reported_at=reported.occurred_at,
-                                         deadline=order.deadline, on_time=True, rework_count=0, return_count=0)
-    late_reminder = ev.OverdueReminded.following(reported, system, work_order_id=order.work_order_id,
-                                                 department_code="city_ops", deadline=order.deadline, overdue_s=1)
+    closed = ev.IncidentClosed.following(
+        reported,
+        system,
+        category_code="exposed_garbage",
+        grid_id="gh01",
+        departments=["city_ops"],
+        reported_at=reported.occurred_at,
+        deadline=order.deadline,
+        on_time=True,
+        rework_count=0,
+        return_count=0,
+    )
+    late_reminder = ev.OverdueReminded.following(
+        reported,
+        system,
+        work_order_id=order.work_order_id,
+        department_code="city_ops",
+        deadline=order.deadline,
+        overdue_s=1,
+    )
     bus.handle(closed)
     bus.handle(late_reminder)
     with UnitOfWork(engine) as uow:
@@ -103,8 +132,9 @@ def test_lifecycle_folds_into_status_and_timeline(engine: Engine, clock: FakeClo
 
 def test_unknown_incident(engine: Engine) -> None:
     bus = MessageBus(lambda: UnitOfWork(engine), handlers.HANDLERS)
-    ghost = ev.WorkOrderAccepted(incident_id="nope", actor=Actor.system("x"), correlation_id="c",
-                                 work_order_id="w", department_code="city_ops")
+    ghost = ev.WorkOrderAccepted(
+        incident_id="nope", actor=Actor.system("x"), correlation_id="c", work_order_id="w", department_code="city_ops"
+    )
     with pytest.raises(UnknownIncident):
         bus.handle(ghost)
     with UnitOfWork(engine) as uow, pytest.raises(NotFound):

@@ -5,9 +5,20 @@ from schemas.reference import CATEGORIES, DEPARTMENTS, GRIDS, OPS_CENTER, distan
 
 def test_every_category_routes_to_known_departments() -> None:
     required = {
-        "illegal_construction", "group_renting", "illegal_signage", "exposed_garbage", "garbage_sorting",
-        "illegal_parking", "shared_bikes", "river_pollution", "greenery_damage", "safety_hazard", "flooding",
-        "public_toilet", "idle_land", "street_vending",
+        "illegal_construction",
+        "group_renting",
+        "illegal_signage",
+        "exposed_garbage",
+        "garbage_sorting",
+        "illegal_parking",
+        "shared_bikes",
+        "river_pollution",
+        "greenery_damage",
+        "safety_hazard",
+        "flooding",
+        "public_toilet",
+        "idle_land",
+        "street_vending",
     }
     assert required <= set(CATEGORIES)
     for c in CATEGORIES.values():

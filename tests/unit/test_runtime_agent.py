@@ -30,15 +30,21 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 
     monkeypatch.setattr(rt, "dead_letter", dead_letter)
     monkeypatch.setattr(rt, "flush_outbox", flush_outbox)
-    rt.letters, rt.flushes = letters, flushes
+    rt.letters, rt.flushes = letters, flushes  # type: ignore[attr-defined]
     return rt
 
 
 def _report() -> ev.IncidentReported:
     return ev.IncidentReported(
-        incident_id="GL-1", actor=Actor(kind="grid_worker", id="w-gh01-1"), correlation_id="GL-1",
-        source="grid_worker", category_code="exposed_garbage", location=Location(lat=31.275, lon=121.565),
-        description="d", reporter_id="w-gh01-1", client_report_id="r-1",
+        incident_id="GL-1",
+        actor=Actor(kind="grid_worker", id="w-gh01-1"),
+        correlation_id="GL-1",
+        source="grid_worker",
+        category_code="exposed_garbage",
+        location=Location(lat=31.275, lon=121.565),
+        description="d",
+        reporter_id="w-gh01-1",
+        client_report_id="r-1",
     )
 
 
@@ -50,8 +56,13 @@ async def test_agent_applies_once_and_dead_letters_bad_records(runtime: Any) -> 
         await ctx.put(report)  # redelivered
         await ctx.put(b"{broken json")
         await ctx.put(b'{"schema_version": 9, "type": "IncidentReported"}')
-        ghost = ev.WorkOrderAccepted(incident_id="ghost", actor=Actor.system("x"), correlation_id="c",
-                                     work_order_id="ghost-1", department_code="city_ops")
+        ghost = ev.WorkOrderAccepted(
+            incident_id="ghost",
+            actor=Actor.system("x"),
+            correlation_id="c",
+            work_order_id="ghost-1",
+            department_code="city_ops",
+        )
         await ctx.put(encode_event(ghost))
     with UnitOfWork(runtime.engine) as uow:
         types = [r.type for r in uow.session.exec(select(OutboxRecord)).all()]

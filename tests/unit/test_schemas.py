@@ -86,7 +86,11 @@ def test_bad_records_give_a_reason(raw: bytes, reason: str) -> None:
 def test_following_keeps_incident_and_correlation() -> None:
     report = _report()
     filed = ev.IncidentFiled.following(
-        report, schemas.Actor.system("dispatch"), category_code="exposed_garbage", grid_id="gh01", priority=3,
+        report,
+        schemas.Actor.system("dispatch"),
+        category_code="exposed_garbage",
+        grid_id="gh01",
+        priority=3,
         severity="normal",
     )
     assert (filed.incident_id, filed.correlation_id, filed.causation_id) == ("GL1", "GL1", report.event_id)
