@@ -6,8 +6,6 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
-
 from schemas import Event
 
 from .db import UnitOfWork
@@ -36,13 +34,5 @@ class MessageBus:
                 log.debug("skipping redelivered %s %s", event.type, event.event_id)
                 return []
             handler(event, uow)
-            try:
-                uow.commit()
-            except IntegrityError:
-                uow.session.rollback()
-                if not uow.claim(event):
-                    # Another instance applied the same event between our check and our commit.
-                    log.info("%s %s applied concurrently elsewhere; skipping", event.type, event.event_id)
-                    return []
-                raise
+            uow.commit()
             return list(uow.emitted)

@@ -121,6 +121,11 @@ class UnitOfWork:
         if self.session.get(ProcessedEvent, event.event_id) is not None:
             return False
         self.session.add(ProcessedEvent(event_id=event.event_id, type=event.type, processed_at=self.now()))
+        try:
+            self.session.flush()  # take the mark now: a concurrent consumer of the same event waits or fails here
+        except IntegrityError:
+            self.session.rollback()
+            return False
         return True
 
     def emit(self, event: Event) -> None:

@@ -294,3 +294,26 @@ def test_events_for_unknown_incidents_are_poison(loop: Loop) -> None:
     passed = ev.VerificationPassed(incident_id="nope", actor=WORKER, correlation_id="c", verification_id="v")
     with pytest.raises(UnknownIncident):
         loop.bus.handle(passed)
+
+
+def test_concurrent_delivery_applies_once(loop: Loop) -> None:
+    """Two consumers racing on one event (e.g. during a rebalance): exactly one applies it."""
+    import threading
+
+    report = ev.IncidentReported(
+        incident_id="RACE", actor=WORKER, correlation_id="RACE", source="grid_worker", category_code="flooding",
+        location=Location(lat=IN_GH01[0], lon=IN_GH01[1]), description="d", reporter_id="w", client_report_id="r",
+    )
+    barrier = threading.Barrier(4)
+    results: list[int] = []
+
+    def deliver() -> None:
+        barrier.wait()
+        results.append(len(loop.bus.handle(report)))
+
+    threads = [threading.Thread(target=deliver) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [0, 0, 0, 3]  # filed + two work orders, once
