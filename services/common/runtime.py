@@ -191,7 +191,8 @@ class Runtime:
         wait_for_topics(self.settings.kafka_bootstrap, [t.name for t in CATALOG])
         _retry_sync("database", self.init_db)
         Path(self.app.conf.datadir).mkdir(parents=True, exist_ok=True)
-        sys.argv = [sys.argv[0], "worker", "--loglevel", self.settings.log_level]
+        level = {"warning": "warn", "critical": "crit"}.get(self.settings.log_level.lower(), self.settings.log_level)
+        sys.argv = [sys.argv[0], "worker", "--loglevel", level]
         self.app.main()
 
 
