@@ -188,12 +188,28 @@ class Runtime:
         logging.basicConfig(
             level=self.settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        _require_free_port(self.settings.http_host, self.settings.http_port, self.name)
         wait_for_topics(self.settings.kafka_bootstrap, [t.name for t in CATALOG])
         _retry_sync("database", self.init_db)
         Path(self.app.conf.datadir).mkdir(parents=True, exist_ok=True)
         level = {"warning": "warn", "critical": "crit"}.get(self.settings.log_level.lower(), self.settings.log_level)
         sys.argv = [sys.argv[0], "worker", "--loglevel", level]
         self.app.main()
+
+
+def _require_free_port(host: str, port: int, service: str) -> None:
+    """Fail at once, with the reason, rather than run a worker whose API could not bind."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(
+                f"{service}: cannot listen on {host}:{port} ({exc.strerror}); "
+                f"free it or set GRIDLOOP_{service.upper()}_HTTP_PORT"
+            ) from None
 
 
 def _forever(what: str) -> AsyncRetrying:

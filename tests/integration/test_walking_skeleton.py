@@ -4,7 +4,6 @@ Also: a malformed record goes to the dead-letter topic with its reason, and the 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,7 +20,7 @@ def skeleton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service
     require_broker()
     ns = fresh_namespace("skel")
     var = tmp_path_factory.mktemp("skeleton")
-    env = service_env(ns, var, base_port=18200)
+    env = service_env(ns, var, base_port=28200)
     with running(env, var, services=["intake", "dispatch"]) as group:
         yield group, env["GRIDLOOP_INTAKE_HTTP_PORT"]
 
