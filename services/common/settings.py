@@ -45,7 +45,7 @@ class ServiceSettings(BaseSettings):
         prefix = f"GRIDLOOP_{cls.SERVICE.upper()}_"
         for key, value in os.environ.items():
             if key.upper().startswith(prefix):
-                data.setdefault(key[len(prefix) :].lower(), value)
+                data[key[len(prefix) :].lower()] = value  # the service's own setting wins over the shared one
         return data
 
     @model_validator(mode="after")

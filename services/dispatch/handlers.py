@@ -296,6 +296,7 @@ def request_verification(handled: ev.WorkOrderHandled, uow: UnitOfWork, policy: 
     if order.status not in OrderStatus.ACTIVE:
         raise UnknownIncident(f"work order {order.work_order_id} is {order.status}; handling is not expected")
     order.status, order.handled_at = OrderStatus.HANDLED, handled.occurred_at
+    order.extension_requested_until, order.extension_reason = None, ""  # a pending request lapses
     if any(o.status in OrderStatus.ACTIVE for o in _orders(uow, case.incident_id)):
         return  # a big incident waits for every department
     _request_verification(uow, case, handled, list(handled.evidence_urls))

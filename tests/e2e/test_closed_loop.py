@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -16,8 +17,8 @@ from tests.kafka_support import consumer, producer
 pytestmark = pytest.mark.kafka
 
 
-def types(incident: dict[str, object]) -> list[str]:
-    return [t["type"] for t in incident["timeline"]]  # type: ignore[index, union-attr]
+def types(incident: dict[str, Any]) -> list[str]:
+    return [t["type"] for t in incident["timeline"]]
 
 
 def test_straight_close(town: Town) -> None:

@@ -1,0 +1,11 @@
+"""What verification consumes: the verification topic, where dispatch asks for 核查 tasks."""
+
+from __future__ import annotations
+
+from schemas.topics import VERIFICATION
+
+from .handlers import HANDLERS
+
+CONSUMES = (VERIFICATION,)
+
+__all__ = ["CONSUMES", "HANDLERS"]

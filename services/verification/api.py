@@ -1,0 +1,84 @@
+"""verification's HTTP edge for the grid worker (网格员): the 核查 queue, pass and fail."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import FastAPI, Query
+
+from services.common.api import create_api
+from services.common.runtime import Runtime
+
+from . import handlers
+from .models import FailRequest, PassRequest, VerificationDecided, VerificationPublic
+
+_ID = r"^[\w.@:-]+$"
+_DECISION_ERRORS: dict[int | str, dict[str, str]] = {
+    403: {"description": "the worker does not belong to the task's grid"},
+    404: {"description": "no such verification"},
+    409: {"description": "the verification is already decided"},
+    422: {"description": "invalid request"},
+}
+
+
+def build_api(runtime: Runtime) -> FastAPI:
+    api = create_api(
+        "verification",
+        title="gridloop verification",
+        description="核查: the grid worker checks on the spot that an incident is solved; pass closes it (结案), "
+        "fail sends the work back (返工).",
+    )
+
+    @api.get("/verifications", response_model=list[VerificationPublic], tags=["verifications"])
+    async def verifications(
+        worker_id: Annotated[str | None, Query(min_length=1, max_length=64, pattern=_ID)] = None,
+        grid_id: Annotated[str | None, Query(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$")] = None,
+        status: Annotated[str | None, Query(pattern=r"^(pending|passed|failed)$")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[VerificationPublic]:
+        """A worker's (or a grid's) verification queue, oldest request first."""
+        with runtime.uow() as uow:
+            return handlers.list_verifications(
+                uow, worker_id=worker_id, grid_id=grid_id, status=status, limit=limit, offset=offset
+            )
+
+    @api.get(
+        "/verifications/{verification_id}",
+        response_model=VerificationPublic,
+        tags=["verifications"],
+        responses={404: {"description": "no such verification"}},
+    )
+    async def verification(verification_id: str) -> VerificationPublic:
+        with runtime.uow() as uow:
+            return handlers.get_verification(verification_id, uow)
+
+    @api.post(
+        "/verifications/{verification_id}/pass",
+        status_code=202,
+        response_model=VerificationDecided,
+        tags=["verifications"],
+        responses=_DECISION_ERRORS,
+    )
+    async def pass_(verification_id: str, body: PassRequest) -> VerificationDecided:
+        """核查通过: the problem is solved; the incident will be closed."""
+        with runtime.uow() as uow:
+            decided = handlers.pass_verification(verification_id, body, uow)
+        await runtime.flush_outbox()
+        return decided
+
+    @api.post(
+        "/verifications/{verification_id}/fail",
+        status_code=202,
+        response_model=VerificationDecided,
+        tags=["verifications"],
+        responses=_DECISION_ERRORS,
+    )
+    async def fail(verification_id: str, body: FailRequest) -> VerificationDecided:
+        """核查不通过: the work goes back to the department (返工) with the note."""
+        with runtime.uow() as uow:
+            decided = handlers.fail_verification(verification_id, body, uow)
+        await runtime.flush_outbox()
+        return decided
+
+    return api

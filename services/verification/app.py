@@ -1,0 +1,16 @@
+"""verification service: ``python -m services.verification``."""
+
+from __future__ import annotations
+
+from services.common.runtime import Runtime
+
+from .agents import CONSUMES, HANDLERS
+from .api import build_api
+from .models import TABLES
+from .settings import VerificationSettings
+
+
+def build(settings: VerificationSettings | None = None) -> Runtime:
+    runtime = Runtime(settings or VerificationSettings(), TABLES, HANDLERS, consumes=CONSUMES)
+    runtime.serve(build_api(runtime))
+    return runtime

@@ -1,0 +1,161 @@
+"""verification's rules, as plain functions.
+
+A VerificationRequested opens one task (once per verification id, however often it is delivered). Only a worker
+of the task's grid may decide it, and only while it is pending: pass (核查通过) lets dispatch close the case,
+fail (核查不通过) sends the work back to the department (返工) with the worker's note.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import col, select
+
+from schemas import Actor, ActorKind, Event
+from schemas import events as ev
+from schemas.reference import GRIDS
+from services.common.bus import Handler
+from services.common.db import UnitOfWork, as_utc
+from services.common.errors import Forbidden, NotFound, PoisonMessage, Rejected
+
+from .models import FailRequest, PassRequest, TaskStatus, VerificationDecided, VerificationPublic, VerificationTask
+
+# -- events ---------------------------------------------------------------------------------------------
+
+
+def open_task(requested: ev.VerificationRequested, uow: UnitOfWork) -> None:
+    """A 核查 task for the grid worker; a request already seen under the same verification id changes nothing."""
+    if uow.session.get(VerificationTask, requested.verification_id) is not None:
+        return
+    if requested.grid_id not in GRIDS:
+        raise PoisonMessage(f"verification {requested.verification_id} names unknown grid {requested.grid_id!r}")
+    loc = requested.location
+    uow.session.add(
+        VerificationTask(
+            verification_id=requested.verification_id,
+            incident_id=requested.incident_id,
+            correlation_id=requested.correlation_id,
+            request_event_id=requested.event_id,
+            grid_id=requested.grid_id,
+            worker_id=requested.worker_id,
+            category_code=requested.category_code,
+            lat=loc.lat,
+            lon=loc.lon,
+            address=loc.address,
+            description=requested.description,
+            work_order_ids=" ".join(requested.work_order_ids),
+            evidence_urls=" ".join(str(u) for u in requested.evidence_urls),
+            round=requested.round,
+            status=TaskStatus.PENDING,
+            requested_at=requested.occurred_at,
+        )
+    )
+
+
+# -- commands from the grid worker ------------------------------------------------------------------------
+
+
+def _decide(verification_id: str, worker_id: str, passed: bool, note: str, uow: UnitOfWork) -> VerificationDecided:
+    task = uow.session.get(VerificationTask, verification_id)
+    if task is None:
+        raise NotFound(f"no verification {verification_id}")
+    grid = GRIDS.get(task.grid_id)
+    if grid is None or worker_id not in grid.workers:
+        raise Forbidden(f"{worker_id} is not a worker of grid {task.grid_id}; only its workers verify its incidents")
+    if task.status != TaskStatus.PENDING:
+        raise Rejected(f"verification {verification_id} is already {task.status} (by {task.decided_by})")
+
+    now = uow.now()
+    status = TaskStatus.PASSED if passed else TaskStatus.FAILED
+    # Compare-and-set: of two workers deciding at once, only one changes the task and emits the outcome.
+    changed = uow.session.exec(  # type: ignore[call-overload]
+        sa.update(VerificationTask)
+        .where(col(VerificationTask.verification_id) == verification_id)
+        .where(col(VerificationTask.status) == TaskStatus.PENDING)
+        .values(status=status, decided_at=now, decided_by=worker_id, note=note)
+    )
+    if changed.rowcount != 1:
+        raise Rejected(f"verification {verification_id} was decided meanwhile")
+
+    common: dict[str, Any] = dict(
+        incident_id=task.incident_id,
+        actor=Actor(kind=ActorKind.GRID_WORKER, id=worker_id),
+        correlation_id=task.correlation_id,
+        causation_id=task.request_event_id,
+        occurred_at=now,
+        verification_id=verification_id,
+        note=note,
+    )
+    uow.emit(ev.VerificationPassed(**common) if passed else ev.VerificationFailed(**common))
+    uow.commit()
+    return VerificationDecided(verification_id=verification_id, status=status)
+
+
+def pass_verification(verification_id: str, cmd: PassRequest, uow: UnitOfWork) -> VerificationDecided:
+    """核查通过: the problem is solved; dispatch closes the case (结案)."""
+    return _decide(verification_id, cmd.worker_id, True, cmd.note, uow)
+
+
+def fail_verification(verification_id: str, cmd: FailRequest, uow: UnitOfWork) -> VerificationDecided:
+    """核查不通过: the problem is not solved; dispatch sends the work back (返工) with the note."""
+    return _decide(verification_id, cmd.worker_id, False, cmd.note, uow)
+
+
+# -- queries --------------------------------------------------------------------------------------------
+
+
+def _public(t: VerificationTask) -> VerificationPublic:
+    return VerificationPublic(
+        verification_id=t.verification_id,
+        incident_id=t.incident_id,
+        correlation_id=t.correlation_id,
+        grid_id=t.grid_id,
+        worker_id=t.worker_id,
+        category_code=t.category_code,
+        lat=t.lat,
+        lon=t.lon,
+        address=t.address,
+        description=t.description,
+        work_order_ids=t.work_order_ids.split(),
+        evidence_urls=t.evidence_urls.split(),
+        round=t.round,
+        status=t.status,
+        requested_at=as_utc(t.requested_at),
+        decided_at=as_utc(t.decided_at) if t.decided_at else None,
+        decided_by=t.decided_by,
+        note=t.note,
+    )
+
+
+def get_verification(verification_id: str, uow: UnitOfWork) -> VerificationPublic:
+    task = uow.session.get(VerificationTask, verification_id)
+    if task is None:
+        raise NotFound(f"no verification {verification_id}")
+    return _public(task)
+
+
+def list_verifications(
+    uow: UnitOfWork,
+    *,
+    worker_id: str | None = None,
+    grid_id: str | None = None,
+    status: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[VerificationPublic]:
+    """A worker's (or a grid's) queue, oldest request first."""
+    q = select(VerificationTask)
+    if worker_id:
+        q = q.where(VerificationTask.worker_id == worker_id)
+    if grid_id:
+        q = q.where(VerificationTask.grid_id == grid_id)
+    if status:
+        q = q.where(VerificationTask.status == status)
+    q = q.order_by(col(VerificationTask.requested_at), col(VerificationTask.verification_id))
+    return [_public(t) for t in uow.session.exec(q.offset(offset).limit(limit)).all()]
+
+
+HANDLERS: dict[type[Event], Handler] = {
+    ev.VerificationRequested: open_task,
+}

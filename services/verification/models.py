@@ -1,0 +1,101 @@
+"""verification's own data: one task per 核查 request, waiting for a worker of its grid to pass or fail it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import Field as SqlField
+from sqlmodel import SQLModel
+
+
+def _ts() -> sa.DateTime:
+    return sa.DateTime(timezone=True)
+
+
+class TaskStatus:
+    PENDING = "pending"
+    PASSED = "passed"
+    FAILED = "failed"
+    ALL = (PENDING, PASSED, FAILED)
+
+
+class VerificationTask(SQLModel, table=True):
+    __tablename__ = "verification_task"
+
+    verification_id: str = SqlField(primary_key=True, max_length=80)
+    incident_id: str = SqlField(max_length=64, index=True)
+    correlation_id: str = SqlField(max_length=64)
+    request_event_id: str = SqlField(max_length=64)
+    """The VerificationRequested event: the cause recorded on the outcome."""
+    grid_id: str = SqlField(max_length=40, index=True)
+    worker_id: str = SqlField(max_length=64, index=True)
+    """The worker asked to verify; any worker of the grid may decide."""
+    category_code: str = SqlField(max_length=40)
+    lat: float
+    lon: float
+    address: str = SqlField(default="", max_length=200)
+    description: str = SqlField(default="", max_length=2000)
+    work_order_ids: str = SqlField(default="")
+    evidence_urls: str = SqlField(default="")
+    round: int = 1
+    status: str = SqlField(default=TaskStatus.PENDING, max_length=10, index=True)
+    requested_at: datetime = SqlField(sa_type=_ts(), index=True)
+    decided_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    decided_by: str | None = SqlField(default=None, max_length=64)
+    note: str = SqlField(default="", max_length=1000)
+
+
+TABLES = (VerificationTask.__table__,)  # type: ignore[attr-defined]
+
+
+# -- API ---------------------------------------------------------------------------------------------
+
+WorkerId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.@:-]+$", examples=["w-gh01-2"])]
+
+
+class PassRequest(BaseModel):
+    """The grid worker found the problem solved: 核查通过."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    worker_id: WorkerId
+    note: Annotated[str, Field(max_length=1000)] = ""
+
+
+class FailRequest(BaseModel):
+    """The grid worker found the problem not (well enough) solved: 核查不通过, the work goes back (返工)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    worker_id: WorkerId
+    note: Annotated[str, Field(min_length=1, max_length=1000, examples=["garbage still piled by the gate"])]
+    """What is still wrong: the department sees it with the returned work."""
+
+
+class VerificationDecided(BaseModel):
+    verification_id: str
+    status: str
+
+
+class VerificationPublic(BaseModel):
+    verification_id: str
+    incident_id: str
+    correlation_id: str
+    grid_id: str
+    worker_id: str
+    category_code: str
+    lat: float
+    lon: float
+    address: str
+    description: str
+    work_order_ids: list[str]
+    evidence_urls: list[str]
+    round: int
+    status: str
+    requested_at: datetime
+    decided_at: datetime | None
+    decided_by: str | None
+    note: str

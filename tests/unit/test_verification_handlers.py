@@ -1,0 +1,306 @@
+"""verification's rules over a SQLite database, without a broker: tasks, idempotency, pass and fail."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy.engine import Engine
+
+from schemas import Actor, ActorKind, Event, Location
+from schemas import events as ev
+from services.common.bus import MessageBus
+from services.common.db import UnitOfWork, create_tables, make_engine
+from services.common.errors import Forbidden, NotFound, PoisonMessage, Rejected
+from services.verification import handlers
+from services.verification.handlers import HANDLERS
+from services.verification.models import TABLES, FailRequest, PassRequest, TaskStatus
+
+T0 = datetime(2024, 5, 6, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'verification.sqlite'}")
+    create_tables(engine, TABLES)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def bus(engine: Engine) -> MessageBus:
+    return MessageBus(lambda: UnitOfWork(engine), HANDLERS)
+
+
+def requested(verification_id: str = "GL20240506-AB12CD34-v1", **fields: Any) -> ev.VerificationRequested:
+    values: dict[str, Any] = dict(
+        incident_id="GL20240506-AB12CD34",
+        actor=Actor.system("dispatch"),
+        correlation_id="GL20240506-AB12CD34",
+        occurred_at=T0,
+        verification_id=verification_id,
+        grid_id="gh01",
+        worker_id="w-gh01-2",
+        category_code="exposed_garbage",
+        location=Location(lat=31.275, lon=121.565, address="华高路 1 号"),
+        description="garbage by the gate",
+        work_order_ids=["GL20240506-AB12CD34-1"],
+        evidence_urls=["https://example.org/after.jpg"],
+        round=1,
+    )
+    values.update(fields)
+    return ev.VerificationRequested(**values)
+
+
+def decide_pass(engine: Engine, verification_id: str, worker_id: str, note: str = "") -> tuple[Any, list[Event]]:
+    with UnitOfWork(engine) as uow:
+        decided = handlers.pass_verification(verification_id, PassRequest(worker_id=worker_id, note=note), uow)
+        return decided, list(uow.emitted)
+
+
+def decide_fail(engine: Engine, verification_id: str, worker_id: str, note: str) -> tuple[Any, list[Event]]:
+    with UnitOfWork(engine) as uow:
+        decided = handlers.fail_verification(verification_id, FailRequest(worker_id=worker_id, note=note), uow)
+        return decided, list(uow.emitted)
+
+
+def task(engine: Engine, verification_id: str) -> Any:
+    with UnitOfWork(engine) as uow:
+        return handlers.get_verification(verification_id, uow)
+
+
+# -- tasks from VerificationRequested ------------------------------------------------------------------
+
+
+def test_request_opens_a_pending_task(engine: Engine, bus: MessageBus) -> None:
+    event = requested()
+    assert bus.handle(event) == []
+
+    t = task(engine, event.verification_id)
+    assert t.status == TaskStatus.PENDING
+    assert (t.incident_id, t.correlation_id, t.grid_id, t.worker_id) == (
+        "GL20240506-AB12CD34",
+        "GL20240506-AB12CD34",
+        "gh01",
+        "w-gh01-2",
+    )
+    assert (t.category_code, t.lat, t.lon, t.address) == ("exposed_garbage", 31.275, 121.565, "华高路 1 号")
+    assert t.description == "garbage by the gate"
+    assert t.work_order_ids == ["GL20240506-AB12CD34-1"]
+    assert t.evidence_urls == ["https://example.org/after.jpg"]
+    assert t.round == 1
+    assert t.requested_at == T0
+    assert (t.decided_at, t.decided_by, t.note) == (None, None, "")
+
+
+def test_redelivered_request_changes_nothing(engine: Engine, bus: MessageBus) -> None:
+    event = requested()
+    bus.handle(event)
+    bus.handle(event)  # the same record delivered again
+    # the same verification asked for again under a new event id, with other details
+    bus.handle(requested(description="something else", worker_id="w-gh01-1"))
+
+    with UnitOfWork(engine) as uow:
+        tasks = handlers.list_verifications(uow)
+    assert len(tasks) == 1
+    assert (tasks[0].description, tasks[0].worker_id) == ("garbage by the gate", "w-gh01-2")
+
+
+def test_request_for_an_already_decided_task_does_not_reopen_it(engine: Engine, bus: MessageBus) -> None:
+    bus.handle(requested())
+    decide_pass(engine, "GL20240506-AB12CD34-v1", "w-gh01-2")
+    bus.handle(requested())
+    assert task(engine, "GL20240506-AB12CD34-v1").status == TaskStatus.PASSED
+
+
+def test_request_for_an_unknown_grid_is_poison(bus: MessageBus) -> None:
+    with pytest.raises(PoisonMessage, match="unknown grid"):
+        bus.handle(requested(grid_id="nowhere"))
+
+
+def test_outcomes_coming_back_on_the_topic_are_ignored(engine: Engine, bus: MessageBus) -> None:
+    bus.handle(requested())
+    _, (passed,) = decide_pass(engine, "GL20240506-AB12CD34-v1", "w-gh01-2")
+    assert not bus.handles(passed)
+    assert bus.handle(passed) == []
+
+
+# -- pass ------------------------------------------------------------------------------------------
+
+
+def test_pass_emits_verification_passed_and_decides_the_task(engine: Engine, bus: MessageBus) -> None:
+    request = requested()
+    bus.handle(request)
+
+    decided, emitted = decide_pass(engine, request.verification_id, "w-gh01-2", note="clean now")
+
+    assert (decided.verification_id, decided.status) == (request.verification_id, "passed")
+    assert len(emitted) == 1
+    event = emitted[0]
+    assert isinstance(event, ev.VerificationPassed)
+    assert event.verification_id == request.verification_id
+    assert event.incident_id == request.incident_id
+    assert event.correlation_id == request.correlation_id
+    assert event.causation_id == request.event_id
+    assert event.actor == Actor(kind=ActorKind.GRID_WORKER, id="w-gh01-2")
+    assert event.note == "clean now"
+
+    t = task(engine, request.verification_id)
+    assert (t.status, t.decided_by, t.note) == ("passed", "w-gh01-2", "clean now")
+    assert t.decided_at is not None and t.decided_at.tzinfo is not None
+
+
+def test_pass_is_published_through_the_outbox(engine: Engine, bus: MessageBus) -> None:
+    from sqlmodel import Session, select
+
+    from services.common.db import OutboxRecord
+
+    bus.handle(requested())
+    _, (event,) = decide_pass(engine, "GL20240506-AB12CD34-v1", "w-gh01-2")
+    with Session(engine) as s:
+        rows = s.exec(select(OutboxRecord)).all()
+    assert [(r.event_id, r.type, r.incident_id) for r in rows] == [
+        (event.event_id, "VerificationPassed", "GL20240506-AB12CD34")
+    ]
+    assert rows[0].topics.split(",")[0].endswith(".verification")
+
+
+def test_any_worker_of_the_grid_may_decide(engine: Engine, bus: MessageBus) -> None:
+    bus.handle(requested())  # asked of w-gh01-2
+    decided, (event,) = decide_pass(engine, "GL20240506-AB12CD34-v1", "w-gh01-1")
+    assert decided.status == "passed"
+    assert event.actor.id == "w-gh01-1"
+
+
+def test_pass_note_is_optional() -> None:
+    assert PassRequest(worker_id="w-gh01-2").note == ""
+
+
+# -- fail ------------------------------------------------------------------------------------------
+
+
+def test_fail_emits_verification_failed_with_the_note(engine: Engine, bus: MessageBus) -> None:
+    request = requested(round=2, verification_id="GL20240506-AB12CD34-v2")
+    bus.handle(request)
+
+    decided, emitted = decide_fail(engine, request.verification_id, "w-gh01-2", "  still piled up  ")
+
+    assert (decided.verification_id, decided.status) == (request.verification_id, "failed")
+    (event,) = emitted
+    assert isinstance(event, ev.VerificationFailed)
+    assert (event.incident_id, event.correlation_id, event.causation_id) == (
+        request.incident_id,
+        request.correlation_id,
+        request.event_id,
+    )
+    assert event.actor == Actor(kind=ActorKind.GRID_WORKER, id="w-gh01-2")
+    assert event.verification_id == request.verification_id
+    assert event.note == "still piled up"
+
+    t = task(engine, request.verification_id)
+    assert (t.status, t.decided_by, t.note, t.round) == ("failed", "w-gh01-2", "still piled up", 2)
+
+
+@pytest.mark.parametrize("note", ["", "   ", "x" * 1001])
+def test_fail_needs_a_note_of_at_most_1000_characters(note: str) -> None:
+    with pytest.raises(ValidationError):
+        FailRequest(worker_id="w-gh01-2", note=note)
+
+
+def test_requests_forbid_unknown_fields_and_bound_their_values() -> None:
+    with pytest.raises(ValidationError):
+        PassRequest.model_validate({"worker_id": "w-gh01-2", "verdict": "ok"})
+    with pytest.raises(ValidationError):
+        PassRequest(worker_id="w-gh01-2", note="x" * 1001)
+    with pytest.raises(ValidationError):
+        PassRequest(worker_id="")
+    with pytest.raises(ValidationError):
+        FailRequest(worker_id="w gh01 2", note="bad id")
+
+
+# -- who and when ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decide", [decide_pass, decide_fail])
+def test_a_worker_of_another_grid_is_forbidden(engine: Engine, bus: MessageBus, decide: Any) -> None:
+    bus.handle(requested())
+    with pytest.raises(Forbidden, match="gh01"):
+        decide(engine, "GL20240506-AB12CD34-v1", "w-gh02-1", "looks fine")
+    with pytest.raises(Forbidden):
+        decide(engine, "GL20240506-AB12CD34-v1", "someone-else", "looks fine")
+    t = task(engine, "GL20240506-AB12CD34-v1")
+    assert (t.status, t.decided_by) == ("pending", None)
+
+
+@pytest.mark.parametrize("first", [decide_pass, decide_fail])
+@pytest.mark.parametrize("second", [decide_pass, decide_fail])
+def test_a_decided_task_is_rejected(engine: Engine, bus: MessageBus, first: Any, second: Any) -> None:
+    bus.handle(requested())
+    first(engine, "GL20240506-AB12CD34-v1", "w-gh01-2", "first")
+    before = task(engine, "GL20240506-AB12CD34-v1")
+    with pytest.raises(Rejected, match="already"):
+        second(engine, "GL20240506-AB12CD34-v1", "w-gh01-1", "second")
+    assert task(engine, "GL20240506-AB12CD34-v1") == before
+
+
+@pytest.mark.parametrize("decide", [decide_pass, decide_fail])
+def test_an_unknown_verification_is_not_found(engine: Engine, decide: Any) -> None:
+    with pytest.raises(NotFound):
+        decide(engine, "no-such-task", "w-gh01-2", "x")
+    with pytest.raises(NotFound), UnitOfWork(engine) as uow:
+        handlers.get_verification("no-such-task", uow)
+
+
+def test_a_rejected_decision_emits_nothing(engine: Engine, bus: MessageBus) -> None:
+    from sqlmodel import Session, select
+
+    from services.common.db import OutboxRecord
+
+    bus.handle(requested())
+    decide_pass(engine, "GL20240506-AB12CD34-v1", "w-gh01-2")
+    for attempt in (decide_pass, decide_fail):
+        with pytest.raises((Rejected, Forbidden)):
+            attempt(engine, "GL20240506-AB12CD34-v1", "w-gh01-1", "again")
+    with Session(engine) as s:
+        assert [r.type for r in s.exec(select(OutboxRecord)).all()] == ["VerificationPassed"]
+
+
+# -- the queue -------------------------------------------------------------------------------------
+
+
+def test_queue_by_worker_grid_and_status_oldest_first(engine: Engine, bus: MessageBus) -> None:
+    bus.handle(requested("c-v1", incident_id="c", correlation_id="c", occurred_at=T0 + timedelta(minutes=2)))
+    bus.handle(requested("a-v1", incident_id="a", correlation_id="a", occurred_at=T0))
+    bus.handle(
+        requested(
+            "b-v1", incident_id="b", correlation_id="b", occurred_at=T0 + timedelta(minutes=1), worker_id="w-gh01-1"
+        )
+    )
+    bus.handle(
+        requested(
+            "d-v1",
+            incident_id="d",
+            correlation_id="d",
+            occurred_at=T0,
+            grid_id="gh02",
+            worker_id="w-gh02-1",
+            location=Location(lat=31.275, lon=121.58),
+        )
+    )
+    decide_fail(engine, "c-v1", "w-gh01-2", "not done")
+
+    def ids(**filters: Any) -> list[str]:
+        with UnitOfWork(engine) as uow:
+            return [t.verification_id for t in handlers.list_verifications(uow, **filters)]
+
+    assert ids() == ["a-v1", "d-v1", "b-v1", "c-v1"]
+    assert ids(worker_id="w-gh01-2") == ["a-v1", "c-v1"]
+    assert ids(worker_id="w-gh01-2", status="pending") == ["a-v1"]
+    assert ids(grid_id="gh01") == ["a-v1", "b-v1", "c-v1"]
+    assert ids(grid_id="gh02") == ["d-v1"]
+    assert ids(status="failed") == ["c-v1"]
+    assert ids(limit=2, offset=1) == ["d-v1", "b-v1"]
