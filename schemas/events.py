@@ -92,6 +92,7 @@ class IncidentMerged(Event):
     type: Literal["IncidentMerged"] = "IncidentMerged"
     into_incident_id: Annotated[str, Field(min_length=1, max_length=64)]
     distance_m: Annotated[float, Field(ge=0)]
+    category_code: Code | None = None
 
 
 class WorkOrderDispatched(Event):

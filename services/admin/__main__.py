@@ -6,15 +6,20 @@ python -m services.admin topics list
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from schemas.topics import CATALOG
 from services.common.admin import create_topics, list_topics
+from services.common.auth import Role, TokenStore
 from services.common.settings import ServiceSettings
 
 cli = typer.Typer(help="gridloop administration", no_args_is_help=True)
 topics_cli = typer.Typer(help="Kafka topics of the catalog", no_args_is_help=True)
 cli.add_typer(topics_cli, name="topics")
+tokens_cli = typer.Typer(help="API tokens: issue (shown once, stored hashed), list, revoke", no_args_is_help=True)
+cli.add_typer(tokens_cli, name="tokens")
 
 
 def _bootstrap() -> str:
@@ -37,6 +42,50 @@ def topics_list() -> None:
     for t in CATALOG:
         mark = "ok     " if t.name in existing else "MISSING"
         typer.echo(f"{mark} {t.name:34} p={t.partitions} {t.description}")
+
+
+@tokens_cli.command("issue")
+def tokens_issue(
+    role: Annotated[Role, typer.Option(help="who the token is for")],
+    subject: Annotated[str, typer.Option(help="the person or system: worker id, staff id, application name")],
+    department: Annotated[str | None, typer.Option(help="department code (department staff only)")] = None,
+    grid: Annotated[list[str] | None, typer.Option(help="grid cell (grid workers; default: the worker's own)")] = None,
+    name: Annotated[str, typer.Option(help="a human-readable label")] = "",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the token")] = False,
+) -> None:
+    """Issue a token. The secret is printed once; only its hash is stored."""
+    try:
+        secret, row = TokenStore.from_env().issue(
+            role, subject, department=department, grids=tuple(grid or ()), name=name
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if quiet:
+        typer.echo(secret)
+        return
+    typer.echo(
+        f"token id {row.token_id}  role {row.role}  subject {row.subject}"
+        f"{'  department ' + row.department if row.department else ''}{'  grids ' + row.grids if row.grids else ''}"
+    )
+    typer.echo(secret)
+
+
+@tokens_cli.command("list")
+def tokens_list() -> None:
+    """Every token issued: id, role, binding, whether revoked (never the secret)."""
+    for t in TokenStore.from_env().list():
+        state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
+        binding = t.department or t.grids or "-"
+        typer.echo(f"{t.token_id}  {t.role:12} {t.subject:20} {binding:20} {state}  {t.name}")
+
+
+@tokens_cli.command("revoke")
+def tokens_revoke(token_id: str) -> None:
+    """Revoke a token by its id; it stops working within seconds."""
+    if not TokenStore.from_env().revoke(token_id):
+        typer.echo(f"no active token {token_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {token_id}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 from sqlalchemy.exc import OperationalError
 
+from . import metrics
 from .errors import Forbidden, NotFound, Rejected, Unavailable
 
 
@@ -54,4 +55,5 @@ def create_api(service: str, *, title: str, description: str = "", version: str 
         return {"status": "ok", "service": service}
 
     api.mount("/metrics", make_asgi_app())
+    metrics.instrument(api, service)
     return api

@@ -8,6 +8,7 @@ from typing import Any
 
 from schemas import Event
 
+from . import metrics
 from .db import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class MessageBus:
         with uow:
             if not uow.claim(event):
                 log.debug("skipping redelivered %s %s", event.type, event.event_id)
+                metrics.duplicate_skipped()
                 return []
             handler(event, uow)
             uow.commit()

@@ -18,6 +18,7 @@ from sqlmodel import Session, col, select
 from schemas import Event, encode_event, topics_for, utcnow
 from schemas.topics import DEADLETTER
 
+from . import metrics
 from .db import OutboxRecord
 
 log = logging.getLogger(__name__)
@@ -119,11 +120,13 @@ class OutboxRelay:
                         ]
                     )
                     ids = [r.id for r in rows]
+                    payloads = [r.payload for r in rows]
                     s.exec(  # type: ignore[call-overload]
                         sa.update(OutboxRecord).where(col(OutboxRecord.id).in_(ids)).values(published_at=utcnow())
                     )
                     s.commit()
                     sent += len(rows)
+                    metrics.observe_outbox(payloads)
 
 
 def dead_letter_record(

@@ -214,6 +214,7 @@ def file_incident(report: ev.IncidentReported, uow: UnitOfWork, policy: Dispatch
                 occurred_at=uow.now(),
                 into_incident_id=into.incident_id,
                 distance_m=round(distance, 1),
+                category_code=report.category_code,
             )
         )
         return

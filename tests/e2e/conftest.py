@@ -27,6 +27,8 @@ class Town:
             base_url=f"http://127.0.0.1:{port['GRIDLOOP_VERIFICATION_HTTP_PORT']}", timeout=10
         )
         self.dispatch = httpx.Client(base_url=f"http://127.0.0.1:{port['GRIDLOOP_DISPATCH_HTTP_PORT']}", timeout=10)
+        self.opscenter = httpx.Client(base_url=f"http://127.0.0.1:{port['GRIDLOOP_OPSCENTER_HTTP_PORT']}", timeout=10)
+        self.env = env
         self.n = 0
 
     # -- grid workers ------------------------------------------------------------------------------

@@ -301,8 +301,15 @@ def test_concurrent_delivery_applies_once(loop: Loop) -> None:
     import threading
 
     report = ev.IncidentReported(
-        incident_id="RACE", actor=WORKER, correlation_id="RACE", source="grid_worker", category_code="flooding",
-        location=Location(lat=IN_GH01[0], lon=IN_GH01[1]), description="d", reporter_id="w", client_report_id="r",
+        incident_id="RACE",
+        actor=WORKER,
+        correlation_id="RACE",
+        source="grid_worker",
+        category_code="flooding",
+        location=Location(lat=IN_GH01[0], lon=IN_GH01[1]),
+        description="d",
+        reporter_id="w",
+        client_report_id="r",
     )
     barrier = threading.Barrier(4)
     results: list[int] = []

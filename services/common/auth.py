@@ -1,0 +1,240 @@
+"""Who is calling: bearer tokens issued by an administrator, stored hashed, revocable.
+
+Principals are grid workers (bound to their grid cells), department staff (bound to one department), the
+operations center, administrators, sensors and Open311 client applications. Every API asks for a principal
+(``Authorization: Bearer <token>``) except /health and /metrics; each route says which roles may call it, and
+the rules (a department sees only its own work orders, a worker verifies only in its own grid) use the
+principal's binding. The token store is one database all services read (``GRIDLOOP_AUTH_DATABASE_URL``,
+default ``var/db/auth.sqlite``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import sqlalchemy as sa
+from fastapi import Depends, Header, Query
+from pydantic import BaseModel
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from schemas import Actor, ActorKind, utcnow
+from schemas.reference import DEPARTMENTS, GRIDS, grid_of_worker
+
+from .db import as_utc, make_engine
+from .errors import Forbidden, GridloopError
+from .settings import REPO_ROOT
+
+TOKEN_PREFIX = "glt_"
+
+
+class Role(StrEnum):
+    GRID_WORKER = "grid_worker"
+    DEPARTMENT = "department"
+    OPS_CENTER = "ops_center"
+    ADMIN = "admin"
+    SENSOR = "sensor"
+    OPEN311 = "open311"
+
+
+class Unauthenticated(GridloopError):
+    """No token, an unknown one, or a revoked one: answered 401."""
+
+
+class AuthToken(SQLModel, table=True):
+    __tablename__ = "auth_token"
+
+    token_id: str = Field(primary_key=True, max_length=24)
+    """Public handle of the token (for listing and revoking); never the secret."""
+    token_hash: str = Field(max_length=64, unique=True)
+    role: str = Field(max_length=20)
+    subject: str = Field(max_length=64)
+    """The person or system: a worker id, a staff id, a client application's name."""
+    department: str | None = Field(default=None, max_length=40)
+    grids: str = ""
+    name: str = Field(default="", max_length=100)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
+    revoked_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+
+
+class Principal(BaseModel):
+    model_config = {"frozen": True}
+
+    token_id: str
+    role: Role
+    subject: str
+    department: str | None = None
+    grids: tuple[str, ...] = ()
+
+    def actor(self) -> Actor:
+        kind = {
+            Role.GRID_WORKER: ActorKind.GRID_WORKER,
+            Role.DEPARTMENT: ActorKind.DEPARTMENT,
+            Role.OPS_CENTER: ActorKind.OPS_CENTER,
+            Role.SENSOR: ActorKind.SENSOR,
+            Role.OPEN311: ActorKind.CITIZEN,
+        }.get(self.role, ActorKind.SYSTEM)
+        return Actor(kind=kind, id=self.subject, department=self.department)
+
+    @property
+    def sees_everything(self) -> bool:
+        return self.role in (Role.OPS_CENTER, Role.ADMIN)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def auth_database_url() -> str:
+    import os
+
+    url = os.environ.get("GRIDLOOP_AUTH_DATABASE_URL", "")
+    if url:
+        return url
+    var = Path(os.environ.get("GRIDLOOP_VAR_DIR", str(REPO_ROOT / "var")))
+    return f"sqlite:///{var / 'db' / 'auth.sqlite'}"
+
+
+class TokenStore:
+    """Issues, lists, revokes and checks tokens. Checks are cached briefly so revocation lands within seconds."""
+
+    def __init__(self, engine: Engine, cache_s: float = 2.0) -> None:
+        self.engine = engine
+        self.cache_s = cache_s
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._lock = threading.Lock()
+        SQLModel.metadata.create_all(engine, tables=[AuthToken.__table__])  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_env(cls) -> TokenStore:
+        return cls(make_engine(auth_database_url()))
+
+    def issue(
+        self, role: Role, subject: str, *, department: str | None = None, grids: tuple[str, ...] = (), name: str = ""
+    ) -> tuple[str, AuthToken]:
+        """A new token: the secret is returned once and only its hash is kept."""
+        if role is Role.DEPARTMENT:
+            if department not in DEPARTMENTS:
+                raise ValueError(f"department staff need a known department, not {department!r}")
+        elif department is not None:
+            raise ValueError("only department staff are bound to a department")
+        if role is Role.GRID_WORKER:
+            if not grids:
+                home = grid_of_worker(subject)
+                grids = (home.code,) if home else ()
+            if not grids or any(g not in GRIDS for g in grids):
+                raise ValueError(f"a grid worker needs known grid cells, not {grids!r}")
+        elif grids:
+            raise ValueError("only grid workers are bound to grid cells")
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        row = AuthToken(
+            token_id=secrets.token_hex(6),
+            token_hash=hash_token(secret),
+            role=role.value,
+            subject=subject,
+            department=department,
+            grids=" ".join(grids),
+            name=name,
+        )
+        with Session(self.engine, expire_on_commit=False) as s:
+            s.add(row)
+            s.commit()
+        return secret, row
+
+    def revoke(self, token_id: str) -> bool:
+        with Session(self.engine) as s:
+            row = s.get(AuthToken, token_id)
+            if row is None or row.revoked_at is not None:
+                return False
+            row.revoked_at = utcnow()
+            s.commit()
+        with self._lock:
+            self._cache.clear()
+        return True
+
+    def list(self) -> list[AuthToken]:
+        with Session(self.engine) as s:
+            return list(s.exec(select(AuthToken).order_by(col(AuthToken.created_at))).all())
+
+    def check(self, token: str) -> Principal | None:
+        key = hash_token(token)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit and now - hit[0] < self.cache_s:
+                return hit[1]
+        with Session(self.engine) as s:
+            row = s.exec(select(AuthToken).where(AuthToken.token_hash == key)).first()
+        principal = None
+        if row is not None and row.revoked_at is None:
+            principal = Principal(
+                token_id=row.token_id,
+                role=Role(row.role),
+                subject=row.subject,
+                department=row.department,
+                grids=tuple(g for g in row.grids.split() if g),
+            )
+        with self._lock:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[key] = (now, principal)
+        return principal
+
+
+def authenticator(store: TokenStore) -> Callable[..., Principal]:
+    """A FastAPI dependency that resolves the caller from ``Authorization: Bearer …`` (or ``api_key``)."""
+
+    def authenticate(
+        authorization: Annotated[str | None, Header(description="Bearer <token>")] = None,
+        api_key: Annotated[str | None, Query(include_in_schema=False)] = None,
+    ) -> Principal:
+        token = None
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise Unauthenticated("Authorization must be 'Bearer <token>'")
+            token = value.strip()
+        elif api_key:
+            token = api_key
+        if not token:
+            raise Unauthenticated("a token is required: Authorization: Bearer <token>")
+        principal = store.check(token)
+        if principal is None:
+            raise Unauthenticated("unknown or revoked token")
+        return principal
+
+    return authenticate
+
+
+def require(store: TokenStore, *roles: Role) -> Callable[..., Principal]:
+    """A dependency admitting only the given roles (403 for any other valid principal)."""
+    authenticate = authenticator(store)
+
+    def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        if principal.role not in roles:
+            allowed = ", ".join(r.value for r in roles)
+            raise Forbidden(f"a {principal.role.value} may not do this (allowed: {allowed})")
+        return principal
+
+    return check
+
+
+__all__ = [
+    "AuthToken",
+    "Principal",
+    "Role",
+    "TokenStore",
+    "Unauthenticated",
+    "as_utc",
+    "authenticator",
+    "hash_token",
+    "require",
+]

@@ -1,0 +1,100 @@
+"""opscenter's HTTP edge: KPIs (JSON and CSV), backlog, overdue work, trend, GeoJSON for the map, the dashboard."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from services.common.api import create_api
+from services.common.runtime import Runtime
+
+from . import views
+from .kpis import Dimension, KpiReport, Period, kpi_report, to_csv_rows
+
+STATIC = Path(__file__).parent / "static"
+
+
+def build_api(runtime: Runtime) -> FastAPI:
+    api = create_api(
+        "opscenter",
+        title="gridloop operations center",
+        description="城运中心: closure KPIs by department, category and grid; overdue work; the live map.",
+    )
+
+    def report(period: Period, at: date | None, by: Dimension) -> KpiReport:
+        with runtime.uow() as uow:
+            now = uow.now()
+            return kpi_report(uow.session, period, at or now.date(), by, now)
+
+    @api.get("/api/kpis", response_model=KpiReport, tags=["kpis"])
+    async def kpis(
+        period: Period = Period.DAY, at: date | None = None, by: Dimension = Dimension.DEPARTMENT
+    ) -> KpiReport:
+        """KPIs for the period containing ``at`` (default today, UTC) and the previous one (环比)."""
+        return report(period, at, by)
+
+    @api.get(
+        "/api/kpis.csv",
+        tags=["kpis"],
+        response_class=Response,
+        responses={200: {"content": {"text/csv": {}}, "description": "the same KPIs as CSV"}},
+    )
+    async def kpis_csv(
+        period: Period = Period.DAY, at: date | None = None, by: Dimension = Dimension.DEPARTMENT
+    ) -> Response:
+        buf = io.StringIO()
+        csv.writer(buf).writerows(to_csv_rows(report(period, at, by)))
+        name = f"gridloop-kpis-{by.value}-{period.value}-{(at or date.today()).isoformat()}.csv"
+        return Response(
+            "\ufeff" + buf.getvalue(),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+    @api.get("/api/backlog", response_model=list[views.Backlog], tags=["work"])
+    async def backlog() -> list[views.Backlog]:
+        """Open and overdue work orders per department, now."""
+        with runtime.uow() as uow:
+            return views.backlog(uow.session, uow.now())
+
+    @api.get("/api/overdue", response_model=list[views.OverdueOrder], tags=["work"])
+    async def overdue(limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[views.OverdueOrder]:
+        """超期未处置: work orders past their deadline, most overdue first."""
+        with runtime.uow() as uow:
+            return views.overdue_orders(uow.session, uow.now(), limit)
+
+    @api.get("/api/trend", response_model=list[views.TrendPoint], tags=["kpis"])
+    async def trend(days: Annotated[int, Query(ge=1, le=366)] = 14) -> list[views.TrendPoint]:
+        """Incidents reported and closed per day (UTC)."""
+        with runtime.uow() as uow:
+            return views.trend(uow.session, uow.now(), days)
+
+    @api.get("/api/map/incidents", tags=["map"])
+    async def map_incidents() -> JSONResponse:
+        """GeoJSON points of open incidents (风险一张图)."""
+        with runtime.uow() as uow:
+            return JSONResponse(views.open_incidents_geojson(uow.session, uow.now()), media_type="application/geo+json")
+
+    @api.get("/api/map/grids", tags=["map"])
+    async def map_grids() -> JSONResponse:
+        """GeoJSON polygons of the grid cells with their open incidents."""
+        with runtime.uow() as uow:
+            return JSONResponse(views.grids_geojson(uow.session), media_type="application/geo+json")
+
+    @api.get("/", include_in_schema=False, response_model=None)
+    async def dashboard() -> Any:
+        index = STATIC / "index.html"
+        if not index.exists():
+            return JSONResponse({"error": "dashboard assets are not built"}, status_code=404)
+        return FileResponse(index, media_type="text/html; charset=utf-8")
+
+    if STATIC.exists():
+        api.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return api

@@ -1,0 +1,163 @@
+"""The operations center's fold: every lifecycle event updates the read model once (idempotent on event id).
+
+Order across incidents does not matter and one incident's events arrive in order (keyed by incident id), so
+folding the log from offset 0 always gives the same read model.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import select
+
+from schemas import Event
+from schemas import events as ev
+from schemas.reference import grid_at
+from services.common.db import UnitOfWork, as_utc
+
+from .models import OpsFact, OpsIncident, OpsWorkOrder
+
+_OPEN_STATUS = {
+    "IncidentFiled": "filed",
+    "WorkOrderDispatched": "dispatched",
+    "WorkOrderAccepted": "in_progress",
+    "WorkOrderHandled": "handled",
+    "VerificationRequested": "verifying",
+    "IncidentReworked": "rework",
+}
+_FINAL = ("closed", "rejected", "merged")
+
+
+def _seconds(later: datetime, earlier: datetime | None) -> float | None:
+    return (later - as_utc(earlier)).total_seconds() if earlier else None
+
+
+def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
+    """Apply one lifecycle event. Returns the stage durations it completes, as (stage, seconds)."""
+    s = uow.session
+    stages: list[tuple[str, float]] = []
+    incident = s.get(OpsIncident, event.incident_id)
+    if incident is None:
+        if not isinstance(event, ev.IncidentReported):
+            # the log is ordered per incident: a report always comes first. Keep the fact; skip the fold.
+            s.add(
+                OpsFact(
+                    event_id=event.event_id,
+                    type=event.type,
+                    incident_id=event.incident_id,
+                    occurred_at=event.occurred_at,
+                )
+            )
+            return stages
+        grid = grid_at(event.location.lat, event.location.lon)
+        incident = OpsIncident(
+            incident_id=event.incident_id,
+            source=event.source.value,
+            category_code=event.category_code,
+            grid_id=grid.code if grid else None,
+            lat=event.location.lat,
+            lon=event.location.lon,
+            address=event.location.address,
+            status="reported",
+            handled_on_spot=event.handled_on_spot,
+            reported_at=event.occurred_at,
+        )
+        s.add(incident)
+
+    order: OpsWorkOrder | None = None
+    work_order_id = getattr(event, "work_order_id", None)
+    if work_order_id and not isinstance(event, ev.WorkOrderDispatched):
+        order = s.get(OpsWorkOrder, work_order_id)
+
+    if incident.status not in _FINAL and event.type in _OPEN_STATUS:
+        incident.status = _OPEN_STATUS[event.type]
+
+    match event:
+        case ev.IncidentFiled(grid_id=grid_id, big=big):
+            incident.grid_id, incident.big, incident.filed_at = grid_id, big, event.occurred_at
+        case ev.IncidentRejected():
+            incident.status, incident.rejected_at = "rejected", event.occurred_at
+        case ev.IncidentMerged():
+            incident.status, incident.merged_at = "merged", event.occurred_at
+        case ev.WorkOrderDispatched():
+            if s.get(OpsWorkOrder, event.work_order_id) is None:
+                order = OpsWorkOrder(
+                    work_order_id=event.work_order_id,
+                    incident_id=event.incident_id,
+                    department_code=event.department_code,
+                    category_code=event.category_code,
+                    grid_id=event.grid_id,
+                    status="dispatched",
+                    deadline=event.deadline,
+                    dispatched_at=event.occurred_at,
+                )
+                s.add(order)
+                depts = incident.departments.split()
+                if event.department_code not in depts:
+                    incident.departments = " ".join([*depts, event.department_code])
+                incident.deadline = (
+                    max(event.deadline, as_utc(incident.deadline)) if incident.deadline else event.deadline
+                )
+        case ev.WorkOrderAccepted() if order is not None:
+            order.status = "accepted"
+            if order.accepted_at is None:
+                order.accepted_at = event.occurred_at
+                if (t := _seconds(event.occurred_at, order.dispatched_at)) is not None:
+                    stages.append(("accept", t))
+        case ev.WorkOrderReturned() if order is not None:
+            order.status, order.returned_at = "returned", event.occurred_at
+            incident.return_count += 1
+        case ev.WorkOrderHandled() if order is not None:
+            order.status = "handled"
+            if order.handled_at is None:
+                order.handled_at = event.occurred_at
+                if (t := _seconds(event.occurred_at, order.dispatched_at)) is not None:
+                    stages.append(("handle", t))
+        case ev.IncidentReworked() if order is not None:
+            order.status, order.deadline = "rework", event.deadline
+            order.reminded = order.escalated = False
+            incident.rework_count = max(incident.rework_count, event.rework_count)
+            incident.deadline = max(event.deadline, as_utc(incident.deadline)) if incident.deadline else event.deadline
+        case ev.ExtensionGranted() if order is not None:
+            order.deadline = event.new_deadline
+            order.reminded = order.escalated = False
+            incident.deadline = (
+                max(event.new_deadline, as_utc(incident.deadline)) if incident.deadline else event.new_deadline
+            )
+        case ev.OverdueReminded() if order is not None:
+            order.reminded = True
+        case ev.IncidentEscalated():
+            incident.escalated = True
+            if order is not None:
+                order.escalated = True
+        case ev.VerificationRequested():
+            incident.verifying_since = event.occurred_at
+        case ev.VerificationPassed() | ev.VerificationFailed():
+            if (t := _seconds(event.occurred_at, incident.verifying_since)) is not None:
+                stages.append(("verify", t))
+        case ev.IncidentClosed():
+            incident.status, incident.closed_at, incident.on_time = "closed", event.occurred_at, event.on_time
+            incident.deadline = event.deadline
+            incident.rework_count = event.rework_count
+            for o in s.exec(select(OpsWorkOrder).where(OpsWorkOrder.incident_id == incident.incident_id)):
+                if o.status == "handled":
+                    o.status = "closed"
+            if (t := _seconds(event.occurred_at, incident.reported_at)) is not None:
+                stages.append(("close", t))
+        case _:
+            pass
+
+    department = getattr(event, "department_code", None)
+    s.add(
+        OpsFact(
+            event_id=event.event_id,
+            type=event.type,
+            incident_id=event.incident_id,
+            occurred_at=event.occurred_at,
+            category_code=incident.category_code,
+            grid_id=incident.grid_id,
+            department_code=department,
+            work_order_id=work_order_id,
+        )
+    )
+    return stages

@@ -1,0 +1,83 @@
+"""The operations center's read model, folded from the lifecycle log (rebuildable from offset 0)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+
+def _ts() -> sa.DateTime:
+    return sa.DateTime(timezone=True)
+
+
+class OpsIncident(SQLModel, table=True):
+    """One row per incident: where it is in the loop and the times KPIs are computed from."""
+
+    __tablename__ = "ops_incident"
+
+    incident_id: str = Field(primary_key=True, max_length=64)
+    source: str = Field(default="", max_length=20)
+    category_code: str = Field(max_length=40, index=True)
+    grid_id: str | None = Field(default=None, max_length=40, index=True)
+    lat: float = 0.0
+    lon: float = 0.0
+    address: str = Field(default="", max_length=200)
+    status: str = Field(max_length=20, index=True)
+    """reported → filed → dispatched → handled/verifying/rework → closed; or rejected / merged."""
+    handled_on_spot: bool = False
+    big: bool = False
+    escalated: bool = False
+    rework_count: int = 0
+    return_count: int = 0
+    departments: str = ""
+    """Every department that received a work order, space-separated, in order."""
+    deadline: datetime | None = Field(default=None, sa_type=_ts())
+    on_time: bool | None = None
+    reported_at: datetime = Field(sa_type=_ts(), index=True)
+    filed_at: datetime | None = Field(default=None, sa_type=_ts())
+    rejected_at: datetime | None = Field(default=None, sa_type=_ts())
+    merged_at: datetime | None = Field(default=None, sa_type=_ts())
+    closed_at: datetime | None = Field(default=None, sa_type=_ts(), index=True)
+    verifying_since: datetime | None = Field(default=None, sa_type=_ts())
+
+
+class OpsWorkOrder(SQLModel, table=True):
+    """One row per work order: its department, deadline and the stage times."""
+
+    __tablename__ = "ops_work_order"
+
+    work_order_id: str = Field(primary_key=True, max_length=80)
+    incident_id: str = Field(max_length=64, index=True)
+    department_code: str = Field(max_length=40, index=True)
+    category_code: str = Field(max_length=40)
+    grid_id: str | None = Field(default=None, max_length=40)
+    status: str = Field(max_length=20, index=True)
+    """dispatched, accepted, returned, handled, rework, closed."""
+    deadline: datetime = Field(sa_type=_ts(), index=True)
+    dispatched_at: datetime = Field(sa_type=_ts())
+    accepted_at: datetime | None = Field(default=None, sa_type=_ts())
+    handled_at: datetime | None = Field(default=None, sa_type=_ts())
+    """First time it was reported handled."""
+    returned_at: datetime | None = Field(default=None, sa_type=_ts())
+    reminded: bool = False
+    escalated: bool = False
+
+
+class OpsFact(SQLModel, table=True):
+    """Every lifecycle event, flattened with the dimensions KPIs are cut by (counts per period come from here)."""
+
+    __tablename__ = "ops_fact"
+
+    event_id: str = Field(primary_key=True, max_length=64)
+    type: str = Field(max_length=40, index=True)
+    incident_id: str = Field(max_length=64, index=True)
+    occurred_at: datetime = Field(sa_type=_ts(), index=True)
+    category_code: str = Field(default="", max_length=40)
+    grid_id: str | None = Field(default=None, max_length=40)
+    department_code: str | None = Field(default=None, max_length=40)
+    work_order_id: str | None = Field(default=None, max_length=80)
+
+
+TABLES = (OpsIncident.__table__, OpsWorkOrder.__table__, OpsFact.__table__)  # type: ignore[attr-defined]
