@@ -11,6 +11,7 @@ from prometheus_client import make_asgi_app
 from sqlalchemy.exc import OperationalError
 
 from . import metrics
+from .auth import Unauthenticated
 from .errors import Forbidden, NotFound, Rejected, Unavailable
 
 
@@ -33,6 +34,12 @@ def create_api(service: str, *, title: str, description: str = "", version: str 
     @api.exception_handler(NotFound)
     async def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
         return _reason(404, str(exc) or "not found")
+
+    @api.exception_handler(Unauthenticated)
+    async def _unauthenticated(_request: Request, exc: Unauthenticated) -> JSONResponse:
+        response = _reason(401, str(exc))
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @api.exception_handler(Forbidden)
     async def _forbidden(_request: Request, exc: Forbidden) -> JSONResponse:

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated
 
 import sqlalchemy as sa
@@ -31,7 +30,6 @@ from schemas.reference import DEPARTMENTS, GRIDS, grid_of_worker
 
 from .db import as_utc, make_engine
 from .errors import Forbidden, GridloopError
-from .settings import REPO_ROOT
 
 TOKEN_PREFIX = "glt_"
 
@@ -93,16 +91,6 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def auth_database_url() -> str:
-    import os
-
-    url = os.environ.get("GRIDLOOP_AUTH_DATABASE_URL", "")
-    if url:
-        return url
-    var = Path(os.environ.get("GRIDLOOP_VAR_DIR", str(REPO_ROOT / "var")))
-    return f"sqlite:///{var / 'db' / 'auth.sqlite'}"
-
-
 class TokenStore:
     """Issues, lists, revokes and checks tokens. Checks are cached briefly so revocation lands within seconds."""
 
@@ -115,7 +103,9 @@ class TokenStore:
 
     @classmethod
     def from_env(cls) -> TokenStore:
-        return cls(make_engine(auth_database_url()))
+        from .settings import ServiceSettings
+
+        return cls(make_engine(ServiceSettings().auth_database_url))
 
     def issue(
         self, role: Role, subject: str, *, department: str | None = None, grids: tuple[str, ...] = (), name: str = ""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import faust
+from fastapi import Depends
 import sqlalchemy as sa
 from aiokafka.errors import KafkaError as _KafkaError
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -26,6 +27,7 @@ from schemas import DecodeError, Event, decode_event
 from schemas.topics import CATALOG, Topic, namespace
 
 from . import metrics
+from .auth import Role, TokenStore, require
 from .bus import Handler, MessageBus
 from .db import UnitOfWork, create_tables, make_engine
 from .errors import PoisonMessage
@@ -58,11 +60,16 @@ class Runtime:
         self.bus = MessageBus(self.uow, handlers)
         self.publisher = Publisher(settings.kafka_bootstrap, client_id=f"gridloop-{self.name}")
         self.relay = OutboxRelay(self.engine, self.publisher)
+        self.auth = TokenStore(make_engine(settings.auth_database_url))
         self.consumes = tuple(consumes)
         self._publisher_ready = asyncio.Lock()
         self.app = self._faust_app()
 
     # -- units of work -------------------------------------------------------------------------------
+
+    def allow(self, *roles: Role) -> Any:
+        """A FastAPI dependency: the calling principal, if it holds one of ``roles`` (else 401/403)."""
+        return Depends(require(self.auth, *roles))
 
     def uow(self) -> UnitOfWork:
         return UnitOfWork(self.engine, time_scale=self.settings.time_scale)

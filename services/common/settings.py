@@ -25,6 +25,8 @@ class ServiceSettings(BaseSettings):
     var_dir: Path = REPO_ROOT / "var"
     database_url: str = ""
     """SQLAlchemy URL; empty means a SQLite file var/db/<service>.sqlite."""
+    auth_database_url: str = ""
+    """The token store every service reads; empty means var/db/auth.sqlite."""
     http_host: str = "127.0.0.1"
     http_port: int = 0
     """0 means the service's default port."""
@@ -54,6 +56,8 @@ class ServiceSettings(BaseSettings):
             self.http_port = self.DEFAULT_HTTP_PORT
         if not self.database_url:
             self.database_url = f"sqlite:///{self.var_dir / 'db' / f'{self.SERVICE}.sqlite'}"
+        if not self.auth_database_url:
+            self.auth_database_url = f"sqlite:///{self.var_dir / 'db' / 'auth.sqlite'}"
         return self
 
     @property
