@@ -18,7 +18,10 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"(read|open)_text is deprecated", category=DeprecationWarning)
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from schemas.reference import DEPARTMENTS, GRIDS
 from services.common.admin import create_topics, list_topics
+from services.common.auth import Role, TokenStore
+from services.common.db import make_engine
 from services.supervisor import ServiceGroup, start_background
 
 BOOTSTRAP = os.environ.get("GRIDLOOP_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
@@ -59,6 +62,24 @@ def service_env(ns: str, var_dir: Path, base_port: int, **extra: str) -> dict[st
     }
     env.update(extra)
     return env
+
+
+class Tokens:
+    """A bearer token for everyone who acts in a test town: every grid worker, every department's staff,
+    the operations center, an administrator and a sensor."""
+
+    def __init__(self, var_dir: Path) -> None:
+        store = TokenStore(make_engine(f"sqlite:///{var_dir / 'db' / 'auth.sqlite'}"))
+        self.workers = {w: store.issue(Role.GRID_WORKER, w)[0] for g in GRIDS.values() for w in g.workers}
+        self.departments = {d: store.issue(Role.DEPARTMENT, f"staff-{d}", department=d)[0] for d in DEPARTMENTS}
+        self.ops_center = store.issue(Role.OPS_CENTER, "ops-duty")[0]
+        self.admin = store.issue(Role.ADMIN, "admin")[0]
+        self.sensor = store.issue(Role.SENSOR, "sensor-001")[0]
+        self.store = store
+
+    @staticmethod
+    def bearer(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
 
 
 @contextmanager

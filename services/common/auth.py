@@ -208,7 +208,7 @@ def require(store: TokenStore, *roles: Role) -> Callable[..., Principal]:
     """A dependency admitting only the given roles (403 for any other valid principal)."""
     authenticate = authenticator(store)
 
-    def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    def check(principal: Principal = Depends(authenticate)) -> Principal:
         if principal.role not in roles:
             allowed = ", ".join(r.value for r in roles)
             raise Forbidden(f"a {principal.role.value} may not do this (allowed: {allowed})")

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import faust
-from fastapi import Depends
 import sqlalchemy as sa
 from aiokafka.errors import KafkaError as _KafkaError
+from fastapi import Depends
 from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 

@@ -6,6 +6,8 @@ from fastapi import FastAPI
 
 from schemas import Actor, ActorKind
 from services.common.api import create_api
+from services.common.auth import Principal, Role
+from services.common.errors import Forbidden
 from services.common.runtime import Runtime
 
 from . import handlers
@@ -13,6 +15,8 @@ from .models import CasePublic, ExtensionDecision, WorkOrderPublic
 
 
 def build_api(runtime: Runtime) -> FastAPI:
+    Center = runtime.allow(Role.OPS_CENTER, Role.ADMIN)
+    Decider = runtime.allow(Role.OPS_CENTER)
     api = create_api(
         "dispatch",
         title="gridloop dispatch",
@@ -25,12 +29,12 @@ def build_api(runtime: Runtime) -> FastAPI:
         tags=["cases"],
         responses={404: {"description": "no such case"}},
     )
-    async def case(incident_id: str) -> CasePublic:
+    async def case(incident_id: str, who: Principal = Center) -> CasePublic:
         with runtime.uow() as uow:
             return handlers.get_case(incident_id, uow)
 
     @api.get("/extensions", response_model=list[WorkOrderPublic], tags=["extensions"])
-    async def extensions() -> list[WorkOrderPublic]:
+    async def extensions(who: Principal = Center) -> list[WorkOrderPublic]:
         """Work orders whose department asked for more time (延期), waiting for a decision."""
         with runtime.uow() as uow:
             return handlers.pending_extensions(uow)
@@ -43,9 +47,11 @@ def build_api(runtime: Runtime) -> FastAPI:
             409: {"description": "no pending request, or nothing to extend"},
         },
     )
-    async def decide(work_order_id: str, body: ExtensionDecision) -> dict[str, str]:
-        """The operations center grants or refuses an extension."""
-        actor = Actor(kind=ActorKind.OPS_CENTER, id=body.actor_id, department="ops_center")
+    async def decide(work_order_id: str, body: ExtensionDecision, who: Principal = Decider) -> dict[str, str]:
+        """The operations center grants or refuses an extension (only it may)."""
+        if body.actor_id not in (None, who.subject):
+            raise Forbidden(f"you are {who.subject}; the body names {body.actor_id}")
+        actor = Actor(kind=ActorKind.OPS_CENTER, id=who.subject, department="ops_center")
         with runtime.uow() as uow:
             event = handlers.decide_extension(work_order_id, body.grant, body.new_deadline, body.reason, actor, uow)
         await runtime.flush_outbox()

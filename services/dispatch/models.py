@@ -96,7 +96,8 @@ class ExtensionDecision(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    actor_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.@:-]+$")]
+    actor_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.@:-]+$")] | None = None
+    """Over HTTP the caller's token says who decides; a body naming someone else is refused."""
     grant: bool
     new_deadline: datetime | None = None
     """Defaults to the deadline the department asked for."""

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import FastAPI, Query
 
 from services.common.api import create_api
+from services.common.auth import Principal, Role
+from services.common.errors import Forbidden, NotFound
 from services.common.runtime import Runtime
 
 from . import handlers
 from .models import (
     AcceptWorkOrder,
     DeliveryStatus,
+    DepartmentCommand,
     HandleWorkOrder,
     OrderStatus,
     RequestExtension,
@@ -21,6 +24,8 @@ from .models import (
     WorkOrderAction,
     WorkOrderPublic,
 )
+
+C = TypeVar("C", bound=DepartmentCommand)
 
 _CODE = r"^[a-z0-9_]+$"
 _ORDER_STATUS = rf"^({'|'.join(OrderStatus.ALL)})$"
@@ -33,7 +38,17 @@ _ACTION_ERRORS: dict[int | str, dict[str, str]] = {
 }
 
 
+def _as_caller(body: C, who: Principal) -> C:
+    """The command as the calling department staff member gives it (the token decides who and which office)."""
+    if body.department_code not in (None, who.department) or body.actor_id not in (None, who.subject):
+        raise Forbidden(f"you act as {who.subject} of {who.department}; the body names someone else")
+    return body.model_copy(update={"actor_id": who.subject, "department_code": who.department})
+
+
 def build_api(runtime: Runtime) -> FastAPI:
+    Staff = runtime.allow(Role.DEPARTMENT)
+    Reader = runtime.allow(Role.DEPARTMENT, Role.OPS_CENTER, Role.ADMIN)
+    Center = runtime.allow(Role.OPS_CENTER, Role.ADMIN)
     api = create_api(
         "handling",
         title="gridloop handling",
@@ -42,13 +57,18 @@ def build_api(runtime: Runtime) -> FastAPI:
 
     @api.get("/work-orders", response_model=list[WorkOrderPublic], tags=["work orders"])
     async def work_orders(
+        who: Principal = Reader,
         department: Annotated[str | None, Query(max_length=40, pattern=_CODE)] = None,
         status: Annotated[str | None, Query(pattern=_ORDER_STATUS)] = None,
         overdue: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[WorkOrderPublic]:
-        """A department's queue, earliest deadline first."""
+        """A department's queue, earliest deadline first. Department staff see only their own office's."""
+        if who.role is Role.DEPARTMENT:
+            if department not in (None, who.department):
+                raise Forbidden(f"{who.subject} works for {who.department}, not {department}")
+            department = who.department
         with runtime.uow() as uow:
             return handlers.list_work_orders(uow, department, status, overdue, limit, offset)
 
@@ -58,9 +78,12 @@ def build_api(runtime: Runtime) -> FastAPI:
         tags=["work orders"],
         responses={404: {"description": "no such work order"}},
     )
-    async def work_order(work_order_id: str) -> WorkOrderPublic:
+    async def work_order(work_order_id: str, who: Principal = Reader) -> WorkOrderPublic:
         with runtime.uow() as uow:
-            return handlers.get_work_order(work_order_id, uow)
+            order = handlers.get_work_order(work_order_id, uow)
+        if who.role is Role.DEPARTMENT and order.department_code != who.department:
+            raise NotFound(f"no work order {work_order_id}")
+        return order
 
     @api.post(
         "/work-orders/{work_order_id}/accept",
@@ -69,10 +92,12 @@ def build_api(runtime: Runtime) -> FastAPI:
         tags=["work orders"],
         responses=_ACTION_ERRORS,
     )
-    async def accept(work_order_id: str, body: AcceptWorkOrder) -> WorkOrderAction:
+    async def accept(
+        work_order_id: str, who: Principal = Staff, body: AcceptWorkOrder | None = None
+    ) -> WorkOrderAction:
         """签收: take a dispatched work order."""
         with runtime.uow() as uow:
-            done = handlers.accept_work_order(work_order_id, body, uow)
+            done = handlers.accept_work_order(work_order_id, _as_caller(body or AcceptWorkOrder(), who), uow)
         await runtime.flush_outbox()
         return done
 
@@ -83,10 +108,10 @@ def build_api(runtime: Runtime) -> FastAPI:
         tags=["work orders"],
         responses=_ACTION_ERRORS,
     )
-    async def return_(work_order_id: str, body: ReturnWorkOrder) -> WorkOrderAction:
+    async def return_(work_order_id: str, body: ReturnWorkOrder, who: Principal = Staff) -> WorkOrderAction:
         """退回: not this department's work; the center routes it to another."""
         with runtime.uow() as uow:
-            done = handlers.return_work_order(work_order_id, body, uow)
+            done = handlers.return_work_order(work_order_id, _as_caller(body, who), uow)
         await runtime.flush_outbox()
         return done
 
@@ -97,10 +122,10 @@ def build_api(runtime: Runtime) -> FastAPI:
         tags=["work orders"],
         responses=_ACTION_ERRORS,
     )
-    async def extension(work_order_id: str, body: RequestExtension) -> WorkOrderAction:
+    async def extension(work_order_id: str, body: RequestExtension, who: Principal = Staff) -> WorkOrderAction:
         """延期: ask the operations center for a later deadline; the decision comes back on the work order."""
         with runtime.uow() as uow:
-            done = handlers.request_extension(work_order_id, body, uow)
+            done = handlers.request_extension(work_order_id, _as_caller(body, who), uow)
         await runtime.flush_outbox()
         return done
 
@@ -111,15 +136,16 @@ def build_api(runtime: Runtime) -> FastAPI:
         tags=["work orders"],
         responses=_ACTION_ERRORS,
     )
-    async def handle(work_order_id: str, body: HandleWorkOrder) -> WorkOrderAction:
+    async def handle(work_order_id: str, body: HandleWorkOrder, who: Principal = Staff) -> WorkOrderAction:
         """处置: report the work done, with evidence; the grid worker verifies it."""
         with runtime.uow() as uow:
-            done = handlers.handle_work_order(work_order_id, body, uow)
+            done = handlers.handle_work_order(work_order_id, _as_caller(body, who), uow)
         await runtime.flush_outbox()
         return done
 
     @api.get("/webhook-deliveries", response_model=list[WebhookDeliveryPublic], tags=["ops"])
     async def webhook_deliveries(
+        who: Principal = Center,
         status: Annotated[str | None, Query(pattern=_DELIVERY_STATUS)] = None,
         department: Annotated[str | None, Query(max_length=40, pattern=_CODE)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,

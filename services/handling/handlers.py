@@ -147,7 +147,7 @@ def _order_for(uow: UnitOfWork, work_order_id: str, cmd: DepartmentCommand) -> t
     order = uow.session.get(HandlingWorkOrder, work_order_id)
     if order is None:
         raise NotFound(f"no work order {work_order_id}")
-    if cmd.department_code != order.department_code:
+    if cmd.actor_id is None or cmd.department_code != order.department_code:
         raise Forbidden(f"work order {work_order_id} belongs to {order.department_code}, not {cmd.department_code}")
     return order, Actor(kind=ActorKind.DEPARTMENT, id=cmd.actor_id, department=order.department_code)
 

@@ -110,12 +110,14 @@ Reason = Annotated[str, Field(min_length=1, max_length=1000)]
 
 
 class DepartmentCommand(BaseModel):
-    """Who acts, for which department: it must be the work order's department."""
+    """Who acts, for which department: it must be the work order's department.
+
+    Over HTTP both come from the caller's token; a body may repeat them, and then they must match it."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    actor_id: ActorId
-    department_code: DepartmentCode
+    actor_id: ActorId | None = None
+    department_code: DepartmentCode | None = None
 
 
 class AcceptWorkOrder(DepartmentCommand):

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import FastAPI, Query, Response
 
 from services.common.api import create_api
+from services.common.auth import Principal, Role
 from services.common.runtime import Runtime
 
 from . import handlers
@@ -14,6 +15,8 @@ from .models import IncidentPublic, ReportAccepted, ReportCreate
 
 
 def build_api(runtime: Runtime) -> FastAPI:
+    Reporter = runtime.allow(Role.GRID_WORKER, Role.SENSOR, Role.OPS_CENTER, Role.ADMIN)
+    Reader = runtime.allow(*Role)
     api = create_api(
         "intake",
         title="gridloop intake",
@@ -30,10 +33,14 @@ def build_api(runtime: Runtime) -> FastAPI:
             422: {"description": "invalid report"},
         },
     )
-    async def report(body: ReportCreate, response: Response) -> ReportAccepted:
-        """Report an incident. A retry with the same client_report_id returns the same incident."""
+    async def report(body: ReportCreate, response: Response, who: Principal = Reporter) -> ReportAccepted:
+        """Report an incident. A retry with the same client_report_id returns the same incident.
+
+        Grid workers report as themselves (source grid_worker), sensors as themselves (source sensor); the
+        operations center's hotline desk reports for a 12345 caller (source hotline_12345)."""
+        handlers.check_reporter(body, who)
         with runtime.uow() as uow:
-            accepted = handlers.report_incident(body, uow)
+            accepted = handlers.report_incident(body, uow, who.actor())
         if not accepted.duplicate:
             await runtime.flush_outbox()
         response.headers["Location"] = f"/incidents/{accepted.incident_id}"
@@ -45,20 +52,21 @@ def build_api(runtime: Runtime) -> FastAPI:
         tags=["incidents"],
         responses={404: {"description": "no such incident"}},
     )
-    async def incident(incident_id: str) -> IncidentPublic:
+    async def incident(incident_id: str, who: Principal = Reader) -> IncidentPublic:
         """Current status, department(s), deadline and the timeline of every transition."""
         with runtime.uow() as uow:
-            return handlers.get_incident(incident_id, uow)
+            return handlers.get_incident(incident_id, uow, who)
 
     @api.get("/incidents", tags=["incidents"])
     async def incidents(
+        who: Principal = Reader,
         status: Annotated[str | None, Query(max_length=20, pattern=r"^[a-z_]+$")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[dict[str, object]]:
-        """Recent incidents, newest first, optionally by status."""
+        """Recent incidents the caller may see, newest first, optionally by status."""
         with runtime.uow() as uow:
-            rows = handlers.list_incidents(uow, status, limit, offset)
+            rows = handlers.list_incidents(uow, status, limit, offset, who)
             return [
                 {
                     "incident_id": r.incident_id,

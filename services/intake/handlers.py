@@ -5,12 +5,13 @@ from __future__ import annotations
 import secrets
 from datetime import datetime
 
-from sqlmodel import col, select
+from sqlmodel import col, or_, select
 
 from schemas import Actor, ActorKind, Event, Location
 from schemas import events as ev
+from services.common.auth import Principal, Role
 from services.common.db import UnitOfWork, as_utc
-from services.common.errors import NotFound, Rejected, UnknownIncident
+from services.common.errors import Forbidden, NotFound, Rejected, UnknownIncident
 
 from .models import IncidentPublic, IntakeIncident, IntakeTransition, ReportAccepted, ReportCreate, TransitionPublic
 
@@ -59,7 +60,30 @@ def _find_report(uow: UnitOfWork, reporter_id: str, client_report_id: str) -> In
     ).first()
 
 
-def report_incident(cmd: ReportCreate, uow: UnitOfWork) -> ReportAccepted:
+_OWN_SOURCE = {Role.GRID_WORKER: ev.Source.GRID_WORKER, Role.SENSOR: ev.Source.SENSOR}
+
+
+def check_reporter(cmd: ReportCreate, who: Principal) -> None:
+    """Grid workers and sensors report as themselves; the hotline desk for 12345 callers; Open311 via its gateway."""
+    own = _OWN_SOURCE.get(who.role)
+    if own is not None:
+        if cmd.source is not own or cmd.reporter_id != who.subject:
+            raise Forbidden(f"a {who.role.value} reports as itself: source {own.value}, reporter_id {who.subject}")
+    elif who.role is Role.OPS_CENTER and cmd.source is not ev.Source.HOTLINE_12345:
+        raise Forbidden("the operations center reports 12345 hotline calls (source hotline_12345)")
+
+
+def _visible(row: IntakeIncident, who: Principal) -> bool:
+    if who.sees_everything:
+        return True
+    if who.role is Role.DEPARTMENT:
+        return who.department in row.departments.split()
+    if who.role is Role.GRID_WORKER:
+        return row.reporter_id == who.subject or row.grid_id in who.grids
+    return row.reporter_id == who.subject
+
+
+def report_incident(cmd: ReportCreate, uow: UnitOfWork, actor: Actor | None = None) -> ReportAccepted:
     """Record a report and queue IncidentReported; a retry with the same client report id changes nothing."""
     existing = _find_report(uow, cmd.reporter_id, cmd.client_report_id)
     if existing is not None:
@@ -75,7 +99,7 @@ def report_incident(cmd: ReportCreate, uow: UnitOfWork) -> ReportAccepted:
     event = ev.IncidentReported(
         incident_id=incident_id,
         occurred_at=now,
-        actor=Actor(kind=_REPORTER_KIND[cmd.source], id=cmd.reporter_id),
+        actor=actor or Actor(kind=_REPORTER_KIND[cmd.source], id=cmd.reporter_id),
         correlation_id=incident_id,
         source=cmd.source,
         category_code=cmd.category_code,
@@ -195,9 +219,9 @@ def record_transition(event: Event, uow: UnitOfWork) -> None:
     )
 
 
-def get_incident(incident_id: str, uow: UnitOfWork) -> IncidentPublic:
+def get_incident(incident_id: str, uow: UnitOfWork, who: Principal | None = None) -> IncidentPublic:
     row = uow.session.get(IntakeIncident, incident_id)
-    if row is None:
+    if row is None or (who is not None and not _visible(row, who)):
         raise NotFound(f"no incident {incident_id}")
     timeline = uow.session.exec(
         select(IntakeTransition)
@@ -239,11 +263,21 @@ def get_incident(incident_id: str, uow: UnitOfWork) -> IncidentPublic:
     )
 
 
-def list_incidents(uow: UnitOfWork, status: str | None, limit: int, offset: int) -> list[IntakeIncident]:
+def list_incidents(
+    uow: UnitOfWork, status: str | None, limit: int, offset: int, who: Principal | None = None
+) -> list[IntakeIncident]:
     q = select(IntakeIncident).order_by(col(IntakeIncident.reported_at).desc())
     if status:
         q = q.where(IntakeIncident.status == status)
-    return list(uow.session.exec(q.offset(offset).limit(limit)).all())
+    if who is not None and not who.sees_everything:
+        if who.role is Role.DEPARTMENT:
+            q = q.where(col(IntakeIncident.departments).contains(who.department or "?"))
+        elif who.role is Role.GRID_WORKER:
+            q = q.where(or_(col(IntakeIncident.reporter_id) == who.subject, col(IntakeIncident.grid_id).in_(who.grids)))
+        else:
+            q = q.where(IntakeIncident.reporter_id == who.subject)
+    rows = uow.session.exec(q.offset(offset).limit(limit)).all()
+    return [r for r in rows if who is None or _visible(r, who)]
 
 
 HANDLERS = {cls: record_transition for cls in ev.EVENT_TYPES.values()}

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from services.common.api import create_api
+from services.common.auth import Principal, Role
 from services.common.runtime import Runtime
 
 from . import views
@@ -22,6 +23,7 @@ STATIC = Path(__file__).parent / "static"
 
 
 def build_api(runtime: Runtime) -> FastAPI:
+    Center = runtime.allow(Role.OPS_CENTER, Role.ADMIN)
     api = create_api(
         "opscenter",
         title="gridloop operations center",
@@ -35,7 +37,10 @@ def build_api(runtime: Runtime) -> FastAPI:
 
     @api.get("/api/kpis", response_model=KpiReport, tags=["kpis"])
     async def kpis(
-        period: Period = Period.DAY, at: date | None = None, by: Dimension = Dimension.DEPARTMENT
+        who: Principal = Center,
+        period: Period = Period.DAY,
+        at: date | None = None,
+        by: Dimension = Dimension.DEPARTMENT,
     ) -> KpiReport:
         """KPIs for the period containing ``at`` (default today, UTC) and the previous one (环比)."""
         return report(period, at, by)
@@ -47,7 +52,10 @@ def build_api(runtime: Runtime) -> FastAPI:
         responses={200: {"content": {"text/csv": {}}, "description": "the same KPIs as CSV"}},
     )
     async def kpis_csv(
-        period: Period = Period.DAY, at: date | None = None, by: Dimension = Dimension.DEPARTMENT
+        who: Principal = Center,
+        period: Period = Period.DAY,
+        at: date | None = None,
+        by: Dimension = Dimension.DEPARTMENT,
     ) -> Response:
         buf = io.StringIO()
         csv.writer(buf).writerows(to_csv_rows(report(period, at, by)))
@@ -59,31 +67,33 @@ def build_api(runtime: Runtime) -> FastAPI:
         )
 
     @api.get("/api/backlog", response_model=list[views.Backlog], tags=["work"])
-    async def backlog() -> list[views.Backlog]:
+    async def backlog(who: Principal = Center) -> list[views.Backlog]:
         """Open and overdue work orders per department, now."""
         with runtime.uow() as uow:
             return views.backlog(uow.session, uow.now())
 
     @api.get("/api/overdue", response_model=list[views.OverdueOrder], tags=["work"])
-    async def overdue(limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[views.OverdueOrder]:
+    async def overdue(
+        who: Principal = Center, limit: Annotated[int, Query(ge=1, le=1000)] = 200
+    ) -> list[views.OverdueOrder]:
         """超期未处置: work orders past their deadline, most overdue first."""
         with runtime.uow() as uow:
             return views.overdue_orders(uow.session, uow.now(), limit)
 
     @api.get("/api/trend", response_model=list[views.TrendPoint], tags=["kpis"])
-    async def trend(days: Annotated[int, Query(ge=1, le=366)] = 14) -> list[views.TrendPoint]:
+    async def trend(who: Principal = Center, days: Annotated[int, Query(ge=1, le=366)] = 14) -> list[views.TrendPoint]:
         """Incidents reported and closed per day (UTC)."""
         with runtime.uow() as uow:
             return views.trend(uow.session, uow.now(), days)
 
     @api.get("/api/map/incidents", tags=["map"])
-    async def map_incidents() -> JSONResponse:
+    async def map_incidents(who: Principal = Center) -> JSONResponse:
         """GeoJSON points of open incidents (风险一张图)."""
         with runtime.uow() as uow:
             return JSONResponse(views.open_incidents_geojson(uow.session, uow.now()), media_type="application/geo+json")
 
     @api.get("/api/map/grids", tags=["map"])
-    async def map_grids() -> JSONResponse:
+    async def map_grids(who: Principal = Center) -> JSONResponse:
         """GeoJSON polygons of the grid cells with their open incidents."""
         with runtime.uow() as uow:
             return JSONResponse(views.grids_geojson(uow.session), media_type="application/geo+json")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import FastAPI, Query
 
 from services.common.api import create_api
+from services.common.auth import Principal, Role
+from services.common.errors import Forbidden, NotFound
 from services.common.runtime import Runtime
 
 from . import handlers
 from .models import FailRequest, PassRequest, VerificationDecided, VerificationPublic
+
+B = TypeVar("B", PassRequest, FailRequest)
 
 _ID = r"^[\w.@:-]+$"
 _DECISION_ERRORS: dict[int | str, dict[str, str]] = {
@@ -21,7 +25,21 @@ _DECISION_ERRORS: dict[int | str, dict[str, str]] = {
 }
 
 
+def _as_caller(body: B, who: Principal) -> B:
+    if who.role is not Role.GRID_WORKER:
+        return body  # an administrator acts in the worker's name given in the body
+    if body.worker_id not in (None, who.subject):
+        raise Forbidden(f"you are {who.subject}; the body names {body.worker_id}")
+    return body.model_copy(update={"worker_id": who.subject})
+
+
+def _grids(who: Principal) -> tuple[str, ...] | None:
+    return who.grids if who.role is Role.GRID_WORKER else None
+
+
 def build_api(runtime: Runtime) -> FastAPI:
+    Worker = runtime.allow(Role.GRID_WORKER, Role.ADMIN)
+    Reader = runtime.allow(Role.GRID_WORKER, Role.OPS_CENTER, Role.ADMIN)
     api = create_api(
         "verification",
         title="gridloop verification",
@@ -31,6 +49,7 @@ def build_api(runtime: Runtime) -> FastAPI:
 
     @api.get("/verifications", response_model=list[VerificationPublic], tags=["verifications"])
     async def verifications(
+        who: Principal = Reader,
         worker_id: Annotated[str | None, Query(min_length=1, max_length=64, pattern=_ID)] = None,
         grid_id: Annotated[str | None, Query(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$")] = None,
         status: Annotated[str | None, Query(pattern=r"^(pending|passed|failed)$")] = None,
@@ -40,7 +59,13 @@ def build_api(runtime: Runtime) -> FastAPI:
         """A worker's (or a grid's) verification queue, oldest request first."""
         with runtime.uow() as uow:
             return handlers.list_verifications(
-                uow, worker_id=worker_id, grid_id=grid_id, status=status, limit=limit, offset=offset
+                uow,
+                worker_id=worker_id,
+                grid_id=grid_id,
+                status=status,
+                limit=limit,
+                offset=offset,
+                grids=_grids(who),
             )
 
     @api.get(
@@ -49,9 +74,13 @@ def build_api(runtime: Runtime) -> FastAPI:
         tags=["verifications"],
         responses={404: {"description": "no such verification"}},
     )
-    async def verification(verification_id: str) -> VerificationPublic:
+    async def verification(verification_id: str, who: Principal = Reader) -> VerificationPublic:
         with runtime.uow() as uow:
-            return handlers.get_verification(verification_id, uow)
+            task = handlers.get_verification(verification_id, uow)
+        grids = _grids(who)
+        if grids is not None and task.grid_id not in grids:
+            raise NotFound(f"no verification {verification_id}")
+        return task
 
     @api.post(
         "/verifications/{verification_id}/pass",
@@ -60,10 +89,10 @@ def build_api(runtime: Runtime) -> FastAPI:
         tags=["verifications"],
         responses=_DECISION_ERRORS,
     )
-    async def pass_(verification_id: str, body: PassRequest) -> VerificationDecided:
+    async def pass_(verification_id: str, body: PassRequest, who: Principal = Worker) -> VerificationDecided:
         """核查通过: the problem is solved; the incident will be closed."""
         with runtime.uow() as uow:
-            decided = handlers.pass_verification(verification_id, body, uow)
+            decided = handlers.pass_verification(verification_id, _as_caller(body, who), uow, _grids(who))
         await runtime.flush_outbox()
         return decided
 
@@ -74,10 +103,10 @@ def build_api(runtime: Runtime) -> FastAPI:
         tags=["verifications"],
         responses=_DECISION_ERRORS,
     )
-    async def fail(verification_id: str, body: FailRequest) -> VerificationDecided:
+    async def fail(verification_id: str, body: FailRequest, who: Principal = Worker) -> VerificationDecided:
         """核查不通过: the work goes back to the department (返工) with the note."""
         with runtime.uow() as uow:
-            decided = handlers.fail_verification(verification_id, body, uow)
+            decided = handlers.fail_verification(verification_id, _as_caller(body, who), uow, _grids(who))
         await runtime.flush_outbox()
         return decided
 

@@ -56,12 +56,20 @@ def open_task(requested: ev.VerificationRequested, uow: UnitOfWork) -> None:
 # -- commands from the grid worker ------------------------------------------------------------------------
 
 
-def _decide(verification_id: str, worker_id: str, passed: bool, note: str, uow: UnitOfWork) -> VerificationDecided:
+def _decide(
+    verification_id: str,
+    worker_id: str | None,
+    passed: bool,
+    note: str,
+    uow: UnitOfWork,
+    grids: tuple[str, ...] | None,
+) -> VerificationDecided:
     task = uow.session.get(VerificationTask, verification_id)
     if task is None:
         raise NotFound(f"no verification {verification_id}")
     grid = GRIDS.get(task.grid_id)
-    if grid is None or worker_id not in grid.workers:
+    allowed = task.grid_id in grids if grids is not None else grid is not None and worker_id in grid.workers
+    if worker_id is None or grid is None or not allowed:
         raise Forbidden(f"{worker_id} is not a worker of grid {task.grid_id}; only its workers verify its incidents")
     if task.status != TaskStatus.PENDING:
         raise Rejected(f"verification {verification_id} is already {task.status} (by {task.decided_by})")
@@ -92,14 +100,18 @@ def _decide(verification_id: str, worker_id: str, passed: bool, note: str, uow: 
     return VerificationDecided(verification_id=verification_id, status=status)
 
 
-def pass_verification(verification_id: str, cmd: PassRequest, uow: UnitOfWork) -> VerificationDecided:
-    """核查通过: the problem is solved; dispatch closes the case (结案)."""
-    return _decide(verification_id, cmd.worker_id, True, cmd.note, uow)
+def pass_verification(
+    verification_id: str, cmd: PassRequest, uow: UnitOfWork, grids: tuple[str, ...] | None = None
+) -> VerificationDecided:
+    """核查通过: the problem is solved; dispatch closes the case (结案). ``grids``: the caller's grid cells."""
+    return _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids)
 
 
-def fail_verification(verification_id: str, cmd: FailRequest, uow: UnitOfWork) -> VerificationDecided:
+def fail_verification(
+    verification_id: str, cmd: FailRequest, uow: UnitOfWork, grids: tuple[str, ...] | None = None
+) -> VerificationDecided:
     """核查不通过: the problem is not solved; dispatch sends the work back (返工) with the note."""
-    return _decide(verification_id, cmd.worker_id, False, cmd.note, uow)
+    return _decide(verification_id, cmd.worker_id, False, cmd.note, uow, grids)
 
 
 # -- queries --------------------------------------------------------------------------------------------
@@ -143,9 +155,12 @@ def list_verifications(
     status: str | None = None,
     limit: int = 50,
     offset: int = 0,
+    grids: tuple[str, ...] | None = None,
 ) -> list[VerificationPublic]:
-    """A worker's (or a grid's) queue, oldest request first."""
+    """A worker's (or a grid's) queue, oldest request first; ``grids`` limits it to the caller's cells."""
     q = select(VerificationTask)
+    if grids is not None:
+        q = q.where(col(VerificationTask.grid_id).in_(grids))
     if worker_id:
         q = q.where(VerificationTask.worker_id == worker_id)
     if grid_id:

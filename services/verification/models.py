@@ -61,7 +61,8 @@ class PassRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    worker_id: WorkerId
+    worker_id: WorkerId | None = None
+    """Over HTTP the caller's token says who; a body that names someone else is refused."""
     note: Annotated[str, Field(max_length=1000)] = ""
 
 
@@ -70,7 +71,8 @@ class FailRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    worker_id: WorkerId
+    worker_id: WorkerId | None = None
+    """Over HTTP the caller's token says who; a body that names someone else is refused."""
     note: Annotated[str, Field(min_length=1, max_length=1000, examples=["garbage still piled by the gate"])]
     """What is still wrong: the department sees it with the returned work."""
 

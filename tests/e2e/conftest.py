@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.kafka_support import fresh_namespace, require_broker, running, service_env
+from tests.kafka_support import Tokens, fresh_namespace, require_broker, running, service_env
 
 TIME_SCALE = 3600  # one business hour of deadline per second: flooding (4 h) is due in 4 s
 
@@ -19,17 +19,27 @@ TIME_SCALE = 3600  # one business hour of deadline per second: flooding (4 h) is
 class Town:
     """Thin client of the public APIs, with waits that fail with what was last seen."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], tokens: Tokens) -> None:
         port = {k: int(v) for k, v in env.items() if k.endswith("_HTTP_PORT")}
-        self.intake = httpx.Client(base_url=f"http://127.0.0.1:{port['GRIDLOOP_INTAKE_HTTP_PORT']}", timeout=10)
-        self.handling = httpx.Client(base_url=f"http://127.0.0.1:{port['GRIDLOOP_HANDLING_HTTP_PORT']}", timeout=10)
-        self.verification = httpx.Client(
-            base_url=f"http://127.0.0.1:{port['GRIDLOOP_VERIFICATION_HTTP_PORT']}", timeout=10
-        )
-        self.dispatch = httpx.Client(base_url=f"http://127.0.0.1:{port['GRIDLOOP_DISPATCH_HTTP_PORT']}", timeout=10)
-        self.opscenter = httpx.Client(base_url=f"http://127.0.0.1:{port['GRIDLOOP_OPSCENTER_HTTP_PORT']}", timeout=10)
+
+        def client(name: str, token: str) -> httpx.Client:
+            url = f"http://127.0.0.1:{port[f'GRIDLOOP_{name.upper()}_HTTP_PORT']}"
+            return httpx.Client(base_url=url, timeout=10, headers=Tokens.bearer(token))
+
+        self.tokens = tokens
+        self.port = port
+        # the operations center's view of every service; actions use the acting person's own token
+        self.intake = client("intake", tokens.ops_center)
+        self.handling = client("handling", tokens.ops_center)
+        self.verification = client("verification", tokens.ops_center)
+        self.dispatch = client("dispatch", tokens.ops_center)
+        self.opscenter = client("opscenter", tokens.ops_center)
         self.env = env
         self.n = 0
+
+    def as_(self, service: str, token: str) -> httpx.Client:
+        url = f"http://127.0.0.1:{self.port[f'GRIDLOOP_{service.upper()}_HTTP_PORT']}"
+        return httpx.Client(base_url=url, timeout=10, headers=Tokens.bearer(token))
 
     # -- grid workers ------------------------------------------------------------------------------
 
@@ -44,7 +54,7 @@ class Town:
             "client_report_id": f"e2e-{self.n}-{time.time_ns()}",
         }
         body.update(kw)
-        r = self.intake.post("/reports", json=body)
+        r = self.as_("intake", self.tokens.workers[body["reporter_id"]]).post("/reports", json=body)
         assert r.status_code == 202, r.text
         return str(r.json()["incident_id"])
 
@@ -90,9 +100,8 @@ class Town:
     def verify(self, incident_id: str, passed: bool, note: str = "已核查") -> dict[str, Any]:
         task = self.verification_task(incident_id)
         action = "pass" if passed else "fail"
-        r = self.verification.post(
-            f"/verifications/{task['verification_id']}/{action}", json={"worker_id": task["worker_id"], "note": note}
-        )
+        worker = self.as_("verification", self.tokens.workers[task["worker_id"]])
+        r = worker.post(f"/verifications/{task['verification_id']}/{action}", json={"note": note})
         assert r.status_code == 202, r.text
         return task
 
@@ -116,9 +125,8 @@ class Town:
         raise AssertionError(f"{incident_id}: wanted {min_count} work orders ({status}); saw {found}")
 
     def act(self, order: dict[str, Any], action: str, expect: int = 202, **body: Any) -> httpx.Response:
-        payload = {"actor_id": f"staff-{order['department_code']}", "department_code": order["department_code"]}
-        payload.update(body)
-        r = self.handling.post(f"/work-orders/{order['work_order_id']}/{action}", json=payload)
+        staff = self.as_("handling", self.tokens.departments[order["department_code"]])
+        r = staff.post(f"/work-orders/{order['work_order_id']}/{action}", json=body or None)
         assert r.status_code == expect, r.text
         return r
 
@@ -145,5 +153,6 @@ def town(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Town]:
         GRIDLOOP_DISPATCH_WATCHDOG_INTERVAL_S="0.5",
         GRIDLOOP_DISPATCH_MERGE_WINDOW_HOURS="600",
     )
+    tokens = Tokens(var)
     with running(env, var):
-        yield Town(env)
+        yield Town(env, tokens)

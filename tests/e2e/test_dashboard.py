@@ -289,7 +289,8 @@ def test_dashboard_shows_what_the_api_says(town: Town) -> None:
     fresh = town.report("illegal_signage", 31.3210, 121.6260)  # 120 h → due in 120 s: open, not yet overdue
     town.wait_for(fresh, status="dispatched")
 
-    ops = httpx.Client(base_url=OPSCENTER, timeout=10)
+    ops = town.opscenter  # carries the operations center's token
+    fragment = f"#token={town.tokens.ops_center}"
 
     def caught_up() -> dict[str, Any] | None:
         s = snapshot(ops)
@@ -308,7 +309,7 @@ def test_dashboard_shows_what_the_api_says(town: Town) -> None:
 
     wait_until("opscenter to show the reported incidents", caught_up)
 
-    dom, api = render_stable(f"{OPSCENTER}/", lambda: snapshot(ops))
+    dom, api = render_stable(f"{OPSCENTER}/{fragment}", lambda: snapshot(ops))
 
     assert body(dom).attrs.get("data-state") == "live", body(dom).attrs
     assert not banner_shown(dom), dom.by_id("error-banner").text()
@@ -359,7 +360,7 @@ def test_dashboard_shows_what_the_api_says(town: Town) -> None:
         assert r.status_code == 200, r.text
         return dict(r.json())
 
-    dom, report = render_stable(f"{OPSCENTER}/?period=month", month)
+    dom, report = render_stable(f"{OPSCENTER}/?period=month{fragment}", month)
     [pressed] = dom.by_id("period-selector").all(lambda n: "active" in n.classes())
     assert pressed.attrs["data-period"] == "month"
     assert "period=month" in dom.by_id("csv-link").attrs["href"]
@@ -373,7 +374,7 @@ def test_dashboard_shows_what_the_api_says(town: Town) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     shot.unlink(missing_ok=True)
-    run_chromium(f"{OPSCENTER}/", screenshot=shot)
+    run_chromium(f"{OPSCENTER}/{fragment}", screenshot=shot)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
 
 

@@ -10,19 +10,20 @@ import pytest
 
 from schemas.topics import DEADLETTER, INCIDENTS_REPORTED, LIFECYCLE, WORKORDERS
 from services.supervisor import ServiceGroup
-from tests.kafka_support import fresh_namespace, producer, read_until, require_broker, running, service_env
+from tests.kafka_support import Tokens, fresh_namespace, producer, read_until, require_broker, running, service_env
 
 pytestmark = pytest.mark.kafka
 
 
 @pytest.fixture(scope="module")
-def skeleton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceGroup, str]]:
+def skeleton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceGroup, str, str]]:
     require_broker()
     ns = fresh_namespace("skel")
     var = tmp_path_factory.mktemp("skeleton")
     env = service_env(ns, var, base_port=28200)
+    worker = Tokens(var).workers["w-gh01-1"]
     with running(env, var, services=["intake", "dispatch"]) as group:
-        yield group, env["GRIDLOOP_INTAKE_HTTP_PORT"]
+        yield group, env["GRIDLOOP_INTAKE_HTTP_PORT"], worker
 
 
 def _report(client_id: str, **kw: object) -> dict[str, object]:
@@ -39,10 +40,11 @@ def _report(client_id: str, **kw: object) -> dict[str, object]:
     return body
 
 
-def test_report_travels_to_a_dispatched_work_order(skeleton: tuple[ServiceGroup, str]) -> None:
-    _, port = skeleton
+def test_report_travels_to_a_dispatched_work_order(skeleton: tuple[ServiceGroup, str, str]) -> None:
+    _, port, token = skeleton
+    auth = Tokens.bearer(token)
     api = f"http://127.0.0.1:{port}"
-    r = httpx.post(f"{api}/reports", json=_report("skel-1"), timeout=10)
+    r = httpx.post(f"{api}/reports", json=_report("skel-1"), timeout=10, headers=auth)
     assert r.status_code == 202, r.text
     incident_id = r.json()["incident_id"]
 
@@ -55,17 +57,19 @@ def test_report_travels_to_a_dispatched_work_order(skeleton: tuple[ServiceGroup,
     read_until(LIFECYCLE.name, lambda v: v["event_id"] == order["event_id"])
 
 
-def test_retried_post_returns_the_same_incident(skeleton: tuple[ServiceGroup, str]) -> None:
-    _, port = skeleton
+def test_retried_post_returns_the_same_incident(skeleton: tuple[ServiceGroup, str, str]) -> None:
+    _, port, token = skeleton
+    auth = Tokens.bearer(token)
     api = f"http://127.0.0.1:{port}"
     body = _report("skel-2", category_code="illegal_parking")
-    first = httpx.post(f"{api}/reports", json=body, timeout=10).json()
-    again = httpx.post(f"{api}/reports", json=body, timeout=10).json()
+    first = httpx.post(f"{api}/reports", json=body, timeout=10, headers=auth).json()
+    again = httpx.post(f"{api}/reports", json=body, timeout=10, headers=auth).json()
     assert (again["incident_id"], again["duplicate"], first["duplicate"]) == (first["incident_id"], True, False)
 
 
-def test_malformed_record_is_dead_lettered_and_the_pipeline_goes_on(skeleton: tuple[ServiceGroup, str]) -> None:
-    _, port = skeleton
+def test_malformed_record_is_dead_lettered_and_the_pipeline_goes_on(skeleton: tuple[ServiceGroup, str, str]) -> None:
+    _, port, token = skeleton
+    auth = Tokens.bearer(token)
     p = producer()
     meta = p.send(INCIDENTS_REPORTED.name, key=b"junk", value=b"{this is not json").get(timeout=10)
     p.close()
@@ -80,13 +84,24 @@ def test_malformed_record_is_dead_lettered_and_the_pipeline_goes_on(skeleton: tu
     assert letter["service"] == "dispatch" and "malformed JSON" in letter["reason"]
     assert letter["value"] == "{this is not json"
     # the next good report still gets through
-    r = httpx.post(f"http://127.0.0.1:{port}/reports", json=_report("skel-3", lat=31.3101), timeout=10)
+    r = httpx.post(f"http://127.0.0.1:{port}/reports", json=_report("skel-3", lat=31.3101), timeout=10, headers=auth)
     incident_id = r.json()["incident_id"]
     read_until(WORKORDERS.name, lambda v: v["incident_id"] == incident_id)
 
 
-def test_invalid_report_is_a_422_with_the_reason(skeleton: tuple[ServiceGroup, str]) -> None:
-    _, port = skeleton
-    r = httpx.post(f"http://127.0.0.1:{port}/reports", json=_report("skel-4", lat=95), timeout=10)
+def test_invalid_report_is_a_422_with_the_reason(skeleton: tuple[ServiceGroup, str, str]) -> None:
+    _, port, token = skeleton
+    auth = Tokens.bearer(token)
+    r = httpx.post(f"http://127.0.0.1:{port}/reports", json=_report("skel-4", lat=95), timeout=10, headers=auth)
     assert r.status_code == 422
     assert "lat" in r.json()["error"]
+
+
+def test_no_token_is_a_401_and_nothing_is_recorded(skeleton: tuple[ServiceGroup, str, str]) -> None:
+    _, port, _ = skeleton
+    api = f"http://127.0.0.1:{port}"
+    r = httpx.post(f"{api}/reports", json=_report("skel-5"), timeout=10)
+    assert r.status_code == 401 and "token" in r.json()["error"]
+    r = httpx.post(f"{api}/reports", json=_report("skel-5"), headers=Tokens.bearer("glt_forged"), timeout=10)
+    assert r.status_code == 401
+    assert httpx.get(f"{api}/health", timeout=10).status_code == 200

@@ -644,10 +644,24 @@ def test_webhooks_setting_reads_json_from_the_environment(monkeypatch: pytest.Mo
 # -- HTTP edge --------------------------------------------------------------------------------------------
 
 
+OPS_TOKEN: list[str] = []
+
+
 class FakeRuntime:
     def __init__(self, world: World) -> None:
+        import tempfile
+
+        from fastapi import Depends
+
+        from services.common.auth import Role, TokenStore, require
+        from services.common.db import make_engine
+
         self.uow = world.uow
         self.flushed = 0
+        self.auth = TokenStore(make_engine(f"sqlite:///{tempfile.mkdtemp()}/auth.sqlite"))
+        self.token = self.auth.issue(Role.DEPARTMENT, "cityops-zhang", department="city_ops")[0]
+        OPS_TOKEN[:] = [self.auth.issue(Role.OPS_CENTER, "ops-duty")[0]]
+        self.allow = lambda *roles: Depends(require(self.auth, *roles))
 
     async def flush_outbox(self) -> None:
         self.flushed += 1
@@ -662,7 +676,8 @@ def test_the_api_answers_actions_and_errors(world: World) -> None:
 
 async def _api_session(runtime: FakeRuntime) -> None:
     transport = httpx.ASGITransport(app=build_api(cast(Runtime, runtime)))
-    async with httpx.AsyncClient(transport=transport, base_url="http://handling.test") as client:
+    headers = {"Authorization": f"Bearer {runtime.token}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://handling.test", headers=headers) as client:
         await _api_calls(client)
 
 
@@ -670,7 +685,8 @@ async def _api_calls(client: httpx.AsyncClient) -> None:
     who = {"actor_id": "cityops-zhang", "department_code": "city_ops"}
 
     r = await client.get("/work-orders", params={"department": "city_ops"})
-    assert r.status_code == 200 and [o["work_order_id"] for o in r.json()] == ["GL-1-1"]
+    assert r.status_code == 200, r.text
+    assert [o["work_order_id"] for o in r.json()] == ["GL-1-1"]
     assert (await client.get("/work-orders", params={"status": "bogus"})).status_code == 422
     assert (await client.get("/work-orders", params={"limit": 501})).status_code == 422
     assert (await client.get("/work-orders/GL-404-1")).status_code == 404
@@ -701,6 +717,8 @@ async def _api_calls(client: httpx.AsyncClient) -> None:
 
     r = await client.get("/work-orders/GL-1-1")
     assert (r.json()["status"], r.json()["extension_status"], r.json()["overdue"]) == ("handled", "none", False)
+    assert (await client.get("/webhook-deliveries")).status_code == 403  # department staff: not theirs to see
+    client.headers["Authorization"] = f"Bearer {OPS_TOKEN[0]}"
     r = await client.get("/webhook-deliveries", params={"status": "pending"})
     assert [d["event_type"] for d in r.json()] == ["WorkOrderDispatched"]
     assert (await client.get("/webhook-deliveries", params={"status": "lost"})).status_code == 422
