@@ -11,7 +11,8 @@ STAMP   := $(VENV)/.synced
 KAFKA   := infra/kafka/kafka.sh
 PYTEST_ARGS ?=
 
-.PHONY: help venv lint fmt schemas kafka-up kafka-down kafka-status kafka-reset topics test test-unit demo run clean
+.PHONY: help venv lint fmt schemas kafka-up kafka-down kafka-status kafka-reset topics test test-unit demo run \
+	chaos bench soak fuzz clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -63,6 +64,19 @@ demo: $(STAMP) topics ## run every service and a simulation of Gaohang town; end
 run: $(STAMP) topics ## run every service in the foreground (Ctrl-C stops them)
 	$(PY) -m services.supervisor
 
+chaos: $(STAMP) ## kill services and the broker under load; audit that nothing is lost or done twice
+	$(PY) -m services.chaos run $(CHAOS_ARGS)
+
+bench: $(STAMP) kafka-up ## incidents closed per second beside the raw Kafka limit (JSON on the last line)
+	$(PY) -m services.bench run $(BENCH_ARGS)
+
+soak: $(STAMP) kafka-up ## 30 minutes at half the maximum rate; RSS growth per service
+	$(PY) -m services.bench soak $(SOAK_ARGS)
+
+fuzz: $(STAMP) topics ## schemathesis against every service's OpenAPI, 200 examples per operation
+	GRIDLOOP_FUZZ_EXAMPLES=200 $(UV) run --frozen pytest tests/e2e/test_fuzz.py $(PYTEST_ARGS)
+
 clean: ## stop the broker, delete var/ and caches (keeps .venv and the Kafka jars)
 	-@bash $(KAFKA) down
+	-@bash infra/postgres/pg.sh down
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache artifacts
