@@ -24,10 +24,13 @@ class KafkaUnavailable(RuntimeError):
 
 
 def admin_client(bootstrap: str, timeout_s: float = 10.0) -> KafkaAdminClient:
+    from .settings import ServiceSettings
+
     return KafkaAdminClient(
         bootstrap_servers=bootstrap.split(","),
         client_id="gridloop-admin",
         request_timeout_ms=int(timeout_s * 1000),
+        **ServiceSettings().kafka_client_options(),
     )
 
 

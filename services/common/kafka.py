@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 class Publisher:
     """One idempotent producer per process; every send waits for all in-sync replicas."""
 
-    def __init__(self, bootstrap: str, client_id: str) -> None:
+    def __init__(self, bootstrap: str, client_id: str, **security: Any) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
+        self.security = security
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
@@ -43,6 +44,7 @@ class Publisher:
             enable_idempotence=True,
             linger_ms=2,
             request_timeout_ms=15000,
+            **self.security,
         )
         try:
             await producer.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -58,7 +59,9 @@ class Runtime:
         self.engine = make_engine(settings.database_url)
         self.tables = tuple(tables)
         self.bus = MessageBus(self.uow, handlers)
-        self.publisher = Publisher(settings.kafka_bootstrap, client_id=f"gridloop-{self.name}")
+        self.publisher = Publisher(
+            settings.kafka_bootstrap, client_id=f"gridloop-{self.name}", **settings.kafka_client_options()
+        )
         self.relay = OutboxRelay(self.engine, self.publisher)
         self.auth = TokenStore(make_engine(settings.auth_database_url))
         self.consumes = tuple(consumes)
@@ -97,6 +100,7 @@ class Runtime:
             datadir=str(s.var_dir / "faust" / f"{self.name}{'-' + s.instance if s.instance else ''}"),
             producer_acks=-1,
             logging_config=None,
+            broker_credentials=_faust_credentials(s),
         )
         if self.consumes:
             channel = app.topic(*(t.name for t in self.consumes), key_type=bytes, value_type=bytes)
@@ -202,6 +206,17 @@ class Runtime:
         level = {"warning": "warn", "critical": "crit"}.get(self.settings.log_level.lower(), self.settings.log_level)
         sys.argv = [sys.argv[0], "worker", "--loglevel", level]
         self.app.main()
+
+
+def _faust_credentials(s: ServiceSettings) -> Any:
+    if s.kafka_security_protocol == "PLAINTEXT":
+        return None
+    return faust.SASLCredentials(
+        username=s.kafka_sasl_username,
+        password=s.kafka_sasl_password.get_secret_value(),
+        mechanism=s.kafka_sasl_mechanism,
+        ssl_context=None if s.kafka_security_protocol == "SASL_PLAINTEXT" else ssl.create_default_context(),
+    )
 
 
 def _require_free_port(host: str, port: int, service: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -22,6 +22,11 @@ class ServiceSettings(BaseSettings):
     DEFAULT_HTTP_PORT: ClassVar[int] = 8100
 
     kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: str = Field(default="PLAINTEXT", pattern=r"^(PLAINTEXT|SASL_PLAINTEXT|SASL_SSL)$")
+    kafka_sasl_mechanism: str = Field(default="PLAIN", pattern=r"^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$")
+    kafka_sasl_username: str = ""
+    """Each service its own Kafka credentials where the broker asks for SASL (see docker-compose.yml)."""
+    kafka_sasl_password: SecretStr = SecretStr("")
     var_dir: Path = REPO_ROOT / "var"
     database_url: str = ""
     """SQLAlchemy URL; empty means a SQLite file var/db/<service>.sqlite."""
@@ -63,3 +68,14 @@ class ServiceSettings(BaseSettings):
     @property
     def service(self) -> str:
         return self.SERVICE
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Security options in the form aiokafka and kafka-python both take; empty for plain connections."""
+        if self.kafka_security_protocol == "PLAINTEXT":
+            return {}
+        return {
+            "security_protocol": self.kafka_security_protocol,
+            "sasl_mechanism": self.kafka_sasl_mechanism,
+            "sasl_plain_username": self.kafka_sasl_username,
+            "sasl_plain_password": self.kafka_sasl_password.get_secret_value(),
+        }

@@ -154,7 +154,7 @@ def test_gridloop_services_use_the_built_image(services: dict[str, dict[str, Any
     context = build if isinstance(build, str) else build.get("context", ".")
     dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
     assert (REPO / context / dockerfile).is_file(), f"{name}: {context}/{dockerfile} does not exist"
-    assert env_of(service)["GRIDLOOP_KAFKA_BOOTSTRAP"] == "kafka:9092"
+    assert env_of(service)["GRIDLOOP_KAFKA_BOOTSTRAP"] == "kafka:9094"  # the SASL listener
 
 
 def test_topics_runs_once_after_kafka_is_healthy(services: dict[str, dict[str, Any]]) -> None:
@@ -266,3 +266,21 @@ def test_dockerignore_keeps_state_out_and_sources_in() -> None:
         assert required in patterns, f".dockerignore does not exclude {required}/"
     for needed in ("schemas", "services", "pyproject.toml", "uv.lock", "README.md"):
         assert needed not in patterns, f".dockerignore excludes {needed}, which the image needs"
+
+
+def test_kafka_asks_every_service_for_its_own_sasl_credentials() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    services = compose["services"]
+    kafka_env = services["kafka"]["environment"]
+    assert "CLIENT:SASL_PLAINTEXT" in kafka_env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+    jaas = kafka_env["KAFKA_LISTENER_NAME_CLIENT_PLAIN_SASL_JAAS_CONFIG"]
+    users = set()
+    for name in ("intake", "dispatch", "handling", "verification", "opscenter", "topics"):
+        env = services[name]["environment"]
+        assert env["GRIDLOOP_KAFKA_BOOTSTRAP"] == "kafka:9094"
+        assert env["GRIDLOOP_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
+        user = env["GRIDLOOP_KAFKA_SASL_USERNAME"]
+        assert f'user_{user}="' in jaas, f"{name}'s Kafka user {user} is not defined on the broker"
+        assert env["GRIDLOOP_KAFKA_SASL_PASSWORD"].startswith(f"${{GRIDLOOP_KAFKA_PASSWORD_{user.upper()}")
+        users.add(user)
+    assert len(users) == 6, "each service connects with credentials of its own"
