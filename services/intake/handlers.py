@@ -153,10 +153,12 @@ def _detail(event: Event) -> str:
             return f"returned by {dept}: {reason}"
         case ev.ExtensionRequested(department_code=dept, requested_deadline=d, reason=reason):
             return f"{dept} asks until {d.isoformat()}: {reason}"
-        case ev.ExtensionGranted(new_deadline=d):
-            return f"extension granted until {d.isoformat()}"
-        case ev.ExtensionRefused(reason=reason):
-            return f"extension refused: {reason}"
+        case ev.WorkOrderAccepted(department_code=dept):
+            return f"accepted by {dept}"
+        case ev.ExtensionGranted(department_code=dept, new_deadline=d):
+            return f"{dept}: extension granted until {d.isoformat()}"
+        case ev.ExtensionRefused(department_code=dept, reason=reason):
+            return f"{dept}: extension refused: {reason}"
         case ev.WorkOrderHandled(department_code=dept, result=result):
             return f"{dept}: {result}"
         case ev.VerificationRequested(worker_id=worker):
@@ -167,8 +169,8 @@ def _detail(event: Event) -> str:
             return f"back to {dept}: {note}"
         case ev.OverdueReminded(department_code=dept, overdue_s=s):
             return f"{dept} overdue by {s:.0f} s (催办)"
-        case ev.IncidentEscalated(reason=reason):
-            return f"escalated to the operations center (督办): {reason}"
+        case ev.IncidentEscalated(reason=reason, department_code=dept):
+            return f"escalated to the operations center (督办){' from ' + dept if dept else ''}: {reason}"
         case ev.IncidentClosed(on_time=on_time):
             return "closed on time" if on_time else "closed late"
     return ""

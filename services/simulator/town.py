@@ -1,0 +1,370 @@
+"""Gaohang town's reports, as a seeded and reproducible mix: what is reported, where, by whom, in what words.
+
+Everything here is pure: ``generate_reports(count, seed)`` returns the same list for the same arguments, each
+report a valid ``ReportCreate``. The mix:
+
+* categories weighted like a town's daily load — garbage, parking, shared bikes, street vending and shop signs
+  most; illegal construction, group renting, river pollution, greenery, public toilets and idle land less;
+  safety hazards and flooding (big incidents, 大事全网联动) rarely;
+* about 3 % near-duplicates (same category a few metres from a recent report → merged),
+  about 2 % that cannot be filed (outside the town, or a category the town does not know → rejected),
+  about 8 % handled on the spot by the grid worker (小事一格解决, with evidence photos),
+  about 3 % of severity "major";
+* mostly grid workers (网格员), some citizens through the 12345 hotline, a few sensors.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+
+from schemas.events import Severity, Source
+from schemas.reference import GRIDS, Grid, grid_at
+from services.intake.models import ReportCreate
+
+# -- the mix -------------------------------------------------------------------------------------------------
+
+CATEGORY_WEIGHTS: dict[str, float] = {
+    # the daily load
+    "exposed_garbage": 14,
+    "garbage_sorting": 8,
+    "illegal_parking": 13,
+    "shared_bikes": 12,
+    "street_vending": 11,
+    "illegal_signage": 9,
+    # less often
+    "illegal_construction": 4,
+    "group_renting": 4,
+    "river_pollution": 4,
+    "greenery_damage": 5,
+    "public_toilet": 4,
+    "idle_land": 3,
+    # rare, big
+    "safety_hazard": 1,
+    "flooding": 1,
+}
+
+DUPLICATE_SHARE = 0.03
+OUTSIDE_SHARE = 0.01
+UNKNOWN_CATEGORY_SHARE = 0.01
+ON_SPOT_SHARE = 0.08
+NORMAL_SHARE = 1 - DUPLICATE_SHARE - OUTSIDE_SHARE - UNKNOWN_CATEGORY_SHARE - ON_SPOT_SHARE
+MAJOR_SHARE = 0.03
+SENSOR_SHARE = 0.06
+HOTLINE_SHARE = 0.15
+"""Of all reports; the outside ones, half the unknown ones and most near-duplicates come through 12345 too."""
+
+DUPLICATE_MAX_M = 20.0
+"""A near-duplicate lies this close to its original at most (dispatch merges within 50 m)."""
+DUPLICATE_WINDOW = (5, 25)
+"""A near-duplicate repeats one of the reports this many places earlier: recent enough to be still open."""
+
+ON_SPOT_CATEGORIES = ("exposed_garbage", "garbage_sorting", "illegal_parking", "shared_bikes", "street_vending")
+"""Small things a grid worker can fix at once (小事一格解决)."""
+
+SENSOR_CATEGORIES: dict[str, tuple[str, float]] = {
+    # category → (sensor kind, weight)
+    "flooding": ("water-level", 1),
+    "river_pollution": ("water-quality", 3),
+    "exposed_garbage": ("smart-bin", 5),
+    "illegal_parking": ("parking", 3),
+    "safety_hazard": ("smoke", 0.5),
+}
+
+UNKNOWN_CATEGORIES: dict[str, str] = {
+    "noise_complaint": "夜间施工噪声扰民，持续到凌晨",
+    "pothole_repair": "路面坑洼，电动车经过容易摔倒",
+    "stray_animals": "小区内流浪犬较多，居民担心被咬伤",
+    "tax_question": "咨询个体户开票问题",
+}
+
+# Places just outside Gaohang: Waigaoqiao to the north, Jinqiao to the south, Yangpu across the river.
+OUTSIDE_SPOTS: tuple[tuple[float, float, str], ...] = (
+    (31.3450, 121.5950, "外高桥保税区"),
+    (31.2600, 121.6050, "金桥镇"),
+    (31.2950, 121.5450, "杨浦区"),
+    (31.3000, 121.6450, "高东镇"),
+)
+
+ROADS = (
+    "东靖路",
+    "高行路",
+    "金高路",
+    "华东路",
+    "东陆路",
+    "浦东北路",
+    "莱阳路",
+    "栖山路",
+    "杨高北路",
+    "金桥路",
+    "申江路",
+    "五洲大道",
+    "洲海路",
+    "张杨北路",
+    "东高路",
+    "航津路",
+)
+PLACES = (
+    "小区门口",
+    "地铁站出口",
+    "菜场旁",
+    "公交站附近",
+    "学校门口",
+    "沿街商铺前",
+    "桥下",
+    "绿地边",
+    "小区内",
+    "路口",
+    "工业园区内",
+    "河边步道",
+)
+
+DESCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "exposed_garbage": ("{p}路边堆放生活垃圾约{n}袋，有异味", "{p}绿化带内有暴露建筑垃圾", "{p}垃圾桶满溢，散落一地"),
+    "garbage_sorting": ("{p}垃圾箱房干湿垃圾混投", "{p}分类投放点桶边散落垃圾，未分类"),
+    "illegal_parking": ("{p}机动车占用人行道停放约{n}辆", "{p}消防通道被私家车占用", "{p}非机动车乱停放堵塞盲道"),
+    "shared_bikes": ("{p}共享单车堆积约{n}辆，阻碍通行", "{p}共享单车倒伏在机动车道上"),
+    "street_vending": ("{p}有流动摊贩占道经营", "{p}沿街商铺跨门经营，占用人行道", "{p}夜间摊点占道，油烟扰民"),
+    "illegal_signage": ("{p}店招店牌破损，有坠落风险", "{p}违规设置户外广告牌", "{p}门头招牌未经审批擅自更换"),
+    "illegal_construction": ("{p}居民楼顶疑似违法搭建", "{p}底层住户私自扩建围墙和阳光房"),
+    "group_renting": ("{p}一套住房内疑似居住{n}人以上，存在群租", "{p}房屋被隔成多间出租，进出人员复杂"),
+    "river_pollution": ("{p}河道水面有漂浮物，水体发黑发臭", "{p}有排口向河道排放污水"),
+    "greenery_damage": ("{p}行道树倾斜折断", "{p}公共绿地被毁种菜", "{p}绿化带被车辆碾压损坏"),
+    "safety_hazard": ("{p}厂房仓库内堆放易燃物，消防通道堵塞", "{p}仓库私拉电线，存在火灾隐患"),
+    "flooding": ("{p}路面积水约{n}厘米，车辆通行困难", "{p}暴雨后地下通道积水严重"),
+    "public_toilet": ("{p}公厕无水，卫生状况差", "{p}公厕门锁损坏，无障碍设施不能使用"),
+    "idle_land": ("{p}闲置地块被违规堆放渣土", "{p}闲置土地被私自圈占作停车场"),
+}
+DUPLICATE_PREFIXES = ("市民再次反映：", "同一位置又有人报告：", "重复反映：")
+
+
+class ReportKind(StrEnum):
+    NORMAL = "normal"
+    DUPLICATE = "duplicate"
+    """Same category within ~20 m of a recent open report → dispatch merges it."""
+    ON_SPOT = "on_spot"
+    """小事一格解决: fixed by the grid worker at once; straight to verification."""
+    OUTSIDE = "outside"
+    """Outside every grid of the town → rejected."""
+    UNKNOWN_CATEGORY = "unknown_category"
+    """A category the town does not know → rejected."""
+
+    @property
+    def expected(self) -> str:
+        """What dispatch should make of it: ``merged``, ``rejected`` or ``filed``."""
+        if self is ReportKind.DUPLICATE:
+            return "merged"
+        if self in (ReportKind.OUTSIDE, ReportKind.UNKNOWN_CATEGORY):
+            return "rejected"
+        return "filed"
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedReport:
+    index: int
+    kind: ReportKind
+    report: ReportCreate
+    duplicate_of: int | None = None
+    """For a near-duplicate, the index of the report it repeats."""
+
+    def payload(self) -> dict[str, object]:
+        """The JSON body of POST /reports."""
+        return self.report.model_dump(mode="json")
+
+
+# -- generation ----------------------------------------------------------------------------------------------
+
+_MARGIN = 0.0006
+"""Degrees kept away from a grid's edges (~60 m), so a near-duplicate stays in the town."""
+_M_PER_DEG_LAT = 111_320.0
+
+
+def offset_m(lat: float, lon: float, distance: float, bearing_deg: float) -> tuple[float, float]:
+    """The point ``distance`` metres from (lat, lon) towards ``bearing_deg`` (flat-earth, fine under 1 km)."""
+    b = math.radians(bearing_deg)
+    dlat = distance * math.cos(b) / _M_PER_DEG_LAT
+    dlon = distance * math.sin(b) / (_M_PER_DEG_LAT * math.cos(math.radians(lat)))
+    return lat + dlat, lon + dlon
+
+
+class _Generator:
+    def __init__(self, seed: int, run_id: str) -> None:
+        self.rng = random.Random(seed)
+        self.run_id = run_id
+        self.grids: list[Grid] = list(GRIDS.values())
+        self.reports: list[PlannedReport] = []
+
+    # small pieces
+
+    def _weighted(self, weights: dict[str, float]) -> str:
+        keys = list(weights)
+        return self.rng.choices(keys, weights=[weights[k] for k in keys], k=1)[0]
+
+    def _point(self, grid: Grid) -> tuple[float, float]:
+        lat = self.rng.uniform(grid.south + _MARGIN, grid.north - _MARGIN)
+        lon = self.rng.uniform(grid.west + _MARGIN, grid.east - _MARGIN)
+        return round(lat, 6), round(lon, 6)
+
+    def _address(self, grid: Grid) -> tuple[str, str]:
+        road, place = self.rng.choice(ROADS), self.rng.choice(PLACES)
+        number = self.rng.randint(1, 2999)
+        return f"浦东新区高行镇{road}{number}号（{grid.name_zh}）", f"{road}{number}号{place}"
+
+    def _description(self, category: str, place: str) -> str:
+        template = self.rng.choice(DESCRIPTIONS[category])
+        return template.format(p=place, n=self.rng.randint(3, 30))
+
+    def _citizen(self) -> str:
+        return f"citizen-1{self.rng.choice('3589')}{self.rng.randint(0, 999_999_999):09d}"
+
+    def _photos(self, client_id: str, kind: str, at_least: int = 0) -> list[str]:
+        count = max(at_least, self.rng.choice((0, 1, 1, 2)))
+        return [f"https://oss.gaohang.example.cn/{kind}/{client_id}-{k + 1}.jpg" for k in range(count)]
+
+    def _client_id(self, index: int) -> str:
+        return f"{self.run_id}-{index:05d}"
+
+    # report kinds
+
+    def _normal(self, index: int) -> PlannedReport:
+        client_id = self._client_id(index)
+        grid = self.rng.choice(self.grids)
+        r = self.rng.random()
+        sensor_share, hotline_share = SENSOR_SHARE / NORMAL_SHARE, HOTLINE_SHARE / NORMAL_SHARE
+        if r < sensor_share:
+            category = self._weighted({c: w for c, (_, w) in SENSOR_CATEGORIES.items()})
+            sensor = f"sensor-{grid.code}-{SENSOR_CATEGORIES[category][0]}-{self.rng.randint(1, 9)}"
+            source, reporter = Source.SENSOR, sensor
+        elif r < sensor_share + hotline_share:
+            category = self._weighted(CATEGORY_WEIGHTS)
+            source, reporter = Source.HOTLINE_12345, self._citizen()
+        else:
+            category = self._weighted(CATEGORY_WEIGHTS)
+            source, reporter = Source.GRID_WORKER, self.rng.choice(grid.workers)
+        lat, lon = self._point(grid)
+        address, place = self._address(grid)
+        severity = Severity.MAJOR if self.rng.random() < MAJOR_SHARE / NORMAL_SHARE else Severity.NORMAL
+        description = self._description(category, place)
+        if severity is Severity.MAJOR:
+            description += "，情况严重，请尽快处置"
+        report = ReportCreate(
+            category_code=category,
+            lat=lat,
+            lon=lon,
+            address=address,
+            description=description,
+            photo_urls=self._photos(client_id, "photo") if source is not Source.SENSOR else [],
+            severity=severity,
+            source=source,
+            reporter_id=reporter,
+            client_report_id=client_id,
+        )
+        return PlannedReport(index, ReportKind.NORMAL, report)
+
+    def _on_spot(self, index: int) -> PlannedReport:
+        client_id = self._client_id(index)
+        grid = self.rng.choice(self.grids)
+        category = self._weighted({c: CATEGORY_WEIGHTS[c] for c in ON_SPOT_CATEGORIES})
+        lat, lon = self._point(grid)
+        address, place = self._address(grid)
+        report = ReportCreate(
+            category_code=category,
+            lat=lat,
+            lon=lon,
+            address=address,
+            description=self._description(category, place) + "，已现场处置",
+            photo_urls=self._photos(client_id, "photo", at_least=1),
+            source=Source.GRID_WORKER,
+            reporter_id=self.rng.choice(grid.workers),
+            client_report_id=client_id,
+            handled_on_spot=True,
+            evidence_urls=self._photos(client_id, "evidence", at_least=1),
+        )
+        return PlannedReport(index, ReportKind.ON_SPOT, report)
+
+    def _outside(self, index: int) -> PlannedReport:
+        lat0, lon0, where = self.rng.choice(OUTSIDE_SPOTS)
+        lat = round(lat0 + self.rng.uniform(-0.004, 0.004), 6)
+        lon = round(lon0 + self.rng.uniform(-0.004, 0.004), 6)
+        assert grid_at(lat, lon) is None
+        category = self._weighted(CATEGORY_WEIGHTS)
+        place = self.rng.choice(PLACES)
+        report = ReportCreate(
+            category_code=category,
+            lat=lat,
+            lon=lon,
+            address=f"{where}{self.rng.choice(ROADS)}附近",
+            description=self._description(category, place),
+            source=Source.HOTLINE_12345,
+            reporter_id=self._citizen(),
+            client_report_id=self._client_id(index),
+        )
+        return PlannedReport(index, ReportKind.OUTSIDE, report)
+
+    def _unknown(self, index: int) -> PlannedReport:
+        grid = self.rng.choice(self.grids)
+        category = self.rng.choice(sorted(UNKNOWN_CATEGORIES))
+        lat, lon = self._point(grid)
+        address, place = self._address(grid)
+        hotline = self.rng.random() < 0.5
+        report = ReportCreate(
+            category_code=category,
+            lat=lat,
+            lon=lon,
+            address=address,
+            description=f"{place}{UNKNOWN_CATEGORIES[category]}",
+            source=Source.HOTLINE_12345 if hotline else Source.GRID_WORKER,
+            reporter_id=self._citizen() if hotline else self.rng.choice(grid.workers),
+            client_report_id=self._client_id(index),
+        )
+        return PlannedReport(index, ReportKind.UNKNOWN_CATEGORY, report)
+
+    def _duplicate(self, index: int) -> PlannedReport | None:
+        lo, hi = DUPLICATE_WINDOW
+        recent = self.reports[max(0, index - hi) : max(0, index - lo + 1)]
+        candidates = [p for p in recent if p.kind is ReportKind.NORMAL]
+        if not candidates:
+            return None
+        original = self.rng.choice(candidates)
+        o = original.report
+        lat, lon = offset_m(o.lat, o.lon, self.rng.uniform(2.0, DUPLICATE_MAX_M), self.rng.uniform(0, 360))
+        grid = grid_at(o.lat, o.lon)
+        assert grid is not None
+        hotline = self.rng.random() < 0.6
+        others = [w for w in grid.workers if w != o.reporter_id]
+        report = ReportCreate(
+            category_code=o.category_code,
+            lat=round(lat, 6),
+            lon=round(lon, 6),
+            address=o.address,
+            description=self.rng.choice(DUPLICATE_PREFIXES) + o.description,
+            source=Source.HOTLINE_12345 if hotline or not others else Source.GRID_WORKER,
+            reporter_id=self._citizen() if hotline or not others else self.rng.choice(others),
+            client_report_id=self._client_id(index),
+        )
+        return PlannedReport(index, ReportKind.DUPLICATE, report, duplicate_of=original.index)
+
+    def next(self) -> PlannedReport:
+        index = len(self.reports)
+        r = self.rng.random()
+        planned: PlannedReport | None = None
+        if r < DUPLICATE_SHARE:
+            planned = self._duplicate(index)
+        elif r < DUPLICATE_SHARE + OUTSIDE_SHARE:
+            planned = self._outside(index)
+        elif r < DUPLICATE_SHARE + OUTSIDE_SHARE + UNKNOWN_CATEGORY_SHARE:
+            planned = self._unknown(index)
+        elif r < DUPLICATE_SHARE + OUTSIDE_SHARE + UNKNOWN_CATEGORY_SHARE + ON_SPOT_SHARE:
+            planned = self._on_spot(index)
+        if planned is None:
+            planned = self._normal(index)
+        self.reports.append(planned)
+        return planned
+
+
+def generate_reports(count: int, seed: int = 7, run_id: str = "sim") -> list[PlannedReport]:
+    """``count`` reports of Gaohang town, the same for the same seed; client report ids ``<run_id>-00000``…"""
+    gen = _Generator(seed, run_id)
+    return [gen.next() for _ in range(count)]
