@@ -25,6 +25,8 @@ from services.common.db import make_engine
 from services.supervisor import ServiceGroup, start_background
 
 BOOTSTRAP = os.environ.get("GRIDLOOP_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+PORT_OFFSET = int(os.environ.get("GRIDLOOP_TEST_PORT_OFFSET", "0"))
+"""Shifts every port the tests' services listen on, so two test runs on one machine stay apart."""
 
 
 def require_broker() -> str:
@@ -49,6 +51,7 @@ def fresh_namespace(prefix: str) -> str:
 
 
 def service_env(ns: str, var_dir: Path, base_port: int, **extra: str) -> dict[str, str]:
+    base_port += PORT_OFFSET
     env = {
         "GRIDLOOP_KAFKA_BOOTSTRAP": BOOTSTRAP,
         "GRIDLOOP_TOPIC_NAMESPACE": ns,

@@ -28,11 +28,12 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Town
+from tests.kafka_support import PORT_OFFSET
 
 ROOT = Path(__file__).resolve().parents[2]
 STATIC = ROOT / "services" / "opscenter" / "static"
 ARTIFACTS = ROOT / "artifacts"
-OPSCENTER = "http://127.0.0.1:28104"  # GRIDLOOP_OPSCENTER_HTTP_PORT of the e2e town (base port 28100 + 4)
+OPSCENTER = f"http://127.0.0.1:{28104 + PORT_OFFSET}"  # the e2e town's opscenter (base port 28100 + 4)
 DASH = "—"
 TILES = (
     "reported",
