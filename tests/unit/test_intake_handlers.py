@@ -41,7 +41,8 @@ def _outbox(engine: Engine) -> list[OutboxRecord]:
         return list(uow.session.exec(select(OutboxRecord)).all())
 
 
-def test_report_queues_one_incident_reported(engine: Engine, clock: FakeClock) -> None:
+def test_report_queues_one_incident_reported(engine: Engine, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRIDLOOP_TOPIC_NAMESPACE", raising=False)  # tests over Kafka set their own
     with UnitOfWork(engine, clock=clock) as uow:
         accepted = handlers.report_incident(_cmd(), uow)
     assert accepted.status == "reported" and not accepted.duplicate
