@@ -59,7 +59,7 @@ test-unit: $(STAMP) ## tests that need no broker
 	$(UV) run --frozen pytest tests/unit $(PYTEST_ARGS)
 
 demo: $(STAMP) topics ## run every service and a simulation of Gaohang town; ends with a table per department
-	$(PY) -m services.simulator demo
+	$(PY) -m services.simulator demo $(DEMO_ARGS)
 
 run: $(STAMP) topics ## run every service in the foreground (Ctrl-C stops them)
 	$(PY) -m services.supervisor

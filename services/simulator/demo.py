@@ -374,7 +374,7 @@ def run_demo(options: Options, console: Console | None = None) -> int:
         except (TimeoutError, RuntimeError) as exc:
             console.print(f"[red]the services did not come up:[/red] {exc}")
             return 2
-        _print_urls(console, group.urls, log_dir)
+        _print_urls(console, group.urls, log_dir, tokens.secrets.get(DESK))
         urls = Urls(
             intake=group.urls["intake"],
             dispatch=group.urls["dispatch"],
@@ -389,7 +389,7 @@ def run_demo(options: Options, console: Console | None = None) -> int:
             for name in outcome.services_down:
                 console.print(f"[red]{name}[/red] log ends with:\n{group.tail(name)}", highlight=False)
         if options.keep_running:
-            _print_urls(console, group.urls, log_dir)
+            _print_urls(console, group.urls, log_dir, tokens.secrets.get(DESK))
             console.print("the services keep running; Ctrl-C stops them")
             _wait_for_interrupt(group.exited)
         return 0 if outcome.ok else 1
@@ -401,14 +401,16 @@ def run_demo(options: Options, console: Console | None = None) -> int:
         group.stop()
 
 
-def _print_urls(console: Console, urls: dict[str, str], log_dir: Path) -> None:
+def _print_urls(console: Console, urls: dict[str, str], log_dir: Path, desk_token: str | None = None) -> None:
     table = Table(title="Services", title_justify="left", header_style="bold")
     table.add_column("service")
     table.add_column("API docs")
-    table.add_column("")
     for name, url in urls.items():
-        table.add_row(name, f"{url}/docs", f"dashboard {url}/" if name == "opscenter" else "")
+        table.add_row(name, f"{url}/docs")
     console.print(table)
+    if "opscenter" in urls:
+        fragment = f"#token={desk_token}" if desk_token else ""
+        console.print(f"城运中心 dashboard: {urls['opscenter']}/{fragment}", soft_wrap=True, highlight=False)
     console.print(f"logs in {log_dir}")
 
 
