@@ -10,7 +10,7 @@ from services.common.api import create_api
 from services.common.auth import Principal, Role
 from services.common.runtime import Runtime
 
-from . import handlers
+from . import handlers, open311
 from .models import IncidentPublic, ReportAccepted, ReportCreate
 
 
@@ -78,4 +78,5 @@ def build_api(runtime: Runtime) -> FastAPI:
                 for r in rows
             ]
 
+    api.include_router(open311.build_router(runtime), prefix=open311.PREFIX)
     return api

@@ -1,0 +1,207 @@
+"""What the Open311 reading endpoints show of intake's incidents and their timelines.
+
+Only the fields GeoReport v2 lists (and the FixMyStreet update fields) leave this module: never who reported an
+incident, nor who acted on it. Every incident is a service request, whatever channel reported it (grid worker,
+12345 hotline, sensor or Open311): the whole town's requests are public, as the spec intends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import col, select
+
+from services.common.db import UnitOfWork, as_utc
+
+from . import _open311_catalog as catalog
+from ._open311_wire import w3c
+from .models import IntakeIncident, IntakeTransition
+
+LIMIT = 1000
+"""The most requests (or updates) one query returns, as the spec's default query limit."""
+
+CLOSED = ("closed", "rejected", "merged")
+"""gridloop's final statuses: Open311 "closed". Every other status is "open"."""
+
+_ENDED_BY = {"closed": "IncidentClosed", "rejected": "IncidentRejected", "merged": "IncidentMerged"}
+
+LABELS = {
+    "IncidentReported": "已上报 reported",
+    "IncidentFiled": "已立案 filed",
+    "IncidentRejected": "不予立案 rejected",
+    "IncidentMerged": "已合并 merged",
+    "WorkOrderDispatched": "已派遣 dispatched",
+    "WorkOrderAccepted": "已签收 accepted",
+    "WorkOrderReturned": "已退回 returned",
+    "ExtensionRequested": "申请延期 extension requested",
+    "ExtensionGranted": "同意延期 extension granted",
+    "ExtensionRefused": "不同意延期 extension refused",
+    "WorkOrderHandled": "已处置 handled",
+    "VerificationRequested": "待核查 verification requested",
+    "VerificationPassed": "核查通过 verified",
+    "VerificationFailed": "核查未通过 verification failed",
+    "IncidentReworked": "返工 rework",
+    "OverdueReminded": "催办 overdue reminder",
+    "IncidentEscalated": "督办 escalated",
+    "IncidentClosed": "已结案 closed",
+}
+_WITHHELD = frozenset({"VerificationRequested"})
+"""Transitions whose detail names a person (the verifying grid worker): only their label is shown."""
+
+UPDATE_STATUS = {
+    "IncidentReported": "open",
+    "IncidentFiled": "investigating",
+    "WorkOrderDispatched": "action_scheduled",
+    "WorkOrderAccepted": "in_progress",
+    "WorkOrderReturned": "internal_referral",
+    "WorkOrderHandled": "in_progress",
+    "VerificationRequested": "in_progress",
+    "VerificationFailed": "in_progress",
+    "IncidentReworked": "in_progress",
+    "IncidentClosed": "fixed",
+    "IncidentRejected": "no_further_action",
+    "IncidentMerged": "duplicate",
+}
+"""The FixMyStreet status after each transition; the others (reminders, extensions, …) leave it as it was."""
+_FINAL_UPDATE = frozenset({"fixed", "no_further_action", "duplicate"})
+
+
+def public_status(status: str) -> str:
+    return "closed" if status in CLOSED else "open"
+
+
+def transition_text(t: IntakeTransition) -> str:
+    label = LABELS.get(t.type, t.type)
+    return f"{label}: {t.detail}" if t.detail and t.type not in _WITHHELD else label
+
+
+def _chunks(ids: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
+    for i in range(0, len(ids), size):
+        yield ids[i : i + size]
+
+
+def _timelines(uow: UnitOfWork, ids: Sequence[str], until: datetime | None = None) -> list[IntakeTransition]:
+    found: list[IntakeTransition] = []
+    for chunk in _chunks(list(dict.fromkeys(ids))):
+        q = select(IntakeTransition).where(col(IntakeTransition.incident_id).in_(chunk))
+        if until is not None:
+            q = q.where(col(IntakeTransition.occurred_at) <= until.astimezone(UTC))
+        found.extend(uow.session.exec(q).all())
+    found.sort(key=lambda t: (as_utc(t.occurred_at), t.id or 0))
+    return found
+
+
+def _status_notes(uow: UnitOfWork, rows: Sequence[IntakeIncident]) -> dict[str, str]:
+    """Why each request is as it is: what ended it (rejection reason, merged into, closed), else its last step."""
+    status = {r.incident_id: r.status for r in rows}
+    notes: dict[str, str] = {}
+    ended: dict[str, str] = {}
+    for t in _timelines(uow, list(status)):
+        notes[t.incident_id] = transition_text(t)
+        if _ENDED_BY.get(status[t.incident_id]) == t.type:
+            ended[t.incident_id] = notes[t.incident_id]
+    return notes | ended
+
+
+def _request(row: IntakeIncident, note: str | None) -> dict[str, Any]:
+    departments = [d for d in row.departments.split() if d]
+    photos = row.photo_urls.split()
+    updated = row.closed_at if row.status == "closed" and row.closed_at else row.updated_at
+    return {
+        "service_request_id": row.incident_id,
+        "status": public_status(row.status),
+        "status_notes": note,
+        "service_name": catalog.service_name(row.category_code),
+        "service_code": row.category_code,
+        "description": row.description,
+        "agency_responsible": catalog.agency(departments),
+        "service_notice": catalog.service_notice(row.category_code),
+        "requested_datetime": w3c(row.reported_at),
+        "updated_datetime": w3c(updated),
+        "expected_datetime": w3c(row.deadline),
+        "address": row.address or None,
+        "address_id": None,
+        "zipcode": None,
+        "lat": row.lat,
+        "long": row.lon,
+        "media_url": photos[0] if photos else None,
+    }
+
+
+def _requests(uow: UnitOfWork, rows: Sequence[IntakeIncident]) -> list[dict[str, Any]]:
+    notes = _status_notes(uow, rows)
+    return [_request(r, notes.get(r.incident_id)) for r in rows]
+
+
+def request_by_id(uow: UnitOfWork, service_request_id: str) -> dict[str, Any] | None:
+    row = uow.session.get(IntakeIncident, service_request_id)
+    return _requests(uow, [row])[0] if row is not None else None
+
+
+def requests_by_ids(uow: UnitOfWork, ids: Sequence[str]) -> list[dict[str, Any]]:
+    rows: list[IntakeIncident] = []
+    for chunk in _chunks(list(dict.fromkeys(ids))[:LIMIT]):
+        rows.extend(uow.session.exec(select(IntakeIncident).where(col(IntakeIncident.incident_id).in_(chunk))).all())
+    rows.sort(key=lambda r: (as_utc(r.reported_at), r.incident_id), reverse=True)
+    return _requests(uow, rows)
+
+
+def requests_matching(
+    uow: UnitOfWork, codes: Sequence[str], statuses: set[str], start: datetime, end: datetime | None
+) -> list[dict[str, Any]]:
+    """Requests made from ``start`` to ``end`` (inclusive), newest first, at most :data:`LIMIT`."""
+    q = select(IntakeIncident).where(col(IntakeIncident.reported_at) >= start.astimezone(UTC))
+    if end is not None:
+        q = q.where(col(IntakeIncident.reported_at) <= end.astimezone(UTC))
+    if codes:
+        q = q.where(col(IntakeIncident.category_code).in_(codes))
+    if statuses == {"open"}:
+        q = q.where(col(IntakeIncident.status).not_in(CLOSED))
+    elif statuses == {"closed"}:
+        q = q.where(col(IntakeIncident.status).in_(CLOSED))
+    q = q.order_by(col(IntakeIncident.reported_at).desc(), col(IntakeIncident.incident_id).desc()).limit(LIMIT)
+    return _requests(uow, uow.session.exec(q).all())
+
+
+def updates(uow: UnitOfWork, start: datetime, end: datetime | None) -> list[dict[str, Any]]:
+    """One update per timeline transition from ``start`` to ``end``, oldest first, at most :data:`LIMIT`.
+
+    The status is FixMyStreet's (open, investigating, action_scheduled, in_progress, internal_referral, fixed,
+    no_further_action, duplicate), found by following each incident's timeline from its report."""
+    q = select(IntakeTransition).where(col(IntakeTransition.occurred_at) >= start.astimezone(UTC))
+    if end is not None:
+        q = q.where(col(IntakeTransition.occurred_at) <= end.astimezone(UTC))
+    q = q.order_by(col(IntakeTransition.occurred_at), col(IntakeTransition.id)).limit(LIMIT)
+    wanted = list(uow.session.exec(q).all())
+    if not wanted:
+        return []
+    ids = [t.incident_id for t in wanted]
+    media: dict[str, str | None] = {}
+    for chunk in _chunks(list(dict.fromkeys(ids))):
+        for incident_id, photos in uow.session.exec(
+            select(IntakeIncident.incident_id, IntakeIncident.photo_urls).where(
+                col(IntakeIncident.incident_id).in_(chunk)
+            )
+        ).all():
+            media[incident_id] = next(iter(photos.split()), None)
+    status_after: dict[str, str] = {}
+    running: dict[str, str] = {}
+    for t in _timelines(uow, ids, until=max(as_utc(t.occurred_at) for t in wanted)):
+        now = running.get(t.incident_id, "open")
+        new = UPDATE_STATUS.get(t.type, now)
+        if now not in _FINAL_UPDATE or new in _FINAL_UPDATE:
+            now = new
+        running[t.incident_id] = status_after[t.event_id] = now
+    return [
+        {
+            "update_id": t.event_id,
+            "service_request_id": t.incident_id,
+            "status": status_after.get(t.event_id, "open"),
+            "updated_datetime": w3c(t.occurred_at),
+            "description": transition_text(t),
+            "media_url": media.get(t.incident_id) if t.type == "IncidentReported" else None,
+        }
+        for t in wanted
+    ]
