@@ -2,6 +2,8 @@
 
 python -m services.admin topics create     # create every topic of the catalog (idempotent)
 python -m services.admin topics list
+python -m services.admin deadletters list      # records no consumer could process, with the reason
+python -m services.admin deadletters replay --offset N   # send one again to its source topic after a fix
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Annotated
 import typer
 
 from schemas.topics import CATALOG
+from services.admin.deadletters import cli as deadletters_cli
 from services.common.admin import create_topics, list_topics
 from services.common.auth import Role, TokenStore
 from services.common.settings import ServiceSettings
@@ -20,6 +23,7 @@ topics_cli = typer.Typer(help="Kafka topics of the catalog", no_args_is_help=Tru
 cli.add_typer(topics_cli, name="topics")
 tokens_cli = typer.Typer(help="API tokens: issue (shown once, stored hashed), list, revoke", no_args_is_help=True)
 cli.add_typer(tokens_cli, name="tokens")
+cli.add_typer(deadletters_cli, name="deadletters")
 
 
 def _bootstrap() -> str:

@@ -2,25 +2,107 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
-from sqlalchemy.exc import OperationalError
+from pydantic import BaseModel
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException
 
 from . import metrics
 from .auth import Unauthenticated
 from .errors import Forbidden, NotFound, Rejected, Unavailable
 
+RETRY_AFTER_S = "5"
+"""Seconds a client is asked to wait before retrying a 503."""
 
-def _reason(status: int, reason: str, **extra: Any) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": reason, **extra})
+
+def _reason(status: int, reason: str, headers: Mapping[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": reason, **extra}, headers=headers)
+
+
+class Problem(BaseModel):
+    field: str
+    problem: str
+
+
+class ErrorReply(BaseModel):
+    """Every refusal or failure: the reason in one line; an invalid request (422) also lists each problem."""
+
+    error: str
+    details: list[Problem] | None = None
+
+
+_ERRORS: dict[str, str] = {
+    "400": "malformed request body",
+    "401": "no valid token: none, unknown or revoked",
+    "403": "the caller may not do this",
+    "404": "not found, or not visible to the caller",
+    "409": "not allowed in the current state",
+    "422": "invalid request: each problem with its field",
+    "503": "database unavailable: nothing was recorded; retry later",
+}
+_HEADERS: dict[str, dict[str, Any]] = {
+    "401": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+    "503": {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}},
+}
+_FASTAPI_422 = "#/components/schemas/HTTPValidationError"
+
+
+def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
+    """Declare, once for every route, the errors create_api's handlers answer, as they answer them.
+
+    A route behind a token may answer 401, 403, 422 and 503 (and 400 for a body that cannot be parsed) besides
+    what it declares itself (404, 409); each is ``ErrorReply``. FastAPI's own 422 schema, which these APIs never
+    send, is replaced everywhere. Routes that answer in another format (Open311's) declare their own and are left
+    as they are."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    reply = ErrorReply.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(reply.pop("$defs", {}))
+    schemas["ErrorReply"] = reply
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorReply"}}}
+    for item in spec.get("paths", {}).values():
+        for op in item.values():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            responses: dict[str, Any] = op["responses"]
+            params = op.get("parameters", [])
+            if any(p.get("in") == "header" and p.get("name", "").lower() == "authorization" for p in params):
+                for status in ("401", "403", "422", "503", *(("400",) if "requestBody" in op else ())):
+                    responses.setdefault(status, {"description": _ERRORS[status]})
+                for status, answer in responses.items():
+                    if status in _ERRORS:
+                        answer["content"] = content
+                        if status in _HEADERS:
+                            answer["headers"] = _HEADERS[status]
+            elif (responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})).get(
+                "$ref"
+            ) == _FASTAPI_422:
+                responses["422"] = {"description": _ERRORS["422"], "content": content}
+    if _FASTAPI_422 not in str(spec.get("paths")):
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+    return spec
 
 
 def create_api(service: str, *, title: str, description: str = "", version: str = "1.0.0") -> FastAPI:
     api = FastAPI(title=title, description=description, version=version)
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            api.openapi_schema = document_errors(FastAPI.openapi(api))
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
+
+    @api.exception_handler(HTTPException)
+    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+        """FastAPI's and Starlette's own refusals (a body that cannot be parsed, no such path) in the same shape."""
+        return _reason(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -51,11 +133,14 @@ def create_api(service: str, *, title: str, description: str = "", version: str 
 
     @api.exception_handler(Unavailable)
     async def _unavailable(_request: Request, exc: Unavailable) -> JSONResponse:
-        return _reason(503, str(exc))
+        return _reason(503, str(exc), headers={"Retry-After": RETRY_AFTER_S})
 
-    @api.exception_handler(OperationalError)
-    async def _db_down(_request: Request, exc: OperationalError) -> JSONResponse:
-        return _reason(503, "database unavailable: the request was not recorded; retry later")
+    async def _db_down(_request: Request, exc: Exception) -> JSONResponse:
+        reason = "database unavailable: the request was not recorded; retry later"
+        return _reason(503, reason, headers={"Retry-After": RETRY_AFTER_S})
+
+    api.add_exception_handler(OperationalError, _db_down)  # cannot connect, locked, read-only, disk full
+    api.add_exception_handler(InterfaceError, _db_down)  # the connection was lost
 
     @api.get("/health", tags=["ops"], summary="Liveness of the service")
     async def health() -> dict[str, str]:

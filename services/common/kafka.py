@@ -13,7 +13,6 @@ import orjson
 import sqlalchemy as sa
 from aiokafka import AIOKafkaProducer
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
 
 from schemas import Event, encode_event, topics_for, utcnow
 from schemas.topics import DEADLETTER
@@ -59,6 +58,10 @@ class Publisher:
             await producer.stop()
 
     @property
+    def started(self) -> bool:
+        return self._producer is not None
+
+    @property
     def producer(self) -> AIOKafkaProducer:
         if self._producer is None:
             raise RuntimeError("publisher not started")
@@ -83,21 +86,35 @@ class Publisher:
         )
 
 
+_OUTBOX: sa.Table = OutboxRecord.__table__  # type: ignore[attr-defined]
+
+
 class OutboxRelay:
-    """Publishes committed outbox records in order and marks them sent. At least once: consumers dedupe."""
+    """Publishes committed outbox records in order and marks them sent. At least once: consumers dedupe.
+
+    Works on the outbox table with Core statements (no ORM objects): it runs after every consumed record that
+    emitted events, so its cost is paid per message."""
 
     def __init__(self, engine: Engine, publisher: Publisher, batch: int = 500) -> None:
         self.engine = engine
         self.publisher = publisher
         self.batch = batch
         self._lock = asyncio.Lock()
+        t = _OUTBOX.c
+        self._select = (
+            sa.select(t.id, t.incident_id, t.type, t.topics, t.payload)
+            .where(t.published_at.is_(None))
+            .order_by(t.id)
+            .limit(batch)
+        )
+        self._mark = sa.update(_OUTBOX).where(t.id.in_(sa.bindparam("ids", expanding=True)))
 
     def pending(self) -> int:
-        with Session(self.engine) as s:
+        with self.engine.connect() as conn:
             return int(
-                s.exec(
-                    select(sa.func.count()).select_from(OutboxRecord).where(col(OutboxRecord.published_at).is_(None))
-                ).one()
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(_OUTBOX).where(_OUTBOX.c.published_at.is_(None))
+                ).scalar_one()
             )
 
     async def flush(self) -> int:
@@ -105,30 +122,25 @@ class OutboxRelay:
         sent = 0
         async with self._lock:
             while True:
-                with Session(self.engine) as s:
-                    rows = s.exec(
-                        select(OutboxRecord)
-                        .where(col(OutboxRecord.published_at).is_(None))
-                        .order_by(col(OutboxRecord.id))
-                        .limit(self.batch)
-                    ).all()
-                    if not rows:
-                        return sent
-                    await self.publisher.send_all(
-                        [
-                            (topic, r.incident_id.encode(), r.payload, [("type", r.type.encode())])
-                            for r in rows
-                            for topic in r.topics.split(",")
-                        ]
-                    )
-                    ids = [r.id for r in rows]
-                    payloads = [r.payload for r in rows]
-                    s.exec(  # type: ignore[call-overload]
-                        sa.update(OutboxRecord).where(col(OutboxRecord.id).in_(ids)).values(published_at=utcnow())
-                    )
-                    s.commit()
-                    sent += len(rows)
-                    metrics.observe_outbox(payloads)
+                with self.engine.connect() as conn:
+                    rows = conn.execute(self._select).all()
+                if not rows:
+                    return sent
+                await self.publisher.send_all(
+                    [
+                        (topic, incident_id.encode(), payload, [("type", kind.encode())])
+                        for _id, incident_id, kind, topics, payload in rows
+                        for topic in topics.split(",")
+                    ]
+                )
+                # marked only once the broker has every record (acks=all): a crash before this line means the
+                # records go out again, and consumers skip them by event id
+                with self.engine.begin() as conn:
+                    conn.execute(self._mark.values(published_at=utcnow()), {"ids": [r[0] for r in rows]})
+                sent += len(rows)
+                metrics.observe_outbox([r[4] for r in rows])
+                if len(rows) < self.batch:
+                    return sent  # drained; anything committed meanwhile is flushed by whoever committed it
 
 
 def dead_letter_record(

@@ -9,6 +9,7 @@ topic with the reason; the stream goes on. A database that is down is retried wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import sys
@@ -21,7 +22,7 @@ import faust
 import sqlalchemy as sa
 from aiokafka.errors import KafkaError as _KafkaError
 from fastapi import Depends
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from schemas import DecodeError, Event, decode_event
@@ -40,11 +41,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gridloop")
 
-_TRANSIENT = (OperationalError, DBAPIError)
+_TRANSIENT = (OperationalError, InterfaceError)
+"""A database that cannot be reached (or is locked) now: retried. Any other database error is a bug in the
+handler or the data (an IntegrityError, say): retried, it would stop the stream for ever; it is dead-lettered."""
 
 
 class Runtime:
     """Everything one service process owns: settings, database, bus, publisher, outbox relay, faust app."""
+
+    flush_wait_s: float = 2.0
+    """How long a caller of :meth:`flush_outbox` waits for the broker; the flush itself goes on."""
 
     def __init__(
         self,
@@ -66,6 +72,8 @@ class Runtime:
         self.auth = TokenStore(make_engine(settings.auth_database_url))
         self.consumes = tuple(consumes)
         self._publisher_ready = asyncio.Lock()
+        self._flushing: asyncio.Task[None] | None = None
+        self._flush_wanted = False
         self.app = self._faust_app()
 
     # -- units of work -------------------------------------------------------------------------------
@@ -127,6 +135,8 @@ class Runtime:
     # -- processing ------------------------------------------------------------------------------------
 
     async def ensure_publisher(self) -> None:
+        if self.publisher.started:
+            return  # the common case, on every flush: no lock, no retry machinery
         async with self._publisher_ready:
             async for attempt in _forever("Kafka producer"):
                 with attempt:
@@ -156,6 +166,14 @@ class Runtime:
 
     async def apply(self, event: Event) -> list[Event]:
         """Run the bus for ``event``, retrying while the database is unreachable."""
+        started = time.perf_counter()
+        try:  # the common case first, without the retry machinery's cost per message
+            emitted = self.bus.handle(event)
+        except _RETRYABLE as exc:
+            log.warning("database unavailable (%s); retrying", exc)
+        else:
+            metrics.HANDLE_SECONDS.labels(self.name, event.type).observe(time.perf_counter() - started)
+            return emitted
         async for attempt in _forever("database"):
             with attempt:
                 started = time.perf_counter()
@@ -165,14 +183,32 @@ class Runtime:
         raise AssertionError("unreachable")
 
     async def flush_outbox(self) -> None:
-        try:
-            await self.ensure_publisher()
-            sent = await self.relay.flush()
-            if sent:
-                metrics.OUTBOX_PUBLISHED.labels(self.name).inc(sent)
-            metrics.OUTBOX_PENDING.labels(self.name).set(self.relay.pending())
-        except Exception as exc:  # the records stay in the outbox; the timer tries again
-            log.warning("outbox not flushed yet (%s: %s); will retry", type(exc).__name__, exc)
+        """Publish the outbox now, waiting at most ``flush_wait_s``.
+
+        What is in the outbox is already durable: a caller (an API request, the consumer) must not hang on a
+        broker that is down. The flush goes on in the background — one at a time, a call made meanwhile asking
+        for one more round — connecting with backoff, and the outbox timer keeps trying."""
+        self._flush_wanted = True
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.ensure_future(self._flush_while_wanted())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.flush_wait_s):
+                await asyncio.shield(self._flushing)
+
+    async def _flush_while_wanted(self) -> None:
+        while self._flush_wanted:
+            self._flush_wanted = False
+            try:
+                await self.ensure_publisher()
+                sent = await self.relay.flush()
+                if sent:
+                    metrics.OUTBOX_PUBLISHED.labels(self.name).inc(sent)
+                metrics.OUTBOX_PENDING.labels(self.name).set(0)  # a flush that returns has drained the outbox
+            except Exception as exc:  # the records stay in the outbox; the timer tries again
+                log.warning("outbox not flushed yet (%s: %s); will retry", type(exc).__name__, exc)
+                with contextlib.suppress(Exception):  # the database may be what failed
+                    metrics.OUTBOX_PENDING.labels(self.name).set(self.relay.pending())
+                return
 
     async def dead_letter(self, message: Any, reason: str, *, kind: str) -> None:
         metrics.DEAD_LETTERS.labels(self.name, kind).inc()
@@ -234,12 +270,19 @@ def _require_free_port(host: str, port: int, service: str) -> None:
             ) from None
 
 
+_RETRYABLE = (*_TRANSIENT, OSError, ConnectionError, asyncio.TimeoutError, _KafkaError)
+
+
 def _forever(what: str) -> AsyncRetrying:
     def _log(state: Any) -> None:
-        log.warning("%s unavailable (%s); retrying", what, state.outcome.exception() if state.outcome else "?")
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "%s unavailable (%s: %s); retry %d in %.1f s", what, type(exc).__name__, exc, state.attempt_number, wait
+        )
 
     return AsyncRetrying(
-        retry=retry_if_exception_type((*_TRANSIENT, OSError, ConnectionError, asyncio.TimeoutError, _KafkaError)),
+        retry=retry_if_exception_type(_RETRYABLE),
         wait=wait_exponential(multiplier=0.2, max=5),
         before_sleep=_log,
         reraise=True,
@@ -252,7 +295,9 @@ def _retry_sync(what: str, fn: Callable[[], None]) -> None:
     for attempt in Retrying(
         retry=retry_if_exception_type(_TRANSIENT),
         wait=wait_exponential(multiplier=0.2, max=5),
-        before_sleep=lambda s: log.warning("%s unavailable; retrying", what),
+        before_sleep=lambda s: log.warning(
+            "%s unavailable (%s); retry %d", what, s.outcome.exception() if s.outcome else "?", s.attempt_number
+        ),
         reraise=True,
     ):
         with attempt:

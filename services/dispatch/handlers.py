@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import col, select
 
 from schemas import Actor, Event, Location
@@ -404,6 +405,25 @@ def decide_extension(
 # -- watchdog (催办 / 督办) -----------------------------------------------------------------------------------
 
 
+def _take_step(uow: UnitOfWork, order: DispatchWorkOrder, column: str, now: datetime) -> bool:
+    """Compare-and-set ``column`` (reminded_at / escalated_at) of a late order as the watchdog saw it.
+
+    Two dispatch instances over one database both run the watchdog: of two that saw the same late order, only the
+    one whose UPDATE changed the row emits the event. The row must still be active, unmarked and due by the deadline
+    read, so a rework or extension committed meanwhile (new deadline, marks cleared) is not reminded stale."""
+    result = uow.session.connection().execute(
+        sa.update(DispatchWorkOrder)
+        .where(
+            col(DispatchWorkOrder.work_order_id) == order.work_order_id,
+            col(getattr(DispatchWorkOrder, column)).is_(None),
+            col(DispatchWorkOrder.status).in_(OrderStatus.ACTIVE),
+            col(DispatchWorkOrder.deadline) == order.deadline,
+        )
+        .values({column: now})
+    )
+    return bool(result.rowcount == 1)
+
+
 def watch_deadlines(uow: UnitOfWork, policy: DispatchSettings) -> int:
     """Remind every active work order past its deadline once, escalate it once when far past. Returns events."""
     now = uow.now()
@@ -428,16 +448,14 @@ def watch_deadlines(uow: UnitOfWork, policy: DispatchSettings) -> int:
             work_order_id=order.work_order_id,
             department_code=order.department_code,
         )
-        if order.reminded_at is None:
-            order.reminded_at = now
+        if order.reminded_at is None and _take_step(uow, order, "reminded_at", now):
             uow.emit(
                 ev.OverdueReminded(
                     **common, actor=WATCHDOG, deadline=deadline, overdue_s=(now - deadline).total_seconds()
                 )
             )
             emitted += 1
-        if now - deadline >= escalate_after:
-            order.escalated_at = now
+        if now - deadline >= escalate_after and _take_step(uow, order, "escalated_at", now):
             uow.emit(
                 ev.IncidentEscalated(
                     **common,

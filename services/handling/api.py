@@ -62,7 +62,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         status: Annotated[str | None, Query(pattern=_ORDER_STATUS)] = None,
         overdue: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     ) -> list[WorkOrderPublic]:
         """A department's queue, earliest deadline first. Department staff see only their own office's."""
         if who.role is Role.DEPARTMENT:
@@ -149,7 +149,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         status: Annotated[str | None, Query(pattern=_DELIVERY_STATUS)] = None,
         department: Annotated[str | None, Query(max_length=40, pattern=_CODE)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     ) -> list[WebhookDeliveryPublic]:
         """Pushes to departments' own systems, newest first: pending, delivered, or failed (given up)."""
         with runtime.uow() as uow:

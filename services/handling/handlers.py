@@ -152,9 +152,26 @@ def _order_for(uow: UnitOfWork, work_order_id: str, cmd: DepartmentCommand) -> t
     return order, Actor(kind=ActorKind.DEPARTMENT, id=cmd.actor_id, department=order.department_code)
 
 
-def _require(order: HandlingWorkOrder, allowed: tuple[str, ...], action: str) -> None:
+def _require(uow: UnitOfWork, order: HandlingWorkOrder, allowed: tuple[str, ...], action: str) -> None:
+    """The order must be in one of ``allowed`` states — and still as it was read when this unit of work writes it.
+
+    Two instances of handling share one database: two requests for the same order (a client retrying on the other
+    instance while the first try is still served, two staff at once) both read it, say, ``dispatched``. The
+    compare-and-set takes the row for this transaction only if no one changed it since; of the two, one applies
+    and the other is refused (409) as if it had come second."""
     if order.status not in allowed:
         raise Rejected(f"work order {order.work_order_id} is {order.status}; {action} needs it {' or '.join(allowed)}")
+    taken = uow.session.connection().execute(
+        sa.update(HandlingWorkOrder)
+        .where(
+            col(HandlingWorkOrder.work_order_id) == order.work_order_id,
+            col(HandlingWorkOrder.status) == order.status,
+            col(HandlingWorkOrder.extension_status) == order.extension_status,
+        )
+        .values(status=order.status)
+    )
+    if taken.rowcount != 1:
+        raise Rejected(f"work order {order.work_order_id} was changed meanwhile; {action} refused")
 
 
 def _common(order: HandlingWorkOrder, actor: Actor, uow: UnitOfWork) -> dict[str, Any]:
@@ -171,7 +188,7 @@ def _common(order: HandlingWorkOrder, actor: Actor, uow: UnitOfWork) -> dict[str
 def accept_work_order(work_order_id: str, cmd: AcceptWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
     """签收: dispatched → accepted."""
     order, actor = _order_for(uow, work_order_id, cmd)
-    _require(order, (OrderStatus.DISPATCHED,), "accepting")
+    _require(uow, order, (OrderStatus.DISPATCHED,), "accepting")
     order.status, order.accepted_at = OrderStatus.ACCEPTED, uow.now()
     uow.emit(ev.WorkOrderAccepted(**_common(order, actor, uow)))
     uow.commit()
@@ -181,7 +198,7 @@ def accept_work_order(work_order_id: str, cmd: AcceptWorkOrder, uow: UnitOfWork)
 def return_work_order(work_order_id: str, cmd: ReturnWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
     """退回: dispatched or accepted → returned; the center routes the work elsewhere."""
     order, actor = _order_for(uow, work_order_id, cmd)
-    _require(order, (OrderStatus.DISPATCHED, OrderStatus.ACCEPTED), "returning")
+    _require(uow, order, (OrderStatus.DISPATCHED, OrderStatus.ACCEPTED), "returning")
     order.status = OrderStatus.RETURNED
     uow.emit(ev.WorkOrderReturned(**_common(order, actor, uow), reason=cmd.reason))
     uow.commit()
@@ -191,7 +208,7 @@ def return_work_order(work_order_id: str, cmd: ReturnWorkOrder, uow: UnitOfWork)
 def request_extension(work_order_id: str, cmd: RequestExtension, uow: UnitOfWork) -> WorkOrderAction:
     """延期: from accepted or rework, one request at a time, for a deadline later than the current one."""
     order, actor = _order_for(uow, work_order_id, cmd)
-    _require(order, (OrderStatus.ACCEPTED, OrderStatus.REWORK), "asking for an extension")
+    _require(uow, order, (OrderStatus.ACCEPTED, OrderStatus.REWORK), "asking for an extension")
     if order.extension_status == ExtensionStatus.REQUESTED:
         raise Rejected(f"work order {work_order_id} already has an extension request pending")
     deadline = as_utc(order.deadline)
@@ -215,7 +232,7 @@ def request_extension(work_order_id: str, cmd: RequestExtension, uow: UnitOfWork
 def handle_work_order(work_order_id: str, cmd: HandleWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
     """处置: accepted or rework → handled, with the result and evidence for the verifier."""
     order, actor = _order_for(uow, work_order_id, cmd)
-    _require(order, (OrderStatus.ACCEPTED, OrderStatus.REWORK), "handling")
+    _require(uow, order, (OrderStatus.ACCEPTED, OrderStatus.REWORK), "handling")
     order.status, order.handled_at = OrderStatus.HANDLED, uow.now()
     if order.extension_status == ExtensionStatus.REQUESTED:  # done in time after all: the request lapses
         order.extension_status, order.requested_deadline = ExtensionStatus.NONE, None

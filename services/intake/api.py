@@ -62,7 +62,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         who: Principal = Reader,
         status: Annotated[str | None, Query(max_length=20, pattern=r"^[a-z_]+$")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     ) -> list[dict[str, object]]:
         """Recent incidents the caller may see, newest first, optionally by status."""
         with runtime.uow() as uow:

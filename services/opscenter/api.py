@@ -22,6 +22,10 @@ from .kpis import Dimension, KpiReport, Period, kpi_report, to_csv_rows
 STATIC = Path(__file__).parent / "static"
 
 
+class GeoJSONResponse(JSONResponse):
+    media_type = "application/geo+json"
+
+
 def build_api(runtime: Runtime) -> FastAPI:
     Center = runtime.allow(Role.OPS_CENTER, Role.ADMIN)
     api = create_api(
@@ -39,7 +43,7 @@ def build_api(runtime: Runtime) -> FastAPI:
     async def kpis(
         who: Principal = Center,
         period: Period = Period.DAY,
-        at: date | None = None,
+        at: Annotated[date | None, Query(ge=date(1970, 1, 1), le=date(2999, 12, 31))] = None,
         by: Dimension = Dimension.DEPARTMENT,
     ) -> KpiReport:
         """KPIs for the period containing ``at`` (default today, UTC) and the previous one (环比)."""
@@ -54,7 +58,7 @@ def build_api(runtime: Runtime) -> FastAPI:
     async def kpis_csv(
         who: Principal = Center,
         period: Period = Period.DAY,
-        at: date | None = None,
+        at: Annotated[date | None, Query(ge=date(1970, 1, 1), le=date(2999, 12, 31))] = None,
         by: Dimension = Dimension.DEPARTMENT,
     ) -> Response:
         buf = io.StringIO()
@@ -86,17 +90,17 @@ def build_api(runtime: Runtime) -> FastAPI:
         with runtime.uow() as uow:
             return views.trend(uow.session, uow.now(), days)
 
-    @api.get("/api/map/incidents", tags=["map"])
-    async def map_incidents(who: Principal = Center) -> JSONResponse:
+    @api.get("/api/map/incidents", tags=["map"], response_class=GeoJSONResponse)
+    async def map_incidents(who: Principal = Center) -> GeoJSONResponse:
         """GeoJSON points of open incidents (风险一张图)."""
         with runtime.uow() as uow:
-            return JSONResponse(views.open_incidents_geojson(uow.session, uow.now()), media_type="application/geo+json")
+            return GeoJSONResponse(views.open_incidents_geojson(uow.session, uow.now()))
 
-    @api.get("/api/map/grids", tags=["map"])
-    async def map_grids(who: Principal = Center) -> JSONResponse:
+    @api.get("/api/map/grids", tags=["map"], response_class=GeoJSONResponse)
+    async def map_grids(who: Principal = Center) -> GeoJSONResponse:
         """GeoJSON polygons of the grid cells with their open incidents."""
         with runtime.uow() as uow:
-            return JSONResponse(views.grids_geojson(uow.session), media_type="application/geo+json")
+            return GeoJSONResponse(views.grids_geojson(uow.session))
 
     @api.get("/", include_in_schema=False, response_model=None)
     async def dashboard() -> Any:

@@ -54,7 +54,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         grid_id: Annotated[str | None, Query(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$")] = None,
         status: Annotated[str | None, Query(pattern=r"^(pending|passed|failed)$")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     ) -> list[VerificationPublic]:
         """A worker's (or a grid's) verification queue, oldest request first."""
         with runtime.uow() as uow:

@@ -1,0 +1,123 @@
+"""``python -m services.bench run`` (behind ``make bench``) and ``python -m services.bench soak`` (``make soak``).
+
+The last line printed is the result as one JSON object; everything before it is for people.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from . import stats
+from .harness import DEFAULT_BASE_PORT, DEFAULT_RATES, Bench, Options, Soak
+
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+
+BasePort = Annotated[
+    int,
+    typer.Option(help="intake listens on base+1, handling +2, verification +3, opscenter +4, dispatch +5."),
+]
+Bootstrap = Annotated[str, typer.Option(envvar="GRIDLOOP_KAFKA_BOOTSTRAP", help="Kafka bootstrap servers.")]
+Profile = Annotated[
+    list[str] | None,
+    typer.Option(help="Run this service under pyinstrument (repeatable); the HTML report lands in the run dir."),
+]
+PollS = Annotated[float, typer.Option(min=0.01, help="How often department desks and grid workers poll their queue.")]
+KeepDb = Annotated[bool, typer.Option(help="Keep the services' SQLite databases of the run.")]
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    rates = tuple(sorted({float(r) for r in text.replace(" ", "").split(",") if r}))
+    if not rates or rates[0] <= 0:
+        raise typer.BadParameter("a comma-separated list of positive incidents/s")
+    return rates
+
+
+@app.callback()
+def main() -> None:
+    """gridloop's benchmark: the raw Kafka limit, the closed loop's sustained rate, latency and resources."""
+
+
+@app.command()
+def run(
+    rates: Annotated[str, typer.Option(help="Offered rates to climb (incidents/s), comma-separated.")] = ",".join(
+        f"{r:g}" for r in DEFAULT_RATES
+    ),
+    step_s: Annotated[float, typer.Option(min=1.0, help="Seconds per step.")] = 60.0,
+    refine: Annotated[int, typer.Option(min=0, help="Bisections past the last sustained rate.")] = 1,
+    raw_s: Annotated[float, typer.Option(min=0.0, help="Seconds of the raw Kafka measurement (0: skip).")] = 15.0,
+    raw_count: Annotated[int, typer.Option(min=0, help="Produce exactly this many raw records instead.")] = 0,
+    smoke: Annotated[bool, typer.Option(help="Tiny steps, to try the benchmark in about a minute.")] = False,
+    poll_s: PollS = 0.2,
+    base_port: BasePort = DEFAULT_BASE_PORT,
+    bootstrap: Bootstrap = "127.0.0.1:9092",
+    profile: Profile = None,
+    keep_db: KeepDb = False,
+    out: Annotated[Path | None, typer.Option(help="Where run directories go (default var/bench).")] = None,
+) -> None:
+    """Measure the raw limit, climb the offered rates until the loop no longer keeps up, then measure latency at
+    half the maximum. Prints tables, then the summary as one JSON line."""
+    options = Options(
+        rates=_rates(rates),
+        step_s=step_s,
+        refine=refine,
+        raw_s=raw_s,
+        raw_count=raw_count,
+        poll_s=poll_s,
+        base_port=base_port,
+        bootstrap=bootstrap,
+        profile=tuple(profile or ()),
+        keep_db=keep_db,
+    )
+    if out is not None:
+        options.out_root = out
+    if smoke:
+        options.rates, options.step_s, options.refine, options.warmup_s = (5.0, 20.0), 5.0, 0, 2.0
+        options.raw_s, options.raw_count, options.settle_s, options.overlap_startup = 3.0, 0, 8.0, True
+        options.warmup_offer_s = 2.0
+    os.environ.setdefault("GRIDLOOP_LOG_LEVEL", "warning")
+    result = Bench(options).run()
+    from .report import print_run
+
+    console = Console(width=200)
+    print_run(result, console)
+    print(stats.json_line(result.summary), flush=True)
+
+
+@app.command()
+def soak(
+    minutes: Annotated[float, typer.Option(min=1.0, help="How long to run at the soak rate.")] = 30.0,
+    rate: Annotated[
+        float | None, typer.Option(min=0.1, help="Incidents/s; default half the maximum of a quick ramp.")
+    ] = None,
+    ramp_step_s: Annotated[float, typer.Option(min=2.0, help="Seconds per step of the quick ramp.")] = 10.0,
+    poll_s: PollS = 0.2,
+    base_port: BasePort = DEFAULT_BASE_PORT,
+    bootstrap: Bootstrap = "127.0.0.1:9092",
+    profile: Profile = None,
+    keep_db: KeepDb = False,
+) -> None:
+    """Run at half the maximum rate (or --rate) for --minutes; report RSS growth per service (first vs last five
+    minutes). Prints tables, then the summary as one JSON line."""
+    options = Options(
+        poll_s=poll_s,
+        base_port=base_port,
+        bootstrap=bootstrap,
+        profile=tuple(profile or ()),
+        keep_db=keep_db,
+        raw_s=0.0,
+        refine=1,
+    )
+    result = Soak(options, minutes, rate, ramp_step_s).run_soak()
+    from .report import print_soak
+
+    print_soak(result, Console(width=200))
+    print(stats.json_line(result.summary), flush=True)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,438 @@
+"""The load: grid workers reporting at an offered rate, departments and grid workers acting at once, and an
+independent reader of the lifecycle topic that times every incident — all over the public HTTP APIs (httpx,
+pooled connections) and one aiokafka consumer, in one asyncio loop.
+
+* reporters POST /reports on intake at the offered rate (open loop: a slow service does not slow the arrivals);
+* one desk per department polls GET /work-orders?department=X&status=dispatched on handling and accepts (签收)
+  then handles (处置) each new work order at once;
+* one grid worker per grid polls GET /verifications?status=pending on verification with their own token and
+  passes (核查通过) each task at once;
+* the lifecycle reader records when each incident's events occurred; an incident is open from its report's 202
+  until its IncidentClosed (or IncidentMerged/IncidentRejected) is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+import orjson
+
+from schemas.reference import CATEGORIES, DEPARTMENTS, GRIDS
+
+from .stats import StepOutcome, stage_latencies_ms
+
+log = logging.getLogger(__name__)
+
+TERMINAL = frozenset({"IncidentClosed", "IncidentMerged", "IncidentRejected"})
+TIMED = frozenset(
+    {
+        "IncidentReported",
+        "WorkOrderDispatched",
+        "WorkOrderAccepted",
+        "WorkOrderHandled",
+        "VerificationRequested",
+        "VerificationPassed",
+        "IncidentClosed",
+    }
+)
+SMALL_CATEGORIES = tuple(c for c in CATEGORIES.values() if not c.big)
+"""Categories that go round the loop once with one department (a big one engages several at once)."""
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    errors: int = 0
+    conflicts: int = 0
+    """409s: an action someone (or a repeated poll) already took; expected now and then, not an error."""
+    error_samples: list[str] = field(default_factory=list)
+
+    def error(self, what: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 20:
+            self.error_samples.append(what[:300])
+
+
+@dataclass
+class Tokens:
+    """The tokens the driver acts with: one grid worker reporting and one verifying per grid, every department."""
+
+    reporters: dict[str, tuple[str, str]]
+    """grid code → (worker id, token)"""
+    verifiers: dict[str, str]
+    """grid code → token of another worker of the grid"""
+    departments: dict[str, str]
+
+
+def issue_tokens(auth_database_url: str) -> Tokens:
+    from services.common.auth import Role, TokenStore
+    from services.common.db import make_engine
+
+    store = TokenStore(make_engine(auth_database_url))
+    reporters, verifiers = {}, {}
+    for code, grid in GRIDS.items():
+        reporter, verifier = grid.workers[0], grid.workers[-1]
+        reporters[code] = (reporter, store.issue(Role.GRID_WORKER, reporter)[0])
+        verifiers[code] = store.issue(Role.GRID_WORKER, verifier)[0]
+    departments = {d: store.issue(Role.DEPARTMENT, f"bench-{d}", department=d)[0] for d in DEPARTMENTS}
+    return Tokens(reporters, verifiers, departments)
+
+
+class _Seen:
+    """A bounded set of ids already acted on (so a poll answered before an action landed does not repeat it)."""
+
+    def __init__(self, size: int = 200_000) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self.size = size
+
+    def add(self, key: str) -> bool:
+        if key in self._ids:
+            return False
+        self._ids[key] = None
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        return True
+
+
+@dataclass
+class Tracked:
+    step: int
+    sent: float
+    times: dict[str, float] = field(default_factory=dict)
+
+
+class Driver:
+    def __init__(
+        self,
+        urls: Mapping[str, str],
+        tokens: Tokens,
+        bootstrap: str,
+        lifecycle_topic: str,
+        *,
+        lifecycle_partitions: int = 6,
+        poll_s: float = 0.2,
+        max_in_flight: int = 1000,
+        seed: int = 7,
+    ) -> None:
+        self.urls = dict(urls)
+        self.tokens = tokens
+        self.bootstrap = bootstrap
+        self.lifecycle_topic = lifecycle_topic
+        self.lifecycle_partitions = lifecycle_partitions
+        self.poll_s = poll_s
+        self.rng = random.Random(seed)
+        self.counters = Counters()
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[Any]] = []
+        self._running = False
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._consumer: Any = None
+        self._seen_orders = _Seen()
+        self._seen_tasks = _Seen()
+        self.step = -1
+        self.incidents: dict[str, Tracked] = {}
+        """Open incidents: reported (202) and not terminal yet."""
+        self.early: dict[str, dict[str, float]] = {}
+        """Lifecycle times of incidents whose report's answer has not come back yet."""
+        self.latencies: dict[int, dict[str, list[float]]] = {}
+        """step → stage → latencies (ms) of the incidents reported in that step."""
+        self.closed_at: list[float] = []
+        """IncidentClosed.occurred_at of every closure read (epoch seconds)."""
+        self.reported: dict[int, int] = {}
+        self.terminal_other = 0
+        self.lifecycle_records = 0
+        self.sequence = 0
+        self.reporting = 0
+        """Reports sent whose answer has not come back."""
+
+    # -- life ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        for name, url in self.urls.items():
+            self._clients[name] = httpx.AsyncClient(base_url=url, timeout=30.0, limits=limits)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            client_id="gridloop-bench-lifecycle",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=50,
+        )
+        await consumer.start()
+        parts = [TopicPartition(self.lifecycle_topic, p) for p in range(self.lifecycle_partitions)]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        self._consumer = consumer
+        self._running = True
+        self._loops.append(asyncio.create_task(self._read_lifecycle(), name="lifecycle"))
+        for code in DEPARTMENTS:
+            self._loops.append(asyncio.create_task(self._department(code), name=f"desk-{code}"))
+        for code in GRIDS:
+            self._loops.append(asyncio.create_task(self._verifier(code), name=f"verifier-{code}"))
+
+    async def stop(self) -> None:
+        self._running = False
+        for task in self._loops:
+            task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        for client in self._clients.values():
+            await client.aclose()
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def open_count(self) -> int:
+        return len(self.incidents)
+
+    # -- HTTP ---------------------------------------------------------------------------------------------
+
+    async def _call(
+        self, service: str, method: str, path: str, token: str, ok: tuple[int, ...], **kw: Any
+    ) -> httpx.Response | None:
+        self.counters.requests += 1
+        try:
+            r = await self._clients[service].request(method, path, headers={"Authorization": f"Bearer {token}"}, **kw)
+        except httpx.HTTPError as exc:
+            self.counters.error(f"{method} {service}{path}: {type(exc).__name__}: {exc}")
+            return None
+        if r.status_code == 409:
+            self.counters.conflicts += 1
+            return None
+        if r.status_code not in ok:
+            self.counters.error(f"{method} {service}{path}: HTTP {r.status_code} {r.text[:200]}")
+            return None
+        return r
+
+    # -- reporters ----------------------------------------------------------------------------------------
+
+    def _report_body(self) -> tuple[str, dict[str, Any]]:
+        grid_code = self.rng.choice(list(GRIDS))
+        grid = GRIDS[grid_code]
+        category = self.rng.choice(SMALL_CATEGORIES)
+        self.sequence += 1
+        margin = 1e-5
+        body = {
+            "category_code": category.code,
+            "lat": round(self.rng.uniform(grid.south + margin, grid.north - margin), 6),
+            "lon": round(self.rng.uniform(grid.west + margin, grid.east - margin), 6),
+            "description": f"bench {category.code} #{self.sequence}",
+            "reporter_id": self.tokens.reporters[grid_code][0],
+            "client_report_id": f"bench-{int(time.time())}-{self.sequence}",
+        }
+        return grid_code, body
+
+    async def _report(self, step: int) -> None:
+        try:
+            async with self._in_flight:
+                grid_code, body = self._report_body()
+                sent = time.time()
+                r = await self._post_report(grid_code, body)
+                if r is None:
+                    return
+                incident_id = r.json()["incident_id"]
+                self.reported[step] = self.reported.get(step, 0) + 1
+                tracked = Tracked(step, sent)
+                early = self.early.pop(incident_id, None)
+                if early:
+                    tracked.times.update(early)
+                    if any(t in TERMINAL for t in early):
+                        self._finish(incident_id, tracked)
+                        return
+                self.incidents[incident_id] = tracked
+        finally:
+            self.reporting -= 1
+
+    async def _post_report(self, grid_code: str, body: dict[str, Any]) -> httpx.Response | None:
+        token = self.tokens.reporters[grid_code][1]
+        self.counters.requests += 1
+        try:
+            r = await self._clients["intake"].post(
+                "/reports",
+                content=orjson.dumps(body),
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            self.counters.error(f"POST intake/reports: {type(exc).__name__}: {exc}")
+            return None
+        if r.status_code != 202:
+            self.counters.error(f"POST intake/reports: HTTP {r.status_code} {r.text[:200]}")
+            return None
+        return r
+
+    async def offer(self, rate: float, seconds: float, sample: Callable[[float], None] | None = None) -> float:
+        """Report at ``rate`` per second for ``seconds``; ``sample(elapsed)`` every half second. Returns the
+        actual duration."""
+        self.step += 1
+        step = self.step
+        self.latencies.setdefault(step, {})
+        total = max(1, round(rate * seconds))
+        started = time.time()
+        next_sample = started
+        i = 0
+        while i < total:
+            now = time.time()
+            due = min(total, int((now - started) * rate) + 1)
+            while i < due:
+                self.reporting += 1
+                self._spawn(self._report(step))
+                i += 1
+            if sample is not None and now >= next_sample:
+                sample(now - started)
+                next_sample += 0.5
+            await asyncio.sleep(max(0.0, min(started + i / rate, next_sample) - time.time()))
+        await asyncio.sleep(max(0.0, started + total / rate - time.time()))
+        if sample is not None:
+            sample(time.time() - started)
+        return time.time() - started
+
+    async def settle(self, within_s: float, target: int = 0) -> bool:
+        """Wait up to ``within_s`` until at most ``target`` incidents are open and no report is in flight."""
+        deadline = time.time() + within_s
+        while time.time() < deadline:
+            if self.open_count <= target and not self.reporting:
+                return True
+            await asyncio.sleep(0.25)
+        return self.open_count <= target
+
+    # -- departments and grid workers ---------------------------------------------------------------------
+
+    async def _department(self, code: str) -> None:
+        token = self.tokens.departments[code]
+        params = {"department": code, "status": "dispatched", "limit": 500}
+        while self._running:
+            r = await self._call("handling", "GET", "/work-orders", token, (200,), params=params)
+            if r is not None:
+                for order in orjson.loads(r.content):
+                    if self._seen_orders.add(order["work_order_id"]):
+                        self._spawn(self._work(order["work_order_id"], token))
+            await asyncio.sleep(self.poll_s)
+
+    async def _work(self, work_order_id: str, token: str) -> None:
+        base = f"/work-orders/{work_order_id}"
+        if await self._call("handling", "POST", f"{base}/accept", token, (202,)) is None:
+            return
+        body = {"result": "已处置", "evidence_urls": ["https://evidence.example/after.jpg"]}
+        await self._call("handling", "POST", f"{base}/handle", token, (202,), json=body)
+
+    async def _verifier(self, grid_code: str) -> None:
+        token = self.tokens.verifiers[grid_code]
+        params = {"status": "pending", "limit": 500}
+        while self._running:
+            r = await self._call("verification", "GET", "/verifications", token, (200,), params=params)
+            if r is not None:
+                for task in orjson.loads(r.content):
+                    if self._seen_tasks.add(task["verification_id"]):
+                        self._spawn(self._pass(task["verification_id"], token))
+            await asyncio.sleep(self.poll_s)
+
+    async def _pass(self, verification_id: str, token: str) -> None:
+        await self._call(
+            "verification", "POST", f"/verifications/{verification_id}/pass", token, (202,), json={"note": "核查通过"}
+        )
+
+    # -- the lifecycle ------------------------------------------------------------------------------------
+
+    async def _read_lifecycle(self) -> None:
+        consumer = self._consumer
+        while self._running:
+            try:
+                batches = await consumer.getmany(timeout_ms=100, max_records=5000)
+            except Exception:  # the broker went away for a moment: keep reading
+                log.exception("lifecycle reader")
+                await asyncio.sleep(0.5)
+                continue
+            for records in batches.values():
+                for record in records:
+                    self.lifecycle_records += 1
+                    self._fold(record.value)
+
+    def _fold(self, value: bytes) -> None:
+        try:
+            data = orjson.loads(value)
+            kind, incident_id = data["type"], data["incident_id"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        if kind not in TIMED and kind not in TERMINAL:
+            return
+        at = datetime.fromisoformat(data["occurred_at"]).timestamp()
+        if kind == "IncidentClosed":
+            self.closed_at.append(at)
+        tracked = self.incidents.get(incident_id)
+        if tracked is None:  # the report's answer is still on its way (or an incident of no step of ours)
+            self.early.setdefault(incident_id, {}).setdefault(kind, at)
+            return
+        tracked.times.setdefault(kind, at)
+        if kind in TERMINAL:
+            del self.incidents[incident_id]
+            self._finish(incident_id, tracked)
+
+    def _finish(self, incident_id: str, tracked: Tracked) -> None:
+        if "IncidentClosed" not in tracked.times:
+            self.terminal_other += 1
+        stages = self.latencies.setdefault(tracked.step, {})
+        for name, ms in stage_latencies_ms({"sent": tracked.sent, **tracked.times}).items():
+            stages.setdefault(name, []).append(ms)
+
+    # -- a step -------------------------------------------------------------------------------------------
+
+    async def run_step(self, rate: float, seconds: float, warmup_s: float) -> tuple[StepOutcome, float, float]:
+        """Offer ``rate`` for ``seconds``; the outcome over the window after ``warmup_s``, and the step's start
+        and end (epoch seconds)."""
+        before = (self.counters.requests, self.counters.errors)
+        samples: list[tuple[float, int]] = []
+        started = time.time()
+
+        def sample(elapsed: float) -> None:
+            if elapsed >= warmup_s:
+                samples.append((elapsed, self.open_count))
+
+        duration = await self.offer(rate, seconds, sample)
+        ended = started + duration
+        window_start = started + warmup_s
+        closed = sum(1 for t in self.closed_at if window_start <= t <= ended)
+        outcome = StepOutcome(
+            offered_rate=rate,
+            duration_s=duration,
+            sent=self.reported.get(self.step, 0),
+            window_s=max(duration - warmup_s, 1e-6),
+            closed_in_window=closed,
+            open_samples=samples,
+            requests=self.counters.requests - before[0],
+            errors=self.counters.errors - before[1],
+        )
+        return outcome, started, ended
+
+
+async def end_offsets(bootstrap: str, topics: Mapping[str, int]) -> dict[str, int]:
+    """Records in each topic (name → partitions): the sum of its partitions' end offsets."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, client_id="gridloop-bench-offsets")
+    await consumer.start()
+    try:
+        out: dict[str, int] = {}
+        for topic, partitions in topics.items():
+            offsets = await consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
+            out[topic] = int(sum(offsets.values()))
+        return out
+    finally:
+        await consumer.stop()

@@ -1,0 +1,511 @@
+"""Who may do what, on every route of every service, over the running town.
+
+The routes come from each service's own OpenAPI document, so a new route is covered as soon as it exists: every
+one must refuse a request without a valid token (none, forged, revoked, malformed) with 401, and every one must
+have a rule below saying who may call it — a route without one fails the matrix. For each rule every other
+principal of the town (grid workers of this grid and another, every department's staff, the operations center, an
+administrator, a sensor, an Open311 application) is refused with 403 or 404 and never served, and the principal
+the route is for is served (the positive control). Lists that several principals may read show each of them only
+their own department's or grid's data.
+
+Real ids are used: the incidents, work orders, verification tasks and the extension request below are made first,
+through the public APIs. Requests that change state are made by wrong principals first, the positive control last.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from schemas.reference import DEPARTMENTS
+from services.common.auth import Role
+from tests.e2e.conftest import Town
+
+pytestmark = pytest.mark.kafka
+
+SERVICES = ("intake", "handling", "verification", "opscenter", "dispatch")
+HTTP_METHODS = ("get", "post", "put", "patch", "delete")
+NOT_API = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/static")
+OPEN311 = "/open311/v2/"
+"""The Open311 GeoReport v2 gateway: its reads are public; posting needs an Open311 application's api_key, and
+every refusal is a 403 there, as the GeoReport v2 specification says."""
+
+CITY = "dept city_ops"
+REPORTER = "worker gh01"  # w-gh01-1 reports every incident here, in grid gh01
+VERIFIER = "verifier gh01"  # w-gh01-2, who verifies them
+OTHER_GRID = "worker gh09"
+CENTER = "ops center"
+ADMIN = "admin"
+SENSOR = "sensor"
+APP = "open311 app"
+
+
+def excluded(method: str, path: str) -> bool:
+    """Not part of the matrix: health, metrics, docs, static files, the dashboard page and Open311's public reads."""
+    if path == "/" or any(path == p or path.startswith(p + "/") for p in NOT_API):
+        return True
+    return path.startswith(OPEN311) and method == "GET"
+
+
+@dataclass(frozen=True)
+class Route:
+    service: str
+    method: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.service} {self.method} {self.path}"
+
+
+def routes(town: Town) -> list[Route]:
+    found = []
+    for service in SERVICES:
+        spec = httpx.get(f"http://127.0.0.1:{town.port[_port_key(service)]}/openapi.json", timeout=10).json()
+        for path, item in spec["paths"].items():
+            for method in item:
+                if method in HTTP_METHODS and not excluded(method.upper(), path):
+                    found.append(Route(service, method.upper(), path))
+    return found
+
+
+def _port_key(service: str) -> str:
+    return f"GRIDLOOP_{service.upper()}_HTTP_PORT"
+
+
+# -- the town's state and people ---------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    """Real ids in a known state, and a token for everyone."""
+
+    incident: str
+    """Reported in grid gh01 by w-gh01-1, dispatched to city_ops; its work order ``order`` stays dispatched."""
+    order: str
+    to_return: str
+    """A dispatched work order of city_ops."""
+    to_extend: str
+    """An accepted work order of city_ops."""
+    to_handle: str
+    """An accepted work order of city_ops."""
+    to_decide: str
+    """An accepted work order of city_ops with an extension request pending."""
+    to_pass: str
+    """A pending verification task of grid gh01."""
+    to_fail: str
+    """A pending verification task of grid gh01."""
+    principals: dict[str, str]
+    """Name → token of everyone who may knock."""
+    store: Any
+    revoked: dict[str, str] = field(default_factory=dict)
+
+    def revoked_like(self, name: str) -> str:
+        """A token bound exactly as ``name``'s, revoked (never used before: no service has it cached)."""
+        if name not in self.revoked:
+            who = self.store.check(self.principals[name])
+            assert who is not None, name
+            secret, row = self.store.issue(
+                who.role, who.subject, department=who.department, grids=who.grids, name="revoked"
+            )
+            assert self.store.revoke(row.token_id)
+            self.revoked[name] = secret
+        return self.revoked[name]
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never: {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def world(town: Town) -> World:
+    # each its own spot of grid gh01, 90 m apart: never merged with each other or with other tests' reports
+    ids = [town.report("street_vending", 31.2830 + i * 0.0008, 121.5700, reporter_id="w-gh01-1") for i in range(7)]
+    orders = {iid: town.work_orders(iid)[0] for iid in ids}
+    assert {o["department_code"] for o in orders.values()} == {"city_ops"}
+    incident, to_return, to_extend, to_handle, to_pass, to_fail, to_decide = ids
+    for iid in (to_extend, to_handle, to_decide):
+        town.act(orders[iid], "accept")
+    for iid in (to_pass, to_fail):
+        town.accept_and_handle(orders[iid])
+    later = (datetime.now(UTC) + timedelta(days=60)).isoformat()
+    town.act(orders[to_decide], "extension", requested_deadline=later, reason="需协调城管执法")
+    pending = {iid: town.verification_task(iid) for iid in (to_pass, to_fail)}
+    assert {t["grid_id"] for t in pending.values()} == {"gh01"}
+    assert {t["worker_id"] for t in pending.values()} == {"w-gh01-2"}
+    decide = orders[to_decide]["work_order_id"]
+    _wait(
+        f"{decide} waits for a decision",
+        lambda: decide in [o["work_order_id"] for o in town.dispatch.get("/extensions").json()],
+    )
+
+    tokens = town.tokens
+    app_token, _ = tokens.store.issue(Role.OPEN311, "fixmystreet-gaohang", name="access matrix")
+    principals = {
+        REPORTER: tokens.workers["w-gh01-1"],
+        VERIFIER: tokens.workers["w-gh01-2"],
+        OTHER_GRID: tokens.workers["w-gh09-1"],
+        **{f"dept {d}": tokens.departments[d] for d in DEPARTMENTS},
+        CENTER: tokens.ops_center,
+        ADMIN: tokens.admin,
+        SENSOR: tokens.sensor,
+        APP: app_token,
+    }
+    return World(
+        incident=incident,
+        order=orders[incident]["work_order_id"],
+        to_return=orders[to_return]["work_order_id"],
+        to_extend=orders[to_extend]["work_order_id"],
+        to_handle=orders[to_handle]["work_order_id"],
+        to_decide=decide,
+        to_pass=pending[to_pass]["verification_id"],
+        to_fail=pending[to_fail]["verification_id"],
+        principals=principals,
+        store=tokens.store,
+    )
+
+
+# -- the rules ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Who a route is for. Everyone else of the town is refused (403, or 404 for what they may not even see)."""
+
+    right: str
+    """The positive control: served (2xx)."""
+    may: frozenset[str] = frozenset()
+    """Also allowed: served too on a read; an action is not repeated by them (it would change the state)."""
+    params: dict[str, str] = field(default_factory=dict)
+    query: dict[str, Any] = field(default_factory=dict)
+    body: Callable[[], dict[str, Any]] | None = None
+    form: bool = False
+    """Open311: the token goes in the form as ``api_key``; every refusal is 403."""
+
+
+def _names(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+DEPTS = frozenset(f"dept {d}" for d in DEPARTMENTS)
+WORKERS = _names(REPORTER, VERIFIER, OTHER_GRID)
+CENTERS = _names(CENTER, ADMIN)
+
+
+def _report() -> dict[str, Any]:
+    return {
+        "category_code": "street_vending",
+        "lat": 31.3200,
+        "lon": 121.5650,
+        "description": "占道经营 (access matrix)",
+        "reporter_id": "w-gh01-1",
+        "client_report_id": f"matrix-{secrets.token_hex(6)}",
+    }
+
+
+def _open311_request() -> dict[str, Any]:
+    return {"service_code": "street_vending", "lat": "31.3210", "long": "121.5660", "description": "占道经营"}
+
+
+def rules(w: World) -> dict[tuple[str, str, str], Rule]:
+    later = (datetime.now(UTC) + timedelta(days=90)).isoformat()
+    return {
+        # intake: grid workers, sensors and the hotline desk report as themselves; anyone follows what they may see
+        ("intake", "POST", "/reports"): Rule(REPORTER, _names(ADMIN), body=_report),
+        ("intake", "GET", "/incidents/{incident_id}"): Rule(
+            REPORTER, _names(VERIFIER, CITY, *CENTERS), params={"incident_id": w.incident}
+        ),
+        ("intake", "GET", "/incidents"): Rule(CENTER, frozenset(w.principals)),  # scoped: see test_lists_…
+        ("intake", "POST", "/open311/v2/requests.{fmt}"): Rule(
+            APP, params={"fmt": "json"}, body=_open311_request, form=True
+        ),
+        # handling: department staff act on their own office's work orders only
+        ("handling", "GET", "/work-orders"): Rule(CITY, DEPTS | CENTERS),  # scoped
+        ("handling", "GET", "/work-orders/{work_order_id}"): Rule(CITY, CENTERS, params={"work_order_id": w.order}),
+        ("handling", "POST", "/work-orders/{work_order_id}/accept"): Rule(CITY, params={"work_order_id": w.order}),
+        ("handling", "POST", "/work-orders/{work_order_id}/return"): Rule(
+            CITY, params={"work_order_id": w.to_return}, body=lambda: {"reason": "不属本部门职责"}
+        ),
+        ("handling", "POST", "/work-orders/{work_order_id}/extension"): Rule(
+            CITY,
+            params={"work_order_id": w.to_extend},
+            body=lambda: {"requested_deadline": later, "reason": "需协调"},
+        ),
+        ("handling", "POST", "/work-orders/{work_order_id}/handle"): Rule(
+            CITY,
+            params={"work_order_id": w.to_handle},
+            body=lambda: {"result": "已清理", "evidence_urls": ["https://evidence.example/matrix.jpg"]},
+        ),
+        ("handling", "GET", "/webhook-deliveries"): Rule(CENTER, _names(ADMIN)),
+        # verification: the grid's workers verify its incidents
+        ("verification", "GET", "/verifications"): Rule(VERIFIER, WORKERS | CENTERS),  # scoped
+        ("verification", "GET", "/verifications/{verification_id}"): Rule(
+            VERIFIER, _names(REPORTER, *CENTERS), params={"verification_id": w.to_pass}
+        ),
+        ("verification", "POST", "/verifications/{verification_id}/pass"): Rule(
+            VERIFIER, _names(REPORTER, ADMIN), params={"verification_id": w.to_pass}, body=lambda: {"note": "已核查"}
+        ),
+        ("verification", "POST", "/verifications/{verification_id}/fail"): Rule(
+            VERIFIER, _names(REPORTER, ADMIN), params={"verification_id": w.to_fail}, body=lambda: {"note": "仍有摊位"}
+        ),
+        # opscenter: the operations center's figures
+        **{
+            ("opscenter", "GET", path): Rule(CENTER, _names(ADMIN))
+            for path in (
+                "/api/kpis",
+                "/api/kpis.csv",
+                "/api/backlog",
+                "/api/overdue",
+                "/api/trend",
+                "/api/map/incidents",
+                "/api/map/grids",
+            )
+        },
+        # dispatch: cases for the center; only the operations center decides an extension
+        ("dispatch", "GET", "/cases/{incident_id}"): Rule(CENTER, _names(ADMIN), params={"incident_id": w.incident}),
+        ("dispatch", "GET", "/extensions"): Rule(CENTER, _names(ADMIN)),
+        ("dispatch", "POST", "/work-orders/{work_order_id}/extension"): Rule(
+            CENTER, params={"work_order_id": w.to_decide}, body=lambda: {"grant": True}
+        ),
+    }
+
+
+# -- asking ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    route: Route
+    who: str
+    expected: str
+    status: int
+    ok: bool
+    detail: str = ""
+
+    def line(self) -> str:
+        return f"{self.route!s:62} {self.who:26} want {self.expected:9} got {self.status}  {self.detail[:90]}"
+
+
+class Matrix:
+    """Sends the requests and keeps every outcome; ``failures_of`` makes the compact summary."""
+
+    def __init__(self, town: Town) -> None:
+        self.clients = {
+            s: httpx.Client(base_url=f"http://127.0.0.1:{town.port[_port_key(s)]}", timeout=15) for s in SERVICES
+        }
+        self.outcomes: list[Outcome] = []
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            c.close()
+
+    def ask(
+        self,
+        route: Route,
+        rule: Rule | None,
+        *,
+        token: str | None = None,
+        header: str | None = None,
+        query_key: str | None = None,
+        query: dict[str, Any] | None = None,
+    ) -> httpx.Response:
+        params = dict(rule.params) if rule else {}
+        path = route.path.format_map(_Default(params))
+        body = rule.body() if rule and rule.body else None
+        headers = {}
+        q = dict(rule.query if rule else {}) | dict(query or {})
+        if query_key is not None:
+            q["api_key"] = query_key
+        if rule is not None and rule.form:
+            form = dict(body or {})
+            if token is not None:
+                form["api_key"] = token
+            return self.clients[route.service].request(route.method, path, data=form, params=q)
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if header is not None:
+            headers["Authorization"] = header
+        return self.clients[route.service].request(route.method, path, json=body, headers=headers, params=q)
+
+    def expect(self, route: Route, who: str, expected: str, r: httpx.Response, ok: bool) -> None:
+        detail = "" if ok else r.text.replace("\n", " ")
+        self.outcomes.append(Outcome(route, who, expected, r.status_code, ok, detail))
+
+    @staticmethod
+    def failures_of(outcomes: list[Outcome]) -> str:
+        """One line per failed check, under a count; empty when every check passed."""
+        bad = [o for o in outcomes if not o.ok]
+        if not bad:
+            return ""
+        routes_hit = len({o.route for o in outcomes})
+        head = f"{len(bad)} of {len(outcomes)} checks failed over {routes_hit} routes:"
+        return "\n".join([head, *(o.line() for o in bad)])
+
+
+class _Default(dict[str, str]):
+    """Path parameters of a route without a rule: a format Open311 knows, an id that names nothing."""
+
+    def __missing__(self, key: str) -> str:
+        return "json" if key == "fmt" else "GL00000000-NOSUCH"
+
+
+@pytest.fixture(scope="module")
+def matrix(town: Town) -> Iterator[Matrix]:
+    m = Matrix(town)
+    yield m
+    m.close()
+
+
+def _served(r: httpx.Response) -> bool:
+    return 200 <= r.status_code < 300
+
+
+def _says_why(r: httpx.Response, rule: Rule | None) -> bool:
+    """A refusal gives its reason: ``{"error": …}``, or GeoReport v2's ``[{"code", "description"}]`` on Open311."""
+    try:
+        body = r.json()
+    except ValueError:
+        return False
+    if rule is not None and rule.form:
+        return isinstance(body, list) and bool(body) and "description" in body[0]
+    return isinstance(body, dict) and bool(body.get("error"))
+
+
+# -- the tests ---------------------------------------------------------------------------------------------------
+
+
+def test_every_route_refuses_a_caller_without_a_valid_token(town: Town, world: World, matrix: Matrix) -> None:
+    table = rules(world)
+    found = routes(town)
+    start = len(matrix.outcomes)
+    for route in found:
+        rule = table.get((route.service, route.method, route.path))
+        want = 403 if rule is not None and rule.form else 401
+        right = rule.right if rule is not None else CENTER
+        forged = "glt_" + secrets.token_urlsafe(32)
+        tries: list[tuple[str, dict[str, Any]]] = [
+            ("no token", {}),
+            ("forged token", {"token": forged}),
+            (f"revoked token of {right}", {"token": world.revoked_like(right)}),
+        ]
+        if rule is None or not rule.form:
+            tries += [
+                ("forged ?api_key", {"query_key": forged}),
+                ("Basic credentials", {"header": "Basic YWRtaW46YWRtaW4="}),
+                ("Bearer without token", {"header": "Bearer"}),
+            ]
+        for who, how in tries:
+            r = matrix.ask(route, rule, **how)
+            matrix.expect(route, who, str(want), r, r.status_code == want and _says_why(r, rule))
+    summary = Matrix.failures_of(matrix.outcomes[start:])
+    assert not summary, summary
+
+
+def test_every_route_has_an_access_rule(town: Town, world: World) -> None:
+    table = rules(world)
+    found = {(r.service, r.method, r.path) for r in routes(town)}
+    missing = sorted(found - set(table))
+    stale = sorted(set(table) - found)
+    assert not missing, "routes without an access rule in tests/e2e/test_access_matrix.py: " + ", ".join(
+        " ".join(k) for k in missing
+    )
+    assert not stale, "rules for routes that no longer exist: " + ", ".join(" ".join(k) for k in stale)
+
+
+def test_lists_show_each_principal_only_their_own_departments_or_grids_data(world: World, matrix: Matrix) -> None:
+    p = world.principals
+    start = len(matrix.outcomes)
+
+    def listed(service: str, path: str, who: str, **query: Any) -> tuple[httpx.Response, list[dict[str, Any]]]:
+        route = Route(service, "GET", path)
+        r = matrix.ask(route, None, token=p[who], query={"limit": 500, **query})
+        return r, (r.json() if _served(r) and isinstance(r.json(), list) else [])
+
+    # intake's incidents: the reporter, the grid's workers, the department it went to and the center see it
+    for who in sorted(p):
+        r, items = listed("intake", "/incidents", who)
+        sees = world.incident in {i["incident_id"] for i in items}
+        should = who in (REPORTER, VERIFIER, CITY, CENTER, ADMIN)
+        matrix.expect(
+            Route("intake", "GET", "/incidents"),
+            who,
+            "sees" if should else "not seen",
+            r,
+            _served(r) and sees == should,
+        )
+
+    # handling's queue: each department only its own office's work orders, even when it asks for another's
+    route = Route("handling", "GET", "/work-orders")
+    for who in sorted(DEPTS):
+        dept = who.removeprefix("dept ")
+        r, items = listed("handling", "/work-orders", who)
+        others = sorted({i["department_code"] for i in items} - {dept})
+        sees = world.order in {i["work_order_id"] for i in items}
+        ok = _served(r) and not others and sees == (dept == "city_ops")
+        matrix.expect(route, who, "own only", r, ok)
+        if dept != "city_ops":
+            r, _ = listed("handling", "/work-orders", who, department="city_ops")
+            matrix.expect(route, f"{who} ?department=city_ops", "403", r, r.status_code == 403)
+
+    # verification's queue: a grid worker sees only the tasks of their own grid cells, however they filter
+    route = Route("verification", "GET", "/verifications")
+    for query in ({}, {"grid_id": "gh01"}, {"worker_id": "w-gh01-2"}, {"status": "pending"}):
+        r, items = listed("verification", "/verifications", OTHER_GRID, **query)
+        grids = sorted({i["grid_id"] for i in items} - {"gh09"})
+        matrix.expect(route, f"{OTHER_GRID} {query or ''}", "gh09 only", r, _served(r) and not grids)
+    for who in (VERIFIER, REPORTER, CENTER, ADMIN):
+        r, items = listed("verification", "/verifications", who, status="pending")
+        sees = world.to_pass in {i["verification_id"] for i in items}
+        matrix.expect(route, who, "sees", r, _served(r) and sees)
+
+    summary = Matrix.failures_of(matrix.outcomes[start:])
+    assert not summary, summary
+
+
+def test_wrong_principals_are_refused_and_the_right_one_is_served(town: Town, world: World, matrix: Matrix) -> None:
+    table = rules(world)
+    found = [r for r in routes(town) if (r.service, r.method, r.path) in table]
+    start = len(matrix.outcomes)
+    everyone = sorted(world.principals)
+    reads = [r for r in found if r.method == "GET"]
+    actions = [r for r in found if r.method != "GET"]
+
+    def refusals(route: Route) -> None:
+        rule = table[(route.service, route.method, route.path)]
+        refused = (403,) if rule.form else (403, 404)
+        for who in everyone:
+            if who == rule.right or who in rule.may:
+                continue
+            r = matrix.ask(route, rule, token=world.principals[who])
+            want = "/".join(map(str, refused))
+            matrix.expect(route, who, want, r, r.status_code in refused and _says_why(r, rule))
+
+    def served(route: Route, who: str) -> None:
+        r = matrix.ask(route, table[(route.service, route.method, route.path)], token=world.principals[who])
+        matrix.expect(route, who, "2xx", r, _served(r))
+
+    for route in reads:
+        refusals(route)
+        rule = table[(route.service, route.method, route.path)]
+        for who in sorted({rule.right, *rule.may}):
+            served(route, who)
+    for route in actions:  # every refusal first: none of them may change anything the positive controls need
+        refusals(route)
+    for route in actions:
+        served(route, table[(route.service, route.method, route.path)].right)
+
+    outcomes = matrix.outcomes[start:]
+    summary = Matrix.failures_of(outcomes)
+    assert not summary, summary
+    print(f"access matrix: {len(outcomes)} checks over {len(found)} routes, {len(everyone)} principals")
+    assert sum(o.ok and o.expected == "2xx" for o in outcomes) >= len(found)

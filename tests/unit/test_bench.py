@@ -1,0 +1,269 @@
+"""The benchmark's arithmetic: percentiles, the verdict on a step, the ramp, hop counting, the summary line."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+
+from schemas.topics import CATALOG, LIFECYCLE, topics_for
+from services.bench import stats
+from services.bench.driver import Driver, Tokens, Tracked
+from services.bench.raw import sample_events
+from services.bench.stats import Criteria, StepOutcome, evaluate_step
+
+# -- percentiles -------------------------------------------------------------------------------------------
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert stats.percentile(values, 50) == pytest.approx(50.5)
+    assert stats.percentile(values, 99) == pytest.approx(99.01)
+    assert stats.percentile(values, 0) == 1.0
+    assert stats.percentile(values, 100) == 100.0
+
+
+def test_percentile_of_nothing_and_of_one() -> None:
+    assert stats.percentile([], 99) is None
+    assert stats.percentile([7.0], 1) == 7.0
+    assert stats.percentile([3.0, 1.0, 2.0], 50) == 2.0  # order of the input does not matter
+
+
+def test_percentile_rejects_out_of_range() -> None:
+    with pytest.raises(ValueError):
+        stats.percentile([1.0], 101)
+
+
+def test_summarize() -> None:
+    s = stats.summarize([10.0, 20.0, 30.0, 40.0])
+    assert s["n"] == 4 and s["p50"] == 25.0 and s["max"] == 40.0
+    assert stats.summarize([]) == {"n": 0, "p50": None, "p95": None, "p99": None, "max": None}
+
+
+def test_stage_latencies_use_only_known_points() -> None:
+    times = {"sent": 100.0, "IncidentReported": 100.01, "WorkOrderDispatched": 100.05, "IncidentClosed": 101.0}
+    lat = stats.stage_latencies_ms(times)
+    assert lat["intake_http"] == pytest.approx(10)
+    assert lat["report_to_dispatched"] == pytest.approx(50)
+    assert lat["end_to_end"] == pytest.approx(1000)
+    assert "dispatched_to_accepted" not in lat
+
+
+# -- a step's verdict ----------------------------------------------------------------------------------------
+
+
+def _step(rate: float, closed_rate: float, growth_per_s: float = 0.0, sent_share: float = 1.0) -> StepOutcome:
+    window = 50.0
+    samples = [(10.0 + t / 2, int(5 + growth_per_s * t / 2)) for t in range(101)]
+    return StepOutcome(
+        offered_rate=rate,
+        duration_s=60.0,
+        sent=round(rate * 60 * sent_share),
+        window_s=window,
+        closed_in_window=round(closed_rate * window),
+        open_samples=samples,
+        requests=1000,
+        errors=0,
+    )
+
+
+def test_a_step_that_keeps_up_is_sustained() -> None:
+    ok, reason = evaluate_step(_step(40, 39.8))
+    assert ok, reason
+
+
+def test_a_step_that_closes_too_little_is_not_sustained() -> None:
+    ok, reason = evaluate_step(_step(40, 30))
+    assert not ok and "closed 30.0/s" in reason
+
+
+def test_a_growing_backlog_is_not_sustained_even_if_closures_look_fine() -> None:
+    ok, reason = evaluate_step(_step(40, 39.5, growth_per_s=5))
+    assert not ok and "backlog grew" in reason
+
+
+def test_a_small_backlog_wobble_is_tolerated() -> None:
+    ok, _ = evaluate_step(_step(5, 5, growth_per_s=0.1))  # +5 over the window: under the floor of 10
+    assert ok
+
+
+def test_a_driver_that_could_not_offer_the_rate_fails_the_step() -> None:
+    ok, reason = evaluate_step(_step(80, 80, sent_share=0.5))
+    assert not ok and "reported" in reason
+
+
+def test_errors_fail_a_step() -> None:
+    step = _step(10, 10)
+    step.errors = 50
+    ok, reason = evaluate_step(step, Criteria(max_error_share=0.01))
+    assert not ok and "HTTP errors" in reason
+
+
+def test_backlog_growth_is_the_fitted_slope_over_the_window() -> None:
+    step = _step(10, 10, growth_per_s=2)
+    assert stats.backlog_growth(step) == pytest.approx(100, rel=0.02)
+    assert stats.slope([(1.0, 5.0)]) == 0.0
+    assert stats.slope([(1.0, 5.0), (1.0, 9.0)]) == 0.0
+
+
+def test_highest_sustained_takes_the_highest_passing_rate() -> None:
+    a, b, c = _step(10, 10), _step(20, 20), _step(40, 20)
+    assert stats.highest_sustained([(a, True), (b, True), (c, False)]) is b
+    assert stats.highest_sustained([(a, False)]) is None
+
+
+# -- the ramp -------------------------------------------------------------------------------------------------
+
+
+def test_ramp_climbs_then_bisects_once() -> None:
+    ladder = (5.0, 10.0, 20.0, 40.0)
+    tried: dict[float, bool] = {}
+    assert stats.next_rate(tried, ladder, refine=1) == 5.0
+    tried.update({5.0: True, 10.0: True})
+    assert stats.next_rate(tried, ladder, refine=1) == 20.0
+    tried[20.0] = False
+    assert stats.next_rate(tried, ladder, refine=1) == 15.0
+    tried[15.0] = True
+    assert stats.next_rate(tried, ladder, refine=1) is None
+
+
+def test_ramp_stops_at_the_top_of_the_ladder_and_without_refinement() -> None:
+    assert stats.next_rate({5.0: True, 10.0: True}, (5.0, 10.0), refine=2) is None
+    assert stats.next_rate({5.0: True, 10.0: False}, (5.0, 10.0), refine=0) is None
+    assert stats.next_rate({5.0: False}, (5.0, 10.0), refine=3) is None  # nothing passed: nothing to bisect
+
+
+def test_ramp_bisects_repeatedly() -> None:
+    ladder = (10.0, 20.0)
+    tried = {10.0: True, 20.0: False}
+    assert stats.next_rate(tried, ladder, refine=2) == 15.0
+    tried[15.0] = False
+    assert stats.next_rate(tried, ladder, refine=2) == 12.0  # round(12.5) — banker's rounding to even
+    tried[12.0] = True
+    assert stats.next_rate(tried, ladder, refine=2) is None
+
+
+# -- hops -----------------------------------------------------------------------------------------------------
+
+
+def test_one_pass_of_the_loop_is_sixteen_records() -> None:
+    assert stats.expected_hops() == 16  # 8 events, each on its own topic and on the lifecycle log
+    assert all(topics_for(t)[1] is LIFECYCLE for t in stats.LOOP_EVENTS)
+
+
+def test_measured_hops_from_end_offsets() -> None:
+    before = {"ns.a": 10, "ns.b": 0, "ns.c": 3}
+    after = {"ns.a": 30, "ns.b": 20, "ns.c": 3}
+    hops, per_topic = stats.measured_hops(before, after, incidents=5)
+    assert hops == 8.0
+    assert per_topic == {"ns.a": 20, "ns.b": 20}
+    assert stats.measured_hops(before, after, 0)[0] is None
+
+
+def test_every_loop_event_has_a_topic_of_the_catalog() -> None:
+    names = {t.name for t in CATALOG}
+    for kind in stats.LOOP_EVENTS:
+        assert {t.name for t in topics_for(kind)} <= names
+
+
+# -- the summary line -----------------------------------------------------------------------------------------
+
+
+def test_summary_line_shape_and_ratio() -> None:
+    data = stats.summary(
+        incidents_per_s=50.0,
+        raw_hops_per_s=20000.0,
+        hops_per_incident=16.0,
+        p99_report_to_dispatch_ms=42.123,
+        p99_end_to_end_ms=812.0,
+        peak_rss_mb={"intake": 120.04, "dispatch": 110.0},
+        duration_s=123.456,
+    )
+    line = stats.json_line(data)
+    assert "\n" not in line and " " not in line
+    parsed = json.loads(line)
+    assert list(parsed) == list(stats.SUMMARY_KEYS)
+    assert parsed["ratio_to_limit"] == pytest.approx(50 * 16 / 20000)
+    assert parsed["peak_rss_mb"] == {"dispatch": 110.0, "intake": 120.0}
+    assert parsed["p99_report_to_dispatch_ms"] == 42.1
+
+
+def test_summary_without_a_raw_limit_has_no_ratio() -> None:
+    data = stats.summary(
+        incidents_per_s=0.0,
+        raw_hops_per_s=0.0,
+        hops_per_incident=None,
+        p99_report_to_dispatch_ms=None,
+        p99_end_to_end_ms=None,
+        peak_rss_mb={},
+        duration_s=1.0,
+    )
+    assert data["ratio_to_limit"] is None and data["hops_per_incident"] is None
+    assert json.loads(stats.json_line(data))["p99_end_to_end_ms"] is None
+
+
+# -- soak -----------------------------------------------------------------------------------------------------
+
+
+def test_rss_growth_first_and_last_five_minutes() -> None:
+    samples = [(float(t), 100.0 + t / 60) for t in range(0, 1801, 30)]  # +1 MB a minute for 30 minutes
+    g = stats.rss_growth(samples)
+    assert g["first_mb"] == pytest.approx(102.5, abs=0.1)
+    assert g["last_mb"] == pytest.approx(127.5, abs=0.1)
+    assert g["growth_mb"] == pytest.approx(25, abs=0.2)
+
+
+def test_rss_growth_of_a_short_run_uses_thirds() -> None:
+    g = stats.rss_growth([(0.0, 100.0), (30.0, 100.0), (60.0, 130.0), (90.0, 130.0)])
+    assert g["first_mb"] == 100.0 and g["last_mb"] == 130.0
+    assert stats.rss_growth([])["growth_mb"] is None
+
+
+# -- the driver's bookkeeping (no network) ------------------------------------------------------------------
+
+
+def _driver() -> Driver:
+    return Driver({}, Tokens({}, {}, {}), "127.0.0.1:1", "ns.incidents.lifecycle")
+
+
+def _record(kind: str, incident: str, at: str) -> bytes:
+    return orjson.dumps({"type": kind, "incident_id": incident, "occurred_at": at})
+
+
+def test_lifecycle_times_an_incident_and_closes_it() -> None:
+    d = _driver()
+    d.incidents["GL1"] = Tracked(step=0, sent=1_780_300_800.0)  # 2026-06-01T08:00:00Z
+    d._fold(_record("IncidentReported", "GL1", "2026-06-01T08:00:00.010000Z"))
+    d._fold(_record("IncidentFiled", "GL1", "2026-06-01T08:00:00.030000Z"))
+    d._fold(_record("WorkOrderDispatched", "GL1", "2026-06-01T08:00:00.030000+00:00"))
+    assert d.open_count == 1
+    d._fold(_record("IncidentClosed", "GL1", "2026-06-01T08:00:01.500000Z"))
+    assert d.open_count == 0
+    lat = d.latencies[0]
+    assert lat["report_to_dispatched"] == [pytest.approx(30, abs=0.01)]
+    assert lat["end_to_end"] == [pytest.approx(1500, abs=0.01)]
+    assert len(d.closed_at) == 1
+
+
+def test_lifecycle_before_the_reports_answer_is_kept_for_later() -> None:
+    d = _driver()
+    d._fold(_record("IncidentReported", "GL2", "2026-06-01T08:00:00Z"))
+    assert "GL2" in d.early and d.open_count == 0
+    d._fold(b"not json")  # ignored, not fatal
+    d._fold(_record("OverdueReminded", "GL2", "2026-06-01T08:00:00Z"))  # untimed events are ignored
+    assert list(d.early["GL2"]) == ["IncidentReported"]
+
+
+def test_a_merged_incident_is_terminal_but_not_closed() -> None:
+    d = _driver()
+    d.incidents["GL3"] = Tracked(step=0, sent=0.0)
+    d._fold(_record("IncidentMerged", "GL3", "2026-06-01T08:00:00Z"))
+    assert d.open_count == 0 and d.terminal_other == 1 and not d.closed_at
+
+
+def test_raw_messages_are_the_pipelines_events() -> None:
+    reported, dispatched = sample_events()
+    assert orjson.loads(reported)["type"] == "IncidentReported"
+    assert orjson.loads(dispatched)["type"] == "WorkOrderDispatched"
+    assert 400 < len(reported) < 2000 and 400 < len(dispatched) < 2000
