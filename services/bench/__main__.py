@@ -26,7 +26,12 @@ Profile = Annotated[
     list[str] | None,
     typer.Option(help="Run this service under pyinstrument (repeatable); the HTML report lands in the run dir."),
 ]
-PollS = Annotated[float, typer.Option(min=0.01, help="How often department desks and grid workers poll their queue.")]
+PollS = Annotated[
+    float, typer.Option(min=0.01, help="How often department desks and grid workers poll a queue that has work.")
+]
+IdlePollS = Annotated[
+    float, typer.Option(min=0.01, help="How often at most they poll once their queue was empty (backing off).")
+]
 KeepDb = Annotated[bool, typer.Option(help="Keep the services' SQLite databases of the run.")]
 
 
@@ -48,11 +53,13 @@ def run(
         f"{r:g}" for r in DEFAULT_RATES
     ),
     step_s: Annotated[float, typer.Option(min=1.0, help="Seconds per step.")] = 60.0,
-    refine: Annotated[int, typer.Option(min=0, help="Bisections past the last sustained rate.")] = 1,
+    refine: Annotated[int, typer.Option(min=0, help="Bisections past the last sustained rate.")] = 2,
     raw_s: Annotated[float, typer.Option(min=0.0, help="Seconds of the raw Kafka measurement (0: skip).")] = 15.0,
     raw_count: Annotated[int, typer.Option(min=0, help="Produce exactly this many raw records instead.")] = 0,
     smoke: Annotated[bool, typer.Option(help="Tiny steps, to try the benchmark in about a minute.")] = False,
+    half: Annotated[bool, typer.Option(help="End with a step at half the maximum (for the latency figures).")] = True,
     poll_s: PollS = 0.2,
+    idle_poll_s: IdlePollS = 1.0,
     base_port: BasePort = DEFAULT_BASE_PORT,
     bootstrap: Bootstrap = "127.0.0.1:9092",
     profile: Profile = None,
@@ -68,15 +75,17 @@ def run(
         raw_s=raw_s,
         raw_count=raw_count,
         poll_s=poll_s,
+        idle_poll_s=idle_poll_s,
         base_port=base_port,
         bootstrap=bootstrap,
         profile=tuple(profile or ()),
         keep_db=keep_db,
+        half_step=half,
     )
     if out is not None:
         options.out_root = out
     if smoke:
-        options.rates, options.step_s, options.refine, options.warmup_s = (5.0, 20.0), 5.0, 0, 2.0
+        options.rates, options.step_s, options.refine, options.warmup_s = (1.0, 2.0), 5.0, 0, 2.0
         options.raw_s, options.raw_count, options.settle_s, options.overlap_startup = 3.0, 0, 8.0, True
         options.warmup_offer_s = 2.0
     os.environ.setdefault("GRIDLOOP_LOG_LEVEL", "warning")
@@ -96,6 +105,7 @@ def soak(
     ] = None,
     ramp_step_s: Annotated[float, typer.Option(min=2.0, help="Seconds per step of the quick ramp.")] = 10.0,
     poll_s: PollS = 0.2,
+    idle_poll_s: IdlePollS = 1.0,
     base_port: BasePort = DEFAULT_BASE_PORT,
     bootstrap: Bootstrap = "127.0.0.1:9092",
     profile: Profile = None,
@@ -105,6 +115,7 @@ def soak(
     minutes). Prints tables, then the summary as one JSON line."""
     options = Options(
         poll_s=poll_s,
+        idle_poll_s=idle_poll_s,
         base_port=base_port,
         bootstrap=bootstrap,
         profile=tuple(profile or ()),

@@ -120,6 +120,7 @@ class Driver:
         *,
         lifecycle_partitions: int = 6,
         poll_s: float = 0.2,
+        idle_poll_s: float = 1.0,
         max_in_flight: int = 1000,
         seed: int = 7,
     ) -> None:
@@ -129,6 +130,7 @@ class Driver:
         self.lifecycle_topic = lifecycle_topic
         self.lifecycle_partitions = lifecycle_partitions
         self.poll_s = poll_s
+        self.idle_poll_s = max(idle_poll_s, poll_s)
         self.rng = random.Random(seed)
         self.counters = Counters()
         self._in_flight = asyncio.Semaphore(max_in_flight)
@@ -318,13 +320,22 @@ class Driver:
     async def _department(self, code: str) -> None:
         token = self.tokens.departments[code]
         params = {"department": code, "status": "dispatched", "limit": 500}
+        wait = self.poll_s
         while self._running:
+            found = 0
             r = await self._call("handling", "GET", "/work-orders", token, (200,), params=params)
             if r is not None:
                 for order in orjson.loads(r.content):
                     if self._seen_orders.add(order["work_order_id"]):
+                        found += 1
                         self._spawn(self._work(order["work_order_id"], token))
-            await asyncio.sleep(self.poll_s)
+            wait = self._next_wait(wait, found)
+            await asyncio.sleep(wait)
+
+    def _next_wait(self, wait: float, found: int) -> float:
+        """Back at the shortest interval after a poll that found work; a little longer after each empty one,
+        up to ``idle_poll_s`` (a desk with nothing to do looks less often, and costs the services less)."""
+        return self.poll_s if found else min(self.idle_poll_s, wait * 1.5)
 
     async def _work(self, work_order_id: str, token: str) -> None:
         base = f"/work-orders/{work_order_id}"
@@ -336,13 +347,17 @@ class Driver:
     async def _verifier(self, grid_code: str) -> None:
         token = self.tokens.verifiers[grid_code]
         params = {"status": "pending", "limit": 500}
+        wait = self.poll_s
         while self._running:
+            found = 0
             r = await self._call("verification", "GET", "/verifications", token, (200,), params=params)
             if r is not None:
                 for task in orjson.loads(r.content):
                     if self._seen_tasks.add(task["verification_id"]):
+                        found += 1
                         self._spawn(self._pass(task["verification_id"], token))
-            await asyncio.sleep(self.poll_s)
+            wait = self._next_wait(wait, found)
+            await asyncio.sleep(wait)
 
     async def _pass(self, verification_id: str, token: str) -> None:
         await self._call(

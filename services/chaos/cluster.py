@@ -266,13 +266,18 @@ class Fleet:
         for inst in self.instances:
             inst.start()
 
-    def wait_healthy(self, timeout: float, only: Iterable[Instance] | None = None) -> None:
+    def wait_healthy(self, timeout: float, only: Iterable[Instance] | None = None, starts: int = 3) -> None:
+        """Until every instance answers /health; one that exits while starting (it gave up waiting for a slow
+        broker, say) is started again, up to ``starts`` starts in all."""
         pending = list(only) if only is not None else list(self.instances)
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=2.0) as client:
             while pending:
                 for inst in list(pending):
                     rc = inst.exited()
+                    if rc is not None and inst.starts < starts:
+                        inst.start()
+                        continue
                     if rc is not None:
                         raise RuntimeError(f"{inst.label} exited with {rc} while starting:\n{inst.log_tail()}")
                     if inst.healthy(client):

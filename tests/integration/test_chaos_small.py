@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.supervisor import port_free
+from tests.kafka_support import PORT_OFFSET
 
 pytestmark = pytest.mark.kafka
 
@@ -27,8 +28,8 @@ def _free_block(start: int, size: int, step: int, tries: int = 40) -> int:
 
 @pytest.mark.timeout(600)
 def test_small_chaos_run_loses_nothing_and_does_nothing_twice(tmp_path: Path) -> None:
-    base_port = _free_block(8430, 10, 10)
-    kafka_port = _free_block(19492, 2, 10)
+    base_port = _free_block(8430 + PORT_OFFSET, 10, 10)
+    kafka_port = _free_block(19492 + PORT_OFFSET, 2, 10)
     command = [
         sys.executable,
         "-m",
@@ -55,10 +56,17 @@ def test_small_chaos_run_loses_nothing_and_does_nothing_twice(tmp_path: Path) ->
     started = time.monotonic()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        stdout, stderr = proc.communicate(timeout=540)
+        stdout, stderr = proc.communicate(timeout=480)
     except subprocess.TimeoutExpired:
         proc.terminate()  # the run stops its services and its broker on SIGTERM
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C, the test's timeout): the run still cleans up after itself
+            proc.terminate()
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     took = time.monotonic() - started
     lines = stdout.strip().splitlines()
     tail = "\n".join(lines[-60:]) + "\n" + stderr[-3000:]
