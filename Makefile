@@ -10,9 +10,10 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.synced
 KAFKA   := infra/kafka/kafka.sh
 PYTEST_ARGS ?=
-# Not yet in `make test`: the API fuzzing (`make fuzz`) and the small chaos run (`make chaos-small`) take too
-# long on a 2-core machine to share the 15-minute budget.
-SLOW_TESTS := tests/e2e/test_fuzz.py tests/integration/test_chaos_small.py
+# `make test` runs everything, the small chaos run (150 incidents, each worker and the broker killed once) and the
+# API fuzzing with FUZZ_EXAMPLES examples per operation and mode included; `make chaos` and `make fuzz` (200
+# examples) are the long versions.
+FUZZ_EXAMPLES ?= 10
 
 .PHONY: help venv lint fmt schemas kafka-up kafka-down kafka-status kafka-reset topics test test-unit demo run \
 	chaos chaos-small bench soak fuzz clean
@@ -56,7 +57,8 @@ topics: $(STAMP) kafka-up ## create the catalog's topics (idempotent)
 
 test: $(STAMP) topics ## every test, over the real broker
 	$(PY) -m schemas.export --check
-	$(UV) run --frozen pytest $(SLOW_TESTS:%=--ignore=%) $(PYTEST_ARGS)
+	GRIDLOOP_FUZZ_EXAMPLES=$${GRIDLOOP_FUZZ_EXAMPLES:-$(FUZZ_EXAMPLES)} \
+		$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP) ## tests that need no broker
 	$(UV) run --frozen pytest tests/unit $(PYTEST_ARGS)

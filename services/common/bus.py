@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from schemas import Event
@@ -36,5 +36,25 @@ class MessageBus:
                 metrics.duplicate_skipped()
                 return []
             handler(event, uow)
+            uow.commit()
+            return list(uow.emitted)
+
+    def handle_batch(self, events: Sequence[Event]) -> list[Event]:
+        """Apply ``events`` in order in one transaction (one commit for the lot); returns the events they caused.
+
+        All or nothing: if any handler raises, nothing is committed and the exception propagates — the caller
+        then applies the events one at a time, so only the bad one is set aside. Redeliveries (also twice in
+        one batch) are skipped as in :meth:`handle`."""
+        uow = self.uow_factory()
+        with uow:
+            for event in events:
+                handler = self.handlers.get(type(event))
+                if handler is None:
+                    continue
+                if not uow.claim(event):
+                    log.debug("skipping redelivered %s %s", event.type, event.event_id)
+                    metrics.duplicate_skipped()
+                    continue
+                handler(event, uow)
             uow.commit()
             return list(uow.emitted)

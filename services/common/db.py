@@ -45,6 +45,10 @@ class OutboxRecord(SQLModel, table=True):
     payload: bytes = Field(sa_type=sa.LargeBinary)
     created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
     published_at: datetime | None = Field(default=None, index=True, sa_type=sa.DateTime(timezone=True))
+    claimed_by: str | None = Field(default=None, max_length=100)
+    """The relay sending this record now (instances of one service may share the database); None: nobody."""
+    claimed_until: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    """When that relay's lease ends: past it, another relay takes the record (the claimer may have died)."""
 
 
 SHARED_TABLES: tuple[sa.Table, ...] = (ProcessedEvent.__table__, OutboxRecord.__table__)  # type: ignore[attr-defined]
@@ -72,6 +76,40 @@ def make_engine(url: str) -> Engine:
 
 def create_tables(engine: Engine, tables: Iterable[sa.Table]) -> None:
     SQLModel.metadata.create_all(engine, tables=[*SHARED_TABLES, *tables])
+    _add_missing_columns(engine, SHARED_TABLES)
+
+
+def _add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> None:
+    """Bring a shared table made by an earlier version up to date: add the nullable columns it lacks.
+
+    Only additive, nullable columns are handled (the outbox's lease, say); two instances starting together on
+    one database may both try, and the loser finds the column there."""
+    for table in tables:
+        have = {c["name"] for c in sa.inspect(engine).get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have or not column.nullable:
+                continue
+            kind = column.type.compile(dialect=engine.dialect)
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(ddl))
+            except sa.exc.DBAPIError:
+                if column.name not in {c["name"] for c in sa.inspect(engine).get_columns(table.name)}:
+                    raise
+
+
+_PROCESSED: sa.Table = ProcessedEvent.__table__  # type: ignore[attr-defined]
+
+
+def _insert_ignoring_duplicates(session: Session, row: dict[str, Any]) -> Any:
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(_PROCESSED).values(row).on_conflict_do_nothing(index_elements=["event_id"])
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(_PROCESSED).values(row).on_conflict_do_nothing(index_elements=["event_id"])
 
 
 def as_utc(value: datetime) -> datetime:
@@ -117,16 +155,14 @@ class UnitOfWork:
         return timedelta(hours=hours) / self.time_scale
 
     def claim(self, event: Event) -> bool:
-        """Mark ``event`` as processed; False if it already was (a redelivery: do nothing)."""
-        if self.session.get(ProcessedEvent, event.event_id) is not None:
-            return False
-        self.session.add(ProcessedEvent(event_id=event.event_id, type=event.type, processed_at=self.now()))
-        try:
-            self.session.flush()  # take the mark now: a concurrent consumer of the same event waits or fails here
-        except IntegrityError:
-            self.session.rollback()
-            return False
-        return True
+        """Mark ``event`` as processed; False if it already was (a redelivery, or a copy earlier in this batch).
+
+        One ``INSERT … ON CONFLICT DO NOTHING`` in the unit's transaction: a concurrent consumer of the same event
+        waits for this transaction (PostgreSQL: for the row; SQLite: for the write lock) and then finds the mark,
+        so exactly one of them applies it."""
+        row = {"event_id": event.event_id, "type": event.type, "processed_at": self.now()}
+        result = self.session.execute(_insert_ignoring_duplicates(self.session, row))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def emit(self, event: Event) -> None:
         """Queue ``event`` for publishing; it is sent only once the transaction commits."""

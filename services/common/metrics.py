@@ -61,6 +61,17 @@ HANDLE_SECONDS = Histogram(
     ["service", "type"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+BATCH_SIZE = Histogram(
+    "gridloop_batch_events",
+    "Events applied together in one transaction by the consumer.",
+    ["service"],
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+)
+BATCH_FALLBACKS = Counter(
+    "gridloop_batch_fallbacks_total",
+    "Consumed batches rolled back and applied one event at a time (a poison record or a handler error).",
+    ["service"],
+)
 OUTBOX_PENDING = Gauge("gridloop_outbox_pending", "Outbox records not yet published.", ["service"])
 HTTP_REQUESTS = Counter(
     "gridloop_http_requests_total",
@@ -216,6 +227,7 @@ def instrument(api: Any, service: str) -> None:
     DUPLICATES_SKIPPED.labels(service)
     OUTBOX_PUBLISHED.labels(service)
     OUTBOX_PENDING.labels(service)
+    BATCH_FALLBACKS.labels(service)
     api.add_middleware(HttpMetricsMiddleware, service=service)
 
 

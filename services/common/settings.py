@@ -38,6 +38,12 @@ class ServiceSettings(BaseSettings):
     time_scale: float = Field(default=1.0, gt=0)
     """How many times faster than the wall clock deadlines run (3600: one business hour per second)."""
     outbox_interval_s: float = Field(default=0.5, gt=0)
+    batch_max: int = Field(default=500, ge=1, le=10_000)
+    """At most this many consumed records (those already delivered, never waited for) are applied in one
+    transaction and flushed with one send."""
+    batch_linger_s: float = Field(default=0.0, ge=0, le=5)
+    """How long a consumer waits for more records when none is waiting (0: apply at once). Services where a
+    little latency does not matter (read models) set it to batch more and spend less per record."""
     log_level: str = "info"
     instance: str = ""
     """Distinguishes two instances of one service in one consumer group (they share the database)."""

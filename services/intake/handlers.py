@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, or_, select
 
 from schemas import Actor, ActorKind, Event, Location
@@ -87,12 +88,7 @@ def report_incident(cmd: ReportCreate, uow: UnitOfWork, actor: Actor | None = No
     """Record a report and queue IncidentReported; a retry with the same client report id changes nothing."""
     existing = _find_report(uow, cmd.reporter_id, cmd.client_report_id)
     if existing is not None:
-        if not _same_report(existing, cmd):
-            raise Rejected(
-                f"client_report_id {cmd.client_report_id!r} was already used by {cmd.reporter_id!r} "
-                f"for another report ({existing.incident_id})"
-            )
-        return ReportAccepted(incident_id=existing.incident_id, status=existing.status, duplicate=True)
+        return _duplicate(existing, cmd)
 
     now = uow.now()
     incident_id = new_incident_id(now)
@@ -114,8 +110,28 @@ def report_incident(cmd: ReportCreate, uow: UnitOfWork, actor: Actor | None = No
     )
     uow.session.add(_row_from_report(event))
     uow.emit(event)
-    uow.commit()
+    try:
+        uow.commit()
+    except IntegrityError:
+        # Another intake instance on the same database committed this client_report_id between our lookup and
+        # our commit: the unique constraint kept one row; answer as for any retry, with that incident.
+        uow.session.rollback()
+        uow.emitted.remove(event)
+        winner = _find_report(uow, cmd.reporter_id, cmd.client_report_id)
+        if winner is None:
+            raise
+        return _duplicate(winner, cmd)
     return ReportAccepted(incident_id=incident_id, status="reported")
+
+
+def _duplicate(existing: IntakeIncident, cmd: ReportCreate) -> ReportAccepted:
+    """The answer to a report whose client_report_id is already taken: its incident, or 409 if it differs."""
+    if not _same_report(existing, cmd):
+        raise Rejected(
+            f"client_report_id {cmd.client_report_id!r} was already used by {cmd.reporter_id!r} "
+            f"for another report ({existing.incident_id})"
+        )
+    return ReportAccepted(incident_id=existing.incident_id, status=existing.status, duplicate=True)
 
 
 def _row_from_report(event: ev.IncidentReported) -> IntakeIncident:

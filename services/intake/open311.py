@@ -44,7 +44,6 @@ import orjson
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import HttpUrl, TypeAdapter, ValidationError
-from sqlalchemy.exc import IntegrityError
 
 from schemas.events import Source
 from schemas.reference import CATEGORIES
@@ -68,12 +67,18 @@ from ._open311_wire import (
     render,
     window,
 )
-from .models import IntakeIncident, ReportAccepted, ReportCreate
+from .models import IntakeIncident, ReportCreate
 
 PREFIX = "/open311/v2"
 SPECIFICATION = "http://wiki.open311.org/GeoReport_v2"
 DESCRIPTION_LIMIT = 4000
 """The spec's limit of a description."""
+IDS_LIMIT = 800
+CODES_LIMIT = 200
+"""Bounds of GET requests' lists. The HTTP server (uvicorn over h11) is sure to take a request head of up to 16 KiB;
+a longer one it may refuse, depending on how the bytes arrive (400, the connection closed — often reset while the
+client is still sending). A character may take 12 bytes percent-encoded: with these bounds, the longest query the
+document allows (about 13 KiB) still fits."""
 KEPT_LIMIT = 2000
 """What gridloop keeps of a description (IncidentReported.description)."""
 ADDRESS_LIMIT = 200
@@ -179,14 +184,7 @@ def build_router(runtime: Runtime) -> APIRouter:
         with runtime.uow() as uow:
             cmd, account_id = _report(form, who, service.code, uow)
             handlers.check_reporter(cmd, who)
-            accepted: ReportAccepted | None
-            try:
-                accepted = handlers.report_incident(cmd, uow, who.actor())
-            except IntegrityError:  # an identical request committed meanwhile: the retry below finds its incident
-                accepted = None
-        if accepted is None:
-            with runtime.uow() as uow:
-                accepted = handlers.report_incident(cmd, uow, who.actor())
+            accepted = handlers.report_incident(cmd, uow, who.actor())  # a concurrent twin answers as a retry
         if not accepted.duplicate:
             await runtime.flush_outbox()
         created = {
@@ -200,9 +198,10 @@ def build_router(runtime: Runtime) -> APIRouter:
     async def list_requests(
         fmt: Fmt,
         service_request_id: Annotated[
-            str | None, Query(max_length=20_000, description="comma-separated ids; overrides every other argument")
+            str | None,
+            Query(max_length=IDS_LIMIT, description="comma-separated ids (about 40); overrides every other argument"),
         ] = None,
-        service_code: Annotated[str | None, Query(max_length=2000, description="comma-separated")] = None,
+        service_code: Annotated[str | None, Query(max_length=CODES_LIMIT, description="comma-separated")] = None,
         start_date: Annotated[str | None, Query(max_length=40, description="W3C datetime")] = None,
         end_date: Annotated[str | None, Query(max_length=40, description="W3C datetime (≤ 90 days on)")] = None,
         status: Annotated[str | None, Query(max_length=20, description="open, closed or both")] = None,

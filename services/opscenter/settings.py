@@ -2,9 +2,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import Field
+
 from services.common.settings import ServiceSettings
 
 
 class OpsCenterSettings(ServiceSettings):
     SERVICE: ClassVar[str] = "opscenter"
     DEFAULT_HTTP_PORT: ClassVar[int] = 8104
+    batch_linger_s: float = Field(default=0.05, ge=0, le=5)
+    """It folds the lifecycle log into a view: 50 ms more for bigger batches (less CPU per record)."""

@@ -140,3 +140,49 @@ def test_unknown_incident(engine: Engine) -> None:
         bus.handle(ghost)
     with UnitOfWork(engine) as uow, pytest.raises(NotFound):
         handlers.get_incident("nope", uow)
+
+
+def _twin_commits_first(
+    engine: Engine, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, twin: ReportCreate
+) -> list[str]:
+    """Another intake instance on the same database: it commits ``twin`` right after our lookup found nothing."""
+    find = handlers._find_report
+    raced: list[str] = []
+
+    def lookup_then_lose_the_race(uow: UnitOfWork, reporter_id: str, client_report_id: str) -> object:
+        found = find(uow, reporter_id, client_report_id)
+        if not raced:
+            monkeypatch.setattr(handlers, "_find_report", find)  # the twin and our re-query look up for real
+            with UnitOfWork(engine, clock=clock) as other:
+                raced.append(handlers.report_incident(twin, other).incident_id)
+        return found
+
+    monkeypatch.setattr(handlers, "_find_report", lookup_then_lose_the_race)
+    return raced
+
+
+def test_a_concurrent_twin_report_answers_as_a_duplicate(
+    engine: Engine, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two instances take the same client_report_id at once: the unique constraint keeps one incident, and the
+    loser answers with it (duplicate) instead of failing on its commit."""
+    raced = _twin_commits_first(engine, clock, monkeypatch, _cmd())
+    with UnitOfWork(engine, clock=clock) as uow:
+        accepted = handlers.report_incident(_cmd(), uow)
+        assert uow.emitted == []  # the loser's event is not reported as emitted
+    assert raced and accepted.incident_id == raced[0] and accepted.duplicate
+    assert accepted.status == "reported"
+    [record] = _outbox(engine)  # one incident, one IncidentReported
+    assert decode_event(record.payload).incident_id == raced[0]
+    with UnitOfWork(engine, clock=clock) as uow:
+        assert handlers.get_incident(raced[0], uow).incident_id == raced[0]
+
+
+def test_a_concurrent_different_report_with_the_same_id_is_refused(
+    engine: Engine, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raced = _twin_commits_first(engine, clock, monkeypatch, _cmd(description="something else"))
+    with UnitOfWork(engine, clock=clock) as uow, pytest.raises(Rejected, match="already used"):
+        handlers.report_incident(_cmd(), uow)
+    assert raced
+    assert len(_outbox(engine)) == 1

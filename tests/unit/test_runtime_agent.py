@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,104 @@ async def test_agent_applies_once_and_dead_letters_bad_records(runtime: Any) -> 
     assert "unknown schema_version 9" in runtime.letters[1][1]
     assert "ghost" in runtime.letters[2][1]
     assert runtime.flushes == [1]
+
+
+def _report_n(n: int) -> ev.IncidentReported:
+    # far enough apart not to be merged as one incident reported twice
+    return _report().model_copy(
+        update={
+            "incident_id": f"GL-B{n}",
+            "correlation_id": f"GL-B{n}",
+            "client_report_id": f"r-b{n}",
+            "location": Location(lat=31.275 + 0.002 * n, lon=121.565),
+        }
+    )
+
+
+class _Message:
+    def __init__(self, value: bytes, offset: int) -> None:
+        self.topic, self.partition, self.offset, self.key, self.value = (
+            "gridloop.incidents.reported",
+            0,
+            offset,
+            b"k",
+            value,
+        )
+
+
+async def test_a_batch_is_applied_in_one_transaction_and_flushed_once(
+    runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits: list[int] = []
+    real = UnitOfWork.commit
+
+    def commit(self: UnitOfWork) -> None:
+        commits.append(1)
+        real(self)
+
+    monkeypatch.setattr(UnitOfWork, "commit", commit)
+    reports = [encode_event(_report_n(n)) for n in range(5)]
+    messages = [_Message(v, i) for i, v in enumerate([*reports, reports[0], b"{broken json"])]
+    await runtime.process_batch(messages)
+    assert commits == [1]
+    assert runtime.flushes == [1]
+    assert [k for k, _ in runtime.letters] == ["decode"]
+    with UnitOfWork(runtime.engine) as uow:
+        assert len(uow.session.exec(select(ProcessedEvent)).all()) == 5  # the redelivered copy changed nothing
+        types = [r.type for r in uow.session.exec(select(OutboxRecord)).all()]
+        assert types.count("IncidentFiled") == 5 and types.count("WorkOrderDispatched") == 5
+
+
+async def test_a_poison_record_in_a_batch_is_set_aside_and_the_rest_applied(runtime: Any) -> None:
+    ghost = ev.WorkOrderAccepted(
+        incident_id="ghost",
+        actor=Actor.system("x"),
+        correlation_id="c",
+        work_order_id="ghost-1",
+        department_code="city_ops",
+    )
+    values = [encode_event(_report_n(1)), encode_event(ghost), encode_event(_report_n(2))]
+    await runtime.process_batch([_Message(v, i) for i, v in enumerate(values)])
+    assert [k for k, _ in runtime.letters] == ["poison"]
+    assert "ghost" in runtime.letters[0][1]
+    with UnitOfWork(runtime.engine) as uow:
+        ids = sorted(p.event_id for p in uow.session.exec(select(ProcessedEvent)).all())
+    assert len(ids) == 2  # both reports, each once, although the batch was first rolled back
+
+
+def test_an_event_is_claimed_once_within_a_transaction_and_across_them(runtime: Any) -> None:
+    report = _report_n(7)
+    with UnitOfWork(runtime.engine) as uow:
+        assert uow.claim(report)
+        assert not uow.claim(report)  # a copy later in the same batch
+        uow.commit()
+    with UnitOfWork(runtime.engine) as uow:
+        assert not uow.claim(report)  # redelivered after the commit
+    with UnitOfWork(runtime.engine) as uow:
+        assert uow.claim(_report_n(8))
+        # not committed: rolled back with the unit, so the event is claimable again
+    with UnitOfWork(runtime.engine) as uow:
+        assert len(uow.session.exec(select(ProcessedEvent)).all()) == 1
+
+
+async def test_the_agent_takes_records_in_batches(runtime: Any) -> None:
+    seen: list[int] = []
+    done = asyncio.Event()
+    real = runtime.process_batch
+
+    async def process_batch(messages: Any) -> None:
+        seen.append(len(messages))
+        await real(messages)
+        if sum(seen) >= 20:
+            done.set()
+
+    runtime.process_batch = process_batch
+    agent = runtime.app.agents["dispatch-consumer"]
+    async with agent.test_context() as ctx:
+        # delivered together, as a fetch from the broker delivers them: what is waiting joins one batch
+        for n in range(20):
+            await ctx.put(encode_event(_report_n(n)), wait=False)
+        await asyncio.wait_for(done.wait(), timeout=10)
+    with UnitOfWork(runtime.engine) as uow:
+        assert len(uow.session.exec(select(ProcessedEvent)).all()) == 20
+    assert sum(seen) == 20 and max(seen) > 1, seen
