@@ -39,7 +39,8 @@ class OutboxRecord(SQLModel, table=True):
     __tablename__ = "outbox"
     id: int | None = Field(default=None, primary_key=True)
     event_id: str = Field(max_length=64)
-    incident_id: str = Field(max_length=64)
+    incident_id: str = Field(max_length=64, index=True)
+    """Indexed: a relay looks for an earlier record of the same incident under another relay's lease."""
     type: str = Field(max_length=40)
     topics: str = Field(max_length=200)
     payload: bytes = Field(sa_type=sa.LargeBinary)
@@ -77,6 +78,9 @@ def make_engine(url: str) -> Engine:
 def create_tables(engine: Engine, tables: Iterable[sa.Table]) -> None:
     SQLModel.metadata.create_all(engine, tables=[*SHARED_TABLES, *tables])
     _add_missing_columns(engine, SHARED_TABLES)
+    for table in SHARED_TABLES:  # and the indexes a later version added (create_all skips existing tables)
+        for index in table.indexes:
+            index.create(engine, checkfirst=True)
 
 
 def _add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> None:

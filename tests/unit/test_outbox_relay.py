@@ -161,7 +161,7 @@ async def test_a_failed_send_gives_the_claim_back(engines: tuple[Engine, Engine]
     assert other.pending() == 0
 
 
-def test_an_outbox_made_before_the_lease_gets_its_columns(tmp_path: Path, clock: FakeClock) -> None:
+def test_an_outbox_made_before_the_lease_gets_its_columns_and_indexes(tmp_path: Path, clock: FakeClock) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'old.sqlite'}")
     with engine.begin() as conn:
         conn.execute(
@@ -175,6 +175,8 @@ def test_an_outbox_made_before_the_lease_gets_its_columns(tmp_path: Path, clock:
     create_tables(engine, ())  # again (a second instance starting): nothing to do
     columns = {c["name"] for c in sa.inspect(engine).get_columns("outbox")}
     assert {"claimed_by", "claimed_until"} <= columns
+    indexed = {tuple(i["column_names"]) for i in sa.inspect(engine).get_indexes("outbox")}
+    assert ("incident_id",) in indexed and ("published_at",) in indexed
     _emit(engine, ["I1"])
     _, rows = OutboxRelay(engine, FakePublisher([]), clock=clock).claim()  # type: ignore[arg-type]
     assert len(rows) == 1
