@@ -53,6 +53,8 @@ class Counters:
     requests: int = 0
     errors: int = 0
     conflicts: int = 0
+    retries: int = 0
+    """Calls repeated after the connection dropped (each counted again as an error only if all attempts fail)."""
     """409s: an action someone (or a repeated poll) already took; expected now and then, not an error."""
     error_samples: list[str] = field(default_factory=list)
 
@@ -122,6 +124,7 @@ class Driver:
         poll_s: float = 0.2,
         idle_poll_s: float = 1.0,
         max_in_flight: int = 1000,
+        attempts: int = 3,
         seed: int = 7,
     ) -> None:
         self.urls = dict(urls)
@@ -130,6 +133,7 @@ class Driver:
         self.lifecycle_topic = lifecycle_topic
         self.lifecycle_partitions = lifecycle_partitions
         self.poll_s = poll_s
+        self.attempts = attempts
         self.idle_poll_s = max(idle_poll_s, poll_s)
         self.rng = random.Random(seed)
         self.counters = Counters()
@@ -211,14 +215,26 @@ class Driver:
         self, service: str, method: str, path: str, token: str, ok: tuple[int, ...], **kw: Any
     ) -> httpx.Response | None:
         self.counters.requests += 1
-        try:
-            r = await self._clients[service].request(method, path, headers={"Authorization": f"Bearer {token}"}, **kw)
-        except httpx.HTTPError as exc:
-            self.counters.error(f"{method} {service}{path}: {type(exc).__name__}: {exc}")
-            return None
+        headers = {"Authorization": f"Bearer {token}"}
+        for attempt in range(1, self.attempts + 1):
+            try:
+                r = await self._clients[service].request(method, path, headers=headers, **kw)
+                break
+            except httpx.TransportError as exc:
+                # a connection the server dropped under load: every call is safe to repeat (a report carries its
+                # client_report_id, a repeated action answers 409), so a desk tries again as a person would
+                self.counters.retries += 1
+                if attempt == self.attempts:
+                    self.counters.error(f"{method} {service}{path}: {type(exc).__name__}: {exc}")
+                    return None
+                await asyncio.sleep(0.2 * attempt)
+            except httpx.HTTPError as exc:
+                self.counters.error(f"{method} {service}{path}: {type(exc).__name__}: {exc}")
+                return None
         if r.status_code == 409:
             self.counters.conflicts += 1
-            return None
+            # after a dropped connection, 409 most likely means the first attempt took effect: carry on
+            return r if attempt > 1 else None
         if r.status_code not in ok:
             self.counters.error(f"{method} {service}{path}: HTTP {r.status_code} {r.text[:200]}")
             return None

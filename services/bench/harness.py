@@ -227,6 +227,7 @@ class RunResult:
     errors: list[str]
     conflicts: int
     busy: list[str]
+    retries: int = 0
 
 
 class Bench:
@@ -378,6 +379,7 @@ class Bench:
             driver_info["errors"],
             driver_info["conflicts"],
             busy,
+            driver_info["retries"],
         )
         self.save(result, monitor)
         if not o.keep_db:
@@ -416,6 +418,7 @@ class Bench:
                 "reported": sum(driver.reported.values()),
                 "errors": driver.counters.error_samples,
                 "conflicts": driver.counters.conflicts,
+                "retries": driver.counters.retries,
             }
             return best, half, (before, after), info
         finally:
@@ -444,6 +447,7 @@ class Bench:
             "peak_rss_mb": result.peak_rss,
             "http_error_samples": result.errors,
             "http_conflicts": result.conflicts,
+            "http_retries": result.retries,
             "busy_processes": result.busy,
         }
         write_json(self.out_dir / "result.json", data)

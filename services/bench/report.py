@@ -117,6 +117,7 @@ def print_run(result: RunResult, console: Console) -> None:
     if result.errors:
         console.print(f"[yellow]{len(result.errors)} HTTP error samples, first: {result.errors[0]}[/yellow]")
     console.print(f"409 conflicts (repeated actions, not errors): {result.conflicts}")
+    console.print(f"calls repeated after a dropped connection: {result.retries}")
     console.print(f"results: {result.out_dir}")
 
 
