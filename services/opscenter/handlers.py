@@ -1,21 +1,23 @@
 """The operations center's fold: every lifecycle event updates the read model once (idempotent on event id).
 
-Order across incidents does not matter and one incident's events arrive in order (keyed by incident id), so
-folding the log from offset 0 always gives the same read model.
+Order across incidents does not matter. One incident's events are keyed by its id, so each producer's copies
+arrive in order; across producers they may not (a retried send lands later), so an event that comes before the
+one it follows is parked and folded right after it. Folding the log from offset 0 gives the same read model.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlmodel import select
+from sqlmodel import col, select
 
-from schemas import Event
+from schemas import Event, decode_event, encode_event
 from schemas import events as ev
 from schemas.reference import grid_at
 from services.common.db import UnitOfWork, as_utc
 
-from .models import OpsFact, OpsIncident, OpsWorkOrder
+from .models import OpsFact, OpsIncident, OpsParked, OpsWorkOrder
 
 _OPEN_STATUS = {
     "IncidentFiled": "filed",
@@ -39,15 +41,7 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
     incident = s.get(OpsIncident, event.incident_id)
     if incident is None:
         if not isinstance(event, ev.IncidentReported):
-            # the log is ordered per incident: a report always comes first. Keep the fact; skip the fold.
-            s.add(
-                OpsFact(
-                    event_id=event.event_id,
-                    type=event.type,
-                    incident_id=event.incident_id,
-                    occurred_at=event.occurred_at,
-                )
-            )
+            _park(event, uow)  # ahead of its report (another producer's copy): folded when the report comes
             return stages
         grid = grid_at(event.location.lat, event.location.lon)
         incident = OpsIncident(
@@ -68,6 +62,9 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
     work_order_id = getattr(event, "work_order_id", None)
     if work_order_id and not isinstance(event, ev.WorkOrderDispatched):
         order = s.get(OpsWorkOrder, work_order_id)
+        if order is None and isinstance(event, _NEEDS_ORDER):
+            _park(event, uow)  # ahead of its dispatch: folded when the work order is known
+            return stages
 
     if incident.status not in _FINAL and event.type in _OPEN_STATUS:
         incident.status = _OPEN_STATUS[event.type]
@@ -160,4 +157,49 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
             work_order_id=work_order_id,
         )
     )
+    if isinstance(event, ev.IncidentReported):
+        stages += _unpark(uow, OpsParked.incident_id == event.incident_id)
+    elif isinstance(event, ev.WorkOrderDispatched):
+        stages += _unpark(uow, OpsParked.work_order_id == event.work_order_id)
+    return stages
+
+
+_NEEDS_ORDER = (
+    ev.WorkOrderAccepted,
+    ev.WorkOrderReturned,
+    ev.WorkOrderHandled,
+    ev.IncidentReworked,
+    ev.ExtensionGranted,
+    ev.OverdueReminded,
+)
+"""Events that change a work order and mean nothing without it."""
+
+
+def _park(event: Event, uow: UnitOfWork) -> None:
+    s = uow.session
+    if s.get(OpsParked, event.event_id) is None:
+        s.add(
+            OpsParked(
+                event_id=event.event_id,
+                incident_id=event.incident_id,
+                work_order_id=getattr(event, "work_order_id", None),
+                occurred_at=event.occurred_at,
+                payload=encode_event(event),
+            )
+        )
+
+
+def _unpark(uow: UnitOfWork, condition: Any) -> list[tuple[str, float]]:
+    """Fold the events that waited for the one just folded, oldest first (one may park again, waiting for
+    something else still: a work order's events wait for its dispatch after the report came)."""
+    s = uow.session
+    stages: list[tuple[str, float]] = []
+    waiting = list(s.exec(select(OpsParked.event_id).where(condition).order_by(col(OpsParked.occurred_at))))
+    for event_id in waiting:
+        parked = s.get(OpsParked, event_id)
+        if parked is None:
+            continue  # folded meanwhile, by an event folded before it in this loop
+        s.delete(parked)
+        s.flush()
+        stages += fold_event(decode_event(parked.payload), uow)
     return stages

@@ -80,4 +80,25 @@ class OpsFact(SQLModel, table=True):
     work_order_id: str | None = Field(default=None, max_length=80)
 
 
-TABLES = (OpsIncident.__table__, OpsWorkOrder.__table__, OpsFact.__table__)  # type: ignore[attr-defined]
+class OpsParked(SQLModel, table=True):
+    """A lifecycle event that arrived before the one it follows (its incident's report, its work order's
+    dispatch), kept whole and folded as soon as that one arrives.
+
+    The lifecycle log is ordered per incident for each producer, not across them: intake's copy of a report can
+    reach the log after dispatch's rejection of it when intake's send was retried (a broker restart, say)."""
+
+    __tablename__ = "ops_parked"
+
+    event_id: str = Field(primary_key=True, max_length=64)
+    incident_id: str = Field(max_length=64, index=True)
+    work_order_id: str | None = Field(default=None, max_length=80, index=True)
+    occurred_at: datetime = Field(sa_type=_ts())
+    payload: bytes = Field(sa_type=sa.LargeBinary)
+
+
+TABLES = (
+    OpsIncident.__table__,  # type: ignore[attr-defined]
+    OpsWorkOrder.__table__,  # type: ignore[attr-defined]
+    OpsFact.__table__,  # type: ignore[attr-defined]
+    OpsParked.__table__,  # type: ignore[attr-defined]
+)

@@ -1,0 +1,96 @@
+"""The read model is the same whatever the order in which two producers' copies reach the lifecycle log."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from schemas import Actor, ActorKind, Event, Location
+from schemas import events as ev
+from services.common.bus import MessageBus
+from services.common.db import UnitOfWork
+from services.dispatch import handlers as dispatch
+from services.dispatch.models import TABLES as DISPATCH_TABLES
+from services.dispatch.settings import DispatchSettings
+from services.opscenter.agents import fold
+from services.opscenter.models import TABLES as OPS_TABLES
+from services.opscenter.models import OpsFact, OpsIncident, OpsParked, OpsWorkOrder
+
+MakeDb = Callable[[tuple[sa.Table, ...]], Engine]
+
+
+def _report(iid: str, category: str = "exposed_garbage") -> ev.IncidentReported:
+    return ev.IncidentReported(
+        incident_id=iid,
+        actor=Actor(kind=ActorKind.GRID_WORKER, id="w-gh01-1"),
+        correlation_id=iid,
+        source="grid_worker",
+        category_code=category,
+        location=Location(lat=31.275, lon=121.565),
+        description="d",
+        reporter_id="w-gh01-1",
+        client_report_id=f"r-{iid}",
+    )
+
+
+def _fold_all(engine: Engine, events: list[Event]) -> None:
+    bus = MessageBus(lambda: UnitOfWork(engine), {c: fold for c in ev.EVENT_TYPES.values()})
+    for e in events:
+        bus.handle(e)
+
+
+def _state(engine: Engine) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]], int, int]:
+    with UnitOfWork(engine) as uow:
+        s = uow.session
+        incidents = sorted((i.incident_id, i.status, str(i.category_code)) for i in s.exec(select(OpsIncident)))
+        orders = sorted(
+            (o.work_order_id, o.status, str(o.accepted_at is not None)) for o in s.exec(select(OpsWorkOrder))
+        )
+        facts = len(s.exec(select(OpsFact)).all())
+        parked = len(s.exec(select(OpsParked)).all())
+    return incidents, orders, facts, parked
+
+
+def test_a_rejection_ahead_of_its_report_is_folded_when_the_report_comes(make_db: MakeDb) -> None:
+    report = _report("GL-R1", category="no_such_category")
+    rejected = ev.IncidentRejected.following(
+        report, Actor.system("dispatch"), reason_code="unknown_category", reason="unknown category"
+    )
+    in_order, reversed_ = make_db(OPS_TABLES), make_db(OPS_TABLES)
+    _fold_all(in_order, [report, rejected])
+    _fold_all(reversed_, [rejected, report])
+    assert _state(reversed_) == _state(in_order)
+    incidents, _, facts, parked = _state(reversed_)
+    assert incidents == [("GL-R1", "rejected", "no_such_category")] and facts == 2 and parked == 0
+
+
+def test_every_order_of_one_incidents_events_gives_the_same_read_model(make_db: MakeDb) -> None:
+    """Dispatch's real events for a report, plus the department's acceptance, folded in every order in which
+    the work order's events keep their own producer's order."""
+    dispatch_db = make_db(DISPATCH_TABLES)
+    bus = MessageBus(lambda: UnitOfWork(dispatch_db), dispatch.bind(DispatchSettings()))
+    report = _report("GL-O1")
+    filed, dispatched = bus.handle(report)
+    assert isinstance(dispatched, ev.WorkOrderDispatched)
+    accepted = ev.WorkOrderAccepted.following(
+        dispatched,
+        Actor(kind=ActorKind.DEPARTMENT, id="d", department=dispatched.department_code),
+        work_order_id=dispatched.work_order_id,
+        department_code=dispatched.department_code,
+    )
+    expected = _state(_fold_into(make_db, [report, filed, dispatched, accepted]))
+    assert expected[1] == [(dispatched.work_order_id, "accepted", "True")]
+    for order in itertools.permutations([report, filed, dispatched, accepted]):
+        if order.index(filed) > order.index(dispatched):
+            continue  # one producer (dispatch): its copies keep their order
+        assert _state(_fold_into(make_db, list(order))) == expected, [e.type for e in order]
+
+
+def _fold_into(make_db: MakeDb, events: list[Event]) -> Engine:
+    engine = make_db(OPS_TABLES)
+    _fold_all(engine, events)
+    return engine
