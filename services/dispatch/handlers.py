@@ -11,6 +11,7 @@ fail sends the work back (返工). The watchdog reminds (催办) overdue orders 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -26,6 +27,9 @@ from services.common.errors import NotFound, Rejected, UnknownIncident
 
 from .models import CasePublic, CaseStatus, DispatchCase, DispatchWorkOrder, OrderStatus, WorkOrderPublic
 from .settings import DispatchSettings
+
+_M_PER_DEGREE = 111_195.0
+"""Metres per degree of latitude (and of longitude at the equator) on the sphere ``distance_m`` uses."""
 
 DISPATCH = Actor.system("dispatch")
 WATCHDOG = Actor.system("dispatch-watchdog")
@@ -140,12 +144,18 @@ def _find_duplicate(
     uow: UnitOfWork, report: ev.IncidentReported, policy: DispatchSettings
 ) -> tuple[DispatchCase, float] | None:
     since = uow.now() - uow.business_hours(policy.merge_window_hours)
+    # only cases inside a box around the report (a little larger than the merge distance) are loaded and measured
+    lat, lon = report.location.lat, report.location.lon
+    dlat = policy.merge_distance_m * 1.01 / _M_PER_DEGREE
+    dlon = dlat / max(math.cos(math.radians(lat)), 0.01)
     candidates = uow.session.exec(
         select(DispatchCase).where(
             DispatchCase.category_code == report.category_code,
             col(DispatchCase.status).in_(CaseStatus.OPEN),
             col(DispatchCase.reported_at) >= since,
             DispatchCase.incident_id != report.incident_id,
+            col(DispatchCase.lat).between(lat - dlat, lat + dlat),
+            col(DispatchCase.lon).between(lon - dlon, lon + dlon),
         )
     ).all()
     best: tuple[DispatchCase, float] | None = None

@@ -122,6 +122,30 @@ def test_nearby_report_of_same_category_is_merged(loop: Loop, clock: FakeClock) 
     assert only(loop.report("illegal_parking", (31.2800, 121.5700)), ev.IncidentFiled)
 
 
+@pytest.mark.parametrize(
+    ("bearing", "metres", "merged"),
+    [(90, 49.0, True), (90, 51.0, False), (0, 49.5, True), (45, 49.5, True), (135, 50.5, False)],
+)
+def test_the_merge_distance_holds_in_every_direction(loop: Loop, bearing: float, metres: float, merged: bool) -> None:
+    """The candidates are first narrowed to a box around the report: it must not cut off a case in reach."""
+    import math
+
+    from schemas.reference import distance_m
+
+    lat0, lon0 = 31.2800, 121.5700
+    first = only(loop.report("illegal_parking", (lat0, lon0)), ev.IncidentFiled)
+    r = 6_371_000.0
+    dlat = math.degrees(metres * math.cos(math.radians(bearing)) / r)
+    dlon = math.degrees(metres * math.sin(math.radians(bearing)) / (r * math.cos(math.radians(lat0))))
+    at = (lat0 + dlat, lon0 + dlon)
+    assert abs(distance_m(lat0, lon0, *at) - metres) < 0.5
+    out = loop.report("illegal_parking", at)
+    if merged:
+        assert only(out, ev.IncidentMerged).into_incident_id == first.incident_id
+    else:
+        assert only(out, ev.IncidentFiled)
+
+
 def test_big_incident_engages_every_department_with_the_ops_center_coordinating(loop: Loop) -> None:
     out = loop.report("safety_hazard")
     assert only(out, ev.IncidentFiled).big
