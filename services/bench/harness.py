@@ -387,11 +387,9 @@ class Bench:
                 shutil.rmtree(self.var_dir / sub, ignore_errors=True)
         return result
 
-    async def _drive(
-        self, topics: dict[str, int]
-    ) -> tuple[StepRecord | None, StepRecord | None, tuple[Any, Any], dict[str, Any]]:
+    def _driver(self) -> Driver:
         o = self.options
-        driver = Driver(
+        return Driver(
             self.urls(),
             self.tokens(),
             o.bootstrap,
@@ -400,6 +398,12 @@ class Bench:
             poll_s=o.poll_s,
             idle_poll_s=o.idle_poll_s,
         )
+
+    async def _drive(
+        self, topics: dict[str, int]
+    ) -> tuple[StepRecord | None, StepRecord | None, tuple[Any, Any], dict[str, Any]]:
+        o = self.options
+        driver = self._driver()
         before = await end_offsets(o.bootstrap, topics)
         await driver.start()
         try:
@@ -549,15 +553,7 @@ class Soak(Bench):
 
     async def _soak(self) -> tuple[float, float, float, dict[str, list[float]]]:
         o = self.options
-        driver = Driver(
-            self.urls(),
-            self.tokens(),
-            o.bootstrap,
-            LIFECYCLE.name,
-            lifecycle_partitions=LIFECYCLE.partitions,
-            poll_s=o.poll_s,
-            idle_poll_s=o.idle_poll_s,
-        )
+        driver = self._driver()
         await driver.start()
         try:
             await driver.offer(min(o.rates), 5.0)

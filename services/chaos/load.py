@@ -364,28 +364,7 @@ class Desks:
             task.cancel()
 
     async def _queue(self, status: str) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        offset = 0
-        while True:
-            try:
-                r = await self.caller.call(
-                    "handling",
-                    "GET",
-                    "/work-orders",
-                    who="ops",
-                    params={"status": status, "limit": 500, "offset": offset},
-                    patience_s=60,
-                )
-            except GaveUp:
-                return out
-            if r.status_code != 200:
-                self.caller.stats.error("poll work orders", r.status_code, r.text)
-                return out
-            page = r.json()
-            out.extend(page)
-            if len(page) < 500:
-                return out
-            offset += 500
+        return await _all_pages(self.caller, "handling", "/work-orders", {"status": status}, "poll work orders")
 
     async def _post(self, order: Mapping[str, Any], action: str, body: Mapping[str, Any] | None = None) -> bool:
         """True if the action was applied now or before (409 after a retry); False if refused otherwise."""
@@ -465,28 +444,9 @@ class Verifiers:
             t.cancel()
 
     async def _pending(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        offset = 0
-        while True:
-            try:
-                r = await self.caller.call(
-                    "verification",
-                    "GET",
-                    "/verifications",
-                    who="ops",
-                    params={"status": "pending", "limit": 500, "offset": offset},
-                    patience_s=60,
-                )
-            except GaveUp:
-                return out
-            if r.status_code != 200:
-                self.caller.stats.error("poll verifications", r.status_code, r.text)
-                return out
-            page = r.json()
-            out.extend(page)
-            if len(page) < 500:
-                return out
-            offset += 500
+        return await _all_pages(
+            self.caller, "verification", "/verifications", {"status": "pending"}, "poll verifications"
+        )
 
     async def _decide(self, task: Mapping[str, Any]) -> None:
         vid = str(task["verification_id"])
@@ -620,3 +580,30 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 120.0) -> list[tup
 
 def deadline_after(seconds: float) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+_PAGE = 500
+
+
+async def _all_pages(
+    caller: Caller, service: str, path: str, params: Mapping[str, Any], what: str
+) -> list[dict[str, Any]]:
+    """Every item of a listing, page by page as the operations center sees it; what was read so far if the
+    service gives up or refuses (the next poll tries again)."""
+    out: list[dict[str, Any]] = []
+    offset = 0
+    while True:
+        try:
+            r = await caller.call(
+                service, "GET", path, who="ops", params={**params, "limit": _PAGE, "offset": offset}, patience_s=60
+            )
+        except GaveUp:
+            return out
+        if r.status_code != 200:
+            caller.stats.error(what, r.status_code, r.text)
+            return out
+        page = r.json()
+        out.extend(page)
+        if len(page) < _PAGE:
+            return out
+        offset += _PAGE

@@ -168,13 +168,19 @@ class Runtime:
 
     async def process(self, message: Any) -> None:
         """Apply one consumed record (a faust Message: topic, partition, offset, key, value)."""
+        event = await self._decode(message)
+        if event is not None:
+            await self._process_event(message, event)
+
+    async def _decode(self, message: Any) -> Event | None:
+        """The record's event, counted; None if it cannot be decoded (then it is dead-lettered)."""
         try:
             event = decode_event(message.value)
         except DecodeError as exc:
             await self.dead_letter(message, exc.reason, kind="decode")
-            return
+            return None
         metrics.EVENTS_CONSUMED.labels(self.name, message.topic, event.type).inc()
-        await self._process_event(message, event)
+        return event
 
     async def _process_event(self, message: Any, event: Event) -> None:
         if not self.bus.handles(event):
@@ -202,13 +208,8 @@ class Runtime:
             return
         decoded: list[tuple[Any, Event]] = []
         for message in messages:
-            try:
-                event = decode_event(message.value)
-            except DecodeError as exc:
-                await self.dead_letter(message, exc.reason, kind="decode")
-                continue
-            metrics.EVENTS_CONSUMED.labels(self.name, message.topic, event.type).inc()
-            if self.bus.handles(event):
+            event = await self._decode(message)
+            if event is not None and self.bus.handles(event):
                 decoded.append((message, event))
         if not decoded:
             return
