@@ -32,6 +32,12 @@ PollS = Annotated[
 IdlePollS = Annotated[
     float, typer.Option(min=0.01, help="How often at most they poll once their queue was empty (backing off).")
 ]
+LongPollS = Annotated[
+    float,
+    typer.Option(
+        min=0.0, max=30.0, help="How long the API holds an empty queue's answer until work comes (0: poll instead)."
+    ),
+]
 KeepDb = Annotated[bool, typer.Option(help="Keep the services' SQLite databases of the run.")]
 
 
@@ -60,6 +66,7 @@ def run(
     half: Annotated[bool, typer.Option(help="End with a step at half the maximum (for the latency figures).")] = True,
     poll_s: PollS = 0.2,
     idle_poll_s: IdlePollS = 1.0,
+    long_poll_s: LongPollS = 10.0,
     base_port: BasePort = DEFAULT_BASE_PORT,
     bootstrap: Bootstrap = "127.0.0.1:9092",
     profile: Profile = None,
@@ -76,6 +83,7 @@ def run(
         raw_count=raw_count,
         poll_s=poll_s,
         idle_poll_s=idle_poll_s,
+        long_poll_s=long_poll_s,
         base_port=base_port,
         bootstrap=bootstrap,
         profile=tuple(profile or ()),
@@ -106,6 +114,7 @@ def soak(
     ramp_step_s: Annotated[float, typer.Option(min=2.0, help="Seconds per step of the quick ramp.")] = 10.0,
     poll_s: PollS = 0.2,
     idle_poll_s: IdlePollS = 1.0,
+    long_poll_s: LongPollS = 10.0,
     base_port: BasePort = DEFAULT_BASE_PORT,
     bootstrap: Bootstrap = "127.0.0.1:9092",
     profile: Profile = None,
@@ -116,6 +125,7 @@ def soak(
     options = Options(
         poll_s=poll_s,
         idle_poll_s=idle_poll_s,
+        long_poll_s=long_poll_s,
         base_port=base_port,
         bootstrap=bootstrap,
         profile=tuple(profile or ()),

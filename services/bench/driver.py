@@ -123,6 +123,7 @@ class Driver:
         lifecycle_partitions: int = 6,
         poll_s: float = 0.2,
         idle_poll_s: float = 1.0,
+        long_poll_s: float = 10.0,
         max_in_flight: int = 1000,
         attempts: int = 3,
         seed: int = 7,
@@ -135,6 +136,8 @@ class Driver:
         self.poll_s = poll_s
         self.attempts = attempts
         self.idle_poll_s = max(idle_poll_s, poll_s)
+        self.long_poll_s = long_poll_s
+        """Desks and workers ask the API to hold an empty answer this long (0: they poll, backing off)."""
         self.rng = random.Random(seed)
         self.counters = Counters()
         self._in_flight = asyncio.Semaphore(max_in_flight)
@@ -335,22 +338,34 @@ class Driver:
 
     async def _department(self, code: str) -> None:
         token = self.tokens.departments[code]
-        params = {"department": code, "status": "dispatched", "limit": 500}
+        params: dict[str, Any] = {"department": code, "status": "dispatched", "limit": 500}
+        if self.long_poll_s:
+            params["wait"] = self.long_poll_s
         wait = self.poll_s
         while self._running:
-            found = 0
+            listed = found = 0
             r = await self._call("handling", "GET", "/work-orders", token, (200,), params=params)
             if r is not None:
-                for order in orjson.loads(r.content):
+                orders = orjson.loads(r.content)
+                listed = len(orders)
+                for order in orders:
                     if self._seen_orders.add(order["work_order_id"]):
                         found += 1
                         self._spawn(self._work(order["work_order_id"], token))
-            wait = self._next_wait(wait, found)
-            await asyncio.sleep(wait)
+            wait = self._next_wait(wait, found, listed, r is None)
+            if wait:
+                await asyncio.sleep(wait)
 
-    def _next_wait(self, wait: float, found: int) -> float:
-        """Back at the shortest interval after a poll that found work; a little longer after each empty one,
-        up to ``idle_poll_s`` (a desk with nothing to do looks less often, and costs the services less)."""
+    def _next_wait(self, wait: float, found: int, listed: int, failed: bool) -> float:
+        """How long to pause before the next look at a queue.
+
+        With long polls, an empty answer means the wait ran out: look again at once. An answer listing work
+        already taken in hand (its acceptance still on its way) would come back at once: pause ``poll_s``.
+        Without them: back at the shortest interval after a poll that found work; a little longer after each
+        empty one, up to ``idle_poll_s`` (a desk with nothing to do looks less often, and costs the services
+        less)."""
+        if self.long_poll_s:
+            return self.poll_s if (listed or failed) else 0.0
         return self.poll_s if found else min(self.idle_poll_s, wait * 1.5)
 
     async def _work(self, work_order_id: str, token: str) -> None:
@@ -362,18 +377,23 @@ class Driver:
 
     async def _verifier(self, grid_code: str) -> None:
         token = self.tokens.verifiers[grid_code]
-        params = {"status": "pending", "limit": 500}
+        params: dict[str, Any] = {"status": "pending", "limit": 500}
+        if self.long_poll_s:
+            params["wait"] = self.long_poll_s
         wait = self.poll_s
         while self._running:
-            found = 0
+            listed = found = 0
             r = await self._call("verification", "GET", "/verifications", token, (200,), params=params)
             if r is not None:
-                for task in orjson.loads(r.content):
+                tasks = orjson.loads(r.content)
+                listed = len(tasks)
+                for task in tasks:
                     if self._seen_tasks.add(task["verification_id"]):
                         found += 1
                         self._spawn(self._pass(task["verification_id"], token))
-            wait = self._next_wait(wait, found)
-            await asyncio.sleep(wait)
+            wait = self._next_wait(wait, found, listed, r is None)
+            if wait:
+                await asyncio.sleep(wait)
 
     async def _pass(self, verification_id: str, token: str) -> None:
         await self._call(

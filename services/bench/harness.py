@@ -50,7 +50,9 @@ class Options:
     poll_s: float = 0.2
     """How often a desk or grid worker with work looks at its queue…"""
     idle_poll_s: float = 1.0
-    """…and how often at most when the last looks found nothing."""
+    """…and how often at most when the last looks found nothing (without long polls)."""
+    long_poll_s: float = 10.0
+    """How long the API holds a desk's or worker's empty answer until work comes (0: plain polling)."""
     base_port: int = DEFAULT_BASE_PORT
     bootstrap: str = "127.0.0.1:9092"
     out_root: Path = REPO_ROOT / "var" / "bench"
@@ -397,6 +399,7 @@ class Bench:
             lifecycle_partitions=LIFECYCLE.partitions,
             poll_s=o.poll_s,
             idle_poll_s=o.idle_poll_s,
+            long_poll_s=o.long_poll_s,
         )
 
     async def _drive(
@@ -440,6 +443,7 @@ class Bench:
                 "warmup_s": self.options.warmup,
                 "refine": self.options.refine,
                 "poll_s": self.options.poll_s,
+                "long_poll_s": self.options.long_poll_s,
                 "raw_s": self.options.raw_s,
             },
             "machine": {"cpus": psutil.cpu_count(), "memory_mb": psutil.virtual_memory().total // 2**20},

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
@@ -15,9 +15,19 @@ from starlette.exceptions import HTTPException
 
 from . import metrics
 from .auth import Unauthenticated
+from .changes import MAX_WAIT_S
 from .errors import Forbidden, NotFound, Rejected, Unavailable
 
 RETRY_AFTER_S = "5"
+
+WaitS = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=MAX_WAIT_S,
+        description="Long poll: if nothing matches now, wait up to this many seconds for something that does.",
+    ),
+]
 """Seconds a client is asked to wait before retrying a 503."""
 
 

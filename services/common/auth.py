@@ -14,7 +14,7 @@ import hashlib
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
@@ -179,10 +179,10 @@ class TokenStore:
         return principal
 
 
-def authenticator(store: TokenStore) -> Callable[..., Principal]:
+def authenticator(store: TokenStore) -> Callable[..., Awaitable[Principal]]:
     """A FastAPI dependency that resolves the caller from ``Authorization: Bearer …`` (or ``api_key``)."""
 
-    def authenticate(
+    async def authenticate(
         authorization: Annotated[str | None, Header(description="Bearer <token>")] = None,
         api_key: Annotated[str | None, Query(include_in_schema=False)] = None,
     ) -> Principal:
@@ -204,11 +204,11 @@ def authenticator(store: TokenStore) -> Callable[..., Principal]:
     return authenticate
 
 
-def require(store: TokenStore, *roles: Role) -> Callable[..., Principal]:
+def require(store: TokenStore, *roles: Role) -> Callable[..., Awaitable[Principal]]:
     """A dependency admitting only the given roles (403 for any other valid principal)."""
     authenticate = authenticator(store)
 
-    def check(principal: Principal = Depends(authenticate)) -> Principal:
+    async def check(principal: Principal = Depends(authenticate)) -> Principal:
         if principal.role not in roles:
             allowed = ", ".join(r.value for r in roles)
             raise Forbidden(f"a {principal.role.value} may not do this (allowed: {allowed})")

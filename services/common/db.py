@@ -7,11 +7,11 @@ committed together or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -22,6 +22,7 @@ from sqlmodel import Field, Session, SQLModel
 from schemas import Event, encode_event, topics_for, utcnow
 
 Clock = Callable[[], datetime]
+T = TypeVar("T", bound=SQLModel)
 
 
 class ProcessedEvent(SQLModel, table=True):
@@ -106,14 +107,20 @@ def _add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> None:
 _PROCESSED: sa.Table = ProcessedEvent.__table__  # type: ignore[attr-defined]
 
 
-def _insert_ignoring_duplicates(session: Session, row: dict[str, Any]) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
+_CLAIMS: dict[str, tuple[Any, Any]] = {}
+"""Per dialect, built once (they run per message): the idempotency mark as ``INSERT … ON CONFLICT DO NOTHING``,
+and the same returning the ids it did mark (for a batch)."""
 
-        return pg_insert(_PROCESSED).values(row).on_conflict_do_nothing(index_elements=["event_id"])
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-    return sqlite_insert(_PROCESSED).values(row).on_conflict_do_nothing(index_elements=["event_id"])
+def _claim_statements(dialect: str) -> tuple[Any, Any]:
+    statements = _CLAIMS.get(dialect)
+    if statements is None:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        one = insert(_PROCESSED).on_conflict_do_nothing(index_elements=["event_id"])
+        statements = _CLAIMS[dialect] = (one, one.returning(_PROCESSED.c.event_id))
+    return statements
 
 
 def as_utc(value: datetime) -> datetime:
@@ -126,12 +133,24 @@ def as_utc(value: datetime) -> datetime:
 class UnitOfWork:
     """One transaction: claim the message, change state, queue events; ``commit`` makes all of it durable."""
 
-    def __init__(self, engine: Engine, clock: Clock = utcnow, time_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Clock = utcnow,
+        time_scale: float = 1.0,
+        on_commit: Callable[[set[str]], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.clock = clock
         self.time_scale = time_scale
+        self.on_commit = on_commit
+        """Told, after each commit, the keys :meth:`touch` named (long polls waiting on them wake)."""
+        self.touched: set[str] = set()
         self.emitted: list[Event] = []
         self._session: Session | None = None
+        self._loaded: list[Any] = []
+        self._absent: set[tuple[type, Any]] = set()
+        self._added: dict[tuple[type, Any], Any] = {}
 
     @property
     def session(self) -> Session:
@@ -142,6 +161,10 @@ class UnitOfWork:
     def __enter__(self) -> Self:
         self._session = Session(self.engine, expire_on_commit=False)
         self.emitted = []
+        self.touched = set()
+        self._loaded = []
+        self._absent = set()
+        self._added = {}
         return self
 
     def __exit__(
@@ -150,6 +173,7 @@ class UnitOfWork:
         assert self._session is not None
         self._session.close()  # anything not committed is rolled back
         self._session = None
+        self._loaded, self._absent, self._added = [], set(), {}
 
     def now(self) -> datetime:
         return self.clock()
@@ -159,14 +183,57 @@ class UnitOfWork:
         return timedelta(hours=hours) / self.time_scale
 
     def claim(self, event: Event) -> bool:
-        """Mark ``event`` as processed; False if it already was (a redelivery, or a copy earlier in this batch).
+        """Mark ``event`` as processed; False if it already was (a redelivery).
 
         One ``INSERT … ON CONFLICT DO NOTHING`` in the unit's transaction: a concurrent consumer of the same event
         waits for this transaction (PostgreSQL: for the row; SQLite: for the write lock) and then finds the mark,
         so exactly one of them applies it."""
+        one, _ = _claim_statements(self.session.get_bind().dialect.name)
         row = {"event_id": event.event_id, "type": event.type, "processed_at": self.now()}
-        result = self.session.execute(_insert_ignoring_duplicates(self.session, row))
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        return bool(self.session.execute(one, row).rowcount)  # type: ignore[attr-defined]
+
+    def claim_all(self, events: Sequence[Event]) -> list[Event]:
+        """:meth:`claim` for a batch, in one statement: returns the events not applied before, in order, each
+        once (a copy later in the batch is dropped too)."""
+        first: dict[str, Event] = {}
+        for event in events:
+            first.setdefault(event.event_id, event)
+        if not first:
+            return []
+        _, returning = _claim_statements(self.session.get_bind().dialect.name)
+        now = self.now()
+        rows = [{"event_id": e.event_id, "type": e.type, "processed_at": now} for e in first.values()]
+        marked = set(self.session.execute(returning, rows).scalars())
+        return [e for event_id, e in first.items() if event_id in marked]
+
+    def load(self, model: type[SQLModel], ids: Iterable[Any]) -> None:
+        """Read the rows of ``model`` with these primary keys in one query, for :meth:`get` to find without a
+        statement of its own (a batch's handlers would otherwise read them one at a time, each read flushing what
+        the previous handlers changed). A key with no row is remembered as absent."""
+        keys = set(ids)
+        if not keys:
+            return
+        pk = sa.inspect(model).primary_key[0]
+        rows = list(self.session.execute(sa.select(model).where(pk.in_(keys))).scalars())
+        # held for the unit's life: the identity map keeps unmodified objects only while someone else does
+        self._loaded.extend(rows)
+        found = {getattr(r, pk.key) for r in rows}
+        self._absent.update((model, k) for k in keys - found)
+
+    def get(self, model: type[T], key: Any) -> T | None:
+        """``session.get``, answered without a statement for what this unit added or :meth:`load` read."""
+        added = self._added.get((model, key))
+        if added is not None:
+            return added  # type: ignore[no-any-return]
+        if (model, key) in self._absent:
+            return None
+        return self.session.get(model, key)
+
+    def add(self, row: SQLModel) -> None:
+        """``session.add`` for a new row that :meth:`get` must find before the session flushes it."""
+        self.session.add(row)
+        model = type(row)
+        self._added[(model, getattr(row, sa.inspect(model).primary_key[0].key))] = row
 
     def emit(self, event: Event) -> None:
         """Queue ``event`` for publishing; it is sent only once the transaction commits."""
@@ -182,8 +249,16 @@ class UnitOfWork:
         )
         self.emitted.append(event)
 
+    def touch(self, *keys: str) -> None:
+        """Name what this unit changed that someone may be waiting for (see ``services.common.changes``)."""
+        self.touched.update(keys)
+
     def commit(self) -> None:
         self.session.commit()
+        if self.touched:
+            touched, self.touched = self.touched, set()
+            if self.on_commit is not None:
+                self.on_commit(touched)
 
 
 __all__ = [

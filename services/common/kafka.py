@@ -163,13 +163,9 @@ class OutboxRelay:
             .where(t.published_at.is_(None))
             .where(sa.or_(t.claimed_until.is_(None), t.claimed_until < sa.bindparam("now")))
             .values(claimed_by=sa.bindparam("token"), claimed_until=sa.bindparam("until"))
+            .returning(t.id, t.incident_id, t.type, t.topics, t.payload)  # in no particular order: sorted after
         )
         self._any_pending = sa.select(t.id).where(t.published_at.is_(None)).limit(1)
-        self._claimed = (
-            sa.select(t.id, t.incident_id, t.type, t.topics, t.payload)
-            .where(t.claimed_by == sa.bindparam("token"), t.published_at.is_(None))
-            .order_by(t.id)
-        )
         self._mark = sa.update(_OUTBOX).where(t.id.in_(sa.bindparam("ids", expanding=True)))
         self._release = (
             sa.update(_OUTBOX)
@@ -193,8 +189,8 @@ class OutboxRelay:
                 # one claim at a time: the next one sees this one's leases (it runs after the commit)
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_CLAIM_LOCK)))
             now = self.clock()
-            conn.execute(self._claim, {"now": now, "token": token, "until": now + timedelta(seconds=self.lease_s)})
-            rows = list(conn.execute(self._claimed, {"token": token}).all())
+            params = {"now": now, "token": token, "until": now + timedelta(seconds=self.lease_s)}
+            rows = sorted(conn.execute(self._claim, params).all(), key=lambda r: r[0])
         return token, rows
 
     async def flush(self) -> int:

@@ -30,7 +30,8 @@ from schemas.topics import CATALOG, Topic, namespace
 
 from . import metrics
 from .auth import Role, TokenStore, require
-from .bus import Handler, MessageBus
+from .bus import Handler, MessageBus, Preload
+from .changes import Changes
 from .db import UnitOfWork, create_tables, make_engine
 from .errors import PoisonMessage
 from .kafka import OutboxRelay, Publisher, send_dead_letter
@@ -59,18 +60,21 @@ class Runtime:
         handlers: Mapping[type[Event], Handler],
         *,
         consumes: Iterable[Topic] = (),
+        preload: Preload | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.service
         self.engine = make_engine(settings.database_url)
         self.tables = tuple(tables)
-        self.bus = MessageBus(self.uow, handlers)
+        self.bus = MessageBus(self.uow, handlers, preload)
         self.publisher = Publisher(
             settings.kafka_bootstrap, client_id=f"gridloop-{self.name}", **settings.kafka_client_options()
         )
         self.relay = OutboxRelay(self.engine, self.publisher)
         self.auth = TokenStore(make_engine(settings.auth_database_url))
         self.consumes = tuple(consumes)
+        self.changes = Changes()
+        """Long polls of the API waiting for what the consumer commits."""
         self._publisher_ready = asyncio.Lock()
         self._flushing: asyncio.Task[None] | None = None
         self._flush_wanted = False
@@ -83,7 +87,7 @@ class Runtime:
         return Depends(require(self.auth, *roles))
 
     def uow(self) -> UnitOfWork:
-        return UnitOfWork(self.engine, time_scale=self.settings.time_scale)
+        return UnitOfWork(self.engine, time_scale=self.settings.time_scale, on_commit=self.changes.notify)
 
     def init_db(self) -> None:
         create_tables(self.engine, self.tables)

@@ -6,8 +6,9 @@ from typing import Annotated, TypeVar
 
 from fastapi import FastAPI, Query
 
-from services.common.api import create_api
+from services.common.api import WaitS, create_api
 from services.common.auth import Principal, Role
+from services.common.changes import key_for, long_poll
 from services.common.errors import Forbidden, NotFound
 from services.common.runtime import Runtime
 
@@ -63,14 +64,22 @@ def build_api(runtime: Runtime) -> FastAPI:
         overdue: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
         offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+        wait: WaitS = 0.0,
     ) -> list[WorkOrderPublic]:
-        """A department's queue, earliest deadline first. Department staff see only their own office's."""
+        """A department's queue, earliest deadline first. Department staff see only their own office's.
+
+        With ``wait``, an empty answer waits up to that many seconds for a work order to arrive (a long poll: the
+        desk gets new work the moment it lands, without polling for it)."""
         if who.role is Role.DEPARTMENT:
             if department not in (None, who.department):
                 raise Forbidden(f"{who.subject} works for {who.department}, not {department}")
             department = who.department
-        with runtime.uow() as uow:
-            return handlers.list_work_orders(uow, department, status, overdue, limit, offset)
+
+        def read() -> list[WorkOrderPublic]:
+            with runtime.uow() as uow:
+                return handlers.list_work_orders(uow, department, status, overdue, limit, offset)
+
+        return await long_poll(runtime.changes, key_for(handlers.WORK_ORDERS, department), wait, read)
 
     @api.get(
         "/work-orders/{work_order_id}",

@@ -20,6 +20,7 @@ from sqlmodel import col, select
 
 from schemas import Actor, ActorKind, Event, encode_event
 from schemas import events as ev
+from services.common.changes import keys_for
 from services.common.db import UnitOfWork, as_utc
 from services.common.errors import Forbidden, NotFound, Rejected, UnknownIncident
 
@@ -41,6 +42,10 @@ from .models import (
 from .settings import HandlingSettings
 
 # -- helpers ------------------------------------------------------------------------------------------
+
+
+WORK_ORDERS = "work-orders"
+"""The long-poll key of a department's queue (``work-orders:<department>``)."""
 
 
 def _known_order(uow: UnitOfWork, work_order_id: str, incident_id: str) -> HandlingWorkOrder:
@@ -104,6 +109,7 @@ def receive_work_order(dispatched: ev.WorkOrderDispatched, uow: UnitOfWork, poli
         dispatched_at=dispatched.occurred_at,
     )
     uow.session.add(order)
+    uow.touch(*keys_for(WORK_ORDERS, order.department_code))
     _queue_webhook(uow, policy, order, dispatched)
 
 
@@ -114,6 +120,7 @@ def rework_work_order(reworked: ev.IncidentReworked, uow: UnitOfWork, policy: Ha
     order.deadline = reworked.deadline
     order.rework_count = reworked.rework_count
     order.last_note = reworked.note
+    uow.touch(*keys_for(WORK_ORDERS, order.department_code))
     _queue_webhook(uow, policy, order, reworked)
 
 
@@ -121,12 +128,14 @@ def grant_extension(granted: ev.ExtensionGranted, uow: UnitOfWork, policy: Handl
     order = _known_order(uow, granted.work_order_id, granted.incident_id)
     order.deadline = granted.new_deadline
     order.extension_status = ExtensionStatus.GRANTED
+    uow.touch(*keys_for(WORK_ORDERS, order.department_code))
 
 
 def refuse_extension(refused: ev.ExtensionRefused, uow: UnitOfWork, policy: HandlingSettings) -> None:
     order = _known_order(uow, refused.work_order_id, refused.incident_id)
     order.extension_status = ExtensionStatus.REFUSED
     order.last_note = refused.reason
+    uow.touch(*keys_for(WORK_ORDERS, order.department_code))
 
 
 def close_work_orders(closed: ev.IncidentClosed, uow: UnitOfWork, policy: HandlingSettings) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from schemas.topics import LIFECYCLE
 
-from .handlers import HANDLERS
+from .handlers import HANDLERS, preload
+
+PRELOAD = preload
 
 CONSUMES = (LIFECYCLE,)
 
-__all__ = ["CONSUMES", "HANDLERS"]
+__all__ = ["CONSUMES", "HANDLERS", "PRELOAD"]

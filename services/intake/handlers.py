@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
@@ -194,12 +195,12 @@ def _detail(event: Event) -> str:
 
 def record_transition(event: Event, uow: UnitOfWork) -> None:
     """Fold one lifecycle event into the incident's status and timeline."""
-    row = uow.session.get(IntakeIncident, event.incident_id)
+    row = uow.get(IntakeIncident, event.incident_id)
     if row is None:
         if not isinstance(event, ev.IncidentReported):
             raise UnknownIncident(f"{event.type} for unknown incident {event.incident_id}")
         row = _row_from_report(event)
-        uow.session.add(row)
+        uow.add(row)
     status = _STATUS_AFTER.get(event.type)
     if status and (row.status not in _FINAL or status in _FINAL):
         row.status = status
@@ -235,6 +236,11 @@ def record_transition(event: Event, uow: UnitOfWork) -> None:
             detail=_detail(event)[:2000],
         )
     )
+
+
+def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
+    """A batch's incidents in one query rather than one per event."""
+    uow.load(IntakeIncident, (e.incident_id for e in events))
 
 
 def get_incident(incident_id: str, uow: UnitOfWork, who: Principal | None = None) -> IncidentPublic:

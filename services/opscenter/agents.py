@@ -10,7 +10,7 @@ from schemas.topics import LIFECYCLE
 from services.common.db import UnitOfWork
 
 from . import metrics
-from .handlers import fold_event
+from .handlers import fold_event, preload
 
 CONSUMES = (LIFECYCLE,)
 
@@ -21,3 +21,5 @@ def fold(event: Event, uow: UnitOfWork) -> None:
 
 
 HANDLERS: Mapping[type[Event], Callable[[Any, UnitOfWork], None]] = {cls: fold for cls in EVENT_TYPES.values()}
+
+PRELOAD = preload

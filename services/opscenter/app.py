@@ -6,7 +6,7 @@ from prometheus_client import REGISTRY
 
 from services.common.runtime import Runtime
 
-from .agents import CONSUMES, HANDLERS
+from .agents import CONSUMES, HANDLERS, PRELOAD
 from .api import build_api
 from .metrics import ConsumerLagCollector, consumer_groups
 from .models import TABLES
@@ -18,7 +18,7 @@ _lag: ConsumerLagCollector | None = None
 def build(settings: OpsCenterSettings | None = None) -> Runtime:
     global _lag
     settings = settings or OpsCenterSettings()
-    runtime = Runtime(settings, TABLES, HANDLERS, consumes=CONSUMES)
+    runtime = Runtime(settings, TABLES, HANDLERS, consumes=CONSUMES, preload=PRELOAD)
     runtime.serve(build_api(runtime))
     if _lag is None:  # one per process: the registry refuses a second collector of the same series
         _lag = ConsumerLagCollector(settings.kafka_bootstrap, consumer_groups())

@@ -7,9 +7,11 @@ one it follows is parked and folded right after it. Folding the log from offset 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import col, select
 
 from schemas import Event, decode_event, encode_event
@@ -38,7 +40,7 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
     """Apply one lifecycle event. Returns the stage durations it completes, as (stage, seconds)."""
     s = uow.session
     stages: list[tuple[str, float]] = []
-    incident = s.get(OpsIncident, event.incident_id)
+    incident = uow.get(OpsIncident, event.incident_id)
     if incident is None:
         if not isinstance(event, ev.IncidentReported):
             _park(event, uow)  # ahead of its report (another producer's copy): folded when the report comes
@@ -56,12 +58,12 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
             handled_on_spot=event.handled_on_spot,
             reported_at=event.occurred_at,
         )
-        s.add(incident)
+        uow.add(incident)
 
     order: OpsWorkOrder | None = None
     work_order_id = getattr(event, "work_order_id", None)
     if work_order_id and not isinstance(event, ev.WorkOrderDispatched):
-        order = s.get(OpsWorkOrder, work_order_id)
+        order = uow.get(OpsWorkOrder, work_order_id)
         if order is None and isinstance(event, _NEEDS_ORDER):
             _park(event, uow)  # ahead of its dispatch: folded when the work order is known
             return stages
@@ -77,7 +79,7 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
         case ev.IncidentMerged():
             incident.status, incident.merged_at = "merged", event.occurred_at
         case ev.WorkOrderDispatched():
-            if s.get(OpsWorkOrder, event.work_order_id) is None:
+            if uow.get(OpsWorkOrder, event.work_order_id) is None:
                 order = OpsWorkOrder(
                     work_order_id=event.work_order_id,
                     incident_id=event.incident_id,
@@ -88,7 +90,7 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
                     deadline=event.deadline,
                     dispatched_at=event.occurred_at,
                 )
-                s.add(order)
+                uow.add(order)
                 depts = incident.departments.split()
                 if event.department_code not in depts:
                     incident.departments = " ".join([*depts, event.department_code])
@@ -164,6 +166,25 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
     return stages
 
 
+_MAY_BE_PARKED = "opscenter.may_be_parked"
+"""In the session's info: False once a batch's preload found no parked event it could release (the usual case),
+so the fold skips looking; parking one sets it again."""
+
+
+def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
+    """A batch's incidents and work orders read in two queries rather than two per event, and whether any
+    parked event waits for one of them."""
+    incident_ids = {e.incident_id for e in events}
+    order_ids = {w for e in events if (w := getattr(e, "work_order_id", None))}
+    uow.load(OpsIncident, incident_ids)
+    uow.load(OpsWorkOrder, order_ids)
+    p = OpsParked.__table__.c  # type: ignore[attr-defined]
+    waiting = uow.session.execute(
+        sa.select(p.event_id).where(sa.or_(p.incident_id.in_(incident_ids), p.work_order_id.in_(order_ids))).limit(1)
+    ).first()
+    uow.session.info[_MAY_BE_PARKED] = waiting is not None
+
+
 _NEEDS_ORDER = (
     ev.WorkOrderAccepted,
     ev.WorkOrderReturned,
@@ -177,6 +198,7 @@ _NEEDS_ORDER = (
 
 def _park(event: Event, uow: UnitOfWork) -> None:
     s = uow.session
+    s.info[_MAY_BE_PARKED] = True
     if s.get(OpsParked, event.event_id) is None:
         s.add(
             OpsParked(
@@ -194,6 +216,8 @@ def _unpark(uow: UnitOfWork, condition: Any) -> list[tuple[str, float]]:
     something else still: a work order's events wait for its dispatch after the report came)."""
     s = uow.session
     stages: list[tuple[str, float]] = []
+    if not s.info.get(_MAY_BE_PARKED, True):
+        return stages
     waiting = list(s.exec(select(OpsParked.event_id).where(condition).order_by(col(OpsParked.occurred_at))))
     for event_id in waiting:
         parked = s.get(OpsParked, event_id)

@@ -19,7 +19,7 @@ from schemas.topics import LIFECYCLE
 from services.common.bus import MessageBus
 from services.common.db import SHARED_TABLES, UnitOfWork, create_tables, make_engine
 
-from .agents import HANDLERS
+from .agents import HANDLERS, PRELOAD
 from .kpis import Dimension, KpiReport, Period, kpi_report
 from .models import TABLES
 
@@ -33,7 +33,7 @@ def rebuild(bootstrap: str, database_url: str, *, poll_timeout_ms: int = 1000) -
     engine = make_engine(database_url)
     SQLModel.metadata.drop_all(engine, tables=[*SHARED_TABLES, *TABLES])
     create_tables(engine, TABLES)
-    bus = MessageBus(lambda: UnitOfWork(engine), HANDLERS)
+    bus = MessageBus(lambda: UnitOfWork(engine), HANDLERS, PRELOAD)
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:
         parts = [TopicPartition(LIFECYCLE.name, p) for p in sorted(consumer.partitions_for_topic(LIFECYCLE.name) or [])]

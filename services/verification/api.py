@@ -6,8 +6,9 @@ from typing import Annotated, TypeVar
 
 from fastapi import FastAPI, Query
 
-from services.common.api import create_api
+from services.common.api import WaitS, create_api
 from services.common.auth import Principal, Role
+from services.common.changes import key_for, long_poll
 from services.common.errors import Forbidden, NotFound
 from services.common.runtime import Runtime
 
@@ -55,18 +56,21 @@ def build_api(runtime: Runtime) -> FastAPI:
         status: Annotated[str | None, Query(pattern=r"^(pending|passed|failed)$")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+        wait: WaitS = 0.0,
     ) -> list[VerificationPublic]:
-        """A worker's (or a grid's) verification queue, oldest request first."""
-        with runtime.uow() as uow:
-            return handlers.list_verifications(
-                uow,
-                worker_id=worker_id,
-                grid_id=grid_id,
-                status=status,
-                limit=limit,
-                offset=offset,
-                grids=_grids(who),
-            )
+        """A worker's (or a grid's) verification queue, oldest request first.
+
+        With ``wait``, an empty answer waits up to that many seconds for a task to arrive (a long poll)."""
+        grids = _grids(who)
+
+        def read() -> list[VerificationPublic]:
+            with runtime.uow() as uow:
+                return handlers.list_verifications(
+                    uow, worker_id=worker_id, grid_id=grid_id, status=status, limit=limit, offset=offset, grids=grids
+                )
+
+        grid = grid_id or (grids[0] if grids is not None and len(grids) == 1 else None)
+        return await long_poll(runtime.changes, key_for(handlers.VERIFICATIONS, grid), wait, read)
 
     @api.get(
         "/verifications/{verification_id}",

@@ -16,12 +16,17 @@ from schemas import Actor, ActorKind, Event
 from schemas import events as ev
 from schemas.reference import GRIDS
 from services.common.bus import Handler
+from services.common.changes import keys_for
 from services.common.db import UnitOfWork, as_utc
 from services.common.errors import Forbidden, NotFound, PoisonMessage, Rejected
 
 from .models import FailRequest, PassRequest, TaskStatus, VerificationDecided, VerificationPublic, VerificationTask
 
 # -- events ---------------------------------------------------------------------------------------------
+
+
+VERIFICATIONS = "verifications"
+"""The long-poll key of a grid's verification queue (``verifications:<grid>``)."""
 
 
 def open_task(requested: ev.VerificationRequested, uow: UnitOfWork) -> None:
@@ -51,6 +56,7 @@ def open_task(requested: ev.VerificationRequested, uow: UnitOfWork) -> None:
             requested_at=requested.occurred_at,
         )
     )
+    uow.touch(*keys_for(VERIFICATIONS, requested.grid_id))
 
 
 # -- commands from the grid worker ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from sqlmodel import Session, col, select
 from schemas import Actor, ActorKind, Event, Location, decode_event
 from schemas import events as ev
 from services.common.bus import MessageBus
+from services.common.changes import Changes
 from services.common.db import OutboxRecord, UnitOfWork, create_tables, make_engine
 from services.common.errors import Forbidden, NotFound, Rejected, UnknownIncident
 from services.common.runtime import Runtime
@@ -57,10 +59,11 @@ class World:
 
     def __init__(self, engine: Engine, policy: HandlingSettings, clock: Clock) -> None:
         self.engine, self.policy, self.clock = engine, policy, clock
+        self.changes = Changes()
         self.bus = MessageBus(self.uow, handlers.bind(policy))
 
     def uow(self) -> UnitOfWork:
-        return UnitOfWork(self.engine, clock=self.clock)
+        return UnitOfWork(self.engine, clock=self.clock, on_commit=self.changes.notify)
 
     def order(self, work_order_id: str = "GL-1-1") -> HandlingWorkOrder:
         with Session(self.engine) as s:
@@ -657,6 +660,7 @@ class FakeRuntime:
         from services.common.db import make_engine
 
         self.uow = world.uow
+        self.changes = world.changes
         self.flushed = 0
         self.auth = TokenStore(make_engine(f"sqlite:///{tempfile.mkdtemp()}/auth.sqlite"))
         self.token = self.auth.issue(Role.DEPARTMENT, "cityops-zhang", department="city_ops")[0]
@@ -665,6 +669,33 @@ class FakeRuntime:
 
     async def flush_outbox(self) -> None:
         self.flushed += 1
+
+
+def test_a_desk_waiting_on_its_empty_queue_gets_a_new_work_order_as_soon_as_it_lands(world: World) -> None:
+    """The long poll: ``wait`` holds an empty answer until the department's queue changes, or until it runs out."""
+
+    async def session() -> None:
+        runtime = FakeRuntime(world)
+        transport = httpx.ASGITransport(app=build_api(cast(Runtime, runtime)))
+        headers = {"Authorization": f"Bearer {runtime.token}"}
+        params = {"status": "dispatched", "wait": "10"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://handling.test", headers=headers) as client:
+            r = await client.get("/work-orders", params={**params, "wait": "0.2"})
+            assert r.status_code == 200 and r.json() == []  # nothing came: empty when the wait runs out
+            waiting = asyncio.create_task(client.get("/work-orders", params=params))
+            await asyncio.sleep(0.2)
+            world.bus.handle(dispatched("GL-9-1", department="water", incident_id="GL-9"))  # another office's
+            await asyncio.sleep(0.2)
+            assert not waiting.done()
+            started = time.monotonic()
+            world.bus.handle(dispatched())
+            r = await asyncio.wait_for(waiting, 5)
+            assert time.monotonic() - started < 5
+            assert [o["work_order_id"] for o in r.json()] == ["GL-1-1"]
+            r = await client.get("/work-orders", params={**params, "wait": "31"})
+            assert r.status_code == 422 and "wait" in r.text  # at most 30 s
+
+    asyncio.run(session())
 
 
 def test_the_api_answers_actions_and_errors(world: World) -> None:

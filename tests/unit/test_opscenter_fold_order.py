@@ -17,6 +17,7 @@ from services.dispatch import handlers as dispatch
 from services.dispatch.models import TABLES as DISPATCH_TABLES
 from services.dispatch.settings import DispatchSettings
 from services.opscenter.agents import fold
+from services.opscenter.handlers import preload
 from services.opscenter.models import TABLES as OPS_TABLES
 from services.opscenter.models import OpsFact, OpsIncident, OpsParked, OpsWorkOrder
 
@@ -37,10 +38,15 @@ def _report(iid: str, category: str = "exposed_garbage") -> ev.IncidentReported:
     )
 
 
-def _fold_all(engine: Engine, events: list[Event]) -> None:
-    bus = MessageBus(lambda: UnitOfWork(engine), {c: fold for c in ev.EVENT_TYPES.values()})
-    for e in events:
-        bus.handle(e)
+def _fold_all(engine: Engine, events: list[Event], batch: int = 1) -> None:
+    """Fold one event at a time, or in batches of ``batch`` as the consumer does (with the batch's preload)."""
+    bus = MessageBus(lambda: UnitOfWork(engine), {c: fold for c in ev.EVENT_TYPES.values()}, preload)
+    if batch == 1:
+        for e in events:
+            bus.handle(e)
+        return
+    for i in range(0, len(events), batch):
+        bus.handle_batch(events[i : i + batch])
 
 
 def _state(engine: Engine) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]], int, int]:
@@ -64,6 +70,9 @@ def test_a_rejection_ahead_of_its_report_is_folded_when_the_report_comes(make_db
     _fold_all(in_order, [report, rejected])
     _fold_all(reversed_, [rejected, report])
     assert _state(reversed_) == _state(in_order)
+    together = make_db(OPS_TABLES)
+    _fold_all(together, [rejected, report], batch=2)
+    assert _state(together) == _state(in_order)
     incidents, _, facts, parked = _state(reversed_)
     assert incidents == [("GL-R1", "rejected", "no_such_category")] and facts == 2 and parked == 0
 
@@ -87,10 +96,11 @@ def test_every_order_of_one_incidents_events_gives_the_same_read_model(make_db: 
     for order in itertools.permutations([report, filed, dispatched, accepted]):
         if order.index(filed) > order.index(dispatched):
             continue  # one producer (dispatch): its copies keep their order
-        assert _state(_fold_into(make_db, list(order))) == expected, [e.type for e in order]
+        for batch in (1, 2, 4):  # one at a time, in pairs, all in one batch
+            assert _state(_fold_into(make_db, list(order), batch)) == expected, ([e.type for e in order], batch)
 
 
-def _fold_into(make_db: MakeDb, events: list[Event]) -> Engine:
+def _fold_into(make_db: MakeDb, events: list[Event], batch: int = 1) -> Engine:
     engine = make_db(OPS_TABLES)
-    _fold_all(engine, events)
+    _fold_all(engine, events, batch)
     return engine

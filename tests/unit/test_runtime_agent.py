@@ -176,3 +176,17 @@ async def test_the_agent_takes_records_in_batches(runtime: Any) -> None:
     with UnitOfWork(runtime.engine) as uow:
         assert len(uow.session.exec(select(ProcessedEvent)).all()) == 20
     assert sum(seen) == 20 and max(seen) > 1, seen
+
+
+def test_a_batch_claim_returns_what_was_not_applied_before_in_order_each_once(runtime: Any) -> None:
+    a, b, c = _report_n(11), _report_n(12), _report_n(13)
+    with UnitOfWork(runtime.engine) as uow:
+        assert uow.claim(b)
+        uow.commit()
+    with UnitOfWork(runtime.engine) as uow:
+        assert [e.event_id for e in uow.claim_all([c, a, b, c, a])] == [c.event_id, a.event_id]
+        assert uow.claim_all([]) == []
+        uow.commit()
+    with UnitOfWork(runtime.engine) as uow:
+        assert uow.claim_all([a, b, c]) == []
+        assert not uow.claim(a)

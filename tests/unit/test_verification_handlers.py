@@ -304,3 +304,12 @@ def test_queue_by_worker_grid_and_status_oldest_first(engine: Engine, bus: Messa
     assert ids(grid_id="gh02") == ["d-v1"]
     assert ids(status="failed") == ["c-v1"]
     assert ids(limit=2, offset=1) == ["d-v1", "b-v1"]
+
+
+def test_a_new_task_wakes_whoever_waits_on_its_grid_once_committed(engine: Engine) -> None:
+    woken: list[set[str]] = []
+    bus = MessageBus(lambda: UnitOfWork(engine, on_commit=woken.append), HANDLERS)
+    bus.handle(requested())
+    assert woken == [{"verifications:gh01", "verifications:*"}]
+    bus.handle(requested())  # redelivered: nothing changed, nobody woken
+    assert len(woken) == 1
