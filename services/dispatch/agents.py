@@ -9,6 +9,7 @@ from . import handlers
 from .settings import DispatchSettings
 
 CONSUMES = (INCIDENTS_REPORTED, FEEDBACK, VERIFICATION)
+PRELOAD = handlers.preload
 
 
 def register_watchdog(runtime: Runtime, policy: DispatchSettings) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from services.common.runtime import Runtime
 
 from . import handlers
-from .agents import CONSUMES, register_watchdog
+from .agents import CONSUMES, PRELOAD, register_watchdog
 from .api import build_api
 from .models import TABLES
 from .settings import DispatchSettings
@@ -13,7 +13,7 @@ from .settings import DispatchSettings
 
 def build(settings: DispatchSettings | None = None) -> Runtime:
     settings = settings or DispatchSettings()
-    runtime = Runtime(settings, TABLES, handlers.bind(settings), consumes=CONSUMES)
+    runtime = Runtime(settings, TABLES, handlers.bind(settings), consumes=CONSUMES, preload=PRELOAD)
     register_watchdog(runtime, settings)
     runtime.serve(build_api(runtime))
     return runtime

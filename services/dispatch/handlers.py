@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -38,21 +38,41 @@ WATCHDOG = Actor.system("dispatch-watchdog")
 # -- helpers ------------------------------------------------------------------------------------------
 
 
+_ORDERS = "dispatch.orders"
+"""In the session's info, set by :func:`preload` for a batch: incident id → every work order it has."""
+
+
+def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
+    """A batch's cases and work orders read in three queries, rather than several per event."""
+    incident_ids = {e.incident_id for e in events}
+    uow.load(DispatchCase, incident_ids)
+    uow.load(DispatchWorkOrder, (w for e in events if (w := getattr(e, "work_order_id", None))))
+    orders: dict[str, list[DispatchWorkOrder]] = {i: [] for i in incident_ids}
+    for order in uow.session.exec(
+        select(DispatchWorkOrder).where(col(DispatchWorkOrder.incident_id).in_(incident_ids))
+    ):
+        orders[order.incident_id].append(order)
+    uow.session.info[_ORDERS] = orders
+
+
 def _case(uow: UnitOfWork, incident_id: str) -> DispatchCase:
-    case = uow.session.get(DispatchCase, incident_id)
+    case = uow.get(DispatchCase, incident_id)
     if case is None:
         raise UnknownIncident(f"no case for incident {incident_id}")
     return case
 
 
 def _order(uow: UnitOfWork, work_order_id: str, incident_id: str) -> DispatchWorkOrder:
-    order = uow.session.get(DispatchWorkOrder, work_order_id)
+    order = uow.get(DispatchWorkOrder, work_order_id)
     if order is None or order.incident_id != incident_id:
         raise UnknownIncident(f"no work order {work_order_id} for incident {incident_id}")
     return order
 
 
 def _orders(uow: UnitOfWork, incident_id: str) -> list[DispatchWorkOrder]:
+    known = uow.session.info.get(_ORDERS)
+    if known is not None and incident_id in known:
+        return sorted(known[incident_id], key=lambda o: (as_utc(o.dispatched_at), o.work_order_id))
     return list(
         uow.session.exec(
             select(DispatchWorkOrder)
@@ -81,8 +101,12 @@ def _dispatch(
         deadline=now + uow.business_hours(category.deadline_hours),
         dispatched_at=now,
     )
-    uow.session.add(order)
-    uow.session.flush()
+    uow.add(order)
+    known = uow.session.info.get(_ORDERS)
+    if known is not None and case.incident_id in known:
+        known[case.incident_id].append(order)  # the batch's list of the incident's orders: flushed at the commit
+    else:
+        uow.session.flush()  # for the next _orders query
     case.status = CaseStatus.DISPATCHED
     uow.emit(
         ev.WorkOrderDispatched.following(
@@ -140,6 +164,16 @@ def _reject(uow: UnitOfWork, case: DispatchCase, cause: Event, code: ev.RejectRe
     uow.emit(ev.IncidentRejected.following(cause, DISPATCH, occurred_at=uow.now(), reason_code=code, reason=reason))
 
 
+_CANDIDATES = select(DispatchCase).where(
+    DispatchCase.category_code == sa.bindparam("category"),
+    col(DispatchCase.status).in_(CaseStatus.OPEN),
+    col(DispatchCase.reported_at) >= sa.bindparam("since"),
+    col(DispatchCase.lat).between(sa.bindparam("south"), sa.bindparam("north")),
+    col(DispatchCase.lon).between(sa.bindparam("west"), sa.bindparam("east")),
+)
+"""Open cases of a category reported since a time, inside a box (built once: it runs for every report)."""
+
+
 def _find_duplicate(
     uow: UnitOfWork, report: ev.IncidentReported, policy: DispatchSettings
 ) -> tuple[DispatchCase, float] | None:
@@ -148,18 +182,23 @@ def _find_duplicate(
     lat, lon = report.location.lat, report.location.lon
     dlat = policy.merge_distance_m * 1.01 / _M_PER_DEGREE
     dlon = dlat / max(math.cos(math.radians(lat)), 0.01)
-    candidates = uow.session.exec(
-        select(DispatchCase).where(
-            DispatchCase.category_code == report.category_code,
-            col(DispatchCase.status).in_(CaseStatus.OPEN),
-            col(DispatchCase.reported_at) >= since,
-            DispatchCase.incident_id != report.incident_id,
-            col(DispatchCase.lat).between(lat - dlat, lat + dlat),
-            col(DispatchCase.lon).between(lon - dlon, lon + dlon),
-        )
-    ).all()
+    box = {"south": lat - dlat, "north": lat + dlat, "west": lon - dlon, "east": lon + dlon}
+    s = uow.session
+    # read without flushing what this batch changed so far (flushed once, at the commit): the cases still to be
+    # written are looked at in memory, and every candidate is checked again as it stands in memory now
+    with s.no_autoflush:
+        stored = list(s.exec(_CANDIDATES, params={"category": report.category_code, "since": since, **box}))
+    pending = [c for c in s.new if isinstance(c, DispatchCase)]
     best: tuple[DispatchCase, float] | None = None
-    for case in candidates:
+    for case in {id(c): c for c in (*stored, *pending)}.values():
+        if (
+            case.incident_id == report.incident_id
+            or case.category_code != report.category_code
+            or case.status not in CaseStatus.OPEN
+            or as_utc(case.reported_at) < since
+            or not (box["south"] <= case.lat <= box["north"] and box["west"] <= case.lon <= box["east"])
+        ):
+            continue
         d = distance_m(case.lat, case.lon, report.location.lat, report.location.lon)
         if d <= policy.merge_distance_m and (best is None or d < best[1]):
             best = (case, d)
@@ -171,7 +210,7 @@ def _find_duplicate(
 
 def file_incident(report: ev.IncidentReported, uow: UnitOfWork, policy: DispatchSettings) -> None:
     """立案: reject, merge or file a report; a filed one is dispatched, or verified at once if fixed on the spot."""
-    if uow.session.get(DispatchCase, report.incident_id) is not None:
+    if uow.get(DispatchCase, report.incident_id) is not None:
         return  # the same incident re-reported under another event id: already decided
     loc = report.location
     category: Category | None = CATEGORIES.get(report.category_code)
@@ -195,7 +234,7 @@ def file_incident(report: ev.IncidentReported, uow: UnitOfWork, policy: Dispatch
         handled_on_spot=report.handled_on_spot,
         reported_at=report.occurred_at,
     )
-    uow.session.add(case)
+    uow.add(case)
     if category is None:
         _reject(
             uow,

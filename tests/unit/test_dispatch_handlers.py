@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -348,3 +349,64 @@ def test_concurrent_delivery_applies_once(loop: Loop) -> None:
     for t in threads:
         t.join()
     assert sorted(results) == [0, 0, 0, 3]  # filed + two work orders, once
+
+
+def _dispatch_state(engine: Engine) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[str, str]]]:
+    from sqlmodel import Session, select
+
+    from services.common.db import OutboxRecord
+    from services.dispatch.models import DispatchCase, DispatchWorkOrder
+
+    with Session(engine) as s:
+        cases = sorted(
+            (c.incident_id, c.status, c.merged_into, c.duplicates, c.verification_round, c.rework_count, c.return_count)
+            for c in s.exec(select(DispatchCase))
+        )
+        orders = sorted(
+            (o.work_order_id, o.incident_id, o.department_code, o.status, o.attempt)
+            for o in s.exec(select(DispatchWorkOrder))
+        )
+        emitted = sorted((r.type, r.incident_id) for r in s.exec(select(OutboxRecord)))
+    return cases, orders, emitted
+
+
+def test_a_history_applied_in_batches_ends_as_applied_one_at_a_time(
+    make_db: Callable[[tuple[sa.Table, ...]], Engine], clock: FakeClock
+) -> None:
+    """The consumer applies what is waiting as one batch, with the batch's rows preloaded and one flush at the
+    commit: merges within a batch, big incidents, returns, rework and closing must end exactly as one by one."""
+    policy = DispatchSettings(max_returns=2, escalate_after_hours=24)
+    loop = Loop(make_db(TABLES), clock, policy)
+    applied: list[Event] = []
+    handle = loop.bus.handle
+
+    def record(event: Event) -> list[Event]:
+        applied.append(event)
+        return handle(event)
+
+    loop.bus.handle = record  # type: ignore[method-assign]
+    parking = only(loop.report("illegal_parking", (31.2800, 121.5700)), ev.WorkOrderDispatched)
+    only(loop.report("illegal_parking", (31.2801, 121.5701)), ev.IncidentMerged)  # into the first
+    garbage = only(loop.report("exposed_garbage", (31.2801, 121.5701)), ev.WorkOrderDispatched)
+    flooding = [e for e in loop.report("flooding") if isinstance(e, ev.WorkOrderDispatched)]
+    spot = only(loop.report(handled_on_spot=True, evidence_urls=["https://e.test/a.jpg"]), ev.VerificationRequested)
+    signage = only(loop.report("illegal_signage", (31.2850, 121.5750)), ev.WorkOrderDispatched)
+    loop.dept(ev.WorkOrderAccepted, parking)
+    loop.verify(only(loop.dept(ev.WorkOrderHandled, parking, result="moved"), ev.VerificationRequested), True)
+    failed = only(loop.dept(ev.WorkOrderHandled, garbage, result="cleaned"), ev.VerificationRequested)
+    rework = only(loop.verify(failed, passed=False, note="still dirty"), ev.IncidentReworked)
+    loop.verify(only(loop.dept(ev.WorkOrderHandled, rework, result="again"), ev.VerificationRequested), True)
+    assert loop.dept(ev.WorkOrderHandled, flooding[0], result="pumped") == []
+    loop.verify(only(loop.dept(ev.WorkOrderHandled, flooding[1], result="cleared"), ev.VerificationRequested), True)
+    loop.verify(spot, passed=False, note="not fixed")
+    rerouted = only(loop.dept(ev.WorkOrderReturned, signage, reason="not ours"), ev.WorkOrderDispatched)
+    loop.dept(ev.WorkOrderReturned, rerouted, reason="not ours either")
+    expected = _dispatch_state(loop.engine)
+    assert [c[1] for c in expected[0]].count("closed") == 3 and ("IncidentMerged", "GL-1") not in expected[2]
+
+    for size in (2, 3, 5, len(applied)):
+        engine = make_db(TABLES)
+        bus = MessageBus(functools.partial(UnitOfWork, engine, clock=clock), handlers.bind(policy), handlers.preload)
+        for i in range(0, len(applied), size):
+            bus.handle_batch(applied[i : i + size])
+        assert _dispatch_state(engine) == expected, size
