@@ -1,5 +1,5 @@
 """The load: grid workers reporting at an offered rate, departments and grid workers acting at once, and an
-independent reader of the lifecycle topic that times every incident — all over the public HTTP APIs (httpx,
+independent reader of the lifecycle topic that times every incident — all over the public HTTP APIs (aiohttp,
 pooled connections) and one aiokafka consumer, in one asyncio loop.
 
 * reporters POST /reports on intake at the offered rate (open loop: a slow service does not slow the arrivals);
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from schemas.reference import CATEGORIES, DEPARTMENTS, GRIDS
@@ -46,6 +46,21 @@ TIMED = frozenset(
 )
 SMALL_CATEGORIES = tuple(c for c in CATEGORIES.values() if not c.big)
 """Categories that go round the loop once with one department (a big one engages several at once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What a service answered: status and body."""
+
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+    def json(self) -> Any:
+        return orjson.loads(self.content)
 
 
 @dataclass
@@ -144,7 +159,7 @@ class Driver:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._running = False
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._clients: dict[str, aiohttp.ClientSession] = {}
         self._consumer: Any = None
         self._seen_orders = _Seen()
         self._seen_tasks = _Seen()
@@ -169,11 +184,13 @@ class Driver:
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        # a small pool per service: httpx looks at every pooled connection on each request (a pool grown to
-        # hundreds in a burst made the driver itself the bottleneck); long polls hold one each
-        limits = httpx.Limits(max_connections=48, max_keepalive_connections=48)
-        for name, url in self.urls.items():
-            self._clients[name] = httpx.AsyncClient(base_url=url, timeout=30.0, limits=limits)
+        # aiohttp, a small pool per service: the driver shares the machine with what it measures, and an httpx
+        # pool looks at every pooled connection on each request (grown to hundreds in a burst, it made the
+        # driver the bottleneck); long polls hold one connection each
+        timeout = aiohttp.ClientTimeout(total=30.0)
+        for name in self.urls:
+            connector = aiohttp.TCPConnector(limit=48)
+            self._clients[name] = aiohttp.ClientSession(connector=connector, timeout=timeout)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             client_id="gridloop-bench-lifecycle",
@@ -204,7 +221,7 @@ class Driver:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
         for client in self._clients.values():
-            await client.aclose()
+            await client.close()
         if self._consumer is not None:
             await self._consumer.stop()
 
@@ -219,16 +236,33 @@ class Driver:
 
     # -- HTTP ---------------------------------------------------------------------------------------------
 
+    async def _request(
+        self,
+        service: str,
+        method: str,
+        path: str,
+        token: str,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+    ) -> Reply:
+        headers = {"Authorization": f"Bearer {token}"}
+        data = None
+        if json is not None:
+            data, headers["Content-Type"] = orjson.dumps(json), "application/json"
+        query = {k: str(v) for k, v in (params or {}).items()}
+        url = self.urls[service] + path
+        async with self._clients[service].request(method, url, headers=headers, params=query, data=data) as r:
+            return Reply(r.status, await r.read())
+
     async def _call(
         self, service: str, method: str, path: str, token: str, ok: tuple[int, ...], **kw: Any
-    ) -> httpx.Response | None:
+    ) -> Reply | None:
         self.counters.requests += 1
-        headers = {"Authorization": f"Bearer {token}"}
         for attempt in range(1, self.attempts + 1):
             try:
-                r = await self._clients[service].request(method, path, headers=headers, **kw)
+                r = await self._request(service, method, path, token, **kw)
                 break
-            except httpx.TransportError as exc:
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 # a connection the server dropped under load: every call is safe to repeat (a report carries its
                 # client_report_id, a repeated action answers 409), so a desk tries again as a person would
                 self.counters.retries += 1
@@ -236,7 +270,7 @@ class Driver:
                     self.counters.error(f"{method} {service}{path}: {type(exc).__name__}: {exc}")
                     return None
                 await asyncio.sleep(0.2 * attempt)
-            except httpx.HTTPError as exc:
+            except aiohttp.ClientError as exc:
                 self.counters.error(f"{method} {service}{path}: {type(exc).__name__}: {exc}")
                 return None
         if r.status_code == 409:
@@ -287,16 +321,12 @@ class Driver:
         finally:
             self.reporting -= 1
 
-    async def _post_report(self, grid_code: str, body: dict[str, Any]) -> httpx.Response | None:
+    async def _post_report(self, grid_code: str, body: dict[str, Any]) -> Reply | None:
         token = self.tokens.reporters[grid_code][1]
         self.counters.requests += 1
         try:
-            r = await self._clients["intake"].post(
-                "/reports",
-                content=orjson.dumps(body),
-                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-            )
-        except httpx.HTTPError as exc:
+            r = await self._request("intake", "POST", "/reports", token, json=body)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self.counters.error(f"POST intake/reports: {type(exc).__name__}: {exc}")
             return None
         if r.status_code != 202:
