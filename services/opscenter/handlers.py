@@ -91,6 +91,9 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
                     dispatched_at=event.occurred_at,
                 )
                 uow.add(order)
+                known = s.info.get(_ORDERS)
+                if known is not None and event.incident_id in known:
+                    known[event.incident_id].append(order)
                 depts = incident.departments.split()
                 if event.department_code not in depts:
                     incident.departments = " ".join([*depts, event.department_code])
@@ -138,7 +141,7 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
             incident.status, incident.closed_at, incident.on_time = "closed", event.occurred_at, event.on_time
             incident.deadline = event.deadline
             incident.rework_count = event.rework_count
-            for o in s.exec(select(OpsWorkOrder).where(OpsWorkOrder.incident_id == incident.incident_id)):
+            for o in _orders(uow, incident.incident_id):
                 if o.status == "handled":
                     o.status = "closed"
             if (t := _seconds(event.occurred_at, incident.reported_at)) is not None:
@@ -171,6 +174,19 @@ _MAY_BE_PARKED = "opscenter.may_be_parked"
 so the fold skips looking; parking one sets it again."""
 
 
+_ORDERS = "opscenter.orders"
+"""In the session's info, set by :func:`preload`: incident id → every work order it has, for the incidents a
+batch closes."""
+
+
+def _orders(uow: UnitOfWork, incident_id: str) -> list[OpsWorkOrder]:
+    known = uow.session.info.get(_ORDERS)
+    if known is not None and incident_id in known:
+        orders: list[OpsWorkOrder] = known[incident_id]
+        return orders
+    return list(uow.session.exec(select(OpsWorkOrder).where(OpsWorkOrder.incident_id == incident_id)))
+
+
 def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
     """A batch's incidents and work orders read in two queries rather than two per event, and whether any
     parked event waits for one of them."""
@@ -178,6 +194,12 @@ def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
     order_ids = {w for e in events if (w := getattr(e, "work_order_id", None))}
     uow.load(OpsIncident, incident_ids)
     uow.load(OpsWorkOrder, order_ids)
+    closing = {e.incident_id for e in events if isinstance(e, ev.IncidentClosed)}
+    orders: dict[str, list[OpsWorkOrder]] = {i: [] for i in closing}
+    if closing:  # a closure closes the incident's handled work orders: all of them, read at once
+        for order in uow.session.exec(select(OpsWorkOrder).where(col(OpsWorkOrder.incident_id).in_(closing))):
+            orders[order.incident_id].append(order)
+    uow.session.info[_ORDERS] = orders
     p = OpsParked.__table__.c  # type: ignore[attr-defined]
     waiting = uow.session.execute(
         sa.select(p.event_id).where(sa.or_(p.incident_id.in_(incident_ids), p.work_order_id.in_(order_ids))).limit(1)

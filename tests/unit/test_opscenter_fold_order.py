@@ -104,3 +104,27 @@ def _fold_into(make_db: MakeDb, events: list[Event], batch: int = 1) -> Engine:
     engine = make_db(OPS_TABLES)
     _fold_all(engine, events, batch)
     return engine
+
+
+def test_a_whole_loop_folded_in_batches_of_any_size_ends_as_one_by_one(make_db: MakeDb) -> None:
+    """Closing within the batch that dispatched, accepted and handled the work order closes that order too."""
+    dispatch_db = make_db(DISPATCH_TABLES)
+    bus = MessageBus(lambda: UnitOfWork(dispatch_db), dispatch.bind(DispatchSettings()))
+    report = _report("GL-W1")
+    filed, dispatched = bus.handle(report)
+    assert isinstance(dispatched, ev.WorkOrderDispatched)
+    staff = Actor(kind=ActorKind.DEPARTMENT, id="d", department=dispatched.department_code)
+    order = {"work_order_id": dispatched.work_order_id, "department_code": dispatched.department_code}
+    accepted = ev.WorkOrderAccepted.following(dispatched, staff, **order)
+    handled = ev.WorkOrderHandled.following(dispatched, staff, **order, result="done")
+    (requested,) = bus.handle(handled)
+    assert isinstance(requested, ev.VerificationRequested)
+    worker = Actor(kind=ActorKind.GRID_WORKER, id=requested.worker_id)
+    passed = ev.VerificationPassed.following(requested, worker, verification_id=requested.verification_id)
+    (closed,) = bus.handle(passed)
+    history = [report, filed, dispatched, accepted, handled, requested, passed, closed]
+    expected = _state(_fold_into(make_db, history))
+    assert expected[0] == [("GL-W1", "closed", "exposed_garbage")]
+    assert expected[1] == [(dispatched.work_order_id, "closed", "True")]
+    for batch in range(2, len(history) + 1):
+        assert _state(_fold_into(make_db, history, batch)) == expected, batch
