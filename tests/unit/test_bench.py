@@ -267,3 +267,15 @@ def test_raw_messages_are_the_pipelines_events() -> None:
     assert orjson.loads(reported)["type"] == "IncidentReported"
     assert orjson.loads(dispatched)["type"] == "WorkOrderDispatched"
     assert 400 < len(reported) < 2000 and 400 < len(dispatched) < 2000
+
+
+def test_desks_long_poll_again_at_once_after_an_empty_answer_and_pause_after_work_in_hand() -> None:
+    d = Driver({}, Tokens({}, {}, {}), "127.0.0.1:1", "t", poll_s=0.2, idle_poll_s=1.0, long_poll_s=10)
+    assert d._next_wait(0.2, found=0, listed=0, failed=False) == 0.0  # the wait ran out: ask again
+    assert d._next_wait(0.2, found=3, listed=3, failed=False) == 0.2  # new work taken in hand
+    assert d._next_wait(0.2, found=0, listed=2, failed=False) == 0.2  # still listed: its acceptance on its way
+    assert d._next_wait(0.2, found=0, listed=0, failed=True) == 0.2  # the call failed: no busy loop
+    polling = Driver({}, Tokens({}, {}, {}), "127.0.0.1:1", "t", poll_s=0.2, idle_poll_s=1.0, long_poll_s=0)
+    assert polling._next_wait(0.2, found=1, listed=1, failed=False) == 0.2
+    assert polling._next_wait(0.2, found=0, listed=0, failed=False) == pytest.approx(0.3)  # backs off
+    assert polling._next_wait(0.9, found=0, listed=0, failed=False) == 1.0  # up to idle_poll_s
