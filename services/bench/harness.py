@@ -26,10 +26,10 @@ from .driver import Driver, Tokens, end_offsets, issue_tokens
 from .monitor import Monitor, broker_pid
 from .raw import RAW_TOPIC_SUFFIX, RawResult, measure_raw
 
-DEFAULT_BASE_PORT = 28100
-"""intake on base+1, handling +2, verification +3, opscenter +4, dispatch +5 (apart from 810x and the tests'),
-below Linux's ephemeral range (32768–60999): a port there may be held by an outgoing connection, and a service
-then cannot listen on it."""
+DEFAULT_BASE_PORT = 24100
+"""intake on base+1, handling +2, verification +3, opscenter +4, dispatch +5: apart from 810x and the tests'
+281xx–283xx, and below Linux's ephemeral range (32768–60999), where an outgoing connection may hold a port and a
+service then cannot listen on it."""
 PORT_OFFSETS = {"intake": 1, "handling": 2, "verification": 3, "opscenter": 4, "dispatch": 5}
 SERVICE_NAMES = frozenset(PORT_OFFSETS)
 DEFAULT_RATES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)

@@ -44,6 +44,8 @@ class ServiceSettings(BaseSettings):
     batch_linger_s: float = Field(default=0.0, ge=0, le=5)
     """How long a consumer waits for more records when none is waiting (0: apply at once). Services where a
     little latency does not matter (read models) set it to batch more and spend less per record."""
+    long_poll_max_s: float = Field(default=30.0, ge=0, le=30)
+    """The longest an API request's ``wait`` (a long poll) is held, whatever it asks for."""
     log_level: str = "info"
     instance: str = ""
     """Distinguishes two instances of one service in one consumer group (they share the database)."""

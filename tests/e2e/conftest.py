@@ -152,6 +152,8 @@ def town(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Town]:
         GRIDLOOP_DISPATCH_ESCALATE_AFTER_HOURS="2",
         GRIDLOOP_DISPATCH_WATCHDOG_INTERVAL_S="0.5",
         GRIDLOOP_DISPATCH_MERGE_WINDOW_HOURS="600",
+        # the fuzzing asks for long polls of up to 30 s on empty queues: held a moment only, it still runs them
+        GRIDLOOP_LONG_POLL_MAX_S="0.5",
     )
     tokens = Tokens(var)
     with running(env, var):
