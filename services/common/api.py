@@ -19,6 +19,7 @@ from .changes import MAX_WAIT_S
 from .errors import Forbidden, NotFound, Rejected, Unavailable
 
 RETRY_AFTER_S = "5"
+"""Seconds a client is asked to wait before retrying a 503."""
 
 WaitS = Annotated[
     float,
@@ -28,7 +29,7 @@ WaitS = Annotated[
         description="Long poll: if nothing matches now, wait up to this many seconds for something that does.",
     ),
 ]
-"""Seconds a client is asked to wait before retrying a 503."""
+"""A list endpoint's ``wait`` parameter (see ``services.common.changes.long_poll``)."""
 
 
 def _reason(status: int, reason: str, headers: Mapping[str, str] | None = None, **extra: Any) -> JSONResponse:

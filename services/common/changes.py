@@ -68,11 +68,6 @@ class Changes:
             return False
         return True
 
-    @property
-    def waiting(self) -> int:
-        """Keys someone waits on now."""
-        return len(self._waiting)
-
 
 async def long_poll(changes: Changes, key: str, wait_s: float, read: Callable[[], list[T]]) -> list[T]:
     """``read()``; if it finds nothing, read again each time ``key`` is notified, until something is found or

@@ -151,6 +151,7 @@ class UnitOfWork:
         self._loaded: list[Any] = []
         self._absent: set[tuple[type, Any]] = set()
         self._added: dict[tuple[type, Any], Any] = {}
+        self._groups: dict[tuple[type, str], dict[Any, list[Any]]] = {}
 
     @property
     def session(self) -> Session:
@@ -162,9 +163,7 @@ class UnitOfWork:
         self._session = Session(self.engine, expire_on_commit=False)
         self.emitted = []
         self.touched = set()
-        self._loaded = []
-        self._absent = set()
-        self._added = {}
+        self._reset()
         return self
 
     def __exit__(
@@ -173,7 +172,10 @@ class UnitOfWork:
         assert self._session is not None
         self._session.close()  # anything not committed is rolled back
         self._session = None
-        self._loaded, self._absent, self._added = [], set(), {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._loaded, self._absent, self._added, self._groups = [], set(), {}, {}
 
     def now(self) -> datetime:
         return self.clock()
@@ -220,6 +222,23 @@ class UnitOfWork:
         found = {getattr(r, pk.key) for r in rows}
         self._absent.update((model, k) for k in keys - found)
 
+    def load_by(self, model: type[SQLModel], column: str, keys: Iterable[Any]) -> None:
+        """Read every row of ``model`` whose ``column`` holds one of ``keys`` in one query, for :meth:`rows_by`
+        to answer (with the rows :meth:`add` adds meanwhile) without a statement of its own."""
+        groups = self._groups.setdefault((model, column), {})
+        keys = set(keys) - groups.keys()
+        if not keys:
+            return
+        for key in keys:
+            groups[key] = []
+        for row in self.session.execute(sa.select(model).where(getattr(model, column).in_(keys))).scalars():
+            groups[getattr(row, column)].append(row)
+
+    def rows_by(self, model: type[T], column: str, key: Any) -> list[T] | None:
+        """The rows :meth:`load_by` read for ``key`` and those added since; None if it did not read that key."""
+        group = self._groups.get((model, column), {}).get(key)
+        return None if group is None else list(group)
+
     def get(self, model: type[T], key: Any) -> T | None:
         """``session.get``, answered without a statement for what this unit added or :meth:`load` read."""
         added = self._added.get((model, key))
@@ -230,10 +249,14 @@ class UnitOfWork:
         return self.session.get(model, key)
 
     def add(self, row: SQLModel) -> None:
-        """``session.add`` for a new row that :meth:`get` must find before the session flushes it."""
+        """``session.add`` for a new row that :meth:`get` and :meth:`rows_by` must find before the session
+        flushes it."""
         self.session.add(row)
         model = type(row)
         self._added[(model, getattr(row, sa.inspect(model).primary_key[0].key))] = row
+        for (grouped, column), groups in self._groups.items():
+            if grouped is model and (group := groups.get(getattr(row, column))) is not None:
+                group.append(row)
 
     def emit(self, event: Event) -> None:
         """Queue ``event`` for publishing; it is sent only once the transaction commits."""

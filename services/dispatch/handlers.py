@@ -38,21 +38,12 @@ WATCHDOG = Actor.system("dispatch-watchdog")
 # -- helpers ------------------------------------------------------------------------------------------
 
 
-_ORDERS = "dispatch.orders"
-"""In the session's info, set by :func:`preload` for a batch: incident id → every work order it has."""
-
-
 def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
     """A batch's cases and work orders read in three queries, rather than several per event."""
     incident_ids = {e.incident_id for e in events}
     uow.load(DispatchCase, incident_ids)
     uow.load(DispatchWorkOrder, (w for e in events if (w := getattr(e, "work_order_id", None))))
-    orders: dict[str, list[DispatchWorkOrder]] = {i: [] for i in incident_ids}
-    for order in uow.session.exec(
-        select(DispatchWorkOrder).where(col(DispatchWorkOrder.incident_id).in_(incident_ids))
-    ):
-        orders[order.incident_id].append(order)
-    uow.session.info[_ORDERS] = orders
+    uow.load_by(DispatchWorkOrder, "incident_id", incident_ids)
 
 
 def _case(uow: UnitOfWork, incident_id: str) -> DispatchCase:
@@ -70,9 +61,9 @@ def _order(uow: UnitOfWork, work_order_id: str, incident_id: str) -> DispatchWor
 
 
 def _orders(uow: UnitOfWork, incident_id: str) -> list[DispatchWorkOrder]:
-    known = uow.session.info.get(_ORDERS)
-    if known is not None and incident_id in known:
-        return sorted(known[incident_id], key=lambda o: (as_utc(o.dispatched_at), o.work_order_id))
+    known = uow.rows_by(DispatchWorkOrder, "incident_id", incident_id)
+    if known is not None:
+        return sorted(known, key=lambda o: (as_utc(o.dispatched_at), o.work_order_id))
     return list(
         uow.session.exec(
             select(DispatchWorkOrder)
@@ -102,11 +93,8 @@ def _dispatch(
         dispatched_at=now,
     )
     uow.add(order)
-    known = uow.session.info.get(_ORDERS)
-    if known is not None and case.incident_id in known:
-        known[case.incident_id].append(order)  # the batch's list of the incident's orders: flushed at the commit
-    else:
-        uow.session.flush()  # for the next _orders query
+    if uow.rows_by(DispatchWorkOrder, "incident_id", case.incident_id) is None:
+        uow.session.flush()  # for the next _orders query (a batch's preload knows it without: flushed at the commit)
     case.status = CaseStatus.DISPATCHED
     uow.emit(
         ev.WorkOrderDispatched.following(

@@ -91,9 +91,6 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
                     dispatched_at=event.occurred_at,
                 )
                 uow.add(order)
-                known = s.info.get(_ORDERS)
-                if known is not None and event.incident_id in known:
-                    known[event.incident_id].append(order)
                 depts = incident.departments.split()
                 if event.department_code not in depts:
                     incident.departments = " ".join([*depts, event.department_code])
@@ -174,16 +171,10 @@ _MAY_BE_PARKED = "opscenter.may_be_parked"
 so the fold skips looking; parking one sets it again."""
 
 
-_ORDERS = "opscenter.orders"
-"""In the session's info, set by :func:`preload`: incident id → every work order it has, for the incidents a
-batch closes."""
-
-
 def _orders(uow: UnitOfWork, incident_id: str) -> list[OpsWorkOrder]:
-    known = uow.session.info.get(_ORDERS)
-    if known is not None and incident_id in known:
-        orders: list[OpsWorkOrder] = known[incident_id]
-        return orders
+    known = uow.rows_by(OpsWorkOrder, "incident_id", incident_id)
+    if known is not None:
+        return known
     return list(uow.session.exec(select(OpsWorkOrder).where(OpsWorkOrder.incident_id == incident_id)))
 
 
@@ -194,12 +185,8 @@ def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
     order_ids = {w for e in events if (w := getattr(e, "work_order_id", None))}
     uow.load(OpsIncident, incident_ids)
     uow.load(OpsWorkOrder, order_ids)
-    closing = {e.incident_id for e in events if isinstance(e, ev.IncidentClosed)}
-    orders: dict[str, list[OpsWorkOrder]] = {i: [] for i in closing}
-    if closing:  # a closure closes the incident's handled work orders: all of them, read at once
-        for order in uow.session.exec(select(OpsWorkOrder).where(col(OpsWorkOrder.incident_id).in_(closing))):
-            orders[order.incident_id].append(order)
-    uow.session.info[_ORDERS] = orders
+    # a closure closes the incident's handled work orders: all of them, read at once
+    uow.load_by(OpsWorkOrder, "incident_id", (e.incident_id for e in events if isinstance(e, ev.IncidentClosed)))
     p = OpsParked.__table__.c  # type: ignore[attr-defined]
     waiting = uow.session.execute(
         sa.select(p.event_id).where(sa.or_(p.incident_id.in_(incident_ids), p.work_order_id.in_(order_ids))).limit(1)
