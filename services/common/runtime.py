@@ -319,7 +319,7 @@ class Runtime:
         _retry_sync("database", self.init_db)
         Path(self.app.conf.datadir).mkdir(parents=True, exist_ok=True)
         level = {"warning": "warn", "critical": "crit"}.get(self.settings.log_level.lower(), self.settings.log_level)
-        sys.argv = [sys.argv[0], "worker", "--loglevel", level]
+        sys.argv = [sys.argv[0], "--loop", self.settings.event_loop, "worker", "--loglevel", level]
         self.app.main()
 
 

@@ -7,7 +7,7 @@ or, in a container running one service, plainly as ``GRIDLOOP_<NAME>``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +46,8 @@ class ServiceSettings(BaseSettings):
     little latency does not matter (read models) set it to batch more and spend less per record."""
     long_poll_max_s: float = Field(default=30.0, ge=0, le=30)
     """The longest an API request's ``wait`` (a long poll) is held, whatever it asks for."""
+    event_loop: Literal["uvloop", "aio"] = "uvloop"
+    """The asyncio loop the worker (consumer, producer and API) runs on: uvloop, or the standard library's."""
     log_level: str = "info"
     instance: str = ""
     """Distinguishes two instances of one service in one consumer group (they share the database)."""
