@@ -107,6 +107,9 @@ def _add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> None:
 _PROCESSED: sa.Table = ProcessedEvent.__table__  # type: ignore[attr-defined]
 
 
+_OUTBOX_INSERT = sa.insert(OutboxRecord.__table__)  # type: ignore[attr-defined]
+"""The outbox rows a unit of work emitted, written at its commit (built once: it runs per message)."""
+
 _CLAIMS: dict[str, tuple[Any, Any]] = {}
 """Per dialect, built once (they run per message): the idempotency mark as ``INSERT … ON CONFLICT DO NOTHING``,
 and the same returning the ids it did mark (for a batch)."""
@@ -152,6 +155,7 @@ class UnitOfWork:
         self._absent: set[tuple[type, Any]] = set()
         self._added: dict[tuple[type, Any], Any] = {}
         self._groups: dict[tuple[type, str], dict[Any, list[Any]]] = {}
+        self._outbox: list[dict[str, Any]] = []
 
     @property
     def session(self) -> Session:
@@ -176,6 +180,7 @@ class UnitOfWork:
 
     def _reset(self) -> None:
         self._loaded, self._absent, self._added, self._groups = [], set(), {}, {}
+        self._outbox = []
 
     def now(self) -> datetime:
         return self.clock()
@@ -259,16 +264,19 @@ class UnitOfWork:
                 group.append(row)
 
     def emit(self, event: Event) -> None:
-        """Queue ``event`` for publishing; it is sent only once the transaction commits."""
-        self.session.add(
-            OutboxRecord(
-                event_id=event.event_id,
-                incident_id=event.incident_id,
-                type=event.type,
-                topics=",".join(t.name for t in topics_for(event)),
-                payload=encode_event(event),
-                created_at=self.now(),
-            )
+        """Queue ``event`` for publishing; it is sent only once the transaction commits.
+
+        The outbox rows are written at commit, in the order emitted, with one statement (no ORM objects: nothing
+        in a unit of work reads them back)."""
+        self._outbox.append(
+            {
+                "event_id": event.event_id,
+                "incident_id": event.incident_id,
+                "type": event.type,
+                "topics": ",".join(t.name for t in topics_for(event)),
+                "payload": encode_event(event),
+                "created_at": self.now(),
+            }
         )
         self.emitted.append(event)
 
@@ -277,6 +285,9 @@ class UnitOfWork:
         self.touched.update(keys)
 
     def commit(self) -> None:
+        if self._outbox:
+            rows, self._outbox = self._outbox, []
+            self.session.execute(_OUTBOX_INSERT, rows)
         self.session.commit()
         if self.touched:
             touched, self.touched = self.touched, set()
