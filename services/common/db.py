@@ -7,6 +7,7 @@ committed together or not at all.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -107,8 +108,11 @@ def _add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> None:
 _PROCESSED: sa.Table = ProcessedEvent.__table__  # type: ignore[attr-defined]
 
 
-_OUTBOX_INSERT = sa.insert(OutboxRecord.__table__)  # type: ignore[attr-defined]
-"""The outbox rows a unit of work emitted, written at its commit (built once: it runs per message)."""
+@functools.cache
+def _insert(table: sa.Table) -> Any:
+    """The insert :meth:`UnitOfWork.append`-ed rows are written with (built once per table: it runs per message)."""
+    return sa.insert(table)
+
 
 _CLAIMS: dict[str, tuple[Any, Any]] = {}
 """Per dialect, built once (they run per message): the idempotency mark as ``INSERT … ON CONFLICT DO NOTHING``,
@@ -155,7 +159,7 @@ class UnitOfWork:
         self._absent: set[tuple[type, Any]] = set()
         self._added: dict[tuple[type, Any], Any] = {}
         self._groups: dict[tuple[type, str], dict[Any, list[Any]]] = {}
-        self._outbox: list[dict[str, Any]] = []
+        self._appended: dict[sa.Table, list[dict[str, Any]]] = {}
 
     @property
     def session(self) -> Session:
@@ -180,7 +184,7 @@ class UnitOfWork:
 
     def _reset(self) -> None:
         self._loaded, self._absent, self._added, self._groups = [], set(), {}, {}
-        self._outbox = []
+        self._appended = {}
 
     def now(self) -> datetime:
         return self.clock()
@@ -266,28 +270,33 @@ class UnitOfWork:
     def emit(self, event: Event) -> None:
         """Queue ``event`` for publishing; it is sent only once the transaction commits.
 
-        The outbox rows are written at commit, in the order emitted, with one statement (no ORM objects: nothing
-        in a unit of work reads them back)."""
-        self._outbox.append(
-            {
-                "event_id": event.event_id,
-                "incident_id": event.incident_id,
-                "type": event.type,
-                "topics": ",".join(t.name for t in topics_for(event)),
-                "payload": encode_event(event),
-                "created_at": self.now(),
-            }
+        The outbox row is :meth:`append`-ed: nothing in a unit of work reads it back."""
+        self.append(
+            OutboxRecord,
+            event_id=event.event_id,
+            incident_id=event.incident_id,
+            type=event.type,
+            topics=",".join(t.name for t in topics_for(event)),
+            payload=encode_event(event),
+            created_at=self.now(),
         )
         self.emitted.append(event)
+
+    def append(self, model: type[SQLModel], **values: Any) -> None:
+        """A new row of ``model`` that nothing in this unit reads back (a log line, a fact, an outbox record):
+        written at commit, in the order appended, with one statement per table instead of an ORM object."""
+        table: sa.Table = model.__table__  # type: ignore[attr-defined]
+        self._appended.setdefault(table, []).append(values)
 
     def touch(self, *keys: str) -> None:
         """Name what this unit changed that someone may be waiting for (see ``services.common.changes``)."""
         self.touched.update(keys)
 
     def commit(self) -> None:
-        if self._outbox:
-            rows, self._outbox = self._outbox, []
-            self.session.execute(_OUTBOX_INSERT, rows)
+        if self._appended:
+            appended, self._appended = self._appended, {}
+            for table, rows in appended.items():
+                self.session.execute(_insert(table), rows)
         self.session.commit()
         if self.touched:
             touched, self.touched = self.touched, set()

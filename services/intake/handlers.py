@@ -225,16 +225,15 @@ def record_transition(event: Event, uow: UnitOfWork) -> None:
         case ev.IncidentClosed():
             row.closed_at = event.occurred_at
     row.updated_at = max(as_utc(row.updated_at), event.occurred_at)
-    uow.session.add(
-        IntakeTransition(
-            incident_id=event.incident_id,
-            event_id=event.event_id,
-            type=event.type,
-            occurred_at=event.occurred_at,
-            actor_kind=event.actor.kind.value,
-            actor_id=event.actor.id,
-            detail=_detail(event)[:2000],
-        )
+    uow.append(
+        IntakeTransition,
+        incident_id=event.incident_id,
+        event_id=event.event_id,
+        type=event.type,
+        occurred_at=event.occurred_at,
+        actor_kind=event.actor.kind.value,
+        actor_id=event.actor.id,
+        detail=_detail(event)[:2000],
     )
 
 

@@ -38,7 +38,6 @@ def _seconds(later: datetime, earlier: datetime | None) -> float | None:
 
 def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
     """Apply one lifecycle event. Returns the stage durations it completes, as (stage, seconds)."""
-    s = uow.session
     stages: list[tuple[str, float]] = []
     incident = uow.get(OpsIncident, event.incident_id)
     if incident is None:
@@ -147,17 +146,16 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
             pass
 
     department = getattr(event, "department_code", None)
-    s.add(
-        OpsFact(
-            event_id=event.event_id,
-            type=event.type,
-            incident_id=event.incident_id,
-            occurred_at=event.occurred_at,
-            category_code=incident.category_code,
-            grid_id=incident.grid_id,
-            department_code=department,
-            work_order_id=work_order_id,
-        )
+    uow.append(
+        OpsFact,
+        event_id=event.event_id,
+        type=event.type,
+        incident_id=event.incident_id,
+        occurred_at=event.occurred_at,
+        category_code=incident.category_code,
+        grid_id=incident.grid_id,
+        department_code=department,
+        work_order_id=work_order_id,
     )
     if isinstance(event, ev.IncidentReported):
         stages += _unpark(uow, OpsParked.incident_id == event.incident_id)
