@@ -10,5 +10,5 @@ from services.common.settings import ServiceSettings
 class OpsCenterSettings(ServiceSettings):
     SERVICE: ClassVar[str] = "opscenter"
     DEFAULT_HTTP_PORT: ClassVar[int] = 8104
-    batch_linger_s: float = Field(default=0.05, ge=0, le=5)
+    batch_linger_s: float = Field(default=0.25, ge=0, le=5)
     """It folds the lifecycle log into a view: 50 ms more for bigger batches (less CPU per record)."""
