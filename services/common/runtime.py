@@ -78,6 +78,7 @@ class Runtime:
         self._publisher_ready = asyncio.Lock()
         self._flushing: asyncio.Task[None] | None = None
         self._flush_wanted = False
+        self._flush_expected = False
         self.app = self._faust_app()
 
     # -- units of work -------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ class Runtime:
 
         @app.timer(s.outbox_interval_s)  # type: ignore[untyped-decorator]
         async def relay_outbox() -> None:
-            await self.flush_outbox()
+            await self.flush_outbox(expected=False)
             with contextlib.suppress(Exception):  # the database may be down: the flush has logged it
                 # read, not assumed: rows may wait behind another instance's lease
                 metrics.OUTBOX_PENDING.labels(self.name).set(self.relay.pending())
@@ -262,13 +263,15 @@ class Runtime:
                 return emitted
         raise AssertionError("unreachable")
 
-    async def flush_outbox(self) -> None:
-        """Publish the outbox now, waiting at most ``flush_wait_s``.
+    async def flush_outbox(self, *, expected: bool = True) -> None:
+        """Publish the outbox now, waiting at most ``flush_wait_s``. ``expected``: records were just committed
+        (False for the timer's look, which skips the write transaction when nothing waits).
 
         What is in the outbox is already durable: a caller (an API request, the consumer) must not hang on a
         broker that is down. The flush goes on in the background — one at a time, a call made meanwhile asking
         for one more round — connecting with backoff, and the outbox timer keeps trying."""
         self._flush_wanted = True
+        self._flush_expected = self._flush_expected or expected
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.ensure_future(self._flush_while_wanted())
         with contextlib.suppress(TimeoutError):
@@ -278,9 +281,10 @@ class Runtime:
     async def _flush_while_wanted(self) -> None:
         while self._flush_wanted:
             self._flush_wanted = False
+            expected, self._flush_expected = self._flush_expected, False
             try:
                 await self.ensure_publisher()
-                sent = await self.relay.flush()
+                sent = await self.relay.flush(expected=expected)
                 if sent:
                     metrics.OUTBOX_PUBLISHED.labels(self.name).inc(sent)
             except Exception as exc:  # the records stay in the outbox; the timer tries again

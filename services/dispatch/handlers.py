@@ -61,16 +61,13 @@ def _order(uow: UnitOfWork, work_order_id: str, incident_id: str) -> DispatchWor
 
 
 def _orders(uow: UnitOfWork, incident_id: str) -> list[DispatchWorkOrder]:
+    """The case's work orders, oldest first: read once per unit of work (a handler may ask twice), then kept
+    current by ``uow.add``."""
     known = uow.rows_by(DispatchWorkOrder, "incident_id", incident_id)
-    if known is not None:
-        return sorted(known, key=lambda o: (as_utc(o.dispatched_at), o.work_order_id))
-    return list(
-        uow.session.exec(
-            select(DispatchWorkOrder)
-            .where(DispatchWorkOrder.incident_id == incident_id)
-            .order_by(col(DispatchWorkOrder.dispatched_at), col(DispatchWorkOrder.work_order_id))
-        ).all()
-    )
+    if known is None:
+        uow.load_by(DispatchWorkOrder, "incident_id", [incident_id])
+        known = uow.rows_by(DispatchWorkOrder, "incident_id", incident_id) or []
+    return sorted(known, key=lambda o: (as_utc(o.dispatched_at), o.work_order_id))
 
 
 def _urls(text: str) -> list[Any]:
