@@ -10,6 +10,7 @@ and the last receipt. Producer and consumer each get their own process, as each 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import struct
 import time
@@ -88,11 +89,25 @@ def create_raw_topic(bootstrap: str, name: str) -> None:
 
     admin = admin_client(bootstrap)
     try:
-        admin.create_topics([NewTopic(name, num_partitions=PARTITIONS, replication_factor=1)])
-    except TopicAlreadyExistsError:
-        pass
+        with contextlib.suppress(TopicAlreadyExistsError):
+            admin.create_topics([NewTopic(name, num_partitions=PARTITIONS, replication_factor=1)])
+        _wait_for_leaders(admin, name)
     finally:
         admin.close()
+
+
+def _wait_for_leaders(admin: Any, name: str, timeout_s: float = 60.0) -> None:
+    """Until every partition of ``name`` has a leader: a broker just started answers the creation before its
+    metadata lists the topic, and a measurement begun then spends its first seconds on retries."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        described = admin.describe_topics([name])
+        partitions = [p for t in described if t.get("error_code") == 0 for p in t.get("partitions", ())]
+        if len(partitions) == PARTITIONS and all(p.get("leader_id", -1) >= 0 for p in partitions):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topic {name}: partitions without a leader after {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 # -- the two processes ---------------------------------------------------------------------------------------

@@ -279,3 +279,40 @@ def test_desks_long_poll_again_at_once_after_an_empty_answer_and_pause_after_wor
     assert polling._next_wait(0.2, found=1, listed=1, failed=False) == 0.2
     assert polling._next_wait(0.2, found=0, listed=0, failed=False) == pytest.approx(0.3)  # backs off
     assert polling._next_wait(0.9, found=0, listed=0, failed=False) == 1.0  # up to idle_poll_s
+
+
+class _Admin:
+    """describe_topics answers from a script: first a topic the broker does not list yet, then leaderless
+    partitions, then every partition led."""
+
+    def __init__(self, answers: list[list[dict[str, object]]]) -> None:
+        self.answers = answers
+        self.calls = 0
+
+    def describe_topics(self, names: list[str]) -> list[dict[str, object]]:
+        answer = self.answers[min(self.calls, len(self.answers) - 1)]
+        self.calls += 1
+        return answer
+
+
+def _topic(leaders: list[int], error: int = 0) -> list[dict[str, object]]:
+    parts = [{"partition_index": i, "leader_id": leader} for i, leader in enumerate(leaders)]
+    return [{"name": "t", "error_code": error, "partitions": parts}]
+
+
+def test_the_raw_measurement_waits_until_every_partition_has_a_leader() -> None:
+    from services.bench.raw import PARTITIONS, _wait_for_leaders
+
+    admin = _Admin(
+        [_topic([], error=3), _topic([-1] * PARTITIONS), _topic([1] * (PARTITIONS - 1)), _topic([1] * PARTITIONS)]
+    )
+    _wait_for_leaders(admin, "t", timeout_s=10)
+    assert admin.calls == 4
+
+
+def test_the_raw_measurement_gives_up_on_a_topic_that_never_gets_leaders() -> None:
+    from services.bench.raw import PARTITIONS, _wait_for_leaders
+
+    admin = _Admin([_topic([-1] * PARTITIONS)])
+    with pytest.raises(RuntimeError, match="without a leader"):
+        _wait_for_leaders(admin, "t", timeout_s=0.3)
