@@ -34,7 +34,9 @@ def key_for(what: str, whose: str | None) -> str:
 class Changes:
     """Waiters keyed by what they wait for; :meth:`notify` wakes them. Lives on one event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_wait_s: float = MAX_WAIT_S) -> None:
+        self.max_wait_s = min(max_wait_s, MAX_WAIT_S)
+        """The longest a long poll on these changes is held, whatever it asks for."""
         self._waiting: dict[str, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -73,7 +75,7 @@ async def long_poll(changes: Changes, key: str, wait_s: float, read: Callable[[]
     """``read()``; if it finds nothing, read again each time ``key`` is notified, until something is found or
     ``wait_s`` seconds have passed (then the empty answer)."""
     found = read()
-    deadline = time.monotonic() + min(wait_s, MAX_WAIT_S)
+    deadline = time.monotonic() + min(wait_s, changes.max_wait_s)
     while not found and (left := deadline - time.monotonic()) > 0:
         await changes.wait(key, left)
         found = read()

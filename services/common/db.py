@@ -243,10 +243,11 @@ class UnitOfWork:
         for row in self.session.execute(sa.select(model).where(getattr(model, column).in_(keys))).scalars():
             groups[getattr(row, column)].append(row)
 
-    def rows_by(self, model: type[T], column: str, key: Any) -> list[T] | None:
-        """The rows :meth:`load_by` read for ``key`` and those added since; None if it did not read that key."""
-        group = self._groups.get((model, column), {}).get(key)
-        return None if group is None else list(group)
+    def rows_by(self, model: type[T], column: str, key: Any) -> list[T]:
+        """The rows of ``model`` whose ``column`` holds ``key``: read once per unit (by :meth:`load_by`, for a batch
+        beforehand), then kept current by :meth:`add`."""
+        self.load_by(model, column, (key,))
+        return list(self._groups[(model, column)][key])
 
     def get(self, model: type[T], key: Any) -> T | None:
         """``session.get``, answered without a statement for what this unit added or :meth:`load` read."""

@@ -73,7 +73,7 @@ class Runtime:
         self.relay = OutboxRelay(self.engine, self.publisher)
         self.auth = TokenStore(make_engine(settings.auth_database_url))
         self.consumes = tuple(consumes)
-        self.changes = Changes()
+        self.changes = Changes(settings.long_poll_max_s)
         """Long polls of the API waiting for what the consumer commits."""
         self._publisher_ready = asyncio.Lock()
         self._flushing: asyncio.Task[None] | None = None

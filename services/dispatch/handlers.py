@@ -61,13 +61,9 @@ def _order(uow: UnitOfWork, work_order_id: str, incident_id: str) -> DispatchWor
 
 
 def _orders(uow: UnitOfWork, incident_id: str) -> list[DispatchWorkOrder]:
-    """The case's work orders, oldest first: read once per unit of work (a handler may ask twice), then kept
-    current by ``uow.add``."""
-    known = uow.rows_by(DispatchWorkOrder, "incident_id", incident_id)
-    if known is None:
-        uow.load_by(DispatchWorkOrder, "incident_id", [incident_id])
-        known = uow.rows_by(DispatchWorkOrder, "incident_id", incident_id) or []
-    return sorted(known, key=lambda o: (as_utc(o.dispatched_at), o.work_order_id))
+    """The case's work orders, oldest first (read once per unit of work: a handler may ask twice)."""
+    orders = uow.rows_by(DispatchWorkOrder, "incident_id", incident_id)
+    return sorted(orders, key=lambda o: (as_utc(o.dispatched_at), o.work_order_id))
 
 
 def _urls(text: str) -> list[Any]:
@@ -90,8 +86,6 @@ def _dispatch(
         dispatched_at=now,
     )
     uow.add(order)
-    if uow.rows_by(DispatchWorkOrder, "incident_id", case.incident_id) is None:
-        uow.session.flush()  # for the next _orders query (a batch's preload knows it without: flushed at the commit)
     case.status = CaseStatus.DISPATCHED
     uow.emit(
         ev.WorkOrderDispatched.following(

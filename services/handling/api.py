@@ -79,12 +79,7 @@ def build_api(runtime: Runtime) -> FastAPI:
             with runtime.uow() as uow:
                 return handlers.list_work_orders(uow, department, status, overdue, limit, offset)
 
-        return await long_poll(
-            runtime.changes,
-            key_for(handlers.WORK_ORDERS, department),
-            min(wait, runtime.settings.long_poll_max_s),
-            read,
-        )
+        return await long_poll(runtime.changes, key_for(handlers.WORK_ORDERS, department), wait, read)
 
     @api.get(
         "/work-orders/{work_order_id}",

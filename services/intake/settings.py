@@ -11,4 +11,4 @@ class IntakeSettings(ServiceSettings):
     SERVICE: ClassVar[str] = "intake"
     DEFAULT_HTTP_PORT: ClassVar[int] = 8101
     batch_linger_s: float = Field(default=0.25, ge=0, le=5)
-    """It folds the lifecycle log into a view: 50 ms more for bigger batches (less CPU per record)."""
+    """It folds the lifecycle log into a view: up to 250 ms more for bigger batches (less CPU per record)."""

@@ -137,7 +137,7 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
             incident.status, incident.closed_at, incident.on_time = "closed", event.occurred_at, event.on_time
             incident.deadline = event.deadline
             incident.rework_count = event.rework_count
-            for o in _orders(uow, incident.incident_id):
+            for o in uow.rows_by(OpsWorkOrder, "incident_id", incident.incident_id):
                 if o.status == "handled":
                     o.status = "closed"
             if (t := _seconds(event.occurred_at, incident.reported_at)) is not None:
@@ -167,13 +167,6 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
 _MAY_BE_PARKED = "opscenter.may_be_parked"
 """In the session's info: False once a batch's preload found no parked event it could release (the usual case),
 so the fold skips looking; parking one sets it again."""
-
-
-def _orders(uow: UnitOfWork, incident_id: str) -> list[OpsWorkOrder]:
-    known = uow.rows_by(OpsWorkOrder, "incident_id", incident_id)
-    if known is not None:
-        return known
-    return list(uow.session.exec(select(OpsWorkOrder).where(OpsWorkOrder.incident_id == incident_id)))
 
 
 def preload(events: Sequence[Event], uow: UnitOfWork) -> None:

@@ -11,4 +11,4 @@ class OpsCenterSettings(ServiceSettings):
     SERVICE: ClassVar[str] = "opscenter"
     DEFAULT_HTTP_PORT: ClassVar[int] = 8104
     batch_linger_s: float = Field(default=0.25, ge=0, le=5)
-    """It folds the lifecycle log into a view: 50 ms more for bigger batches (less CPU per record)."""
+    """It folds the lifecycle log into a view: up to 250 ms more for bigger batches (less CPU per record)."""

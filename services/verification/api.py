@@ -70,9 +70,7 @@ def build_api(runtime: Runtime) -> FastAPI:
                 )
 
         grid = grid_id or (grids[0] if grids is not None and len(grids) == 1 else None)
-        return await long_poll(
-            runtime.changes, key_for(handlers.VERIFICATIONS, grid), min(wait, runtime.settings.long_poll_max_s), read
-        )
+        return await long_poll(runtime.changes, key_for(handlers.VERIFICATIONS, grid), wait, read)
 
     @api.get(
         "/verifications/{verification_id}",

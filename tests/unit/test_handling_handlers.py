@@ -661,7 +661,6 @@ class FakeRuntime:
 
         self.uow = world.uow
         self.changes = world.changes
-        self.settings = world.policy
         self.flushed = 0
         self.auth = TokenStore(make_engine(f"sqlite:///{tempfile.mkdtemp()}/auth.sqlite"))
         self.token = self.auth.issue(Role.DEPARTMENT, "cityops-zhang", department="city_ops")[0]
