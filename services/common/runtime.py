@@ -114,6 +114,7 @@ class Runtime:
             producer_acks=-1,
             logging_config=None,
             broker_credentials=_faust_credentials(s),
+            Worker=_Worker,
         )
         if self.consumes:
             channel = app.topic(*(t.name for t in self.consumes), key_type=bytes, value_type=bytes)
@@ -325,6 +326,18 @@ class Runtime:
         level = {"warning": "warn", "critical": "crit"}.get(self.settings.log_level.lower(), self.settings.log_level)
         sys.argv = [sys.argv[0], "--loop", self.settings.event_loop, "worker", "--loglevel", level]
         self.app.main()
+
+
+class _Worker(faust.Worker):
+    """faust's worker without its terminal spinner.
+
+    At log level ``warning`` and above, faust turns the spinner on by setting the root logger to DEBUG (its own
+    handler keeps the chosen level), and leaves it so after start-up: every debug line of every library (aiokafka
+    logs each request it sends) is then built as a record and handed to the handlers, for the life of the worker.
+    Without the spinner the root logger stays at the level asked for."""
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        self.spinner = None
 
 
 def _faust_credentials(s: ServiceSettings) -> Any:

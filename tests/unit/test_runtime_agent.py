@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,19 @@ def test_a_batch_claim_returns_what_was_not_applied_before_in_order_each_once(ru
     with UnitOfWork(runtime.engine) as uow:
         assert uow.claim_all([a, b, c]) == []
         assert not uow.claim(a)
+
+
+@pytest.mark.parametrize("level", ["warning", "info"])
+def test_worker_leaves_the_root_logger_at_the_level_asked(runtime: Any, level: str) -> None:
+    # faust's own worker sets the root logger to DEBUG at warning and above (for its terminal spinner), so every
+    # library's debug line would be built and handled for the life of the service
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        worker = runtime.app.conf.Worker(runtime.app, loglevel=level)
+        worker._setup_logging()
+        assert root.level == logging.getLevelName(level.upper())
+        assert not logging.getLogger("aiokafka.conn").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
