@@ -19,7 +19,7 @@ with warnings.catch_warnings():
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from schemas.reference import DEPARTMENTS, GRIDS
-from services.common.admin import create_topics, list_topics
+from services.common.admin import create_topics, drop_namespace, list_topics
 from services.common.auth import Role, TokenStore
 from services.common.db import make_engine
 from services.supervisor import ServiceGroup, start_background
@@ -42,12 +42,32 @@ def require_broker() -> str:
     return BOOTSTRAP
 
 
+NAMESPACES: list[str] = []
+"""The namespaces this test session created: their topics are deleted when it ends (tests/conftest.py)."""
+
+
 def fresh_namespace(prefix: str) -> str:
     """A topic namespace of its own (topics created), so runs never see each other's records."""
     ns = f"{prefix}{time.strftime('%H%M%S')}{uuid.uuid4().hex[:6]}"
     os.environ["GRIDLOOP_TOPIC_NAMESPACE"] = ns
+    NAMESPACES.append(ns)
     create_topics(BOOTSTRAP)
     return ns
+
+
+def drop_namespaces() -> list[str]:
+    """Delete the topics of every namespace this session created (each tried, whatever another's outcome).
+    Returns the topic names deleted; raises the first failure once all were tried."""
+    dropped: list[str] = []
+    failures: list[Exception] = []
+    while NAMESPACES:
+        try:
+            dropped += drop_namespace(BOOTSTRAP, NAMESPACES.pop())
+        except Exception as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
+    return dropped
 
 
 def service_env(ns: str, var_dir: Path, base_port: int, **extra: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 python -m services.admin topics create     # create every topic of the catalog (idempotent)
 python -m services.admin topics list
+python -m services.admin topics drop NS... # delete the topics of test or benchmark namespaces (never the town's)
 python -m services.admin deadletters list      # records no consumer could process, with the reason
 python -m services.admin deadletters replay --offset N   # send one again to its source topic after a fix
 """
@@ -14,7 +15,7 @@ import typer
 
 from schemas.topics import CATALOG
 from services.admin.deadletters import cli as deadletters_cli
-from services.common.admin import create_topics, list_topics
+from services.common.admin import create_topics, drop_namespace, list_topics
 from services.common.auth import Role, TokenStore
 from services.common.settings import ServiceSettings
 
@@ -46,6 +47,21 @@ def topics_list() -> None:
     for t in CATALOG:
         mark = "ok     " if t.name in existing else "MISSING"
         typer.echo(f"{mark} {t.name:34} p={t.partitions} {t.description}")
+
+
+@topics_cli.command("drop")
+def topics_drop(
+    namespaces: Annotated[
+        list[str], typer.Argument(help="namespaces whose topics to delete (GRIDLOOP_TOPIC_NAMESPACE)")
+    ],
+) -> None:
+    """Delete the topics of throwaway namespaces (tests', benchmarks') left on the broker."""
+    for ns in namespaces:
+        try:
+            names = drop_namespace(_bootstrap(), ns)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        typer.echo(f"{ns}: {len(names)} topics deleted")
 
 
 @tokens_cli.command("issue")

@@ -39,6 +39,7 @@ LongPollS = Annotated[
     ),
 ]
 KeepDb = Annotated[bool, typer.Option(help="Keep the services' SQLite databases of the run.")]
+KeepTopics = Annotated[bool, typer.Option(help="Keep the run's topics on the broker (deleted after the run).")]
 
 
 def _rates(text: str) -> tuple[float, ...]:
@@ -71,6 +72,7 @@ def run(
     bootstrap: Bootstrap = "127.0.0.1:9092",
     profile: Profile = None,
     keep_db: KeepDb = False,
+    keep_topics: KeepTopics = False,
     out: Annotated[Path | None, typer.Option(help="Where run directories go (default var/bench).")] = None,
 ) -> None:
     """Measure the raw limit, climb the offered rates until the loop no longer keeps up, then measure latency at
@@ -88,6 +90,7 @@ def run(
         bootstrap=bootstrap,
         profile=tuple(profile or ()),
         keep_db=keep_db,
+        keep_topics=keep_topics,
         half_step=half,
     )
     if out is not None:
@@ -119,6 +122,7 @@ def soak(
     bootstrap: Bootstrap = "127.0.0.1:9092",
     profile: Profile = None,
     keep_db: KeepDb = False,
+    keep_topics: KeepTopics = False,
 ) -> None:
     """Run at half the maximum rate (or --rate) for --minutes; report RSS growth per service (first vs last five
     minutes). Prints tables, then the summary as one JSON line."""
@@ -130,6 +134,7 @@ def soak(
         bootstrap=bootstrap,
         profile=tuple(profile or ()),
         keep_db=keep_db,
+        keep_topics=keep_topics,
         raw_s=0.0,
         refine=1,
     )

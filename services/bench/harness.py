@@ -63,6 +63,8 @@ class Options:
     profile: tuple[str, ...] = ()
     """Services to run under pyinstrument (HTML and text reports in the run directory)."""
     keep_db: bool = False
+    keep_topics: bool = False
+    """Leave the run's topics on the broker (deleted by default: a broker keeping every run's grows without end)."""
     warmup_offer_s: float = 5.0
     """A first, unmeasured burst of reports at the lowest rate (connections, caches, consumers settle)."""
     overlap_startup: bool = False
@@ -251,6 +253,7 @@ class Bench:
         self.steps: list[StepRecord] = []
         self.t0 = time.time()
         self._tokens: Tokens | None = None
+        self._topics_dropped = False
 
     def log(self, text: str) -> None:
         from rich.console import Console
@@ -280,6 +283,26 @@ class Bench:
             f"in {result.seconds:.1f} s)"
         )
         return result
+
+    def clean_up(self) -> None:
+        """Delete the run's databases and topics, unless asked to keep them."""
+        if not self.options.keep_db:
+            for sub in ("db", "faust"):
+                shutil.rmtree(self.var_dir / sub, ignore_errors=True)
+        self.drop_topics()
+
+    def drop_topics(self) -> None:
+        if self.options.keep_topics or self._topics_dropped:
+            return
+        from services.common.admin import drop_namespace
+
+        self._topics_dropped = True
+        try:
+            dropped = drop_namespace(self.options.bootstrap, self.ns)
+        except Exception as exc:  # the figures are saved; a broker that is gone keeps the topics
+            self.log(f"[yellow]topics of {self.ns} not deleted ({type(exc).__name__}: {exc})[/yellow]")
+        else:
+            self.log(f"deleted the run's {len(dropped)} topics")
 
     def tokens(self) -> Tokens:
         # issued before the services start: five processes creating the token table at once can collide
@@ -339,6 +362,12 @@ class Bench:
     # -- the whole run ----------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:  # an interrupted run too
+            self.drop_topics()
+
+    def _run(self) -> RunResult:
         o = self.options
         busy = busy_processes()
         if busy:
@@ -392,9 +421,7 @@ class Bench:
             driver_info["retries"],
         )
         self.save(result, monitor)
-        if not o.keep_db:
-            for sub in ("db", "faust"):
-                shutil.rmtree(self.var_dir / sub, ignore_errors=True)
+        self.clean_up()
         return result
 
     def _driver(self) -> Driver:
@@ -508,6 +535,12 @@ class Soak(Bench):
         self.ramp_step_s = ramp_step_s
 
     def run_soak(self) -> SoakResult:
+        try:
+            return self._run_soak()
+        finally:
+            self.drop_topics()
+
+    def _run_soak(self) -> SoakResult:
         o = self.options
         busy = busy_processes()
         if busy:
@@ -558,9 +591,7 @@ class Soak(Bench):
         from .report import plot_rss
 
         plot_rss({n: monitor.rss_series(n) for n in monitor.samples}, soak_start, self.out_dir / "soak.png")
-        if not o.keep_db:
-            for sub in ("db", "faust"):
-                shutil.rmtree(self.var_dir / sub, ignore_errors=True)
+        self.clean_up()
         return result
 
     async def _soak(self) -> tuple[float, float, float, dict[str, list[float]]]:

@@ -7,16 +7,18 @@ import time
 import warnings
 from collections.abc import Iterable
 
-from schemas.topics import CATALOG, Topic
+from schemas.topics import CATALOG, DEFAULT_NAMESPACE, Topic
 
 with warnings.catch_warnings():
     # kafka-python reads its protocol schemas with importlib.resources' legacy API, deprecated on 3.11.
     warnings.filterwarnings("ignore", message=r"(read|open)_text is deprecated", category=DeprecationWarning)
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
-    from kafka.errors import KafkaError, TopicAlreadyExistsError
+    from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
 log = logging.getLogger(__name__)
+
+_UNKNOWN_TOPIC = UnknownTopicOrPartitionError.errno
 
 
 class KafkaUnavailable(RuntimeError):
@@ -57,6 +59,32 @@ def create_topics(bootstrap: str, topics: Iterable[Topic] = CATALOG) -> list[str
             except TopicAlreadyExistsError:
                 pass
         return created
+    finally:
+        admin.close()
+
+
+def drop_namespace(bootstrap: str, namespace: str) -> list[str]:
+    """Delete every topic of a throwaway namespace (a test's, a benchmark's): ``<namespace>.*``. Returns the names
+    deleted. The town's own namespace is refused: its lifecycle log is the record of every incident.
+
+    A broker that keeps every run's topics grows without end, and each Kafka client that refreshes the metadata of
+    all topics (every five minutes by default) holds all of them in memory."""
+    if not namespace or namespace == DEFAULT_NAMESPACE or "." in namespace:
+        raise ValueError(f"not a throwaway namespace: {namespace!r}")
+    admin = admin_client(bootstrap)
+    try:
+        names = sorted(t for t in admin.list_topics() if t.startswith(f"{namespace}."))
+        if not names:
+            return []
+        result = admin.delete_topics(names, raise_errors=False)
+        failed = {
+            t["name"]: t.get("error_message") or f"error {t['error_code']}"
+            for t in result["topics"]
+            if t["error_code"] not in (0, _UNKNOWN_TOPIC)  # deleted, or gone already (another clean-up)
+        }
+        if failed:
+            raise KafkaError(f"topics not deleted: {failed}")
+        return names
     finally:
         admin.close()
 

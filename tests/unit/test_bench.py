@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import orjson
 import pytest
@@ -316,3 +317,48 @@ def test_the_raw_measurement_gives_up_on_a_topic_that_never_gets_leaders() -> No
     admin = _Admin([_topic([-1] * PARTITIONS)])
     with pytest.raises(RuntimeError, match="without a leader"):
         _wait_for_leaders(admin, "t", timeout_s=0.3)
+
+
+# -- clean-up ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_run_deletes_its_topics_once_unless_asked_to_keep_them(
+    keep: bool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.bench import harness
+    from services.common import admin
+
+    dropped: list[str] = []
+
+    def drop(bootstrap: str, ns: str) -> list[str]:
+        dropped.append(ns)
+        return [f"{ns}.x"]
+
+    monkeypatch.setattr(admin, "drop_namespace", drop)
+    bench = harness.Bench(harness.Options(out_root=tmp_path, keep_topics=keep))
+    bench.clean_up()
+    bench.drop_topics()  # run() drops again in its finally: once is enough
+    assert dropped == ([] if keep else [bench.ns])
+
+
+def test_a_failed_run_deletes_its_topics_too(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.bench import harness
+    from services.common import admin
+
+    dropped: list[str] = []
+
+    def drop(bootstrap: str, ns: str) -> list[str]:
+        dropped.append(ns)
+        return []
+
+    monkeypatch.setattr(admin, "drop_namespace", drop)
+    bench = harness.Bench(harness.Options(out_root=tmp_path))
+
+    def fail() -> None:
+        raise RuntimeError("the broker went away")
+
+    monkeypatch.setattr(bench, "_run", fail)
+    with pytest.raises(RuntimeError):
+        bench.run()
+    assert dropped == [bench.ns]
