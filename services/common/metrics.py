@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -126,10 +125,6 @@ INCIDENTS_CLOSED = Counter(
     ["category", "on_time"],
 )
 
-_CATEGORY_MEMORY = 20_000
-_categories_seen: OrderedDict[str, str] = OrderedDict()
-"""incident id → category label of the latest incidents this process published, for merges (see below)."""
-
 
 def category_label(code: str | None) -> str:
     """A category code of the reference data, or ``other``."""
@@ -141,21 +136,6 @@ def department_label(code: str | None) -> str:
     return code if code is not None and code in DEPARTMENTS else OTHER
 
 
-def _remember_category(incident_id: str, category: str) -> None:
-    _categories_seen[incident_id] = category
-    _categories_seen.move_to_end(incident_id)
-    while len(_categories_seen) > _CATEGORY_MEMORY:
-        _categories_seen.popitem(last=False)
-
-
-def _merged_category(e: Mapping[str, Any]) -> str:
-    """IncidentMerged names no category; a merge joins a case of the same category, which this process filed."""
-    code = e.get("category_code")
-    if isinstance(code, str):
-        return category_label(code)
-    return _categories_seen.get(e["into_incident_id"]) or _categories_seen.get(e["incident_id"]) or OTHER
-
-
 def observe_published(event: Event) -> None:
     """Count one event that has just been published (the domain counters); other event types count nothing."""
     _observe(event.model_dump(mode="json"))
@@ -165,15 +145,13 @@ def _observe(e: Mapping[str, Any]) -> None:
     """:func:`observe_published` on the event's JSON form (the outbox's records are counted without being decoded
     into models: a flush counts every record it sends)."""
     code = e.get("category_code")
-    if isinstance(code, str):
-        _remember_category(e["incident_id"], category_label(code))
     match e["type"]:
         case "IncidentReported":
             INCIDENTS_REPORTED.labels(category_label(code), e["source"]).inc()
         case "IncidentRejected":
             INCIDENTS_REJECTED.labels(e["reason_code"]).inc()
         case "IncidentMerged":
-            INCIDENTS_MERGED.labels(_merged_category(e)).inc()
+            INCIDENTS_MERGED.labels(category_label(code)).inc()  # the case it joins is of the same category
         case "WorkOrderDispatched":
             WORK_ORDERS_DISPATCHED.labels(department_label(e["department_code"]), category_label(code)).inc()
         case "WorkOrderReturned":

@@ -115,6 +115,7 @@ def test_nearby_report_of_same_category_is_merged(loop: Loop, clock: FakeClock) 
     clock.advance(minutes=30)
     merged = only(loop.report("illegal_parking", (31.2801, 121.5701)), ev.IncidentMerged)
     assert merged.into_incident_id == first.incident_id and merged.distance_m < 50
+    assert merged.category_code == "illegal_parking"  # the merges counter is labelled with it
     # another category at the same spot, or the same category far away, is a new case
     assert only(loop.report("exposed_garbage", (31.2801, 121.5701)), ev.IncidentFiled)
     assert only(loop.report("illegal_parking", (31.2900, 121.5700)), ev.IncidentFiled)

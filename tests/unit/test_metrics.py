@@ -206,15 +206,19 @@ def test_labels_stay_in_the_reference_vocabularies() -> None:
     assert value("gridloop_incidents_reported_total", category="ufo_landing", source="hotline_12345") == 0
 
 
-def test_a_merge_counts_under_the_category_of_the_case_it_joins() -> None:
+def test_a_merge_counts_under_the_category_it_names() -> None:
+    # dispatch names the report's category, which is the case's (it merges only into a case of its category)
     delta = Delta(
         ("gridloop_incidents_merged_total", {"category": "illegal_parking"}),
         ("gridloop_incidents_merged_total", {"category": "other"}),
     )
-    metrics.observe_published(filed("GL-M-OPEN", "illegal_parking"))
-    metrics.observe_published(ev.IncidentMerged(**common("GL-M-DUP"), into_incident_id="GL-M-OPEN", distance_m=12.5))
-    metrics.observe_published(ev.IncidentMerged(**common("GL-M-DUP2"), into_incident_id="GL-M-UNSEEN", distance_m=3))
-    assert delta() == [1, 1]
+    merged = ev.IncidentMerged(
+        **common("GL-M-DUP"), into_incident_id="GL-M-OPEN", distance_m=12.5, category_code="illegal_parking"
+    )
+    metrics.observe_published(merged)
+    metrics.observe_outbox([encode_event(merged)])
+    metrics.observe_published(ev.IncidentMerged(**common("GL-M-DUP2"), into_incident_id="GL-M-OLD", distance_m=3))
+    assert delta() == [2, 1]
 
 
 async def test_the_outbox_relay_counts_what_it_publishes_once(tmp_path: Path) -> None:
