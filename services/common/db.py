@@ -80,9 +80,18 @@ def make_engine(url: str) -> Engine:
 def create_tables(engine: Engine, tables: Iterable[sa.Table]) -> None:
     SQLModel.metadata.create_all(engine, tables=[*SHARED_TABLES, *tables])
     _add_missing_columns(engine, SHARED_TABLES)
-    for table in SHARED_TABLES:  # and the indexes a later version added (create_all skips existing tables)
-        for index in table.indexes:
-            index.create(engine, checkfirst=True)
+    for table in (*SHARED_TABLES, *tables):  # and the indexes a later version added (create_all skips existing
+        for index in table.indexes:  # tables)
+            _create_index(engine, table, index)
+
+
+def _create_index(engine: Engine, table: sa.Table, index: sa.Index) -> None:
+    """Create ``index`` if it is missing; two instances starting together on one database may both try."""
+    try:
+        index.create(engine, checkfirst=True)
+    except sa.exc.DBAPIError:
+        if index.name not in {i["name"] for i in sa.inspect(engine).get_indexes(table.name)}:
+            raise
 
 
 def _add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> None:

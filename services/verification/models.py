@@ -24,6 +24,11 @@ class TaskStatus:
 
 class VerificationTask(SQLModel, table=True):
     __tablename__ = "verification_task"
+    __table_args__ = (
+        # a grid's queue (grid, status, oldest request first) read straight from the index, whatever the number
+        # of tasks decided before
+        sa.Index("ix_verification_task_queue", "grid_id", "status", "requested_at"),
+    )
 
     verification_id: str = SqlField(primary_key=True, max_length=80)
     incident_id: str = SqlField(max_length=64, index=True)
