@@ -56,9 +56,10 @@ def topics_drop(
     ],
 ) -> None:
     """Delete the topics of throwaway namespaces (tests', benchmarks') left on the broker."""
+    bootstrap = _bootstrap()
     for ns in namespaces:
         try:
-            names = drop_namespace(_bootstrap(), ns)
+            names = drop_namespace(bootstrap, ns)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         typer.echo(f"{ns}: {len(names)} topics deleted")

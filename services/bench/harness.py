@@ -253,7 +253,6 @@ class Bench:
         self.steps: list[StepRecord] = []
         self.t0 = time.time()
         self._tokens: Tokens | None = None
-        self._topics_dropped = False
 
     def log(self, text: str) -> None:
         from rich.console import Console
@@ -285,18 +284,17 @@ class Bench:
         return result
 
     def clean_up(self) -> None:
-        """Delete the run's databases and topics, unless asked to keep them."""
+        """Delete the run's databases, unless asked to keep them (its topics go when the run ends, see
+        :meth:`run`)."""
         if not self.options.keep_db:
             for sub in ("db", "faust"):
                 shutil.rmtree(self.var_dir / sub, ignore_errors=True)
-        self.drop_topics()
 
     def drop_topics(self) -> None:
-        if self.options.keep_topics or self._topics_dropped:
+        if self.options.keep_topics:
             return
         from services.common.admin import drop_namespace
 
-        self._topics_dropped = True
         try:
             dropped = drop_namespace(self.options.bootstrap, self.ns)
         except Exception as exc:  # the figures are saved; a broker that is gone keeps the topics

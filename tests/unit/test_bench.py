@@ -338,7 +338,7 @@ def test_a_run_deletes_its_topics_once_unless_asked_to_keep_them(
     monkeypatch.setattr(admin, "drop_namespace", drop)
     bench = harness.Bench(harness.Options(out_root=tmp_path, keep_topics=keep))
     bench.clean_up()
-    bench.drop_topics()  # run() drops again in its finally: once is enough
+    bench.drop_topics()  # what run() does in its finally, after clean_up() kept the topics
     assert dropped == ([] if keep else [bench.ns])
 
 
