@@ -71,6 +71,11 @@ BATCH_FALLBACKS = Counter(
     "Consumed batches rolled back and applied one event at a time (a poison record or a handler error).",
     ["service"],
 )
+ROWS_PRUNED = Counter(
+    "gridloop_rows_pruned_total",
+    "Rows deleted by retention: published outbox records, idempotency marks past redelivery.",
+    ["service", "table"],
+)
 OUTBOX_PENDING = Gauge("gridloop_outbox_pending", "Outbox records not yet published.", ["service"])
 HTTP_REQUESTS = Counter(
     "gridloop_http_requests_total",

@@ -16,6 +16,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from fastapi import Depends
 from sqlalchemy.exc import InterfaceError, OperationalError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from schemas import DecodeError, Event, decode_event
+from schemas import DecodeError, Event, decode_event, utcnow
 from schemas.topics import CATALOG, Topic, namespace
 
 from . import metrics
@@ -36,6 +37,7 @@ from .changes import Changes
 from .db import UnitOfWork, create_tables, make_engine
 from .errors import PoisonMessage
 from .kafka import OutboxRelay, Publisher, send_dead_letter
+from .retention import Pruned, Pruner, mark_horizons
 from .settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -74,6 +76,11 @@ class Runtime:
         self.relay = OutboxRelay(self.engine, self.publisher)
         self.auth = TokenStore(make_engine(settings.auth_database_url))
         self.consumes = tuple(consumes)
+        self.pruner = Pruner(
+            self.engine,
+            mark_horizons(self.consumes, (kind.__name__ for kind in handlers)),
+            timedelta(seconds=settings.outbox_keep_s),
+        )
         self.changes = Changes(settings.long_poll_max_s)
         """Long polls of the API waiting for what the consumer commits."""
         self._publisher_ready = asyncio.Lock()
@@ -152,6 +159,10 @@ class Runtime:
             with contextlib.suppress(Exception):  # the database may be down: the flush has logged it
                 # read, not assumed: rows may wait behind another instance's lease
                 metrics.OUTBOX_PENDING.labels(self.name).set(self.relay.pending())
+
+        @app.timer(s.retention_interval_s)  # type: ignore[untyped-decorator]
+        async def prune_tables() -> None:
+            await self.prune()
 
         return app
 
@@ -294,6 +305,22 @@ class Runtime:
                 with contextlib.suppress(Exception):  # the database may be what failed
                     metrics.OUTBOX_PENDING.labels(self.name).set(self.relay.pending())
                 return
+
+    async def prune(self) -> Pruned:
+        """Delete published outbox records and idempotency marks no longer needed, a batch at a time (yielding to
+        the consumer and the API between batches). A failure is logged; the next round tries again."""
+        outbox = marks = 0
+        try:
+            while (done := self.pruner.step(utcnow())) is not None:
+                outbox, marks = outbox + done.outbox, marks + done.marks
+                await asyncio.sleep(0)
+        except Exception as exc:
+            log.warning("pruning stopped (%s: %s); will retry", type(exc).__name__, exc)
+        if outbox:
+            metrics.ROWS_PRUNED.labels(self.name, "outbox").inc(outbox)
+        if marks:
+            metrics.ROWS_PRUNED.labels(self.name, "processed_event").inc(marks)
+        return Pruned(outbox=outbox, marks=marks)
 
     async def dead_letter(self, message: Any, reason: str, *, kind: str) -> None:
         metrics.DEAD_LETTERS.labels(self.name, kind).inc()

@@ -44,6 +44,10 @@ class ServiceSettings(BaseSettings):
     batch_linger_s: float = Field(default=0.0, ge=0, le=5)
     """How long a consumer waits for more records when none is waiting (0: apply at once). Services where a
     little latency does not matter (read models) set it to batch more and spend less per record."""
+    retention_interval_s: float = Field(default=3600.0, gt=0)
+    """How often published outbox records and idempotency marks past redelivery are pruned."""
+    outbox_keep_s: float = Field(default=86_400.0, ge=0)
+    """How long a published outbox record is kept (for looking into) before it is pruned."""
     long_poll_max_s: float = Field(default=30.0, ge=0, le=30)
     """The longest an API request's ``wait`` (a long poll) is held, whatever it asks for."""
     event_loop: Literal["uvloop", "aio"] = "uvloop"

@@ -212,3 +212,9 @@ def test_concurrent_claims_on_postgres_never_overlap(pg: Engine) -> None:
         t.join()
     assert sorted(i for batch in claimed for i in batch) == list(range(1, 29)), claimed  # 4 × 7, none twice
     assert all(len(batch) == 7 and batch == sorted(batch) for batch in claimed)
+
+
+def test_published_records_and_old_marks_are_pruned_on_postgres(pg: Engine) -> None:
+    from tests.unit.test_retention import check_pruning
+
+    check_pruning(pg)
