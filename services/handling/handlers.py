@@ -161,6 +161,19 @@ def _order_for(uow: UnitOfWork, work_order_id: str, cmd: DepartmentCommand) -> t
     return order, Actor(kind=ActorKind.DEPARTMENT, id=cmd.actor_id, department=order.department_code)
 
 
+_ORDER: sa.Table = HandlingWorkOrder.__table__  # type: ignore[attr-defined]
+_TAKE = (
+    sa.update(_ORDER)
+    .where(
+        _ORDER.c.work_order_id == sa.bindparam("id"),
+        _ORDER.c.status == sa.bindparam("was"),
+        _ORDER.c.extension_status == sa.bindparam("was_extension"),
+    )
+    .values(status=_ORDER.c.status)
+)
+"""The compare-and-set of :func:`_require`, built once (it runs per department action)."""
+
+
 def _require(uow: UnitOfWork, order: HandlingWorkOrder, allowed: tuple[str, ...], action: str) -> None:
     """The order must be in one of ``allowed`` states — and still as it was read when this unit of work writes it.
 
@@ -171,13 +184,7 @@ def _require(uow: UnitOfWork, order: HandlingWorkOrder, allowed: tuple[str, ...]
     if order.status not in allowed:
         raise Rejected(f"work order {order.work_order_id} is {order.status}; {action} needs it {' or '.join(allowed)}")
     taken = uow.session.connection().execute(
-        sa.update(HandlingWorkOrder)
-        .where(
-            col(HandlingWorkOrder.work_order_id) == order.work_order_id,
-            col(HandlingWorkOrder.status) == order.status,
-            col(HandlingWorkOrder.extension_status) == order.extension_status,
-        )
-        .values(status=order.status)
+        _TAKE, {"id": order.work_order_id, "was": order.status, "was_extension": order.extension_status}
     )
     if taken.rowcount != 1:
         raise Rejected(f"work order {order.work_order_id} was changed meanwhile; {action} refused")

@@ -62,6 +62,21 @@ def open_task(requested: ev.VerificationRequested, uow: UnitOfWork) -> None:
 # -- commands from the grid worker ------------------------------------------------------------------------
 
 
+_TASK: sa.Table = VerificationTask.__table__  # type: ignore[attr-defined]
+_DECIDE = (
+    sa.update(_TASK)
+    .where(_TASK.c.verification_id == sa.bindparam("id"), _TASK.c.status == TaskStatus.PENDING)
+    .values(
+        status=sa.bindparam("new_status"),
+        decided_at=sa.bindparam("at"),
+        decided_by=sa.bindparam("by"),
+        note=sa.bindparam("new_note"),
+    )
+)
+"""The decision as one prebuilt Core statement (it runs per decision): the task read above is not changed in the
+session, so nothing is flushed for it at the commit."""
+
+
 def _decide(
     verification_id: str,
     worker_id: str | None,
@@ -83,11 +98,8 @@ def _decide(
     now = uow.now()
     status = TaskStatus.PASSED if passed else TaskStatus.FAILED
     # Compare-and-set: of two workers deciding at once, only one changes the task and emits the outcome.
-    changed = uow.session.exec(  # type: ignore[call-overload]
-        sa.update(VerificationTask)
-        .where(col(VerificationTask.verification_id) == verification_id)
-        .where(col(VerificationTask.status) == TaskStatus.PENDING)
-        .values(status=status, decided_at=now, decided_by=worker_id, note=note)
+    changed = uow.session.connection().execute(
+        _DECIDE, {"id": verification_id, "new_status": status, "at": now, "by": worker_id, "new_note": note}
     )
     if changed.rowcount != 1:
         raise Rejected(f"verification {verification_id} was decided meanwhile")

@@ -32,6 +32,7 @@ from services.handling.models import (
     HandleWorkOrder,
     HandlingWebhookDelivery,
     HandlingWorkOrder,
+    OrderStatus,
     RequestExtension,
     ReturnWorkOrder,
 )
@@ -753,3 +754,18 @@ async def _api_calls(client: httpx.AsyncClient) -> None:
     r = await client.get("/webhook-deliveries", params={"status": "pending"})
     assert [d["event_type"] for d in r.json()] == ["WorkOrderDispatched"]
     assert (await client.get("/webhook-deliveries", params={"status": "lost"})).status_code == 422
+
+
+def test_of_two_actions_on_one_order_at_once_the_later_is_refused(world: World) -> None:
+    # two instances of handling on one database: both read the order dispatched; the return lands first, so the
+    # accept finds the order changed and neither changes it nor emits anything
+    world.bus.handle(dispatched())
+    with world.uow() as late:
+        seen = late.session.get(HandlingWorkOrder, "GL-1-1")  # held: the identity map keeps weak references
+        assert seen is not None and seen.status == OrderStatus.DISPATCHED
+        assert world.act(handlers.return_work_order, returned()) == OrderStatus.RETURNED
+        with pytest.raises(Rejected, match="changed meanwhile"):
+            handlers.accept_work_order("GL-1-1", accept(), late)
+        assert late.emitted == []
+    assert world.order().status == OrderStatus.RETURNED
+    assert [e.type for e in world.outbox()] == ["WorkOrderReturned"]

@@ -18,7 +18,7 @@ from services.common.db import UnitOfWork, create_tables, make_engine
 from services.common.errors import Forbidden, NotFound, PoisonMessage, Rejected
 from services.verification import handlers
 from services.verification.handlers import HANDLERS
-from services.verification.models import TABLES, FailRequest, PassRequest, TaskStatus
+from services.verification.models import TABLES, FailRequest, PassRequest, TaskStatus, VerificationTask
 
 T0 = datetime(2024, 5, 6, 9, 0, tzinfo=UTC)
 
@@ -313,3 +313,23 @@ def test_a_new_task_wakes_whoever_waits_on_its_grid_once_committed(engine: Engin
     assert woken == [{"verifications:gh01", "verifications:*"}]
     bus.handle(requested())  # redelivered: nothing changed, nobody woken
     assert len(woken) == 1
+
+
+def test_of_two_workers_deciding_at_once_the_later_is_refused(engine: Engine, bus: MessageBus) -> None:
+    # both read the task pending (two instances of verification on one database); the first decision lands, the
+    # second finds the row no longer pending and changes nothing
+    bus.handle(requested("V-1"))
+    with UnitOfWork(engine) as late:
+        seen = late.session.get(VerificationTask, "V-1")  # read while still pending (and held: the session's
+        assert seen is not None and seen.status == TaskStatus.PENDING  # identity map keeps only weak references)
+        decided, _ = decide_fail(engine, "V-1", "w-gh01-1", "still there")
+        assert decided.status == TaskStatus.FAILED
+        with pytest.raises(Rejected, match="decided meanwhile"):
+            handlers.pass_verification("V-1", PassRequest(worker_id="w-gh01-2"), late)
+        assert late.emitted == []
+    decided_task = task(engine, "V-1")
+    assert (decided_task.status, decided_task.decided_by, decided_task.note) == (
+        TaskStatus.FAILED,
+        "w-gh01-1",
+        "still there",
+    )
