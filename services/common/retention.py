@@ -27,6 +27,8 @@ from schemas.topics import Topic
 
 from .db import OutboxRecord, ProcessedEvent
 
+KAFKA_DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
+"""Kafka's ``log.retention.hours`` default (168), for a topic that does not set ``retention.ms``."""
 KAFKA_DEFAULT_SEGMENT_MS = 7 * 24 * 3600 * 1000
 """Kafka's ``log.segment.ms`` default, for a topic that does not set ``segment.ms``."""
 MARGIN = timedelta(days=1)
@@ -39,7 +41,7 @@ def redelivery_horizon(topic: Topic) -> timedelta | None:
     """How long after it was written a record of ``topic`` may still be read; None: for ever."""
     if "compact" in topic.config.get("cleanup.policy", "delete"):
         return None
-    retention = int(topic.config.get("retention.ms", str(KAFKA_DEFAULT_SEGMENT_MS)))
+    retention = int(topic.config.get("retention.ms", str(KAFKA_DEFAULT_RETENTION_MS)))
     if retention < 0:
         return None
     segment = int(topic.config.get("segment.ms", str(KAFKA_DEFAULT_SEGMENT_MS)))
@@ -65,7 +67,8 @@ class Pruned:
 
 
 class Pruner:
-    """Deletes what :func:`mark_horizons` and ``outbox_keep`` allow, in batches of ``batch`` rows."""
+    """Deletes what :func:`mark_horizons` and ``outbox_keep`` allow, in batches of ``batch`` rows (the service's
+    timer runs :meth:`step` until it answers None, yielding between batches)."""
 
     def __init__(
         self, engine: Engine, marks: Mapping[str, timedelta], outbox_keep: timedelta, batch: int = 2000
@@ -105,10 +108,3 @@ class Pruner:
             if n:
                 return Pruned(outbox=0, marks=n)
         return None
-
-    def prune(self, now: datetime) -> Pruned:
-        """Delete everything that may go (the timer runs :meth:`step` instead, yielding between batches)."""
-        outbox = marks = 0
-        while (done := self.step(now)) is not None:
-            outbox, marks = outbox + done.outbox, marks + done.marks
-        return Pruned(outbox=outbox, marks=marks)

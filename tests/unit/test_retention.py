@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 
 from schemas import topics
 from services.common.db import SHARED_TABLES, OutboxRecord, ProcessedEvent, create_tables, make_engine
-from services.common.retention import MARGIN, Pruner, mark_horizons, redelivery_horizon
+from services.common.retention import MARGIN, Pruned, Pruner, mark_horizons, redelivery_horizon
 from services.dispatch.app import build
 from services.dispatch.settings import DispatchSettings
 
@@ -73,13 +73,21 @@ def _fill(engine: Engine) -> None:
         conn.execute(sa.insert(processed), marks)
 
 
+def _drain(pruner: Pruner) -> Pruned:
+    """Every batch that may go, as the service's timer deletes them."""
+    outbox = marks = 0
+    while (done := pruner.step(NOW)) is not None:
+        outbox, marks = outbox + done.outbox, marks + done.marks
+    return Pruned(outbox=outbox, marks=marks)
+
+
 def check_pruning(engine: Engine) -> None:
     """Shared with the PostgreSQL tests."""
     _fill(engine)
     pruner = Pruner(engine, {"IncidentReported": 15 * DAY}, outbox_keep=DAY, batch=2)
     first = pruner.step(NOW)
     assert first is not None and (first.outbox, first.marks) == (2, 0)  # one batch at a time, the outbox first
-    done = pruner.prune(NOW)
+    done = _drain(pruner)
     assert (done.outbox, done.marks) == (3, 5)
     with engine.connect() as conn:
         left = {r[0]: r[1] for r in conn.execute(sa.text("SELECT event_id, published_at FROM outbox"))}
@@ -88,7 +96,7 @@ def check_pruning(engine: Engine) -> None:
     assert [left["e6"], left["e7"]] == [None, None]
     assert marks == {"young", "closed-old"}
     assert pruner.step(NOW) is None
-    assert (pruner.prune(NOW).outbox, pruner.prune(NOW).marks) == (0, 0)
+    assert (_drain(pruner).outbox, _drain(pruner).marks) == (0, 0)
 
 
 def test_pruning_deletes_only_what_can_no_longer_be_needed(tmp_path: Path) -> None:
