@@ -1,6 +1,6 @@
 """The raw limit: Kafka produce → consume hops per second on this machine, with the pipeline's client library.
 
-A producer configured like the pipeline's publisher (aiokafka, acks=all, idempotent, linger 2 ms) sends real
+A producer configured like the pipeline's publisher (aiokafka, acks=all, idempotent, the services' linger) sends real
 encoded events (an IncidentReported and a WorkOrderDispatched, alternately: the pipeline's message size) to one
 6-partition topic of the bench's namespace, keyed by incident id; an aiokafka consumer in another process reads
 them. A hop is one record produced and consumed; the rate is records consumed per second between the first send
@@ -116,13 +116,15 @@ def _wait_for_leaders(admin: Any, name: str, timeout_s: float = 60.0) -> None:
 async def _produce(bootstrap: str, topic: str, seconds: float, count: int, window: int) -> dict[str, float]:
     from aiokafka import AIOKafkaProducer
 
+    from services.common.settings import ServiceSettings
+
     values = sample_events()
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         client_id="gridloop-bench-raw",
         acks="all",
         enable_idempotence=True,
-        linger_ms=2,
+        linger_ms=ServiceSettings().kafka_linger_ms,  # GRIDLOOP_KAFKA_LINGER_MS, as the services read it
         request_timeout_ms=15000,
     )
     await producer.start()

@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 class Publisher:
     """One idempotent producer per process; every send waits for all in-sync replicas."""
 
-    def __init__(self, bootstrap: str, client_id: str, **security: Any) -> None:
+    def __init__(self, bootstrap: str, client_id: str, *, linger_ms: int = 0, **security: Any) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
+        self.linger_ms = linger_ms
         self.security = security
         self._producer: AIOKafkaProducer | None = None
 
@@ -46,7 +47,7 @@ class Publisher:
             client_id=self.client_id,
             acks="all",
             enable_idempotence=True,
-            linger_ms=2,
+            linger_ms=self.linger_ms,
             request_timeout_ms=15000,
             **self.security,
         )

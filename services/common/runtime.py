@@ -71,7 +71,10 @@ class Runtime:
         self.tables = tuple(tables)
         self.bus = MessageBus(self.uow, handlers, preload)
         self.publisher = Publisher(
-            settings.kafka_bootstrap, client_id=f"gridloop-{self.name}", **settings.kafka_client_options()
+            settings.kafka_bootstrap,
+            client_id=f"gridloop-{self.name}",
+            linger_ms=settings.kafka_linger_ms,
+            **settings.kafka_client_options(),
         )
         self.relay = OutboxRelay(self.engine, self.publisher)
         self.auth = TokenStore(make_engine(settings.auth_database_url))

@@ -38,6 +38,9 @@ class ServiceSettings(BaseSettings):
     time_scale: float = Field(default=1.0, gt=0)
     """How many times faster than the wall clock deadlines run (3600: one business hour per second)."""
     outbox_interval_s: float = Field(default=0.5, gt=0)
+    kafka_linger_ms: int = Field(default=0, ge=0, le=1000)
+    """How long the publisher holds a record for more to send with it. 0: sent at once; the outbox hands the
+    producer a whole batch at a time, so records go out together all the same."""
     batch_max: int = Field(default=500, ge=1, le=10_000)
     """At most this many consumed records (those already delivered, never waited for) are applied in one
     transaction and flushed with one send."""

@@ -232,3 +232,28 @@ def test_worker_starts_with_the_start_up_objects_frozen_out_of_the_collector(
         gc.unfreeze()
     assert len(frozen_at_main) == 1
     assert frozen_at_main[0] > 10_000
+
+
+@pytest.mark.parametrize("linger", [None, "5"])
+async def test_the_publisher_lingers_as_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, linger: str | None
+) -> None:
+    import services.common.kafka as kafka
+
+    if linger is not None:
+        monkeypatch.setenv("GRIDLOOP_KAFKA_LINGER_MS", linger)
+    made: list[dict[str, Any]] = []
+
+    class Producer:
+        def __init__(self, **options: Any) -> None:
+            made.append(options)
+
+        async def start(self) -> None:
+            pass
+
+    monkeypatch.setattr(kafka, "AIOKafkaProducer", Producer)
+    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105))
+    await rt.publisher.start()
+    # by default a record is sent at once (the outbox hands over a whole batch): no 2-5 ms of waiting per hop
+    assert len(made) == 1 and made[0]["linger_ms"] == (int(linger) if linger else 0)
+    assert made[0]["acks"] == "all" and made[0]["enable_idempotence"] is True
