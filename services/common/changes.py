@@ -4,7 +4,10 @@ asked for — a department's desk gets a new work order the moment it is committ
 A handler names what it changed (``uow.touch("work-orders:city_ops")``); once the unit of work commits, every
 request waiting on that key wakes and reads again. Keys are plain strings ``<what>:<whose>``; ``<what>:*`` is
 woken by every change of that kind (for a reader watching all of them). Only this process's waiters wake:
-another instance's change is seen when the wait runs out, as with a plain poll.
+another instance of the service, sharing the database, commits changes this one is never told about, so where a
+service runs as several instances a held request also reads again every ``recheck_s`` (one second by default,
+``GRIDLOOP_LONG_POLL_RECHECK_S``) — a desk asking one instance sees what the other committed within that time,
+not only when its wait runs out.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ def key_for(what: str, whose: str | None) -> str:
 class Changes:
     """Waiters keyed by what they wait for; :meth:`notify` wakes them. Lives on one event loop."""
 
-    def __init__(self, max_wait_s: float = MAX_WAIT_S) -> None:
+    def __init__(self, max_wait_s: float = MAX_WAIT_S, recheck_s: float = 0.0) -> None:
         self.max_wait_s = min(max_wait_s, MAX_WAIT_S)
         """The longest a long poll on these changes is held, whatever it asks for."""
+        self.recheck_s = recheck_s
+        """How often a held long poll reads again unwoken (changes committed elsewhere); 0: only when woken."""
         self._waiting: dict[str, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -72,11 +77,11 @@ class Changes:
 
 
 async def long_poll(changes: Changes, key: str, wait_s: float, read: Callable[[], list[T]]) -> list[T]:
-    """``read()``; if it finds nothing, read again each time ``key`` is notified, until something is found or
-    ``wait_s`` seconds have passed (then the empty answer)."""
+    """``read()``; if it finds nothing, read again each time ``key`` is notified (and every ``recheck_s`` of
+    ``changes``, if set), until something is found or ``wait_s`` seconds have passed (then the empty answer)."""
     found = read()
     deadline = time.monotonic() + min(wait_s, changes.max_wait_s)
     while not found and (left := deadline - time.monotonic()) > 0:
-        await changes.wait(key, left)
+        await changes.wait(key, min(left, changes.recheck_s) if changes.recheck_s > 0 else left)
         found = read()
     return found

@@ -84,7 +84,7 @@ class Runtime:
             mark_horizons(self.consumes, (kind.__name__ for kind in handlers)),
             timedelta(seconds=settings.outbox_keep_s),
         )
-        self.changes = Changes(settings.long_poll_max_s)
+        self.changes = Changes(settings.long_poll_max_s, settings.long_poll_recheck_s or 0.0)
         """Long polls of the API waiting for what the consumer commits."""
         self._publisher_ready = asyncio.Lock()
         self._flushing: asyncio.Task[None] | None = None

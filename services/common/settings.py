@@ -53,6 +53,9 @@ class ServiceSettings(BaseSettings):
     """How long a published outbox record is kept (for looking into) before it is pruned."""
     long_poll_max_s: float = Field(default=30.0, ge=0, le=30)
     """The longest an API request's ``wait`` (a long poll) is held, whatever it asks for."""
+    long_poll_recheck_s: float | None = Field(default=None, ge=0, le=30)
+    """How often a held long poll reads again without being woken (0: only when this process commits a change).
+    Unset: every second where the service runs as several instances (``instance`` set), else 0."""
     event_loop: Literal["uvloop", "aio"] = "uvloop"
     """The asyncio loop the worker (consumer, producer and API) runs on: uvloop, or the standard library's."""
     log_level: str = "info"
@@ -80,6 +83,9 @@ class ServiceSettings(BaseSettings):
             self.database_url = f"sqlite:///{self.var_dir / 'db' / f'{self.SERVICE}.sqlite'}"
         if not self.auth_database_url:
             self.auth_database_url = f"sqlite:///{self.var_dir / 'db' / 'auth.sqlite'}"
+        if self.long_poll_recheck_s is None:
+            # another instance's commits wake nobody here: read again every second while holding a request
+            self.long_poll_recheck_s = 1.0 if self.instance else 0.0
         return self
 
     @property

@@ -53,3 +53,30 @@ async def test_a_long_poll_reads_again_when_woken_and_gives_up_when_the_wait_end
     assert await asyncio.wait_for(polling, 1) == [1]
     assert reads == 5  # 2 for the first poll, then: at once, after the empty wake, after the real one
     assert await long_poll(changes, "k:a", 0, read) == [1]  # something there: no wait at all
+
+
+async def test_a_held_long_poll_also_reads_again_unwoken_every_recheck() -> None:
+    # another instance of the service commits to the shared database and wakes nobody here: with a recheck the
+    # request still finds the work within that time; without one it would answer empty when its wait ran out
+    reads = 0
+
+    def read() -> list[int]:
+        nonlocal reads
+        reads += 1
+        return [7] if reads >= 4 else []
+
+    assert await long_poll(Changes(recheck_s=0.01), "k:a", 5, read) == [7]
+    assert reads == 4
+
+    reads = 0
+    assert await long_poll(Changes(), "k:a", 0.2, read) == []  # no recheck: read once, then when the wait ends
+    assert reads == 2
+
+
+def test_several_instances_recheck_every_second_unless_told_otherwise() -> None:
+    from services.common.settings import ServiceSettings
+
+    assert ServiceSettings().long_poll_recheck_s == 0.0  # alone, every change it makes wakes its own waiters
+    assert ServiceSettings(instance="b").long_poll_recheck_s == 1.0
+    assert ServiceSettings(instance="b", long_poll_recheck_s=0).long_poll_recheck_s == 0.0
+    assert ServiceSettings(long_poll_recheck_s=2.5).long_poll_recheck_s == 2.5

@@ -257,3 +257,9 @@ async def test_the_publisher_lingers_as_configured(
     # by default a record is sent at once (the outbox hands over a whole batch): no 2-5 ms of waiting per hop
     assert len(made) == 1 and made[0]["linger_ms"] == (int(linger) if linger else 0)
     assert made[0]["acks"] == "all" and made[0]["enable_idempotence"] is True
+
+
+def test_an_instance_of_several_rechecks_its_held_long_polls(tmp_path: Path) -> None:
+    alone = build(DispatchSettings(var_dir=tmp_path, http_port=18105))
+    paired = build(DispatchSettings(var_dir=tmp_path, http_port=18105, instance="b"))
+    assert (alone.changes.recheck_s, paired.changes.recheck_s) == (0.0, 1.0)
