@@ -1,0 +1,39 @@
+"""The README's configuration tables name every setting a service reads from the environment."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from services.common.settings import REPO_ROOT, ServiceSettings
+
+SERVICES = ("intake", "dispatch", "handling", "verification", "opscenter")
+
+
+def _settings_class(service: str) -> type[ServiceSettings]:
+    module = importlib.import_module(f"services.{service}.settings")
+    (cls,) = (
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and issubclass(v, ServiceSettings) and v is not ServiceSettings
+    )
+    return cls
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_setting_is_documented(service: str) -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [
+        name
+        for name in _settings_class(service).model_fields
+        if not any(
+            f"`{variable}" in readme
+            for variable in (
+                f"GRIDLOOP_{name.upper()}",
+                f"GRIDLOOP_<SERVICE>_{name.upper()}",
+                f"GRIDLOOP_{service.upper()}_{name.upper()}",
+            )
+        )
+    ]
+    assert not missing, f"README.md does not document {service}'s settings: {missing}"
