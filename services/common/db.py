@@ -258,6 +258,11 @@ class UnitOfWork:
         self.load_by(model, column, (key,))
         return list(self._groups[(model, column)][key])
 
+    def none_yet(self, model: type[SQLModel], column: str, key: Any) -> None:
+        """Tell :meth:`rows_by` that no row of ``model`` has ``key`` in ``column`` yet (their parent was just
+        added in this unit), so it answers from what :meth:`add` adds without reading the table."""
+        self._groups.setdefault((model, column), {}).setdefault(key, [])
+
     def get(self, model: type[T], key: Any) -> T | None:
         """``session.get``, answered without a statement for what this unit added or :meth:`load` read."""
         added = self._added.get((model, key))

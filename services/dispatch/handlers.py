@@ -214,6 +214,7 @@ def file_incident(report: ev.IncidentReported, uow: UnitOfWork, policy: Dispatch
         reported_at=report.occurred_at,
     )
     uow.add(case)
+    uow.none_yet(DispatchWorkOrder, "incident_id", case.incident_id)  # a case not there before has no orders
     if category is None:
         _reject(
             uow,

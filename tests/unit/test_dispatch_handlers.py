@@ -160,6 +160,17 @@ def test_big_incident_engages_every_department_with_the_ops_center_coordinating(
     assert len([e for e in out if isinstance(e, ev.WorkOrderDispatched)]) == 2
 
 
+def test_filing_a_report_reads_no_work_orders(loop: Loop) -> None:
+    # a case that was not there before has none: the numbering of its orders starts without a query
+    statements: list[str] = []
+    sa.event.listen(loop.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    orders = [e for e in loop.report("safety_hazard") if isinstance(e, ev.WorkOrderDispatched)]
+    assert [o.work_order_id for o in orders] == ["GL-1-1", "GL-1-2", "GL-1-3"]
+    reads = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "dispatch_work_order" in s]
+    assert reads == []
+    assert any(s.lstrip().upper().startswith("INSERT INTO DISPATCH_WORK_ORDER") for s in statements)
+
+
 def test_big_incident_is_verified_only_when_every_department_handled(loop: Loop) -> None:
     orders = [e for e in loop.report("flooding") if isinstance(e, ev.WorkOrderDispatched)]
     assert loop.dept(ev.WorkOrderHandled, orders[0], result="pumped") == []
