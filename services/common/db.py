@@ -78,8 +78,9 @@ def make_engine(url: str) -> Engine:
 
 
 def create_tables(engine: Engine, tables: Iterable[sa.Table]) -> None:
+    tables = tuple(tables)
     SQLModel.metadata.create_all(engine, tables=[*SHARED_TABLES, *tables])
-    _add_missing_columns(engine, SHARED_TABLES)
+    _add_missing_columns(engine, (*SHARED_TABLES, *tables))
     for table in (*SHARED_TABLES, *tables):  # and the indexes a later version added (create_all skips existing
         for index in table.indexes:  # tables)
             _create_index(engine, table, index)
@@ -95,7 +96,7 @@ def _create_index(engine: Engine, table: sa.Table, index: sa.Index) -> None:
 
 
 def _add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> None:
-    """Bring a shared table made by an earlier version up to date: add the nullable columns it lacks.
+    """Bring a table made by an earlier version up to date: add the nullable columns it lacks.
 
     Only additive, nullable columns are handled (the outbox's lease, say); two instances starting together on
     one database may both try, and the loser finds the column there."""

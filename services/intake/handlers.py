@@ -151,6 +151,7 @@ def _row_from_report(event: ev.IncidentReported) -> IntakeIncident:
         handled_on_spot=event.handled_on_spot,
         evidence_urls=" ".join(str(u) for u in event.evidence_urls),
         status="reported",
+        status_at=event.occurred_at,
         reported_at=event.occurred_at,
         updated_at=event.occurred_at,
     )
@@ -193,6 +194,12 @@ def _detail(event: Event) -> str:
     return ""
 
 
+def _before_status(event: Event, row: IntakeIncident) -> bool:
+    """Whether ``event`` occurred before the one that set the incident's status (it arrived late: two producers'
+    records of one incident can cross on their way to the lifecycle log)."""
+    return row.status_at is not None and event.occurred_at < as_utc(row.status_at)
+
+
 def record_transition(event: Event, uow: UnitOfWork) -> None:
     """Fold one lifecycle event into the incident's status and timeline."""
     row = uow.get(IntakeIncident, event.incident_id)
@@ -202,8 +209,8 @@ def record_transition(event: Event, uow: UnitOfWork) -> None:
         row = _row_from_report(event)
         uow.add(row)
     status = _STATUS_AFTER.get(event.type)
-    if status and (row.status not in _FINAL or status in _FINAL):
-        row.status = status
+    if status and (status in _FINAL or (row.status not in _FINAL and not _before_status(event, row))):
+        row.status, row.status_at = status, event.occurred_at
     match event:
         case ev.IncidentFiled(grid_id=grid):
             row.grid_id = grid

@@ -114,6 +114,9 @@ class IntakeIncident(SQLModel, table=True):
     handled_on_spot: bool = False
     evidence_urls: str = SqlField(default="")
     status: str = SqlField(default="reported", max_length=20, index=True)
+    status_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    """When the event that set ``status`` occurred: an earlier one folded after it (a copy that crossed another
+    producer's) goes into the timeline without stepping the status back."""
     grid_id: str | None = SqlField(default=None, max_length=40)
     departments: str = SqlField(default="")
     deadline: datetime | None = SqlField(default=None, sa_type=_ts())

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -10,7 +11,7 @@ from sqlmodel import select
 from schemas import Actor, ActorKind, decode_event
 from schemas import events as ev
 from services.common.bus import MessageBus
-from services.common.db import OutboxRecord, UnitOfWork
+from services.common.db import OutboxRecord, UnitOfWork, create_tables
 from services.common.errors import NotFound, Rejected, UnknownIncident
 from services.intake import handlers
 from services.intake.models import TABLES, ReportCreate
@@ -129,6 +130,62 @@ def test_lifecycle_folds_into_status_and_timeline(engine: Engine, clock: FakeClo
     with UnitOfWork(engine) as uow:
         view = handlers.get_incident(incident_id, uow)
     assert view.status == "closed" and view.closed_at is not None  # a terminal status stays
+
+
+def test_an_event_folded_after_a_later_one_does_not_step_the_status_back(engine: Engine, clock: FakeClock) -> None:
+    # dispatch's WorkOrderDispatched and handling's WorkOrderAccepted reach the lifecycle log from two producers:
+    # a retried send can land the earlier one second
+    with UnitOfWork(engine, clock=clock) as uow:
+        incident_id = handlers.report_incident(_cmd(), uow).incident_id
+    [record] = _outbox(engine)
+    reported = decode_event(record.payload)
+    bus = MessageBus(lambda: UnitOfWork(engine, clock=clock), handlers.HANDLERS)
+    at = reported.occurred_at
+    order = ev.WorkOrderDispatched.following(
+        reported,
+        Actor.system("dispatch"),
+        occurred_at=at + timedelta(seconds=1),
+        work_order_id=f"{incident_id}-1",
+        department_code="city_ops",
+        category_code="exposed_garbage",
+        grid_id="gh01",
+        location=reported.location,  # type: ignore[attr-defined]
+        description="d",
+        priority=3,
+        deadline=at + timedelta(hours=24),
+    )
+    staff = Actor(kind=ActorKind.DEPARTMENT, id="staff", department="city_ops")
+    accepted = ev.WorkOrderAccepted.following(
+        order,
+        staff,
+        occurred_at=at + timedelta(seconds=2),
+        work_order_id=order.work_order_id,
+        department_code="city_ops",
+    )
+    handled = ev.WorkOrderHandled.following(
+        order,
+        staff,
+        occurred_at=at + timedelta(seconds=3),
+        work_order_id=order.work_order_id,
+        department_code="city_ops",
+        result="cleaned",
+    )
+    for event in (reported, accepted, order):
+        bus.handle(event)
+    with UnitOfWork(engine) as uow:
+        view = handlers.get_incident(incident_id, uow)
+    assert view.status == "in_progress" and view.departments == ["city_ops"] and view.deadline == order.deadline
+    assert [t.type for t in view.timeline] == ["IncidentReported", "WorkOrderDispatched", "WorkOrderAccepted"]
+    bus.handle(handled)
+    with UnitOfWork(engine) as uow:
+        assert handlers.get_incident(incident_id, uow).status == "handled"
+
+
+def test_a_database_of_an_earlier_version_gets_the_new_columns(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE intake_incident DROP COLUMN status_at"))
+    create_tables(engine, TABLES)
+    assert "status_at" in {c["name"] for c in sa.inspect(engine).get_columns("intake_incident")}
 
 
 def test_unknown_incident(engine: Engine) -> None:
