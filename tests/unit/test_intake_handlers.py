@@ -1,14 +1,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from schemas import Actor, ActorKind, decode_event
+from schemas import Actor, ActorKind, Event, decode_event
 from schemas import events as ev
 from services.common.bus import MessageBus
 from services.common.db import OutboxRecord, UnitOfWork, create_tables
@@ -76,28 +77,39 @@ def test_on_the_spot_needs_evidence_and_a_grid_worker() -> None:
     assert _cmd(handled_on_spot=True, evidence_urls=["https://e.org/a.jpg"]).handled_on_spot
 
 
-def test_lifecycle_folds_into_status_and_timeline(engine: Engine, clock: FakeClock) -> None:
+def _reported_and_fold(engine: Engine, clock: FakeClock) -> tuple[str, Event, MessageBus]:
+    """A report taken by intake's API, its IncidentReported as the lifecycle log carries it, and intake's fold."""
     with UnitOfWork(engine, clock=clock) as uow:
         incident_id = handlers.report_incident(_cmd(), uow).incident_id
     [record] = _outbox(engine)
-    reported = decode_event(record.payload)
     bus = MessageBus(lambda: UnitOfWork(engine, clock=clock), handlers.HANDLERS)
-    system = Actor.system("dispatch")
-    filed = ev.IncidentFiled.following(
-        reported, system, category_code="exposed_garbage", grid_id="gh01", priority=3, severity="normal"
-    )
-    order = ev.WorkOrderDispatched.following(
+    return incident_id, decode_event(record.payload), bus
+
+
+def _dispatched(reported: Event, deadline: datetime, **kw: Any) -> ev.WorkOrderDispatched:
+    """Dispatch's first work order of the reported incident, to city_ops."""
+    return ev.WorkOrderDispatched.following(
         reported,
-        system,
-        work_order_id=f"{incident_id}-1",
+        Actor.system("dispatch"),
+        work_order_id=f"{reported.incident_id}-1",
         department_code="city_ops",
         category_code="exposed_garbage",
         grid_id="gh01",
         location=reported.location,  # type: ignore[attr-defined]
         description="d",
         priority=3,
-        deadline=clock.advance(hours=24),
+        deadline=deadline,
+        **kw,
     )
+
+
+def test_lifecycle_folds_into_status_and_timeline(engine: Engine, clock: FakeClock) -> None:
+    incident_id, reported, bus = _reported_and_fold(engine, clock)
+    system = Actor.system("dispatch")
+    filed = ev.IncidentFiled.following(
+        reported, system, category_code="exposed_garbage", grid_id="gh01", priority=3, severity="normal"
+    )
+    order = _dispatched(reported, clock.advance(hours=24))
     for event in (reported, filed, order, order):  # the last one is a redelivery
         bus.handle(event)
     with UnitOfWork(engine) as uow:
@@ -135,25 +147,9 @@ def test_lifecycle_folds_into_status_and_timeline(engine: Engine, clock: FakeClo
 def test_an_event_folded_after_a_later_one_does_not_step_the_status_back(engine: Engine, clock: FakeClock) -> None:
     # dispatch's WorkOrderDispatched and handling's WorkOrderAccepted reach the lifecycle log from two producers:
     # a retried send can land the earlier one second
-    with UnitOfWork(engine, clock=clock) as uow:
-        incident_id = handlers.report_incident(_cmd(), uow).incident_id
-    [record] = _outbox(engine)
-    reported = decode_event(record.payload)
-    bus = MessageBus(lambda: UnitOfWork(engine, clock=clock), handlers.HANDLERS)
+    incident_id, reported, bus = _reported_and_fold(engine, clock)
     at = reported.occurred_at
-    order = ev.WorkOrderDispatched.following(
-        reported,
-        Actor.system("dispatch"),
-        occurred_at=at + timedelta(seconds=1),
-        work_order_id=f"{incident_id}-1",
-        department_code="city_ops",
-        category_code="exposed_garbage",
-        grid_id="gh01",
-        location=reported.location,  # type: ignore[attr-defined]
-        description="d",
-        priority=3,
-        deadline=at + timedelta(hours=24),
-    )
+    order = _dispatched(reported, at + timedelta(hours=24), occurred_at=at + timedelta(seconds=1))
     staff = Actor(kind=ActorKind.DEPARTMENT, id="staff", department="city_ops")
     accepted = ev.WorkOrderAccepted.following(
         order,
