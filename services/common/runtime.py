@@ -356,6 +356,7 @@ class Runtime:
         Path(self.app.conf.datadir).mkdir(parents=True, exist_ok=True)
         level = {"warning": "warn", "critical": "crit"}.get(self.settings.log_level.lower(), self.settings.log_level)
         sys.argv = [sys.argv[0], "--loop", self.settings.event_loop, "worker", "--loglevel", level]
+        use_event_loop(self.settings.event_loop)
         _freeze_startup_objects()
         self.app.main()
 
@@ -370,6 +371,19 @@ class _Worker(faust.Worker):
 
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         self.spinner = None
+
+
+def use_event_loop(name: str) -> None:
+    """Make ``name`` ("uvloop" or "aio") the loop the worker is about to create.
+
+    faust reads ``--loop`` from the command line once, when ``faust`` is first imported; a service has imported
+    it long before its worker starts, so the option alone leaves the standard library's loop in place."""
+    if name == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    else:
+        asyncio.set_event_loop_policy(None)
 
 
 def _freeze_startup_objects() -> None:

@@ -234,6 +234,42 @@ def test_worker_starts_with_the_start_up_objects_frozen_out_of_the_collector(
     assert frozen_at_main[0] > 10_000
 
 
+@pytest.mark.parametrize(
+    ("setting", "loop_type"), [(None, "uvloop.Loop"), ("aio", "asyncio.unix_events._UnixSelectorEventLoop")]
+)
+def test_worker_runs_on_the_event_loop_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str | None, loop_type: str
+) -> None:
+    # faust reads --loop when it is first imported, long before a service starts its worker: the option alone left
+    # every service on the standard library's loop whatever GRIDLOOP_EVENT_LOOP said
+    import sys
+
+    from services.common import admin
+    from services.common import runtime as runtime_module
+
+    if setting is not None:
+        monkeypatch.setenv("GRIDLOOP_EVENT_LOOP", setting)
+    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105))
+    made: list[str] = []
+
+    def main() -> None:  # what the worker's loop will be: made here as faust's worker makes it
+        loop = asyncio.get_event_loop_policy().new_event_loop()
+        made.append(f"{type(loop).__module__}.{type(loop).__qualname__}")
+        loop.close()
+
+    monkeypatch.setattr(admin, "wait_for_topics", lambda *a, **k: None)
+    monkeypatch.setattr(runtime_module, "_require_free_port", lambda *a: None)
+    monkeypatch.setattr(runtime_module, "_freeze_startup_objects", lambda: None)
+    monkeypatch.setattr(rt.app, "main", main)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    saved = asyncio.get_event_loop_policy()
+    try:
+        rt.run()
+    finally:
+        asyncio.set_event_loop_policy(saved)
+    assert made == [loop_type]
+
+
 @pytest.mark.parametrize("linger", [None, "5"])
 async def test_the_publisher_lingers_as_configured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, linger: str | None
