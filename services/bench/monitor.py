@@ -25,6 +25,9 @@ def broker_pid(var_dir: Path | None = None) -> int | None:
 
 MACHINE = "machine"
 """The whole machine: CPU of every process (ours and others'), in % of one core; memory in use."""
+STEAL = "steal"
+"""CPU this virtual machine wanted and its host gave to others (part of the machine's busy figure), in % of one
+core: when it rises, every process slows together, whatever the code does."""
 
 
 @dataclass
@@ -42,6 +45,8 @@ class Monitor:
     pids: Mapping[str, int]
     interval_s: float = 0.5
     samples: dict[str, list[Sample]] = field(default_factory=dict)
+    steal: list[tuple[float, float]] = field(default_factory=list)
+    """(time, % of one core stolen by the host since the previous sample)."""
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -56,6 +61,7 @@ class Monitor:
             self.samples[name] = []
         self.samples[MACHINE] = []
         psutil.cpu_percent(None)
+        psutil.cpu_times_percent(None)
         self._thread = threading.Thread(target=self._run, args=(procs,), name="bench-monitor", daemon=True)
         self._thread.start()
         return self
@@ -66,6 +72,7 @@ class Monitor:
             now = time.time()
             busy = psutil.cpu_percent(None) * cores  # % of one core, like the processes' figures
             self.samples[MACHINE].append(Sample(now, busy, psutil.virtual_memory().used / 2**20))
+            self.steal.append((now, getattr(psutil.cpu_times_percent(None), "steal", 0.0) * cores))
             for name, proc in list(procs.items()):
                 try:
                     with proc.oneshot():
@@ -86,12 +93,16 @@ class Monitor:
         return [s for s in self.samples.get(name, []) if start <= s.t <= end]
 
     def cpu_avg(self, start: float, end: float) -> dict[str, float]:
-        """Average CPU (% of one core) per process between two epoch times."""
+        """Average CPU (% of one core) per process between two epoch times, the machine's and what the host
+        stole."""
         out: dict[str, float] = {}
         for name in self.samples:
             window = self.between(name, start, end)
             if window:
                 out[name] = sum(s.cpu for s in window) / len(window)
+        stolen = [v for t, v in self.steal if start <= t <= end]
+        if stolen:
+            out[STEAL] = sum(stolen) / len(stolen)
         return out
 
     def peak_rss(self, start: float = 0.0, end: float = float("inf")) -> dict[str, float]:

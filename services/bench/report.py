@@ -10,19 +10,22 @@ from rich.console import Console
 from rich.table import Table
 
 from . import stats
+from .monitor import MACHINE, STEAL
 
 if TYPE_CHECKING:
     from .harness import RunResult, SoakResult, StepRecord
 
 SERVICES = ("intake", "dispatch", "handling", "verification", "opscenter", "broker", "driver")
 OTHERS = "others"
-"""CPU of every other process of the machine (the whole machine minus ours): other work that competed."""
+"""CPU of every other process of the machine (the whole machine minus ours and what the host stole): other work
+that competed."""
+COLUMNS = (*SERVICES, STEAL, OTHERS)
 
 
 def with_others(cpu: Mapping[str, float]) -> dict[str, float]:
-    out = {k: v for k, v in cpu.items() if k != "machine"}
-    if "machine" in cpu:
-        out[OTHERS] = max(0.0, cpu["machine"] - sum(out.values()))
+    out = {k: v for k, v in cpu.items() if k != MACHINE}
+    if MACHINE in cpu:
+        out[OTHERS] = max(0.0, cpu[MACHINE] - sum(out.values()))
     return out
 
 
@@ -37,7 +40,7 @@ def steps_table(steps: Sequence[StepRecord], title: str = "closed loop, by offer
     for col in ("rep→disp p50/p99 ms", "e2e p50/p99 ms", "svc cpu ms/inc"):
         table.add_column(col, justify="right")
     cpus = [with_others(s.cpu) for s in steps]
-    names = [n for n in (*SERVICES, OTHERS) if any(n in c for c in cpus)]
+    names = [n for n in COLUMNS if any(n in c for c in cpus)]
     for name in names:
         table.add_column(f"{name[:5]} cpu%", justify="right")
     table.add_column("verdict")
@@ -81,7 +84,7 @@ def resources_table(peak: Mapping[str, float], best: StepRecord | None) -> Table
     table.add_column("cpu % of a core", justify="right")
     table.add_column("peak RSS MB", justify="right")
     cpus = with_others(best.cpu) if best else {}
-    for name in (*SERVICES, OTHERS):
+    for name in COLUMNS:
         if name in peak or name in cpus:
             cpu = cpus.get(name)
             table.add_row(name, "-" if cpu is None else f"{cpu:.0f}", f"{peak[name]:.0f}" if name in peak else "-")

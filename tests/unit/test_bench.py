@@ -221,6 +221,39 @@ def test_rss_growth_of_a_short_run_uses_thirds() -> None:
     assert stats.rss_growth([])["growth_mb"] is None
 
 
+# -- resources ------------------------------------------------------------------------------------------------
+
+
+def test_cpu_shows_what_the_host_stole_apart_from_other_work() -> None:
+    from services.bench.monitor import MACHINE, Monitor, Sample
+    from services.bench.report import with_others
+
+    m = Monitor({})
+    m.samples = {
+        MACHINE: [Sample(t, 180.0, 0.0) for t in (1, 2, 3)],
+        "dispatch": [Sample(t, 40.0, 0.0) for t in (1, 2, 3)],
+    }
+    m.steal = [(1, 10.0), (2, 30.0), (3, 50.0), (9, 99.0)]  # the last one is outside the window
+    cpu = m.cpu_avg(1, 3)
+    assert cpu == {MACHINE: 180.0, "dispatch": 40.0, "steal": 30.0}
+    assert with_others(cpu) == {"dispatch": 40.0, "steal": 30.0, "others": 110.0}
+    assert "steal" not in m.peak_rss()
+
+
+def test_the_monitor_samples_the_hosts_steal_with_the_machine() -> None:
+    from services.bench.monitor import MACHINE, Monitor
+
+    m = Monitor({}, interval_s=0.05).start()
+    try:
+        import time
+
+        time.sleep(0.3)
+    finally:
+        m.stop()
+    assert len(m.steal) >= 2 and len(m.steal) == len(m.samples[MACHINE])
+    assert all(0.0 <= v <= 100.0 * 64 for _, v in m.steal)
+
+
 # -- the driver's bookkeeping (no network) ------------------------------------------------------------------
 
 
