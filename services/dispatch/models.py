@@ -39,6 +39,12 @@ class OrderStatus:
 
 class DispatchCase(SQLModel, table=True):
     __tablename__ = "dispatch_case"
+    __table_args__ = (
+        # a report's merge candidates (open cases of its category reported in the merge window) read straight from
+        # the index: with the single-column indexes SQLite takes the category's and reads every case of that
+        # category ever filed, closed ones too, a cost that grows with every incident
+        sa.Index("ix_dispatch_case_open_by_category", "category_code", "status", "reported_at"),
+    )
 
     incident_id: str = SqlField(primary_key=True, max_length=64)
     correlation_id: str = SqlField(max_length=64)
