@@ -14,6 +14,13 @@ from ._base import Event
 
 DEFAULT_NAMESPACE = "gridloop"
 
+PARTITIONS = 2
+"""Partitions of each topic of the loop when gridloop creates it (``GRIDLOOP_TOPIC_PARTITIONS`` sets another count).
+
+The most instances of one service that can share its work. Every partition costs every consumer of the topic a
+little on every fetch, records or not (it is asked for and answered each time), and most fetches of a quiet or
+moderate stream carry one record: two partitions serve one machine and a pair of instances per service."""
+
 
 def namespace() -> str:
     """Prefix of every topic and consumer group (``GRIDLOOP_TOPIC_NAMESPACE``); lets test runs stay apart."""
@@ -26,7 +33,7 @@ class Topic:
     description: str
     value_types: tuple[type[Event], ...] | None
     """Event classes this topic carries; ``None`` for the dead-letter topic (raw records)."""
-    partitions: int = 6
+    partitions: int = PARTITIONS
     key: str = "incident_id"
     config: dict[str, str] = field(default_factory=dict)
 

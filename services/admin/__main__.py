@@ -15,7 +15,7 @@ import typer
 
 from schemas.topics import CATALOG
 from services.admin.deadletters import cli as deadletters_cli
-from services.common.admin import create_topics, drop_namespace, list_topics
+from services.common.admin import create_topics, drop_namespace, list_topics, partitions_for
 from services.common.auth import Role, TokenStore
 from services.common.settings import ServiceSettings
 
@@ -46,7 +46,7 @@ def topics_list() -> None:
     existing = list_topics(_bootstrap())
     for t in CATALOG:
         mark = "ok     " if t.name in existing else "MISSING"
-        typer.echo(f"{mark} {t.name:34} p={t.partitions} {t.description}")
+        typer.echo(f"{mark} {t.name:34} p={partitions_for(t)} {t.description}")
 
 
 @topics_cli.command("drop")

@@ -381,7 +381,9 @@ class Bench:
 
         if not o.overlap_startup:
             measure()  # on a machine where nothing of ours runs yet
-        topics = {t.name: t.partitions for t in CATALOG}
+        from services.common.admin import partitions_for
+
+        topics = {t.name: partitions_for(t) for t in CATALOG}
         meanwhile = measure if o.overlap_startup else None
         with services_running(self.env, self.var_dir / "logs", o, self.out_dir, meanwhile) as group:
             self.log("services up: " + ", ".join(f"{n} (pid {p.pid})" for n, p in group.procs.items()))
@@ -423,13 +425,15 @@ class Bench:
         return result
 
     def _driver(self) -> Driver:
+        from services.common.admin import partitions_for
+
         o = self.options
         return Driver(
             self.urls(),
             self.tokens(),
             o.bootstrap,
             LIFECYCLE.name,
-            lifecycle_partitions=LIFECYCLE.partitions,
+            lifecycle_partitions=partitions_for(LIFECYCLE),
             poll_s=o.poll_s,
             idle_poll_s=o.idle_poll_s,
             long_poll_s=o.long_poll_s,

@@ -26,7 +26,14 @@ from schemas import events as ev
 from .stats import percentile
 
 RAW_TOPIC_SUFFIX = "bench.raw"
-PARTITIONS = 6
+
+
+def raw_partitions() -> int:
+    """As many partitions as each topic of the loop is created with."""
+    from schemas.topics import INCIDENTS_REPORTED
+    from services.common.admin import partitions_for
+
+    return partitions_for(INCIDENTS_REPORTED)
 
 
 def sample_events() -> list[bytes]:
@@ -74,6 +81,7 @@ class RawResult:
     produce_per_s: float
     p50_ms: float | None
     p99_ms: float | None
+    partitions: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -88,22 +96,23 @@ def create_raw_topic(bootstrap: str, name: str) -> None:
     from services.common.admin import admin_client
 
     admin = admin_client(bootstrap)
+    partitions = raw_partitions()
     try:
         with contextlib.suppress(TopicAlreadyExistsError):
-            admin.create_topics([NewTopic(name, num_partitions=PARTITIONS, replication_factor=1)])
-        _wait_for_leaders(admin, name)
+            admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+        _wait_for_leaders(admin, name, partitions)
     finally:
         admin.close()
 
 
-def _wait_for_leaders(admin: Any, name: str, timeout_s: float = 60.0) -> None:
+def _wait_for_leaders(admin: Any, name: str, count: int, timeout_s: float = 60.0) -> None:
     """Until every partition of ``name`` has a leader: a broker just started answers the creation before its
     metadata lists the topic, and a measurement begun then spends its first seconds on retries."""
     deadline = time.monotonic() + timeout_s
     while True:
         described = admin.describe_topics([name])
         partitions = [p for t in described if t.get("error_code") == 0 for p in t.get("partitions", ())]
-        if len(partitions) == PARTITIONS and all(p.get("leader_id", -1) >= 0 for p in partitions):
+        if len(partitions) == count and all(p.get("leader_id", -1) >= 0 for p in partitions):
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"topic {name}: partitions without a leader after {timeout_s:.0f} s")
@@ -157,7 +166,7 @@ async def _consume(bootstrap: str, topic: str, idle_s: float, ready: Any, stop: 
         fetch_max_wait_ms=100,
     )
     await consumer.start()
-    parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    parts = [TopicPartition(topic, p) for p in range(raw_partitions())]
     consumer.assign(parts)
     await consumer.seek_to_beginning(*parts)
     ready.set()
@@ -224,4 +233,5 @@ def measure_raw(bootstrap: str, topic: str, *, seconds: float = 15.0, count: int
         produce_per_s=produced["produced"] / max(produced["finished"] - produced["started"], 1e-6),
         p50_ms=percentile(consumed["latencies"], 50),
         p99_ms=percentile(consumed["latencies"], 99),
+        partitions=raw_partitions(),
     )

@@ -94,7 +94,9 @@ def resources_table(peak: Mapping[str, float], best: StepRecord | None) -> Table
 def print_run(result: RunResult, console: Console) -> None:
     if result.raw:
         r = result.raw
-        raw = Table(title="raw Kafka limit (aiokafka, acks=all, idempotent, 6 partitions)", title_justify="left")
+        raw = Table(
+            title=f"raw Kafka limit (aiokafka, acks=all, idempotent, {r.partitions} partitions)", title_justify="left"
+        )
         for col in ("hops/s", "records", "bytes/record", "seconds", "produce/s", "hop p50/p99 ms at saturation"):
             raw.add_column(col, justify="right")
         raw.add_row(

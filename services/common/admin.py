@@ -36,6 +36,15 @@ def admin_client(bootstrap: str, timeout_s: float = 10.0) -> KafkaAdminClient:
     )
 
 
+def partitions_for(topic: Topic) -> int:
+    """How many partitions ``topic`` is created with: the catalog's count, or ``GRIDLOOP_TOPIC_PARTITIONS`` for the
+    topics of the loop (those keyed by incident id; the dead-letter topic keeps its one)."""
+    from .settings import ServiceSettings
+
+    wanted = ServiceSettings().topic_partitions
+    return wanted if wanted is not None and topic.key == "incident_id" else topic.partitions
+
+
 def create_topics(bootstrap: str, topics: Iterable[Topic] = CATALOG) -> list[str]:
     """Create missing topics; existing ones are left as they are. Returns the names created."""
     admin = admin_client(bootstrap)
@@ -49,7 +58,7 @@ def create_topics(bootstrap: str, topics: Iterable[Topic] = CATALOG) -> list[str
                     [
                         NewTopic(
                             topic.name,
-                            num_partitions=topic.partitions,
+                            num_partitions=partitions_for(topic),
                             replication_factor=1,
                             topic_configs=dict(topic.config),
                         )

@@ -56,6 +56,9 @@ class ServiceSettings(BaseSettings):
     long_poll_recheck_s: float | None = Field(default=None, ge=0, le=30)
     """How often a held long poll reads again without being woken (0: only when this process commits a change).
     Unset: every second where the service runs as several instances (``instance`` set), else 0."""
+    topic_partitions: int | None = Field(default=None, ge=1, le=1000)
+    """Partitions of each topic of the loop (not the dead-letter topic) when it is created; unset: the catalog's
+    count (2). A topic that exists keeps its count: records keyed to a partition stay there."""
     event_loop: Literal["uvloop", "aio"] = "uvloop"
     """The asyncio loop the worker (consumer, producer and API) runs on: uvloop, or the standard library's."""
     log_level: str = "info"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 
 import pytest
 
-from schemas.topics import CATALOG
+from schemas.topics import CATALOG, DEADLETTER, PARTITIONS
 from services.common.admin import create_topics, drop_namespace, list_topics, wait_for_topics
 from tests.kafka_support import NAMESPACES, fresh_namespace, require_broker
 
@@ -58,3 +59,24 @@ def _settled(bootstrap: str, done: Callable[[set[str]], bool], timeout_s: float 
 def test_the_towns_namespace_and_odd_names_are_refused(namespace: str) -> None:
     with pytest.raises(ValueError, match="not a throwaway namespace"):
         drop_namespace("127.0.0.1:1", namespace)
+
+
+@pytest.mark.parametrize("configured", [None, "3"])
+def test_the_loops_topics_get_the_configured_partitions_and_the_dead_letters_one(
+    monkeypatch: pytest.MonkeyPatch, configured: str | None
+) -> None:
+    bootstrap = require_broker()
+    if configured is not None:
+        monkeypatch.setenv("GRIDLOOP_TOPIC_PARTITIONS", configured)
+    ns = fresh_namespace("parts")
+    wait_for_topics(bootstrap, [f"{ns}.{t.suffix}" for t in CATALOG], timeout_s=30)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(read|open)_text is deprecated", category=DeprecationWarning)
+        from kafka import KafkaConsumer
+    c = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        counts = {t.suffix: len(c.partitions_for_topic(f"{ns}.{t.suffix}") or ()) for t in CATALOG}
+    finally:
+        c.close()
+    loop = int(configured) if configured else PARTITIONS
+    assert counts == {t.suffix: 1 if t is DEADLETTER else loop for t in CATALOG}

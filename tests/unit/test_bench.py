@@ -335,21 +335,20 @@ def _topic(leaders: list[int], error: int = 0) -> list[dict[str, object]]:
 
 
 def test_the_raw_measurement_waits_until_every_partition_has_a_leader() -> None:
-    from services.bench.raw import PARTITIONS, _wait_for_leaders
+    from services.bench.raw import _wait_for_leaders
 
-    admin = _Admin(
-        [_topic([], error=3), _topic([-1] * PARTITIONS), _topic([1] * (PARTITIONS - 1)), _topic([1] * PARTITIONS)]
-    )
-    _wait_for_leaders(admin, "t", timeout_s=10)
+    n = 3
+    admin = _Admin([_topic([], error=3), _topic([-1] * n), _topic([1] * (n - 1)), _topic([1] * n)])
+    _wait_for_leaders(admin, "t", n, timeout_s=10)
     assert admin.calls == 4
 
 
 def test_the_raw_measurement_gives_up_on_a_topic_that_never_gets_leaders() -> None:
-    from services.bench.raw import PARTITIONS, _wait_for_leaders
+    from services.bench.raw import _wait_for_leaders
 
-    admin = _Admin([_topic([-1] * PARTITIONS)])
+    admin = _Admin([_topic([-1] * 2)])
     with pytest.raises(RuntimeError, match="without a leader"):
-        _wait_for_leaders(admin, "t", timeout_s=0.3)
+        _wait_for_leaders(admin, "t", 2, timeout_s=0.3)
 
 
 # -- clean-up ----------------------------------------------------------------------------------------------

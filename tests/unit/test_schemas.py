@@ -107,3 +107,20 @@ def test_topic_names_follow_the_namespace(monkeypatch: pytest.MonkeyPatch) -> No
 def test_topic_catalog_is_exported() -> None:
     catalog = json.loads(rendered()["topics.json"])
     assert {t["name"].split(".", 1)[1] for t in catalog} == {t.suffix for t in CATALOG}
+
+
+def test_the_loops_topics_take_the_configured_partitions_the_dead_letters_keeps_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from schemas.topics import CATALOG, DEADLETTER, PARTITIONS
+    from services.bench.raw import raw_partitions
+    from services.common.admin import partitions_for
+
+    monkeypatch.delenv("GRIDLOOP_TOPIC_PARTITIONS", raising=False)
+    assert {t.suffix: partitions_for(t) for t in CATALOG} == {
+        t.suffix: 1 if t is DEADLETTER else PARTITIONS for t in CATALOG
+    }
+    assert PARTITIONS == 2 and raw_partitions() == 2
+    monkeypatch.setenv("GRIDLOOP_TOPIC_PARTITIONS", "6")
+    assert {t.suffix: partitions_for(t) for t in CATALOG} == {t.suffix: 1 if t is DEADLETTER else 6 for t in CATALOG}
+    assert raw_partitions() == 6  # the raw measurement follows the pipeline's topics
