@@ -81,6 +81,14 @@ def test_a_reports_merge_candidates_are_read_through_the_category_index(tmp_path
     assert "USING INDEX ix_dispatch_case_open_by_category (category_code=? AND status=? AND reported_at>?)" in plan
 
 
+def test_pending_extension_requests_are_read_through_an_index(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'dispatch.sqlite'}")
+    create_tables(engine, DISPATCH_TABLES)
+    plan = _plan(engine, dispatch.pending_extensions)
+    # not every work order ever dispatched, for the few with a request pending
+    assert "USING INDEX ix_dispatch_work_order_extension_pending" in plan
+
+
 def test_a_database_made_before_the_queue_index_gets_it_at_start_up(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'handling.sqlite'}")
     create_tables(engine, HANDLING_TABLES)
