@@ -151,21 +151,19 @@ def test_an_event_folded_after_a_later_one_does_not_step_the_status_back(engine:
     at = reported.occurred_at
     order = _dispatched(reported, at + timedelta(hours=24), occurred_at=at + timedelta(seconds=1))
     staff = Actor(kind=ActorKind.DEPARTMENT, id="staff", department="city_ops")
-    accepted = ev.WorkOrderAccepted.following(
-        order,
-        staff,
-        occurred_at=at + timedelta(seconds=2),
-        work_order_id=order.work_order_id,
-        department_code="city_ops",
-    )
-    handled = ev.WorkOrderHandled.following(
-        order,
-        staff,
-        occurred_at=at + timedelta(seconds=3),
-        work_order_id=order.work_order_id,
-        department_code="city_ops",
-        result="cleaned",
-    )
+
+    def answer(cls: type[Event], seconds: int, **kw: Any) -> Event:
+        return cls.following(
+            order,
+            staff,
+            occurred_at=at + timedelta(seconds=seconds),
+            work_order_id=order.work_order_id,
+            department_code="city_ops",
+            **kw,
+        )
+
+    accepted = answer(ev.WorkOrderAccepted, 2)
+    handled = answer(ev.WorkOrderHandled, 3, result="cleaned")
     for event in (reported, accepted, order):
         bus.handle(event)
     with UnitOfWork(engine) as uow:

@@ -215,19 +215,11 @@ def test_worker_starts_with_the_start_up_objects_frozen_out_of_the_collector(
     # Modules, models, compiled schemas: hundreds of thousands of objects that live as long as the process. Left to
     # the collector, each full collection walks them all — a pause of 150-330 ms in the middle of the stream.
     import gc
-    import sys
-
-    from services.common import admin
-    from services.common import runtime as runtime_module
 
     frozen_at_main: list[int] = []
-    monkeypatch.setattr(admin, "wait_for_topics", lambda *a, **k: None)
-    monkeypatch.setattr(runtime_module, "_require_free_port", lambda *a: None)
-    monkeypatch.setattr(runtime.app, "main", lambda: frozen_at_main.append(gc.get_freeze_count()))
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
     assert gc.get_freeze_count() == 0
     try:
-        runtime.run()
+        _start_worker(runtime, monkeypatch, lambda: frozen_at_main.append(gc.get_freeze_count()))
     finally:
         gc.unfreeze()
     assert len(frozen_at_main) == 1
@@ -242,9 +234,6 @@ def test_worker_runs_on_the_event_loop_asked(
 ) -> None:
     # faust reads --loop when it is first imported, long before a service starts its worker: the option alone left
     # every service on the standard library's loop whatever GRIDLOOP_EVENT_LOOP said
-    import sys
-
-    from services.common import admin
     from services.common import runtime as runtime_module
 
     if setting is not None:
@@ -257,9 +246,21 @@ def test_worker_runs_on_the_event_loop_asked(
         made.append(f"{type(loop).__module__}.{type(loop).__qualname__}")
         loop.close()
 
+    monkeypatch.setattr(runtime_module, "_freeze_startup_objects", lambda: None)
+    _start_worker(rt, monkeypatch, main)
+    assert made == [loop_type]
+
+
+def _start_worker(rt: Any, monkeypatch: pytest.MonkeyPatch, main: Any) -> None:
+    """``rt.run()`` up to the worker's start, which calls ``main`` instead: no broker wait, no port check; the
+    command line and the event loop policy it sets are put back afterwards."""
+    import sys
+
+    from services.common import admin
+    from services.common import runtime as runtime_module
+
     monkeypatch.setattr(admin, "wait_for_topics", lambda *a, **k: None)
     monkeypatch.setattr(runtime_module, "_require_free_port", lambda *a: None)
-    monkeypatch.setattr(runtime_module, "_freeze_startup_objects", lambda: None)
     monkeypatch.setattr(rt.app, "main", main)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     saved = asyncio.get_event_loop_policy()
@@ -267,7 +268,6 @@ def test_worker_runs_on_the_event_loop_asked(
         rt.run()
     finally:
         asyncio.set_event_loop_policy(saved)
-    assert made == [loop_type]
 
 
 @pytest.mark.parametrize("linger", [None, "5"])
