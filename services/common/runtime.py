@@ -31,6 +31,7 @@ from schemas import DecodeError, Event, decode_event, utcnow
 from schemas.topics import CATALOG, Topic, namespace
 
 from . import metrics
+from ._fetch import FetchingApp
 from .auth import Role, TokenStore, require
 from .bus import Handler, MessageBus, Preload
 from .changes import Changes
@@ -108,7 +109,7 @@ class Runtime:
 
     def _faust_app(self) -> faust.App:
         s = self.settings
-        app = faust.App(
+        app = FetchingApp(
             f"{namespace()}-{self.name}",
             broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",")],
             value_serializer="raw",
@@ -127,6 +128,7 @@ class Runtime:
             broker_credentials=_faust_credentials(s),
             Worker=_Worker,
         )
+        app.fetch = (s.fetch_min_bytes, s.fetch_max_wait_ms)
         if self.consumes:
             channel = app.topic(*(t.name for t in self.consumes), key_type=bytes, value_type=bytes)
 

@@ -47,6 +47,11 @@ class ServiceSettings(BaseSettings):
     batch_linger_s: float = Field(default=0.0, ge=0, le=5)
     """How long a consumer waits for more records when none is waiting (0: apply at once). Services where a
     little latency does not matter (read models) set it to batch more and spend less per record."""
+    fetch_min_bytes: int = Field(default=1, ge=1, le=64 * 1024 * 1024)
+    """How much the consumer's fetch asks the broker to wait for (1: answer as soon as one record is there)."""
+    fetch_max_wait_ms: int = Field(default=1500, ge=0, le=60_000)
+    """How long the broker may hold the consumer's fetch to gather ``fetch_min_bytes``. With the default minimum
+    only an idle stream waits this long; a read model sets both to fetch less often, in bigger batches."""
     retention_interval_s: float = Field(default=3600.0, gt=0)
     """How often published outbox records and idempotency marks past redelivery are pruned."""
     outbox_keep_s: float = Field(default=86_400.0, ge=0)

@@ -299,3 +299,43 @@ def test_an_instance_of_several_rechecks_its_held_long_polls(tmp_path: Path) -> 
     alone = build(DispatchSettings(var_dir=tmp_path, http_port=18105))
     paired = build(DispatchSettings(var_dir=tmp_path, http_port=18105, instance="b"))
     assert (alone.changes.recheck_s, paired.changes.recheck_s) == (0.0, 1.0)
+
+
+def _worker_consumer(rt: Any) -> Any:
+    """The aiokafka consumer the worker's consumer thread would start with (made, not connected)."""
+    consumer: Any = rt.app.consumer
+    return consumer._new_consumer_thread()._create_worker_consumer(rt.app.transport)
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, (1, 1500)), ({"GRIDLOOP_FETCH_MIN_BYTES": "65536"}, (65536, 1500))])
+async def test_the_worker_consumer_fetches_as_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: tuple[int, int]
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105))
+    consumer = _worker_consumer(rt)
+    try:
+        assert (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms) == expected
+    finally:
+        await consumer.stop()
+
+
+async def test_read_models_fetch_bigger_batches_than_the_loop(tmp_path: Path) -> None:
+    """intake and opscenter fold the lifecycle log: they ask the broker to gather records; dispatch does not."""
+    from services.intake.app import build as build_intake
+    from services.intake.settings import IntakeSettings
+    from services.opscenter.app import build as build_opscenter
+    from services.opscenter.settings import OpsCenterSettings
+
+    fetched = {}
+    for name, rt in (
+        ("dispatch", build(DispatchSettings(var_dir=tmp_path))),
+        ("intake", build_intake(IntakeSettings(var_dir=tmp_path))),
+        ("opscenter", build_opscenter(OpsCenterSettings(var_dir=tmp_path))),
+    ):
+        consumer = _worker_consumer(rt)
+        fetched[name] = consumer._fetch_min_bytes
+        await consumer.stop()
+    assert fetched["dispatch"] == 1
+    assert fetched["intake"] > 1 and fetched["opscenter"] > 1
