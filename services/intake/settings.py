@@ -12,6 +12,3 @@ class IntakeSettings(ServiceSettings):
     DEFAULT_HTTP_PORT: ClassVar[int] = 8101
     batch_linger_s: float = Field(default=0.25, ge=0, le=5)
     """It folds the lifecycle log into a view: up to 250 ms more for bigger batches (less CPU per record)."""
-    fetch_min_bytes: int = Field(default=256 * 1024, ge=1, le=64 * 1024 * 1024)
-    fetch_max_wait_ms: int = Field(default=250, ge=0, le=60_000)
-    """And it asks the broker for the log a quarter of a second at a time, not a record at a time."""

@@ -14,4 +14,6 @@ class OpsCenterSettings(ServiceSettings):
     """It folds the lifecycle log into a view: up to 250 ms more for bigger batches (less CPU per record)."""
     fetch_min_bytes: int = Field(default=256 * 1024, ge=1, le=64 * 1024 * 1024)
     fetch_max_wait_ms: int = Field(default=250, ge=0, le=60_000)
-    """And it asks the broker for the log a quarter of a second at a time, not a record at a time."""
+    """And it asks the broker for the log a quarter of a second at a time, not a record at a time. (intake, which
+    folds the same log, does not: its batches would then hold its loop long enough to delay the reports it
+    answers and publishes.)"""
