@@ -10,11 +10,9 @@ from services.common.settings import ServiceSettings
 class DispatchSettings(ServiceSettings):
     SERVICE: ClassVar[str] = "dispatch"
     DEFAULT_HTTP_PORT: ClassVar[int] = 8105
-    kafka_linger_ms: int = Field(default=20, ge=0, le=1000)
-    """dispatch is the loop's hub (every report, answer and outcome passes through it), and it sends what its
-    consumer applied, not what a caller waits for (only the center's rare extension decisions wait 20 ms longer):
-    it holds its records 20 ms, its consumer meanwhile gathers what arrives into the next batch, and it pays a
-    transaction and a send per batch rather than per record or two."""
+    batch_linger_s: float = Field(default=0.02, ge=0, le=5)
+    """dispatch is the loop's hub (every report, answer and outcome passes through it): it waits 20 ms for more
+    records when none is waiting, and pays a transaction and a send per batch rather than per record or two."""
 
     merge_distance_m: float = Field(default=50.0, ge=0)
     """Reports of the same category closer than this to an open case are merged into it."""

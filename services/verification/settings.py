@@ -11,5 +11,5 @@ class VerificationSettings(ServiceSettings):
     SERVICE: ClassVar[str] = "verification"
     DEFAULT_HTTP_PORT: ClassVar[int] = 8103
     batch_linger_s: float = Field(default=0.02, ge=0, le=5)
-    """Verification tasks come from dispatch in bursts (one send every 20 ms or so): 20 ms more for the rest of a
-    burst, applied in one transaction."""
+    """Verification tasks come from dispatch in bursts (a batch at a time): 20 ms more for the rest of a burst,
+    applied in one transaction."""
