@@ -13,7 +13,7 @@ from schemas import Actor, ActorKind, Event, Location
 from schemas import events as ev
 from services.common.auth import Principal, Role
 from services.common.db import UnitOfWork, as_utc
-from services.common.errors import Forbidden, NotFound, Rejected, UnknownIncident
+from services.common.errors import Forbidden, NotFound, Rejected, Unavailable, UnknownIncident
 
 from .models import IncidentPublic, IntakeIncident, IntakeTransition, ReportAccepted, ReportCreate, TransitionPublic
 
@@ -42,7 +42,14 @@ _FINAL = {"closed", "rejected", "merged"}
 
 
 def new_incident_id(now: datetime) -> str:
-    return f"GL{now:%Y%m%d}-{secrets.token_hex(4).upper()}"
+    """The case number: the day and 48 random bits (``GL20261125-3F2A9C1B07D4``). Two reports drawing the same
+    number is unlikely (about one in 560 for a day of a million reports), and :func:`report_incident` draws again
+    when it happens."""
+    return f"GL{now:%Y%m%d}-{secrets.token_hex(6).upper()}"
+
+
+_ID_DRAWS = 5
+"""How many case numbers a report tries before giving up (each one taken already)."""
 
 
 def _same_report(row: IntakeIncident, cmd: ReportCreate) -> bool:
@@ -92,37 +99,41 @@ def report_incident(cmd: ReportCreate, uow: UnitOfWork, actor: Actor | None = No
         return _duplicate(existing, cmd)
 
     now = uow.now()
-    incident_id = new_incident_id(now)
-    event = ev.IncidentReported(
-        incident_id=incident_id,
-        occurred_at=now,
-        actor=actor or Actor(kind=_REPORTER_KIND[cmd.source], id=cmd.reporter_id),
-        correlation_id=incident_id,
-        source=cmd.source,
-        category_code=cmd.category_code,
-        location=Location(lat=cmd.lat, lon=cmd.lon, address=cmd.address),
-        description=cmd.description,
-        photo_urls=cmd.photo_urls,
-        reporter_id=cmd.reporter_id,
-        client_report_id=cmd.client_report_id,
-        severity=cmd.severity,
-        handled_on_spot=cmd.handled_on_spot,
-        evidence_urls=cmd.evidence_urls,
-    )
-    uow.session.add(_row_from_report(event))
-    uow.emit(event)
-    try:
-        uow.commit()
-    except IntegrityError:
-        # Another intake instance on the same database committed this client_report_id between our lookup and
-        # our commit: the unique constraint kept one row; answer as for any retry, with that incident.
-        uow.session.rollback()
-        uow.emitted.remove(event)
-        winner = _find_report(uow, cmd.reporter_id, cmd.client_report_id)
-        if winner is None:
-            raise
-        return _duplicate(winner, cmd)
-    return ReportAccepted(incident_id=incident_id, status="reported")
+    for _ in range(_ID_DRAWS):
+        incident_id = new_incident_id(now)
+        event = ev.IncidentReported(
+            incident_id=incident_id,
+            occurred_at=now,
+            actor=actor or Actor(kind=_REPORTER_KIND[cmd.source], id=cmd.reporter_id),
+            correlation_id=incident_id,
+            source=cmd.source,
+            category_code=cmd.category_code,
+            location=Location(lat=cmd.lat, lon=cmd.lon, address=cmd.address),
+            description=cmd.description,
+            photo_urls=cmd.photo_urls,
+            reporter_id=cmd.reporter_id,
+            client_report_id=cmd.client_report_id,
+            severity=cmd.severity,
+            handled_on_spot=cmd.handled_on_spot,
+            evidence_urls=cmd.evidence_urls,
+        )
+        uow.session.add(_row_from_report(event))
+        uow.emit(event)
+        try:
+            uow.commit()
+        except IntegrityError:
+            uow.session.rollback()
+            uow.emitted.remove(event)
+            # Another intake instance on the same database committed this client_report_id between our lookup
+            # and our commit: the unique constraint kept one row; answer as for any retry, with that incident.
+            winner = _find_report(uow, cmd.reporter_id, cmd.client_report_id)
+            if winner is not None:
+                return _duplicate(winner, cmd)
+            if uow.session.get(IntakeIncident, incident_id) is None:
+                raise
+            continue  # the case number was taken by another report: draw another
+        return ReportAccepted(incident_id=incident_id, status="reported")
+    raise Unavailable(f"no free case number in {_ID_DRAWS} draws; retry")
 
 
 def _duplicate(existing: IntakeIncident, cmd: ReportCreate) -> ReportAccepted:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -237,3 +238,27 @@ def test_a_concurrent_different_report_with_the_same_id_is_refused(
         handlers.report_incident(_cmd(), uow)
     assert raced
     assert len(_outbox(engine)) == 1
+
+
+def test_a_case_number_is_the_day_and_48_random_bits(clock: FakeClock) -> None:
+    ids = {handlers.new_incident_id(clock()) for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(re.fullmatch(rf"GL{clock():%Y%m%d}-[0-9A-F]{{12}}", i) for i in ids)
+
+
+def test_a_case_number_already_taken_is_drawn_again(
+    engine: Engine, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Case numbers are random: a report that draws one another report holds draws again (it failed before)."""
+    with UnitOfWork(engine, clock=clock) as uow:
+        first = handlers.report_incident(_cmd(), uow)
+    draws = iter([first.incident_id, "GL20260601-000000000001"])
+    monkeypatch.setattr(handlers, "new_incident_id", lambda now: next(draws))
+    with UnitOfWork(engine, clock=clock) as uow:
+        second = handlers.report_incident(_cmd(client_report_id="r-2", description="另一处垃圾"), uow)
+        assert [e.incident_id for e in uow.emitted] == ["GL20260601-000000000001"]
+    assert second.incident_id == "GL20260601-000000000001" and not second.duplicate
+    assert [decode_event(r.payload).incident_id for r in _outbox(engine)] == [first.incident_id, second.incident_id]
+    with UnitOfWork(engine) as uow:
+        assert handlers.get_incident(first.incident_id, uow).description == "垃圾"  # the first report untouched
+        assert handlers.get_incident(second.incident_id, uow).description == "另一处垃圾"

@@ -338,7 +338,7 @@
     return id;
   }
 
-  // GL20261124-8133C4B9-1 -> 8133C4B9-1: the day is on screen already
+  // GL20261124-8133C4B907D4-1 -> 8133C4B907D4-1: the day is on screen already
   function shortId(id) {
     var m = /^[A-Z]{1,4}\d{8}-(.+)$/.exec(id);
     return m ? m[1] : id.length > 14 ? "\u2026" + id.slice(-13) : id;
