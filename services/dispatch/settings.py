@@ -10,9 +10,6 @@ from services.common.settings import ServiceSettings
 class DispatchSettings(ServiceSettings):
     SERVICE: ClassVar[str] = "dispatch"
     DEFAULT_HTTP_PORT: ClassVar[int] = 8105
-    batch_linger_s: float = Field(default=0.02, ge=0, le=5)
-    """dispatch is the loop's hub (every report, answer and outcome passes through it): it waits 20 ms for more
-    records when none is waiting, and pays a transaction and a send per batch rather than per record or two."""
 
     merge_distance_m: float = Field(default=50.0, ge=0)
     """Reports of the same category closer than this to an open case are merged into it."""

@@ -11,9 +11,6 @@ from services.common.settings import ServiceSettings
 class HandlingSettings(ServiceSettings):
     SERVICE: ClassVar[str] = "handling"
     DEFAULT_HTTP_PORT: ClassVar[int] = 8102
-    batch_linger_s: float = Field(default=0.02, ge=0, le=5)
-    """Work orders come from dispatch in bursts (a batch at a time): 20 ms more for the rest of a burst, applied in
-    one transaction."""
 
     webhooks: dict[str, str] = Field(default_factory=dict)
     """Department code → URL that gets every new work order and rework of that department pushed (POST, JSON).
