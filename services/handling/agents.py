@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 CONSUMES = (WORKORDERS, INCIDENTS_CLOSED)
 
+PRELOAD = handlers.preload
+
 WEBHOOK_ATTEMPTS = Counter(
     "gridloop_webhook_attempts_total", "Webhook delivery attempts to departments' systems, by outcome.", ["outcome"]
 )

@@ -10,7 +10,7 @@ webhook: a delivery row is written in the same unit of work and sent later by th
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -50,7 +50,7 @@ WORK_ORDERS = "work-orders"
 
 def _known_order(uow: UnitOfWork, work_order_id: str, incident_id: str) -> HandlingWorkOrder:
     """The work order an event from the center names; one this service never received is a poison message."""
-    order = uow.session.get(HandlingWorkOrder, work_order_id)
+    order = uow.get(HandlingWorkOrder, work_order_id)
     if order is None or order.incident_id != incident_id:
         raise UnknownIncident(f"no work order {work_order_id} for incident {incident_id}")
     return order
@@ -85,7 +85,7 @@ def _queue_webhook(uow: UnitOfWork, policy: HandlingSettings, order: HandlingWor
 
 def receive_work_order(dispatched: ev.WorkOrderDispatched, uow: UnitOfWork, policy: HandlingSettings) -> None:
     """派遣: a new work order lands in the department's queue; one already known changes nothing."""
-    if uow.session.get(HandlingWorkOrder, dispatched.work_order_id) is not None:
+    if uow.get(HandlingWorkOrder, dispatched.work_order_id) is not None:
         return
     loc = dispatched.location
     order = HandlingWorkOrder(
@@ -108,7 +108,7 @@ def receive_work_order(dispatched: ev.WorkOrderDispatched, uow: UnitOfWork, poli
         deadline=dispatched.deadline,
         dispatched_at=dispatched.occurred_at,
     )
-    uow.session.add(order)
+    uow.add(order)
     uow.touch(*keys_for(WORK_ORDERS, order.department_code))
     _queue_webhook(uow, policy, order, dispatched)
 
@@ -140,13 +140,9 @@ def refuse_extension(refused: ev.ExtensionRefused, uow: UnitOfWork, policy: Hand
 
 def close_work_orders(closed: ev.IncidentClosed, uow: UnitOfWork, policy: HandlingSettings) -> None:
     """结案: the incident's handled work orders are closed. An incident fixed on the spot had none: nothing to do."""
-    orders = uow.session.exec(
-        select(HandlingWorkOrder).where(
-            HandlingWorkOrder.incident_id == closed.incident_id, HandlingWorkOrder.status == OrderStatus.HANDLED
-        )
-    ).all()
-    for order in orders:
-        order.status = OrderStatus.CLOSED
+    for order in uow.rows_by(HandlingWorkOrder, "incident_id", closed.incident_id):
+        if order.status == OrderStatus.HANDLED:
+            order.status = OrderStatus.CLOSED
 
 
 # -- commands from department staff -----------------------------------------------------------------------
@@ -433,6 +429,12 @@ def record_webhook_attempt(delivery_id: int, error: str | None, uow: UnitOfWork,
             row.next_attempt_at = now + webhook_backoff(row.attempts, policy)
     uow.commit()
     return row.status
+
+
+def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
+    """A batch's work orders read in two queries, rather than one or two per event."""
+    uow.load(HandlingWorkOrder, (w for e in events if (w := getattr(e, "work_order_id", None))))
+    uow.load_by(HandlingWorkOrder, "incident_id", (e.incident_id for e in events if isinstance(e, ev.IncidentClosed)))
 
 
 def bind(policy: HandlingSettings) -> Mapping[type[Event], Callable[[Any, UnitOfWork], None]]:

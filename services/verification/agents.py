@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from schemas.topics import VERIFICATION
 
-from .handlers import HANDLERS
+from .handlers import HANDLERS, preload
+
+PRELOAD = preload
 
 CONSUMES = (VERIFICATION,)
 
-__all__ = ["CONSUMES", "HANDLERS"]
+__all__ = ["CONSUMES", "HANDLERS", "PRELOAD"]

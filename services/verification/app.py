@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from services.common.runtime import Runtime
 
-from .agents import CONSUMES, HANDLERS
+from .agents import CONSUMES, HANDLERS, PRELOAD
 from .api import build_api
 from .models import TABLES
 from .settings import VerificationSettings
 
 
 def build(settings: VerificationSettings | None = None) -> Runtime:
-    runtime = Runtime(settings or VerificationSettings(), TABLES, HANDLERS, consumes=CONSUMES)
+    runtime = Runtime(settings or VerificationSettings(), TABLES, HANDLERS, consumes=CONSUMES, preload=PRELOAD)
     runtime.serve(build_api(runtime))
     return runtime

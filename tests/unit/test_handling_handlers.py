@@ -61,7 +61,7 @@ class World:
     def __init__(self, engine: Engine, policy: HandlingSettings, clock: Clock) -> None:
         self.engine, self.policy, self.clock = engine, policy, clock
         self.changes = Changes()
-        self.bus = MessageBus(self.uow, handlers.bind(policy))
+        self.bus = MessageBus(self.uow, handlers.bind(policy), handlers.preload)  # as the service has it
 
     def uow(self) -> UnitOfWork:
         return UnitOfWork(self.engine, clock=self.clock, on_commit=self.changes.notify)
@@ -288,6 +288,51 @@ def test_closure_touches_only_handled_work_orders(world: World) -> None:
         )
     )
     assert (world.order("GL-1-1").status, world.order("GL-1-2").status) == ("returned", "closed")
+
+
+def _closed(incident_id: str = "GL-1") -> Event:
+    return ev.IncidentClosed(
+        incident_id=incident_id,
+        actor=_center(),
+        correlation_id=f"corr-{incident_id}",
+        category_code="exposed_garbage",
+        grid_id="gh06",
+        departments=["civic_creation"],
+        reported_at=T0,
+        deadline=None,
+        on_time=True,
+        rework_count=0,
+        return_count=0,
+    )
+
+
+def test_a_batch_reads_its_work_orders_at_once_and_applies_as_one_at_a_time_would(world: World) -> None:
+    """One batch: a work order dispatched twice (a new event id), another's rework, and two closures — one of an
+    incident whose order is handled, one of an incident whose order this same batch dispatched."""
+    first = dispatched("GL-1-1")
+    world.bus.handle(first)
+    world.bus.handle(dispatched("GL-2-1", incident_id="GL-2"))
+    world.act(handlers.accept_work_order, accept(), "GL-2-1")
+    world.act(handlers.handle_work_order, handle(), "GL-2-1")
+    fresh = dispatched("GL-3-1", incident_id="GL-3")
+    batch = [
+        reworked(first, T0 + timedelta(hours=30)),
+        fresh,
+        dispatched("GL-3-1", incident_id="GL-3", department="env_rectification"),  # same order, new event id
+        _closed("GL-2"),
+        _closed("GL-3"),
+    ]
+    assert world.bus.handle_batch(batch) == []
+    assert (world.order("GL-1-1").status, world.order("GL-1-1").rework_count) == ("rework", 1)
+    assert world.order("GL-2-1").status == "closed"
+    o = world.order("GL-3-1")
+    assert (o.status, o.department_code) == ("dispatched", "city_ops")  # not handled: closure leaves it
+    assert [(d.work_order_id, d.event_type) for d in world.deliveries()] == [
+        ("GL-1-1", "WorkOrderDispatched"),
+        ("GL-2-1", "WorkOrderDispatched"),
+        ("GL-1-1", "IncidentReworked"),
+        ("GL-3-1", "WorkOrderDispatched"),  # once: the repeat changed nothing
+    ]
 
 
 def test_closure_of_an_incident_without_work_orders_is_not_an_error(world: World) -> None:

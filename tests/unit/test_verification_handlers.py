@@ -17,7 +17,7 @@ from services.common.bus import MessageBus
 from services.common.db import UnitOfWork, create_tables, make_engine
 from services.common.errors import Forbidden, NotFound, PoisonMessage, Rejected
 from services.verification import handlers
-from services.verification.handlers import HANDLERS
+from services.verification.agents import HANDLERS, PRELOAD
 from services.verification.models import TABLES, FailRequest, PassRequest, TaskStatus, VerificationTask
 
 T0 = datetime(2024, 5, 6, 9, 0, tzinfo=UTC)
@@ -33,7 +33,7 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 
 @pytest.fixture
 def bus(engine: Engine) -> MessageBus:
-    return MessageBus(lambda: UnitOfWork(engine), HANDLERS)
+    return MessageBus(lambda: UnitOfWork(engine), HANDLERS, PRELOAD)  # as the service has it
 
 
 def requested(verification_id: str = "GL20240506-AB12CD34-v1", **fields: Any) -> ev.VerificationRequested:
@@ -108,6 +108,23 @@ def test_redelivered_request_changes_nothing(engine: Engine, bus: MessageBus) ->
         tasks = handlers.list_verifications(uow)
     assert len(tasks) == 1
     assert (tasks[0].description, tasks[0].worker_id) == ("garbage by the gate", "w-gh01-2")
+
+
+def test_a_batch_reads_its_tasks_at_once_and_applies_as_one_at_a_time_would(engine: Engine, bus: MessageBus) -> None:
+    """One batch: a task already open asked for again, a new one, and the new one repeated under another event id."""
+    bus.handle(requested())
+    batch = [
+        requested(description="something else"),
+        requested("GL20240506-AB12CD34-v2", round=2),
+        requested("GL20240506-AB12CD34-v2", round=2, worker_id="w-gh01-1"),
+    ]
+    assert bus.handle_batch(batch) == []
+    with UnitOfWork(engine) as uow:
+        tasks = handlers.list_verifications(uow)
+    assert [(t.verification_id, t.description, t.worker_id) for t in tasks] == [
+        ("GL20240506-AB12CD34-v1", "garbage by the gate", "w-gh01-2"),
+        ("GL20240506-AB12CD34-v2", "garbage by the gate", "w-gh01-2"),
+    ]
 
 
 def test_request_for_an_already_decided_task_does_not_reopen_it(engine: Engine, bus: MessageBus) -> None:
