@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import col, select
 
 from schemas import Actor, ActorKind, Event, encode_event
@@ -158,32 +159,42 @@ def _order_for(uow: UnitOfWork, work_order_id: str, cmd: DepartmentCommand) -> t
 
 
 _ORDER: sa.Table = HandlingWorkOrder.__table__  # type: ignore[attr-defined]
-_TAKE = (
-    sa.update(_ORDER)
-    .where(
-        _ORDER.c.work_order_id == sa.bindparam("id"),
-        _ORDER.c.status == sa.bindparam("was"),
-        _ORDER.c.extension_status == sa.bindparam("was_extension"),
+
+
+@functools.cache
+def _take_statement(columns: tuple[str, ...]) -> Any:
+    """The compare-and-set of :func:`_take` writing ``columns``, built once per action (it runs per action)."""
+    return (
+        sa.update(_ORDER)
+        .where(
+            _ORDER.c.work_order_id == sa.bindparam("id"),
+            _ORDER.c.status == sa.bindparam("was"),
+            _ORDER.c.extension_status == sa.bindparam("was_extension"),
+        )
+        .values({column: sa.bindparam(f"new_{column}") for column in columns})
     )
-    .values(status=_ORDER.c.status)
-)
-"""The compare-and-set of :func:`_require`, built once (it runs per department action)."""
 
 
-def _require(uow: UnitOfWork, order: HandlingWorkOrder, allowed: tuple[str, ...], action: str) -> None:
-    """The order must be in one of ``allowed`` states — and still as it was read when this unit of work writes it.
+def _require(order: HandlingWorkOrder, allowed: tuple[str, ...], action: str) -> None:
+    """The order must be in one of ``allowed`` states for ``action``."""
+    if order.status not in allowed:
+        raise Rejected(f"work order {order.work_order_id} is {order.status}; {action} needs it {' or '.join(allowed)}")
+
+
+def _take(uow: UnitOfWork, order: HandlingWorkOrder, action: str, **changes: Any) -> None:
+    """Write ``changes`` to the order — if it is still as it was read when this unit of work writes it.
 
     Two instances of handling share one database: two requests for the same order (a client retrying on the other
     instance while the first try is still served, two staff at once) both read it, say, ``dispatched``. The
-    compare-and-set takes the row for this transaction only if no one changed it since; of the two, one applies
-    and the other is refused (409) as if it had come second."""
-    if order.status not in allowed:
-        raise Rejected(f"work order {order.work_order_id} is {order.status}; {action} needs it {' or '.join(allowed)}")
-    taken = uow.session.connection().execute(
-        _TAKE, {"id": order.work_order_id, "was": order.status, "was_extension": order.extension_status}
-    )
-    if taken.rowcount != 1:
+    compare-and-set changes the row only if no one changed it since; of the two, one applies and the other is
+    refused (409) as if it had come second. One statement, not a check and then the ORM's own update."""
+    columns = tuple(sorted(changes))
+    params = {f"new_{column}": changes[column] for column in columns}
+    params.update(id=order.work_order_id, was=order.status, was_extension=order.extension_status)
+    if uow.session.connection().execute(_take_statement(columns), params).rowcount != 1:
         raise Rejected(f"work order {order.work_order_id} was changed meanwhile; {action} refused")
+    for column, value in changes.items():  # the object says what the row now holds, with nothing left to flush
+        set_committed_value(order, column, value)
 
 
 def _common(order: HandlingWorkOrder, actor: Actor, uow: UnitOfWork) -> dict[str, Any]:
@@ -200,8 +211,8 @@ def _common(order: HandlingWorkOrder, actor: Actor, uow: UnitOfWork) -> dict[str
 def accept_work_order(work_order_id: str, cmd: AcceptWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
     """签收: dispatched → accepted."""
     order, actor = _order_for(uow, work_order_id, cmd)
-    _require(uow, order, (OrderStatus.DISPATCHED,), "accepting")
-    order.status, order.accepted_at = OrderStatus.ACCEPTED, uow.now()
+    _require(order, (OrderStatus.DISPATCHED,), "accepting")
+    _take(uow, order, "accepting", status=OrderStatus.ACCEPTED, accepted_at=uow.now())
     uow.emit(ev.WorkOrderAccepted(**_common(order, actor, uow)))
     uow.commit()
     return WorkOrderAction(work_order_id=work_order_id, status=order.status)
@@ -210,8 +221,8 @@ def accept_work_order(work_order_id: str, cmd: AcceptWorkOrder, uow: UnitOfWork)
 def return_work_order(work_order_id: str, cmd: ReturnWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
     """退回: dispatched or accepted → returned; the center routes the work elsewhere."""
     order, actor = _order_for(uow, work_order_id, cmd)
-    _require(uow, order, (OrderStatus.DISPATCHED, OrderStatus.ACCEPTED), "returning")
-    order.status = OrderStatus.RETURNED
+    _require(order, (OrderStatus.DISPATCHED, OrderStatus.ACCEPTED), "returning")
+    _take(uow, order, "returning", status=OrderStatus.RETURNED)
     uow.emit(ev.WorkOrderReturned(**_common(order, actor, uow), reason=cmd.reason))
     uow.commit()
     return WorkOrderAction(work_order_id=work_order_id, status=order.status)
@@ -220,7 +231,7 @@ def return_work_order(work_order_id: str, cmd: ReturnWorkOrder, uow: UnitOfWork)
 def request_extension(work_order_id: str, cmd: RequestExtension, uow: UnitOfWork) -> WorkOrderAction:
     """延期: from accepted or rework, one request at a time, for a deadline later than the current one."""
     order, actor = _order_for(uow, work_order_id, cmd)
-    _require(uow, order, (OrderStatus.ACCEPTED, OrderStatus.REWORK), "asking for an extension")
+    _require(order, (OrderStatus.ACCEPTED, OrderStatus.REWORK), "asking for an extension")
     if order.extension_status == ExtensionStatus.REQUESTED:
         raise Rejected(f"work order {work_order_id} already has an extension request pending")
     deadline = as_utc(order.deadline)
@@ -231,7 +242,13 @@ def request_extension(work_order_id: str, cmd: RequestExtension, uow: UnitOfWork
         )
     if cmd.requested_deadline <= uow.now():
         raise Rejected(f"requested deadline {cmd.requested_deadline.isoformat()} is already past")
-    order.extension_status, order.requested_deadline = ExtensionStatus.REQUESTED, cmd.requested_deadline
+    _take(
+        uow,
+        order,
+        "asking for an extension",
+        extension_status=ExtensionStatus.REQUESTED,
+        requested_deadline=cmd.requested_deadline,
+    )
     uow.emit(
         ev.ExtensionRequested(
             **_common(order, actor, uow), requested_deadline=cmd.requested_deadline, reason=cmd.reason
@@ -244,12 +261,16 @@ def request_extension(work_order_id: str, cmd: RequestExtension, uow: UnitOfWork
 def handle_work_order(work_order_id: str, cmd: HandleWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
     """处置: accepted or rework → handled, with the result and evidence for the verifier."""
     order, actor = _order_for(uow, work_order_id, cmd)
-    _require(uow, order, (OrderStatus.ACCEPTED, OrderStatus.REWORK), "handling")
-    order.status, order.handled_at = OrderStatus.HANDLED, uow.now()
+    _require(order, (OrderStatus.ACCEPTED, OrderStatus.REWORK), "handling")
+    changes: dict[str, Any] = dict(
+        status=OrderStatus.HANDLED,
+        handled_at=uow.now(),
+        result=cmd.result,
+        evidence_urls=" ".join(str(u) for u in cmd.evidence_urls),
+    )
     if order.extension_status == ExtensionStatus.REQUESTED:  # done in time after all: the request lapses
-        order.extension_status, order.requested_deadline = ExtensionStatus.NONE, None
-    order.result = cmd.result
-    order.evidence_urls = " ".join(str(u) for u in cmd.evidence_urls)
+        changes.update(extension_status=ExtensionStatus.NONE, requested_deadline=None)
+    _take(uow, order, "handling", **changes)
     uow.emit(ev.WorkOrderHandled(**_common(order, actor, uow), result=cmd.result, evidence_urls=cmd.evidence_urls))
     uow.commit()
     return WorkOrderAction(work_order_id=work_order_id, status=order.status)
