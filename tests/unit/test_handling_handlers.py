@@ -801,14 +801,23 @@ async def _api_calls(client: httpx.AsyncClient) -> None:
     assert (await client.get("/webhook-deliveries", params={"status": "lost"})).status_code == 422
 
 
-def test_of_two_actions_on_one_order_at_once_the_later_is_refused(world: World) -> None:
+def test_of_two_actions_on_one_order_at_once_the_later_is_refused(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # two instances of handling on one database: both read the order dispatched; the return lands first, so the
     # accept finds the order changed and neither changes it nor emits anything
     world.bus.handle(dispatched())
-    with world.uow() as late:
-        seen = late.session.get(HandlingWorkOrder, "GL-1-1")  # held: the identity map keeps weak references
-        assert seen is not None and seen.status == OrderStatus.DISPATCHED
+    read = handlers._order_for
+
+    def read_then_lose_the_race(*args: Any) -> Any:
+        order, actor = read(*args)
+        assert order.status == OrderStatus.DISPATCHED
+        monkeypatch.setattr(handlers, "_order_for", read)  # the other instance reads for real
         assert world.act(handlers.return_work_order, returned()) == OrderStatus.RETURNED
+        return order, actor
+
+    monkeypatch.setattr(handlers, "_order_for", read_then_lose_the_race)
+    with world.uow() as late:
         with pytest.raises(Rejected, match="changed meanwhile"):
             handlers.accept_work_order("GL-1-1", accept(), late)
         assert late.emitted == []

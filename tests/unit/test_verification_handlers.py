@@ -18,7 +18,7 @@ from services.common.db import UnitOfWork, create_tables, make_engine
 from services.common.errors import Forbidden, NotFound, PoisonMessage, Rejected
 from services.verification import handlers
 from services.verification.agents import HANDLERS, PRELOAD
-from services.verification.models import TABLES, FailRequest, PassRequest, TaskStatus, VerificationTask
+from services.verification.models import TABLES, FailRequest, PassRequest, TaskStatus
 
 T0 = datetime(2024, 5, 6, 9, 0, tzinfo=UTC)
 
@@ -332,15 +332,24 @@ def test_a_new_task_wakes_whoever_waits_on_its_grid_once_committed(engine: Engin
     assert len(woken) == 1
 
 
-def test_of_two_workers_deciding_at_once_the_later_is_refused(engine: Engine, bus: MessageBus) -> None:
+def test_of_two_workers_deciding_at_once_the_later_is_refused(
+    engine: Engine, bus: MessageBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # both read the task pending (two instances of verification on one database); the first decision lands, the
     # second finds the row no longer pending and changes nothing
     bus.handle(requested("V-1"))
-    with UnitOfWork(engine) as late:
-        seen = late.session.get(VerificationTask, "V-1")  # read while still pending (and held: the session's
-        assert seen is not None and seen.status == TaskStatus.PENDING  # identity map keeps only weak references)
+    read = handlers._task_for
+
+    def read_then_lose_the_race(uow: UnitOfWork, verification_id: str) -> Any:
+        seen = read(uow, verification_id)
+        assert seen is not None and seen.status == TaskStatus.PENDING
+        monkeypatch.setattr(handlers, "_task_for", read)  # the other worker's decision reads for real
         decided, _ = decide_fail(engine, "V-1", "w-gh01-1", "still there")
         assert decided.status == TaskStatus.FAILED
+        return seen
+
+    monkeypatch.setattr(handlers, "_task_for", read_then_lose_the_race)
+    with UnitOfWork(engine) as late:
         with pytest.raises(Rejected, match="decided meanwhile"):
             handlers.pass_verification("V-1", PassRequest(worker_id="w-gh01-2"), late)
         assert late.emitted == []
