@@ -60,7 +60,7 @@ def run(
         f"{r:g}" for r in DEFAULT_RATES
     ),
     step_s: Annotated[float, typer.Option(min=1.0, help="Seconds per step.")] = 60.0,
-    refine: Annotated[int, typer.Option(min=0, help="Bisections past the last sustained rate.")] = 2,
+    refine: Annotated[int, typer.Option(min=0, help="Bisections past the last sustained rate.")] = 3,
     raw_s: Annotated[float, typer.Option(min=0.0, help="Seconds of the raw Kafka measurement (0: skip).")] = 15.0,
     raw_count: Annotated[int, typer.Option(min=0, help="Produce exactly this many raw records instead.")] = 0,
     smoke: Annotated[bool, typer.Option(help="Tiny steps, to try the benchmark in about a minute.")] = False,

@@ -145,6 +145,19 @@ def test_ramp_bisects_repeatedly() -> None:
     assert stats.next_rate(tried, ladder, refine=2) is None
 
 
+def test_the_default_search_finds_the_rate_within_an_eighth_of_the_failed_step() -> None:
+    from services.bench.harness import Options
+
+    o = Options()
+    tried = {r: True for r in o.rates if r <= 128}
+    tried[256.0] = False
+    walk = []
+    while (rate := stats.next_rate(tried, o.rates, o.refine)) is not None:
+        walk.append(rate)
+        tried[rate] = rate < 180  # a loop that sustains 176/s and not 192/s
+    assert walk == [192.0, 160.0, 176.0]  # two bisections would have stopped at 160
+
+
 # -- hops -----------------------------------------------------------------------------------------------------
 
 
