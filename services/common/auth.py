@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import Annotated
 
 import sqlalchemy as sa
-from fastapi import Depends, Header, Query
+from fastapi import Header, Query
 from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -179,36 +179,44 @@ class TokenStore:
         return principal
 
 
+def _principal(store: TokenStore, authorization: str | None, api_key: str | None) -> Principal:
+    token = None
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise Unauthenticated("Authorization must be 'Bearer <token>'")
+        token = value.strip()
+    elif api_key:
+        token = api_key
+    if not token:
+        raise Unauthenticated("a token is required: Authorization: Bearer <token>")
+    principal = store.check(token)
+    if principal is None:
+        raise Unauthenticated("unknown or revoked token")
+    return principal
+
+
+Authorization = Annotated[str | None, Header(description="Bearer <token>")]
+ApiKey = Annotated[str | None, Query(include_in_schema=False)]
+
+
 def authenticator(store: TokenStore) -> Callable[..., Awaitable[Principal]]:
     """A FastAPI dependency that resolves the caller from ``Authorization: Bearer …`` (or ``api_key``)."""
 
-    async def authenticate(
-        authorization: Annotated[str | None, Header(description="Bearer <token>")] = None,
-        api_key: Annotated[str | None, Query(include_in_schema=False)] = None,
-    ) -> Principal:
-        token = None
-        if authorization:
-            scheme, _, value = authorization.partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
-                raise Unauthenticated("Authorization must be 'Bearer <token>'")
-            token = value.strip()
-        elif api_key:
-            token = api_key
-        if not token:
-            raise Unauthenticated("a token is required: Authorization: Bearer <token>")
-        principal = store.check(token)
-        if principal is None:
-            raise Unauthenticated("unknown or revoked token")
-        return principal
+    async def authenticate(authorization: Authorization = None, api_key: ApiKey = None) -> Principal:
+        return _principal(store, authorization, api_key)
 
     return authenticate
 
 
 def require(store: TokenStore, *roles: Role) -> Callable[..., Awaitable[Principal]]:
-    """A dependency admitting only the given roles (403 for any other valid principal)."""
-    authenticate = authenticator(store)
+    """A dependency admitting only the given roles (403 for any other valid principal).
 
-    async def check(principal: Principal = Depends(authenticate)) -> Principal:
+    It reads the token itself rather than depending on :func:`authenticator`: one dependency per request, not
+    two nested (FastAPI resolves each level on every call)."""
+
+    async def check(authorization: Authorization = None, api_key: ApiKey = None) -> Principal:
+        principal = _principal(store, authorization, api_key)
         if principal.role not in roles:
             allowed = ", ".join(r.value for r in roles)
             raise Forbidden(f"a {principal.role.value} may not do this (allowed: {allowed})")

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import col, select
 
 from schemas import Actor, ActorKind, Event
 from schemas import events as ev
@@ -156,7 +155,7 @@ def fail_verification(
 # -- queries --------------------------------------------------------------------------------------------
 
 
-def _public(t: VerificationTask) -> VerificationPublic:
+def _public(t: VerificationTask | sa.Row[Any]) -> VerificationPublic:
     return VerificationPublic(
         verification_id=t.verification_id,
         incident_id=t.incident_id,
@@ -196,18 +195,21 @@ def list_verifications(
     offset: int = 0,
     grids: tuple[str, ...] | None = None,
 ) -> list[VerificationPublic]:
-    """A worker's (or a grid's) queue, oldest request first; ``grids`` limits it to the caller's cells."""
-    q = select(VerificationTask)
+    """A worker's (or a grid's) queue, oldest request first; ``grids`` limits it to the caller's cells.
+
+    Read as rows, not ORM objects: a queue is polled far more often than it changes, and nothing here is written."""
+    c = _TASK.c
+    q = sa.select(_TASK)
     if grids is not None:
-        q = q.where(col(VerificationTask.grid_id).in_(grids))
+        q = q.where(c.grid_id.in_(grids))
     if worker_id:
-        q = q.where(VerificationTask.worker_id == worker_id)
+        q = q.where(c.worker_id == worker_id)
     if grid_id:
-        q = q.where(VerificationTask.grid_id == grid_id)
+        q = q.where(c.grid_id == grid_id)
     if status:
-        q = q.where(VerificationTask.status == status)
-    q = q.order_by(col(VerificationTask.requested_at), col(VerificationTask.verification_id))
-    return [_public(t) for t in uow.session.exec(q.offset(offset).limit(limit)).all()]
+        q = q.where(c.status == status)
+    q = q.order_by(c.requested_at, c.verification_id).offset(offset).limit(limit)
+    return [_public(t) for t in uow.session.connection().execute(q)]
 
 
 def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
