@@ -355,9 +355,42 @@ class Bench:
             if driver.open_count > 0 and not record.sustained and not await driver.settle(o.settle_s * 2):
                 self.log(f"[yellow]backlog of {driver.open_count} does not drain; the ramp stops here[/yellow]")
                 break
+            if not record.sustained:
+                await self.caught_up(o.settle_s * 2)
         verdicts = [(s.outcome, s.sustained) for s in self.steps]
         best = stats.highest_sustained(verdicts)
         return next((s for s in self.steps if s.outcome is best), None)
+
+    async def caught_up(self, within_s: float) -> bool:
+        """Wait up to ``within_s`` until every service's consumer group has committed every record on its topics.
+
+        Every incident of an overloaded step may be closed while the read models (intake's and the operations
+        center's, which fold the whole lifecycle) are still far behind: the next step would then share the machine
+        with their catching up, and its latency would be theirs."""
+        from services.chaos.cluster import SERVICE_NAMES, Probe
+
+        probe = Probe(self.options.bootstrap)
+        started = time.time()
+        try:
+            while True:
+                behind: dict[str, int | None] = {}
+                for service in SERVICE_NAMES:
+                    try:
+                        lag = (await asyncio.to_thread(probe.group, service)).lag
+                    except Exception:
+                        lag = None
+                    if lag is None or lag > 0:
+                        behind[service] = lag
+                if not behind:
+                    if time.time() - started >= 1.0:
+                        self.log(f"  consumers caught up after {time.time() - started:.0f} s")
+                    return True
+                if time.time() - started > within_s:
+                    self.log(f"[yellow]consumers still behind after {within_s:g} s: {behind}[/yellow]")
+                    return False
+                await asyncio.sleep(1.0)
+        finally:
+            probe.close()
 
     # -- the whole run ----------------------------------------------------------------------------------------
 
@@ -456,6 +489,7 @@ class Bench:
             half = None
             if o.half_step and best is not None:
                 await driver.settle(o.settle_s)
+                await self.caught_up(o.settle_s * 2)
                 half = await self.step(driver, "half", max(1.0, round(best.outcome.offered_rate / 2, 1)), o.step_s)
             await driver.settle(o.settle_s)
             await asyncio.sleep(1.0)  # the last outbox flushes and lifecycle copies
