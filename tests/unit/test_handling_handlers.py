@@ -266,32 +266,8 @@ def test_rework_extension_decisions_and_closure_follow_the_center(world: World, 
     assert world.order().status == "closed"
 
 
-def test_closure_touches_only_handled_work_orders(world: World) -> None:
-    world.bus.handle(dispatched("GL-1-1"))
-    world.bus.handle(dispatched("GL-1-2", department="civic_creation", attempt=2))
-    world.act(handlers.return_work_order, returned(), "GL-1-1")
-    world.act(handlers.accept_work_order, accept("civic_creation"), "GL-1-2")
-    world.act(handlers.handle_work_order, handle(department_code="civic_creation"), "GL-1-2")
-    world.bus.handle(
-        ev.IncidentClosed(
-            incident_id="GL-1",
-            actor=_center(),
-            correlation_id="corr-GL-1",
-            category_code="exposed_garbage",
-            grid_id="gh06",
-            departments=["civic_creation"],
-            reported_at=T0,
-            deadline=None,
-            on_time=True,
-            rework_count=0,
-            return_count=1,
-        )
-    )
-    assert (world.order("GL-1-1").status, world.order("GL-1-2").status) == ("returned", "closed")
-
-
-def _closed(incident_id: str = "GL-1") -> Event:
-    return ev.IncidentClosed(
+def _closed(incident_id: str = "GL-1", **fields: Any) -> Event:
+    values: dict[str, Any] = dict(
         incident_id=incident_id,
         actor=_center(),
         correlation_id=f"corr-{incident_id}",
@@ -304,6 +280,18 @@ def _closed(incident_id: str = "GL-1") -> Event:
         rework_count=0,
         return_count=0,
     )
+    values.update(fields)
+    return ev.IncidentClosed(**values)
+
+
+def test_closure_touches_only_handled_work_orders(world: World) -> None:
+    world.bus.handle(dispatched("GL-1-1"))
+    world.bus.handle(dispatched("GL-1-2", department="civic_creation", attempt=2))
+    world.act(handlers.return_work_order, returned(), "GL-1-1")
+    world.act(handlers.accept_work_order, accept("civic_creation"), "GL-1-2")
+    world.act(handlers.handle_work_order, handle(department_code="civic_creation"), "GL-1-2")
+    world.bus.handle(_closed(return_count=1))
+    assert (world.order("GL-1-1").status, world.order("GL-1-2").status) == ("returned", "closed")
 
 
 def test_a_batch_reads_its_work_orders_at_once_and_applies_as_one_at_a_time_would(world: World) -> None:
@@ -337,22 +325,7 @@ def test_a_batch_reads_its_work_orders_at_once_and_applies_as_one_at_a_time_woul
 
 def test_closure_of_an_incident_without_work_orders_is_not_an_error(world: World) -> None:
     """An incident fixed on the spot (小事一格解决) is closed without ever reaching a department."""
-    world.bus.handle(
-        ev.IncidentClosed(
-            incident_id="GL-9",
-            actor=_center(),
-            correlation_id="corr-GL-9",
-            category_code="exposed_garbage",
-            grid_id="gh06",
-            departments=[],
-            reported_at=T0,
-            deadline=None,
-            on_time=True,
-            rework_count=0,
-            return_count=0,
-            handled_on_spot=True,
-        )
-    )
+    world.bus.handle(_closed("GL-9", departments=[], handled_on_spot=True))
 
 
 @pytest.mark.parametrize("kind", ["rework", "granted", "refused"])
