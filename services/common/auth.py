@@ -200,20 +200,9 @@ Authorization = Annotated[str | None, Header(description="Bearer <token>")]
 ApiKey = Annotated[str | None, Query(include_in_schema=False)]
 
 
-def authenticator(store: TokenStore) -> Callable[..., Awaitable[Principal]]:
-    """A FastAPI dependency that resolves the caller from ``Authorization: Bearer …`` (or ``api_key``)."""
-
-    async def authenticate(authorization: Authorization = None, api_key: ApiKey = None) -> Principal:
-        return _principal(store, authorization, api_key)
-
-    return authenticate
-
-
 def require(store: TokenStore, *roles: Role) -> Callable[..., Awaitable[Principal]]:
-    """A dependency admitting only the given roles (403 for any other valid principal).
-
-    It reads the token itself rather than depending on :func:`authenticator`: one dependency per request, not
-    two nested (FastAPI resolves each level on every call)."""
+    """A FastAPI dependency resolving the caller from ``Authorization: Bearer …`` (or ``api_key``) and admitting
+    only the given roles (401 without a valid token, 403 for any other valid principal)."""
 
     async def check(authorization: Authorization = None, api_key: ApiKey = None) -> Principal:
         principal = _principal(store, authorization, api_key)
@@ -232,7 +221,6 @@ __all__ = [
     "TokenStore",
     "Unauthenticated",
     "as_utc",
-    "authenticator",
     "hash_token",
     "require",
 ]

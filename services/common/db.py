@@ -118,6 +118,13 @@ def _add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> None:
 _PROCESSED: sa.Table = ProcessedEvent.__table__  # type: ignore[attr-defined]
 
 
+def columns_by_key(table: sa.Table, *names: str) -> Any:
+    """A read of some columns of one row by its primary key (bound as ``id``), for :meth:`UnitOfWork.row`: built
+    once, for a path run per request that needs a few columns, not the row as an ORM object."""
+    (key,) = table.primary_key.columns
+    return sa.select(*(table.c[name] for name in names)).where(key == sa.bindparam("id"))
+
+
 @functools.cache
 def _insert(table: sa.Table) -> Any:
     """The insert :meth:`UnitOfWork.append`-ed rows are written with (built once per table: it runs per message)."""
@@ -259,6 +266,10 @@ class UnitOfWork:
         self.load_by(model, column, (key,))
         return list(self._groups[(model, column)][key])
 
+    def row(self, statement: Any, key: Any) -> sa.Row[Any] | None:
+        """The row a :func:`columns_by_key` statement reads for ``key`` (attributes named as its columns)."""
+        return self.session.connection().execute(statement, {"id": key}).one_or_none()
+
     def none_yet(self, model: type[SQLModel], column: str, key: Any) -> None:
         """Tell :meth:`rows_by` that no row of ``model`` has ``key`` in ``column`` yet (their parent was just
         added in this unit), so it answers from what :meth:`add` adds without reading the table."""
@@ -328,6 +339,7 @@ __all__ = [
     "ProcessedEvent",
     "UnitOfWork",
     "as_utc",
+    "columns_by_key",
     "create_tables",
     "make_engine",
 ]

@@ -87,8 +87,7 @@ class Runtime:
         )
         self.changes = Changes(settings.long_poll_max_s, settings.long_poll_recheck_s or 0.0)
         """Long polls of the API waiting for what the consumer commits."""
-        self._consumed: dict[tuple[str, str], Any] = {}
-        self._handled: dict[str, Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
         self._publisher_ready = asyncio.Lock()
         self._flushing: asyncio.Task[None] | None = None
         self._flush_wanted = False
@@ -204,19 +203,16 @@ class Runtime:
         except DecodeError as exc:
             await self.dead_letter(message, exc.reason, kind="decode")
             return None
-        counter = self._consumed.get((message.topic, event.type))
-        if counter is None:  # a labelled child is looked up once, not per record
-            counter = self._consumed[(message.topic, event.type)] = metrics.EVENTS_CONSUMED.labels(
-                self.name, message.topic, event.type
-            )
-        counter.inc()
+        self._metric(metrics.EVENTS_CONSUMED, message.topic, event.type).inc()
         return event
 
-    def _handle_seconds(self, event_type: str) -> Any:
-        histogram = self._handled.get(event_type)
-        if histogram is None:
-            histogram = self._handled[event_type] = metrics.HANDLE_SECONDS.labels(self.name, event_type)
-        return histogram
+    def _metric(self, metric: Any, *labels: str) -> Any:
+        """``metric``'s child for this service and ``labels``, looked up once, not per record."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.name, *labels)
+        return child
 
     async def _process_event(self, message: Any, event: Event) -> None:
         if not self.bus.handles(event):
@@ -262,7 +258,7 @@ class Runtime:
         metrics.BATCH_SIZE.labels(self.name).observe(len(events))
         share = (time.perf_counter() - started) / len(events)
         for event in events:
-            self._handle_seconds(event.type).observe(share)
+            self._metric(metrics.HANDLE_SECONDS, event.type).observe(share)
         if emitted:
             await self.flush_outbox()
 
@@ -284,13 +280,13 @@ class Runtime:
         except _RETRYABLE as exc:
             log.warning("database unavailable (%s); retrying", exc)
         else:
-            self._handle_seconds(event.type).observe(time.perf_counter() - started)
+            self._metric(metrics.HANDLE_SECONDS, event.type).observe(time.perf_counter() - started)
             return emitted
         async for attempt in _forever("database"):
             with attempt:
                 started = time.perf_counter()
                 emitted = self.bus.handle(event)
-                self._handle_seconds(event.type).observe(time.perf_counter() - started)
+                self._metric(metrics.HANDLE_SECONDS, event.type).observe(time.perf_counter() - started)
                 return emitted
         raise AssertionError("unreachable")
 

@@ -21,7 +21,7 @@ from sqlmodel import col, select
 from schemas import Actor, ActorKind, Event, encode_event
 from schemas import events as ev
 from services.common.changes import keys_for
-from services.common.db import UnitOfWork, as_utc
+from services.common.db import UnitOfWork, as_utc, columns_by_key
 from services.common.errors import Forbidden, NotFound, Rejected, UnknownIncident
 
 from .models import (
@@ -149,29 +149,25 @@ def close_work_orders(closed: ev.IncidentClosed, uow: UnitOfWork, policy: Handli
 
 
 _ORDER: sa.Table = HandlingWorkOrder.__table__  # type: ignore[attr-defined]
-_HEAD = sa.select(
-    *(
-        _ORDER.c[name]
-        for name in (
-            "work_order_id",
-            "incident_id",
-            "correlation_id",
-            "department_code",
-            "status",
-            "extension_status",
-            "deadline",
-        )
-    )
-).where(_ORDER.c.work_order_id == sa.bindparam("id"))
+_HEAD = columns_by_key(
+    _ORDER,
+    "work_order_id",
+    "incident_id",
+    "correlation_id",
+    "department_code",
+    "status",
+    "extension_status",
+    "deadline",
+)
 """What a department action reads of its work order, built once: the columns its rules and its event need, not
 the whole row as an ORM object (which cost more than the rest of the action)."""
 
 OrderHead = sa.Row[Any]
-"""A work order as :data:`_HEAD` reads it (attributes named as the columns)."""
+"""A work order as :data:`_HEAD` reads it."""
 
 
 def _order_for(uow: UnitOfWork, work_order_id: str, cmd: DepartmentCommand) -> tuple[OrderHead, Actor]:
-    order = uow.session.connection().execute(_HEAD, {"id": work_order_id}).one_or_none()
+    order = uow.row(_HEAD, work_order_id)
     if order is None:
         raise NotFound(f"no work order {work_order_id}")
     if cmd.actor_id is None or cmd.department_code != order.department_code:

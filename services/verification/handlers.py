@@ -17,7 +17,7 @@ from schemas import events as ev
 from schemas.reference import GRIDS
 from services.common.bus import Handler
 from services.common.changes import keys_for
-from services.common.db import UnitOfWork, as_utc
+from services.common.db import UnitOfWork, as_utc, columns_by_key
 from services.common.errors import Forbidden, NotFound, PoisonMessage, Rejected
 
 from .models import FailRequest, PassRequest, TaskStatus, VerificationDecided, VerificationPublic, VerificationTask
@@ -75,26 +75,15 @@ _DECIDE = (
 )
 """The decision as one prebuilt Core statement (it runs per decision)."""
 
-_HEAD = sa.select(
-    *(
-        _TASK.c[name]
-        for name in (
-            "verification_id",
-            "incident_id",
-            "correlation_id",
-            "request_event_id",
-            "grid_id",
-            "status",
-            "decided_by",
-        )
-    )
-).where(_TASK.c.verification_id == sa.bindparam("id"))
+_HEAD = columns_by_key(
+    _TASK, "verification_id", "incident_id", "correlation_id", "request_event_id", "grid_id", "status", "decided_by"
+)
 """What a decision reads of its task, built once: the columns its rules and its event need, not the whole row as
 an ORM object (which cost more than the rest of the decision)."""
 
 
 def _task_for(uow: UnitOfWork, verification_id: str) -> sa.Row[Any] | None:
-    return uow.session.connection().execute(_HEAD, {"id": verification_id}).one_or_none()
+    return uow.row(_HEAD, verification_id)
 
 
 def _decide(
