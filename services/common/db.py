@@ -22,6 +22,8 @@ from sqlmodel import Field, Session, SQLModel
 
 from schemas import Event, encode_event, topics_for, utcnow
 
+from ._records import Record, RecordStore
+
 Clock = Callable[[], datetime]
 T = TypeVar("T", bound=SQLModel)
 
@@ -177,6 +179,7 @@ class UnitOfWork:
         self._added: dict[tuple[type, Any], Any] = {}
         self._groups: dict[tuple[type, str], dict[Any, list[Any]]] = {}
         self._appended: dict[sa.Table, list[dict[str, Any]]] = {}
+        self._records = RecordStore()
 
     @property
     def session(self) -> Session:
@@ -202,6 +205,7 @@ class UnitOfWork:
     def _reset(self) -> None:
         self._loaded, self._absent, self._added, self._groups = [], set(), {}, {}
         self._appended = {}
+        self._records = RecordStore()
 
     def now(self) -> datetime:
         return self.clock()
@@ -294,6 +298,30 @@ class UnitOfWork:
             if grouped is model and (group := groups.get(getattr(row, column))) is not None:
                 group.append(row)
 
+    # -- records: rows as plain attributes, for a path that reads and changes many rows per batch (see _records)
+
+    def fetch(self, model: type[SQLModel], keys: Iterable[Any]) -> None:
+        """Read the rows of ``model`` with these primary keys as records, in one statement, for :meth:`record`."""
+        self._records.fetch(self.session, model, keys)
+
+    def fetch_by(self, model: type[SQLModel], column: str, keys: Iterable[Any]) -> None:
+        """Read the rows of ``model`` whose ``column`` (one that never changes) holds one of ``keys`` as records,
+        in one statement, for :meth:`records_by`."""
+        self._records.fetch_by(self.session, model, column, keys)
+
+    def record(self, model: type[SQLModel], key: Any) -> Record | None:
+        """The row of ``model`` with this primary key as a record (read now unless :meth:`fetch` did), or None.
+        Change its attributes in place: the commit writes the columns that changed."""
+        return self._records.get(self.session, model, key)
+
+    def records_by(self, model: type[SQLModel], column: str, key: Any) -> list[Record]:
+        """The rows of ``model`` whose ``column`` holds ``key``, as records (with those :meth:`insert` added)."""
+        return self._records.by(self.session, model, column, key)
+
+    def insert(self, model: type[SQLModel], **values: Any) -> Record:
+        """A new row of ``model`` as a record (columns not given take their defaults), written at the commit."""
+        return self._records.insert(model, values)
+
     def emit(self, event: Event) -> None:
         """Queue ``event`` for publishing; it is sent only once the transaction commits.
 
@@ -320,6 +348,7 @@ class UnitOfWork:
         self.touched.update(keys)
 
     def commit(self) -> None:
+        self._records.write(self.session)
         if self._appended:
             appended, self._appended = self._appended, {}
             for table, rows in appended.items():
@@ -337,6 +366,7 @@ __all__ = [
     "IntegrityError",
     "OutboxRecord",
     "ProcessedEvent",
+    "Record",
     "UnitOfWork",
     "as_utc",
     "columns_by_key",

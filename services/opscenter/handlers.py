@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import col, select
@@ -17,7 +16,7 @@ from sqlmodel import col, select
 from schemas import Event, decode_event, encode_event
 from schemas import events as ev
 from schemas.reference import grid_at
-from services.common.db import UnitOfWork, as_utc
+from services.common.db import Record, UnitOfWork, as_utc
 
 from .models import OpsFact, OpsIncident, OpsParked, OpsWorkOrder
 
@@ -39,13 +38,14 @@ def _seconds(later: datetime, earlier: datetime | None) -> float | None:
 def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
     """Apply one lifecycle event. Returns the stage durations it completes, as (stage, seconds)."""
     stages: list[tuple[str, float]] = []
-    incident = uow.get(OpsIncident, event.incident_id)
+    incident = uow.record(OpsIncident, event.incident_id)
     if incident is None:
         if not isinstance(event, ev.IncidentReported):
             _park(event, uow)  # ahead of its report (another producer's copy): folded when the report comes
             return stages
         grid = grid_at(event.location.lat, event.location.lon)
-        incident = OpsIncident(
+        incident = uow.insert(
+            OpsIncident,
             incident_id=event.incident_id,
             source=event.source.value,
             category_code=event.category_code,
@@ -57,12 +57,11 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
             handled_on_spot=event.handled_on_spot,
             reported_at=event.occurred_at,
         )
-        uow.add(incident)
 
-    order: OpsWorkOrder | None = None
+    order: Record | None = None
     work_order_id = getattr(event, "work_order_id", None)
     if work_order_id and not isinstance(event, ev.WorkOrderDispatched):
-        order = uow.get(OpsWorkOrder, work_order_id)
+        order = uow.record(OpsWorkOrder, work_order_id)
         if order is None and isinstance(event, _NEEDS_ORDER):
             _park(event, uow)  # ahead of its dispatch: folded when the work order is known
             return stages
@@ -78,8 +77,9 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
         case ev.IncidentMerged():
             incident.status, incident.merged_at = "merged", event.occurred_at
         case ev.WorkOrderDispatched():
-            if uow.get(OpsWorkOrder, event.work_order_id) is None:
-                order = OpsWorkOrder(
+            if uow.record(OpsWorkOrder, event.work_order_id) is None:
+                uow.insert(
+                    OpsWorkOrder,
                     work_order_id=event.work_order_id,
                     incident_id=event.incident_id,
                     department_code=event.department_code,
@@ -89,7 +89,6 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
                     deadline=event.deadline,
                     dispatched_at=event.occurred_at,
                 )
-                uow.add(order)
                 depts = incident.departments.split()
                 if event.department_code not in depts:
                     incident.departments = " ".join([*depts, event.department_code])
@@ -137,7 +136,7 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
             incident.status, incident.closed_at, incident.on_time = "closed", event.occurred_at, event.on_time
             incident.deadline = event.deadline
             incident.rework_count = event.rework_count
-            for o in uow.rows_by(OpsWorkOrder, "incident_id", incident.incident_id):
+            for o in uow.records_by(OpsWorkOrder, "incident_id", incident.incident_id):
                 if o.status == "handled":
                     o.status = "closed"
             if (t := _seconds(event.occurred_at, incident.reported_at)) is not None:
@@ -158,9 +157,9 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
         work_order_id=work_order_id,
     )
     if isinstance(event, ev.IncidentReported):
-        stages += _unpark(uow, OpsParked.incident_id == event.incident_id)
+        stages += _unpark(uow, "incident_id", event.incident_id)
     elif isinstance(event, ev.WorkOrderDispatched):
-        stages += _unpark(uow, OpsParked.work_order_id == event.work_order_id)
+        stages += _unpark(uow, "work_order_id", event.work_order_id)
     return stages
 
 
@@ -174,10 +173,10 @@ def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
     parked event waits for one of them."""
     incident_ids = {e.incident_id for e in events}
     order_ids = {w for e in events if (w := getattr(e, "work_order_id", None))}
-    uow.load(OpsIncident, incident_ids)
-    uow.load(OpsWorkOrder, order_ids)
+    uow.fetch(OpsIncident, incident_ids)
+    uow.fetch(OpsWorkOrder, order_ids)
     # a closure closes the incident's handled work orders: all of them, read at once
-    uow.load_by(OpsWorkOrder, "incident_id", (e.incident_id for e in events if isinstance(e, ev.IncidentClosed)))
+    uow.fetch_by(OpsWorkOrder, "incident_id", (e.incident_id for e in events if isinstance(e, ev.IncidentClosed)))
     p = OpsParked.__table__.c  # type: ignore[attr-defined]
     waiting = uow.session.execute(
         sa.select(p.event_id).where(sa.or_(p.incident_id.in_(incident_ids), p.work_order_id.in_(order_ids))).limit(1)
@@ -211,13 +210,15 @@ def _park(event: Event, uow: UnitOfWork) -> None:
         )
 
 
-def _unpark(uow: UnitOfWork, condition: Any) -> list[tuple[str, float]]:
-    """Fold the events that waited for the one just folded, oldest first (one may park again, waiting for
-    something else still: a work order's events wait for its dispatch after the report came)."""
+def _unpark(uow: UnitOfWork, column: str, key: str) -> list[tuple[str, float]]:
+    """Fold the events that waited for the one just folded (those whose ``column`` holds ``key``), oldest first
+    (one may park again, waiting for something else still: a work order's events wait for its dispatch after
+    the report came)."""
     s = uow.session
     stages: list[tuple[str, float]] = []
     if not s.info.get(_MAY_BE_PARKED, True):
         return stages
+    condition = getattr(OpsParked, column) == key
     waiting = list(s.exec(select(OpsParked.event_id).where(condition).order_by(col(OpsParked.occurred_at))))
     for event_id in waiting:
         parked = s.get(OpsParked, event_id)

@@ -11,6 +11,8 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -18,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import SQLModel, select
 
-from schemas import Actor, ActorKind, Location, decode_event
+from schemas import Actor, ActorKind, Event, Location, decode_event
 from schemas import events as ev
 from services.common.bus import MessageBus
 from services.common.db import SHARED_TABLES, OutboxRecord, ProcessedEvent, UnitOfWork, create_tables, make_engine
@@ -26,6 +28,10 @@ from services.common.kafka import OutboxRelay
 from services.dispatch import handlers
 from services.dispatch.models import TABLES
 from services.dispatch.settings import DispatchSettings
+from services.opscenter.agents import fold as ops_fold
+from services.opscenter.handlers import preload as ops_preload
+from services.opscenter.models import TABLES as OPS_TABLES
+from services.opscenter.models import OpsIncident, OpsWorkOrder
 
 URL = os.environ.get("GRIDLOOP_TEST_POSTGRES_URL", "")
 
@@ -150,6 +156,62 @@ def test_concurrent_batches_apply_each_event_once_on_postgres(pg: Engine) -> Non
     with pg.connect() as conn:
         assert conn.execute(sa.text("select count(*) from outbox")).scalar_one() == 6
         assert conn.execute(sa.text("select count(*) from processed_event")).scalar_one() == 3
+
+
+def test_the_operations_centers_fold_on_postgres_matches_its_fold_on_sqlite(pg: Engine, tmp_path: Path) -> None:
+    """The read model's records (inserted, read back in batches, changed column by column) on PostgreSQL."""
+    loop = MessageBus(lambda: UnitOfWork(pg), handlers.bind(DispatchSettings()))
+    reports = [_report(n) for n in (21, 22, 23)]
+    events: list[Event] = []
+    for report in reports:
+        events += [report, *loop.handle(report)]
+    orders = [e for e in events if isinstance(e, ev.WorkOrderDispatched)]
+    staff = Actor(kind=ActorKind.DEPARTMENT, id="s")
+    for order in orders:
+        accepted = ev.WorkOrderAccepted.following(
+            order, staff, work_order_id=order.work_order_id, department_code=order.department_code
+        )
+        handled = ev.WorkOrderHandled.following(
+            order, staff, work_order_id=order.work_order_id, department_code=order.department_code, result="清理完毕"
+        )
+        events += [accepted, handled, *loop.handle(handled)]
+    for request in [e for e in events if isinstance(e, ev.VerificationRequested)]:
+        passed = ev.VerificationPassed.following(
+            request, Actor(kind=ActorKind.GRID_WORKER, id=request.worker_id), verification_id=request.verification_id
+        )
+        events += [passed, *loop.handle(passed)]
+    assert sum(isinstance(e, ev.IncidentClosed) for e in events) == 3
+
+    def fold_into(engine: Engine) -> list[tuple[object, ...]]:
+        # a fresh read model (the loop above marked its events processed in the same database)
+        SQLModel.metadata.drop_all(engine, tables=[*SHARED_TABLES, *OPS_TABLES])
+        create_tables(engine, OPS_TABLES)
+        bus = MessageBus(lambda: UnitOfWork(engine), {c: ops_fold for c in ev.EVENT_TYPES.values()}, ops_preload)
+        for start in range(0, len(events), 4):  # in batches, as the consumer folds
+            bus.handle_batch(events[start : start + 4])
+        with engine.connect() as conn:
+            rows = [
+                *conn.execute(sa.select(OpsIncident.__table__).order_by("incident_id")),  # type: ignore[attr-defined]
+                *conn.execute(sa.select(OpsWorkOrder.__table__).order_by("work_order_id")),  # type: ignore[attr-defined]
+                (conn.execute(sa.text("select count(*) from ops_fact")).scalar_one(),),
+            ]
+        return [tuple(r) for r in rows]
+
+    sqlite = make_engine(f"sqlite:///{tmp_path / 'ops.sqlite'}")
+    try:
+        on_sqlite = fold_into(sqlite)
+    finally:
+        sqlite.dispose()
+    on_postgres = fold_into(pg)
+    SQLModel.metadata.drop_all(pg, tables=list(OPS_TABLES))
+    assert [(r[0], r[7]) for r in on_postgres[:3]] == [("PG-21", "closed"), ("PG-22", "closed"), ("PG-23", "closed")]
+    assert on_postgres[-1] == (len(events),)
+    assert [_naive_utc(r) for r in on_postgres] == [_naive_utc(r) for r in on_sqlite]
+
+
+def _naive_utc(row: tuple[object, ...]) -> tuple[object, ...]:
+    """A row with its times as naive UTC (SQLite hands them back naive, PostgreSQL aware)."""
+    return tuple(v.astimezone(UTC).replace(tzinfo=None) if isinstance(v, datetime) and v.tzinfo else v for v in row)
 
 
 class _Publisher:

@@ -1,0 +1,153 @@
+"""Rows as plain attribute records, written back with Core statements: for a fold that touches many rows per batch.
+
+The ORM's unit of work costs, per row, an instrumented object to build, every attribute set tracked and a flush
+that works out what changed. A read model folded from a busy log pays that for every event. A :class:`Record`
+is the row's columns as plain attributes; the :class:`RecordStore` remembers each as read and, at the commit,
+inserts the new ones and updates the changed columns of the others, one statement per table and column set.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from types import SimpleNamespace
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+from sqlmodel import SQLModel
+
+
+class Record(SimpleNamespace):
+    """One row: its columns as attributes. Change them in place; the unit of work writes what changed."""
+
+
+@functools.cache
+def _update(table: sa.Table) -> Any:
+    """Set some columns of the row whose key is bound as ``_key`` (the columns are the parameters' other names)."""
+    (key,) = table.primary_key.columns
+    return sa.update(table).where(key == sa.bindparam("_key"))
+
+
+@functools.cache
+def _defaults(table: sa.Table) -> dict[str, Any]:
+    """Every column's value in a new row that does not give it: its scalar default, else None."""
+    return {
+        c.name: getattr(c.default, "arg", None) if c.default is not None and c.default.is_scalar else None
+        for c in table.columns
+    }
+
+
+class _Table:
+    """What one unit of work read, added and grouped of one table."""
+
+    def __init__(self, table: sa.Table) -> None:
+        self.table = table
+        (self.key,) = (c.name for c in table.primary_key.columns)
+        self.rows: dict[Any, Record] = {}
+        self.as_read: dict[Any, dict[str, Any]] = {}
+        self.new: list[Record] = []
+        self.absent: set[Any] = set()
+        self.groups: dict[str, dict[Any, list[Record]]] = {}
+
+    def keep(self, values: dict[str, Any]) -> Record:
+        """The record of a row just read (the one already kept, if this unit read or added it before)."""
+        key = values[self.key]
+        record = self.rows.get(key)
+        if record is None:
+            record = self.rows[key] = Record(**values)
+            self.as_read[key] = values
+        return record
+
+    def changes(self) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+        """The updates to send, by the columns they set."""
+        out: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for key, before in self.as_read.items():
+            now = vars(self.rows[key])
+            changed = tuple(name for name, value in now.items() if before.get(name) != value)
+            if changed:
+                params = {name: now[name] for name in changed}
+                params["_key"] = key
+                out.setdefault(changed, []).append(params)
+        return out
+
+
+class RecordStore:
+    """The records of one unit of work, by table."""
+
+    def __init__(self) -> None:
+        self._tables: dict[sa.Table, _Table] = {}
+
+    def _of(self, model: type[SQLModel]) -> _Table:
+        table: sa.Table = model.__table__  # type: ignore[attr-defined]
+        state = self._tables.get(table)
+        if state is None:
+            state = self._tables[table] = _Table(table)
+        return state
+
+    def fetch(self, session: Session, model: type[SQLModel], keys: Iterable[Any]) -> None:
+        """Read the rows with these keys (those not read yet) in one statement; a key with no row is absent."""
+        state = self._of(model)
+        wanted = set(keys) - state.rows.keys() - state.absent
+        if not wanted:
+            return
+        key = state.table.c[state.key]
+        for row in session.execute(sa.select(state.table).where(key.in_(wanted))).mappings():
+            state.keep(dict(row))
+            wanted.discard(row[state.key])
+        state.absent |= wanted
+
+    def fetch_by(self, session: Session, model: type[SQLModel], column: str, keys: Iterable[Any]) -> None:
+        """Read every row whose ``column`` holds one of ``keys`` (those not asked for yet) in one statement."""
+        state = self._of(model)
+        groups = state.groups.setdefault(column, {})
+        wanted = set(keys) - groups.keys()
+        if not wanted:
+            return
+        for key in wanted:
+            groups[key] = []
+        for row in session.execute(sa.select(state.table).where(state.table.c[column].in_(wanted))).mappings():
+            groups[row[column]].append(state.keep(dict(row)))
+        for record in state.new:  # added in this unit (not in the table yet) before its group was asked for
+            if (value := getattr(record, column)) in wanted:
+                groups[value].append(record)
+
+    def get(self, session: Session, model: type[SQLModel], key: Any) -> Record | None:
+        state = self._of(model)
+        if key not in state.rows and key not in state.absent:
+            self.fetch(session, model, (key,))
+        return state.rows.get(key)
+
+    def by(self, session: Session, model: type[SQLModel], column: str, key: Any) -> list[Record]:
+        self.fetch_by(session, model, column, (key,))
+        return list(self._of(model).groups[column][key])
+
+    def insert(self, model: type[SQLModel], values: dict[str, Any]) -> Record:
+        state = self._of(model)
+        record = Record(**{**_defaults(state.table), **values})
+        key = getattr(record, state.key)
+        if key in state.rows:
+            raise ValueError(f"{state.table.name} {key!r} is already there")
+        state.rows[key] = record
+        state.absent.discard(key)
+        state.new.append(record)
+        for column, groups in state.groups.items():
+            if (group := groups.get(getattr(record, column))) is not None:
+                group.append(record)
+        return record
+
+    def write(self, session: Session) -> None:
+        """Insert the new records and update the changed columns of the others; then they count as read."""
+        for state in self._tables.values():
+            if state.new:
+                session.execute(sa.insert(state.table), [dict(vars(r)) for r in state.new])
+            for _, params in state.changes().items():
+                session.execute(_update(state.table), params)
+            for record in state.new:
+                state.as_read[getattr(record, state.key)] = {}
+            state.new = []
+            for key in state.as_read:
+                state.as_read[key] = dict(vars(state.rows[key]))
+
+
+__all__ = ["Record", "RecordStore"]
