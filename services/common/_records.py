@@ -112,6 +112,17 @@ class RecordStore:
             if (value := getattr(record, column)) in wanted:
                 groups[value].append(record)
 
+    def where(self, session: Session, model: type[SQLModel], statement: Any, params: dict[str, Any]) -> list[Record]:
+        """The records of the rows a select of the whole table returns (those already kept as they are now)."""
+        state = self._of(model)
+        return [state.keep(dict(row)) for row in session.execute(statement, params).mappings()]
+
+    def inserted(self, model: type[SQLModel]) -> list[Record]:
+        return list(self._of(model).new)
+
+    def none_by(self, model: type[SQLModel], column: str, key: Any) -> None:
+        self._of(model).groups.setdefault(column, {}).setdefault(key, [])
+
     def get(self, session: Session, model: type[SQLModel], key: Any) -> Record | None:
         state = self._of(model)
         if key not in state.rows and key not in state.absent:

@@ -318,6 +318,22 @@ class UnitOfWork:
         """The rows of ``model`` whose ``column`` holds ``key``, as records (with those :meth:`insert` added)."""
         return self._records.by(self.session, model, column, key)
 
+    def records_where(
+        self, model: type[SQLModel], statement: Any, params: dict[str, Any] | None = None
+    ) -> list[Record]:
+        """The rows a select of ``model``'s whole table returns, as records; a row this unit holds already is
+        answered as it stands in memory (the select reads the table, where this unit's changes are not yet)."""
+        return self._records.where(self.session, model, statement, params or {})
+
+    def inserted(self, model: type[SQLModel]) -> list[Record]:
+        """The records of ``model`` this unit inserted, not written yet (a select does not see them)."""
+        return self._records.inserted(model)
+
+    def none_by(self, model: type[SQLModel], column: str, key: Any) -> None:
+        """Tell :meth:`records_by` that no row of ``model`` has ``key`` in ``column`` yet (their parent was just
+        inserted in this unit), so it answers from what :meth:`insert` adds without reading the table."""
+        self._records.none_by(model, column, key)
+
     def insert(self, model: type[SQLModel], **values: Any) -> Record:
         """A new row of ``model`` as a record (columns not given take their defaults), written at the commit."""
         return self._records.insert(model, values)

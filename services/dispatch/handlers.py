@@ -17,12 +17,12 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import col, select
+from sqlmodel import col
 
 from schemas import Actor, Event, Location
 from schemas import events as ev
 from schemas.reference import CATEGORIES, GRIDS, OPS_CENTER, Category, distance_m, grid_at
-from services.common.db import UnitOfWork, as_utc
+from services.common.db import Record, UnitOfWork, as_utc
 from services.common.errors import NotFound, Rejected, UnknownIncident
 
 from .models import CasePublic, CaseStatus, DispatchCase, DispatchWorkOrder, OrderStatus, WorkOrderPublic
@@ -41,28 +41,28 @@ WATCHDOG = Actor.system("dispatch-watchdog")
 def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
     """A batch's cases and work orders read in three queries, rather than several per event."""
     incident_ids = {e.incident_id for e in events}
-    uow.load(DispatchCase, incident_ids)
-    uow.load(DispatchWorkOrder, (w for e in events if (w := getattr(e, "work_order_id", None))))
-    uow.load_by(DispatchWorkOrder, "incident_id", incident_ids)
+    uow.fetch(DispatchCase, incident_ids)
+    uow.fetch(DispatchWorkOrder, (w for e in events if (w := getattr(e, "work_order_id", None))))
+    uow.fetch_by(DispatchWorkOrder, "incident_id", incident_ids)
 
 
-def _case(uow: UnitOfWork, incident_id: str) -> DispatchCase:
-    case = uow.get(DispatchCase, incident_id)
+def _case(uow: UnitOfWork, incident_id: str) -> Record:
+    case = uow.record(DispatchCase, incident_id)
     if case is None:
         raise UnknownIncident(f"no case for incident {incident_id}")
     return case
 
 
-def _order(uow: UnitOfWork, work_order_id: str, incident_id: str) -> DispatchWorkOrder:
-    order = uow.get(DispatchWorkOrder, work_order_id)
+def _order(uow: UnitOfWork, work_order_id: str, incident_id: str) -> Record:
+    order = uow.record(DispatchWorkOrder, work_order_id)
     if order is None or order.incident_id != incident_id:
         raise UnknownIncident(f"no work order {work_order_id} for incident {incident_id}")
     return order
 
 
-def _orders(uow: UnitOfWork, incident_id: str) -> list[DispatchWorkOrder]:
+def _orders(uow: UnitOfWork, incident_id: str) -> list[Record]:
     """The case's work orders, oldest first (read once per unit of work: a handler may ask twice)."""
-    orders = uow.rows_by(DispatchWorkOrder, "incident_id", incident_id)
+    orders = uow.records_by(DispatchWorkOrder, "incident_id", incident_id)
     return sorted(orders, key=lambda o: (as_utc(o.dispatched_at), o.work_order_id))
 
 
@@ -71,11 +71,12 @@ def _urls(text: str) -> list[Any]:
 
 
 def _dispatch(
-    uow: UnitOfWork, case: DispatchCase, cause: Event, department: str, role: ev.WorkOrderRole, attempt: int
+    uow: UnitOfWork, case: Record, cause: Event, department: str, role: ev.WorkOrderRole, attempt: int
 ) -> None:
     category = CATEGORIES[case.category_code]
     now = uow.now()
-    order = DispatchWorkOrder(
+    order = uow.insert(
+        DispatchWorkOrder,
         work_order_id=f"{case.incident_id}-{len(_orders(uow, case.incident_id)) + 1}",
         incident_id=case.incident_id,
         department_code=department,
@@ -85,7 +86,6 @@ def _dispatch(
         deadline=now + uow.business_hours(category.deadline_hours),
         dispatched_at=now,
     )
-    uow.add(order)
     case.status = CaseStatus.DISPATCHED
     uow.emit(
         ev.WorkOrderDispatched.following(
@@ -108,14 +108,14 @@ def _dispatch(
     )
 
 
-def _verifier(case: DispatchCase) -> str:
+def _verifier(case: Record) -> str:
     """The grid's worker who verifies: another worker than the reporter where the grid has one."""
     workers = GRIDS[case.grid_id].workers if case.grid_id else ()
     others = [w for w in workers if w != case.reporter_id]
     return (others or list(workers) or [case.reporter_id])[0]
 
 
-def _request_verification(uow: UnitOfWork, case: DispatchCase, cause: Event, evidence: list[Any]) -> None:
+def _request_verification(uow: UnitOfWork, case: Record, cause: Event, evidence: list[Any]) -> None:
     case.status = CaseStatus.VERIFYING
     case.verification_round += 1
     assert case.grid_id is not None
@@ -137,38 +137,39 @@ def _request_verification(uow: UnitOfWork, case: DispatchCase, cause: Event, evi
     )
 
 
-def _reject(uow: UnitOfWork, case: DispatchCase, cause: Event, code: ev.RejectReason, reason: str) -> None:
+def _reject(uow: UnitOfWork, case: Record, cause: Event, code: ev.RejectReason, reason: str) -> None:
     case.status = CaseStatus.REJECTED
     case.closed_at = uow.now()
     uow.emit(ev.IncidentRejected.following(cause, DISPATCH, occurred_at=uow.now(), reason_code=code, reason=reason))
 
 
-_CANDIDATES = select(DispatchCase).where(
-    DispatchCase.category_code == sa.bindparam("category"),
-    col(DispatchCase.status).in_(CaseStatus.OPEN),
-    col(DispatchCase.reported_at) >= sa.bindparam("since"),
-    col(DispatchCase.lat).between(sa.bindparam("south"), sa.bindparam("north")),
-    col(DispatchCase.lon).between(sa.bindparam("west"), sa.bindparam("east")),
+_CASES: sa.Table = DispatchCase.__table__  # type: ignore[attr-defined]
+_ORDERS: sa.Table = DispatchWorkOrder.__table__  # type: ignore[attr-defined]
+
+_CANDIDATES = sa.select(_CASES).where(
+    _CASES.c.category_code == sa.bindparam("category"),
+    _CASES.c.status.in_(CaseStatus.OPEN),
+    _CASES.c.reported_at >= sa.bindparam("since"),
+    _CASES.c.lat.between(sa.bindparam("south"), sa.bindparam("north")),
+    _CASES.c.lon.between(sa.bindparam("west"), sa.bindparam("east")),
 )
 """Open cases of a category reported since a time, inside a box (built once: it runs for every report)."""
 
 
 def _find_duplicate(
     uow: UnitOfWork, report: ev.IncidentReported, policy: DispatchSettings
-) -> tuple[DispatchCase, float] | None:
+) -> tuple[Record, float] | None:
     since = uow.now() - uow.business_hours(policy.merge_window_hours)
     # only cases inside a box around the report (a little larger than the merge distance) are loaded and measured
     lat, lon = report.location.lat, report.location.lon
     dlat = policy.merge_distance_m * 1.01 / _M_PER_DEGREE
     dlon = dlat / max(math.cos(math.radians(lat)), 0.01)
     box = {"south": lat - dlat, "north": lat + dlat, "west": lon - dlon, "east": lon + dlon}
-    s = uow.session
-    # read without flushing what this batch changed so far (flushed once, at the commit): the cases still to be
-    # written are looked at in memory, and every candidate is checked again as it stands in memory now
-    with s.no_autoflush:
-        stored = list(s.exec(_CANDIDATES, params={"category": report.category_code, "since": since, **box}))
-    pending = [c for c in s.new if isinstance(c, DispatchCase)]
-    best: tuple[DispatchCase, float] | None = None
+    # what this batch changed so far is written at the commit: the cases still to be written are looked at in
+    # memory, and every candidate is checked again as it stands in memory now
+    stored = uow.records_where(DispatchCase, _CANDIDATES, {"category": report.category_code, "since": since, **box})
+    pending = uow.inserted(DispatchCase)
+    best: tuple[Record, float] | None = None
     for case in {id(c): c for c in (*stored, *pending)}.values():
         if (
             case.incident_id == report.incident_id
@@ -189,12 +190,13 @@ def _find_duplicate(
 
 def file_incident(report: ev.IncidentReported, uow: UnitOfWork, policy: DispatchSettings) -> None:
     """立案: reject, merge or file a report; a filed one is dispatched, or verified at once if fixed on the spot."""
-    if uow.get(DispatchCase, report.incident_id) is not None:
+    if uow.record(DispatchCase, report.incident_id) is not None:
         return  # the same incident re-reported under another event id: already decided
     loc = report.location
     category: Category | None = CATEGORIES.get(report.category_code)
     grid = grid_at(loc.lat, loc.lon)
-    case = DispatchCase(
+    case = uow.insert(
+        DispatchCase,
         incident_id=report.incident_id,
         correlation_id=report.correlation_id,
         status=CaseStatus.FILED,
@@ -213,8 +215,7 @@ def file_incident(report: ev.IncidentReported, uow: UnitOfWork, policy: Dispatch
         handled_on_spot=report.handled_on_spot,
         reported_at=report.occurred_at,
     )
-    uow.add(case)
-    uow.none_yet(DispatchWorkOrder, "incident_id", case.incident_id)  # a case not there before has no orders
+    uow.none_by(DispatchWorkOrder, "incident_id", case.incident_id)  # a case not there before has no orders
     if category is None:
         _reject(
             uow,
@@ -400,7 +401,7 @@ def decide_extension(
     work_order_id: str, grant: bool, new_deadline: datetime | None, reason: str, actor: Actor, uow: UnitOfWork
 ) -> Event:
     """延期: the operations center grants (to the asked or a given deadline) or refuses a department's request."""
-    order = uow.session.get(DispatchWorkOrder, work_order_id)
+    order = uow.record(DispatchWorkOrder, work_order_id)
     if order is None:
         raise NotFound(f"no work order {work_order_id}")
     if order.extension_requested_until is None:
@@ -434,7 +435,7 @@ def decide_extension(
 # -- watchdog (催办 / 督办) -----------------------------------------------------------------------------------
 
 
-def _take_step(uow: UnitOfWork, order: DispatchWorkOrder, column: str, now: datetime) -> bool:
+def _take_step(uow: UnitOfWork, order: Record, column: str, now: datetime) -> bool:
     """Compare-and-set ``column`` (reminded_at / escalated_at) of a late order as the watchdog saw it.
 
     Two dispatch instances over one database both run the watchdog: of two that saw the same late order, only the
@@ -453,18 +454,21 @@ def _take_step(uow: UnitOfWork, order: DispatchWorkOrder, column: str, now: date
     return bool(result.rowcount == 1)
 
 
+_LATE = (
+    sa.select(_ORDERS)
+    .where(
+        _ORDERS.c.status.in_(OrderStatus.ACTIVE),
+        _ORDERS.c.deadline < sa.bindparam("now"),
+        _ORDERS.c.escalated_at.is_(None),
+    )
+    .limit(500)
+)
+
+
 def watch_deadlines(uow: UnitOfWork, policy: DispatchSettings) -> int:
     """Remind every active work order past its deadline once, escalate it once when far past. Returns events."""
     now = uow.now()
-    late = uow.session.exec(
-        select(DispatchWorkOrder)
-        .where(
-            col(DispatchWorkOrder.status).in_(OrderStatus.ACTIVE),
-            col(DispatchWorkOrder.deadline) < now,
-            col(DispatchWorkOrder.escalated_at).is_(None),
-        )
-        .limit(500)
-    ).all()
+    late = uow.records_where(DispatchWorkOrder, _LATE, {"now": now})
     emitted = 0
     escalate_after = uow.business_hours(policy.escalate_after_hours)
     for order in late:
@@ -501,7 +505,7 @@ def watch_deadlines(uow: UnitOfWork, policy: DispatchSettings) -> int:
 # -- queries --------------------------------------------------------------------------------------------
 
 
-def _order_public(o: DispatchWorkOrder, now: datetime) -> WorkOrderPublic:
+def _order_public(o: Record, now: datetime) -> WorkOrderPublic:
     return WorkOrderPublic(
         work_order_id=o.work_order_id,
         incident_id=o.incident_id,
@@ -520,7 +524,7 @@ def _order_public(o: DispatchWorkOrder, now: datetime) -> WorkOrderPublic:
 
 
 def get_case(incident_id: str, uow: UnitOfWork) -> CasePublic:
-    case = uow.session.get(DispatchCase, incident_id)
+    case = uow.record(DispatchCase, incident_id)
     if case is None:
         raise NotFound(f"no case for incident {incident_id}")
     now = uow.now()
@@ -544,10 +548,11 @@ def get_case(incident_id: str, uow: UnitOfWork) -> CasePublic:
 
 def pending_extensions(uow: UnitOfWork) -> list[WorkOrderPublic]:
     now = uow.now()
-    rows = uow.session.exec(
-        select(DispatchWorkOrder).where(col(DispatchWorkOrder.extension_requested_until).is_not(None))
-    ).all()
+    rows = uow.records_where(DispatchWorkOrder, _PENDING_EXTENSIONS)
     return [_order_public(o, now) for o in rows]
+
+
+_PENDING_EXTENSIONS = sa.select(_ORDERS).where(_ORDERS.c.extension_requested_until.is_not(None))
 
 
 def bind(policy: DispatchSettings) -> Mapping[type[Event], Callable[[Any, UnitOfWork], None]]:
