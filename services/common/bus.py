@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, UnitOfWork], None]
 Preload = Callable[[Sequence[Event], UnitOfWork], None]
-"""Loads, in a few queries, the rows a batch's handlers are about to read one by one (the session then finds
-them in its identity map): it changes what a batch costs, never what it does."""
+"""Reads, in a few queries, the records a batch's handlers are about to ask for one by one (the unit of work
+then answers from memory): it changes what a batch costs, never what it does."""
 
 
 class MessageBus:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -25,7 +25,6 @@ from schemas import Event, encode_event, topics_for, utcnow
 from ._records import Record, RecordStore
 
 Clock = Callable[[], datetime]
-T = TypeVar("T", bound=SQLModel)
 
 
 class ProcessedEvent(SQLModel, table=True):
@@ -174,10 +173,6 @@ class UnitOfWork:
         self.touched: set[str] = set()
         self.emitted: list[Event] = []
         self._session: Session | None = None
-        self._loaded: list[Any] = []
-        self._absent: set[tuple[type, Any]] = set()
-        self._added: dict[tuple[type, Any], Any] = {}
-        self._groups: dict[tuple[type, str], dict[Any, list[Any]]] = {}
         self._appended: dict[sa.Table, list[dict[str, Any]]] = {}
         self._records = RecordStore()
 
@@ -203,7 +198,6 @@ class UnitOfWork:
         self._reset()
 
     def _reset(self) -> None:
-        self._loaded, self._absent, self._added, self._groups = [], set(), {}, {}
         self._appended = {}
         self._records = RecordStore()
 
@@ -238,65 +232,9 @@ class UnitOfWork:
         marked = set(self.session.execute(returning, rows).scalars())
         return [e for event_id, e in first.items() if event_id in marked]
 
-    def load(self, model: type[SQLModel], ids: Iterable[Any]) -> None:
-        """Read the rows of ``model`` with these primary keys in one query, for :meth:`get` to find without a
-        statement of its own (a batch's handlers would otherwise read them one at a time, each read flushing what
-        the previous handlers changed). A key with no row is remembered as absent."""
-        keys = set(ids)
-        if not keys:
-            return
-        pk = sa.inspect(model).primary_key[0]
-        rows = list(self.session.execute(sa.select(model).where(pk.in_(keys))).scalars())
-        # held for the unit's life: the identity map keeps unmodified objects only while someone else does
-        self._loaded.extend(rows)
-        found = {getattr(r, pk.key) for r in rows}
-        self._absent.update((model, k) for k in keys - found)
-
-    def load_by(self, model: type[SQLModel], column: str, keys: Iterable[Any]) -> None:
-        """Read every row of ``model`` whose ``column`` holds one of ``keys`` in one query, for :meth:`rows_by`
-        to answer (with the rows :meth:`add` adds meanwhile) without a statement of its own."""
-        groups = self._groups.setdefault((model, column), {})
-        keys = set(keys) - groups.keys()
-        if not keys:
-            return
-        for key in keys:
-            groups[key] = []
-        for row in self.session.execute(sa.select(model).where(getattr(model, column).in_(keys))).scalars():
-            groups[getattr(row, column)].append(row)
-
-    def rows_by(self, model: type[T], column: str, key: Any) -> list[T]:
-        """The rows of ``model`` whose ``column`` holds ``key``: read once per unit (by :meth:`load_by`, for a batch
-        beforehand), then kept current by :meth:`add`."""
-        self.load_by(model, column, (key,))
-        return list(self._groups[(model, column)][key])
-
     def row(self, statement: Any, key: Any) -> sa.Row[Any] | None:
         """The row a :func:`columns_by_key` statement reads for ``key`` (attributes named as its columns)."""
         return self.session.connection().execute(statement, {"id": key}).one_or_none()
-
-    def none_yet(self, model: type[SQLModel], column: str, key: Any) -> None:
-        """Tell :meth:`rows_by` that no row of ``model`` has ``key`` in ``column`` yet (their parent was just
-        added in this unit), so it answers from what :meth:`add` adds without reading the table."""
-        self._groups.setdefault((model, column), {}).setdefault(key, [])
-
-    def get(self, model: type[T], key: Any) -> T | None:
-        """``session.get``, answered without a statement for what this unit added or :meth:`load` read."""
-        added = self._added.get((model, key))
-        if added is not None:
-            return added  # type: ignore[no-any-return]
-        if (model, key) in self._absent:
-            return None
-        return self.session.get(model, key)
-
-    def add(self, row: SQLModel) -> None:
-        """``session.add`` for a new row that :meth:`get` and :meth:`rows_by` must find before the session
-        flushes it."""
-        self.session.add(row)
-        model = type(row)
-        self._added[(model, getattr(row, sa.inspect(model).primary_key[0].key))] = row
-        for (grouped, column), groups in self._groups.items():
-            if grouped is model and (group := groups.get(getattr(row, column))) is not None:
-                group.append(row)
 
     # -- records: rows as plain attributes, for a path that reads and changes many rows per batch (see _records)
 

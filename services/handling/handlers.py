@@ -21,7 +21,7 @@ from sqlmodel import col, select
 from schemas import Actor, ActorKind, Event, encode_event
 from schemas import events as ev
 from services.common.changes import keys_for
-from services.common.db import UnitOfWork, as_utc, columns_by_key
+from services.common.db import Record, UnitOfWork, as_utc, columns_by_key
 from services.common.errors import Forbidden, NotFound, Rejected, UnknownIncident
 
 from .models import (
@@ -48,9 +48,9 @@ WORK_ORDERS = "work-orders"
 """The long-poll key of a department's queue (``work-orders:<department>``)."""
 
 
-def _known_order(uow: UnitOfWork, work_order_id: str, incident_id: str) -> HandlingWorkOrder:
+def _known_order(uow: UnitOfWork, work_order_id: str, incident_id: str) -> Record:
     """The work order an event from the center names; one this service never received is a poison message."""
-    order = uow.get(HandlingWorkOrder, work_order_id)
+    order = uow.record(HandlingWorkOrder, work_order_id)
     if order is None or order.incident_id != incident_id:
         raise UnknownIncident(f"no work order {work_order_id} for incident {incident_id}")
     return order
@@ -60,7 +60,7 @@ def _urls(text: str) -> list[str]:
     return [u for u in text.split() if u]
 
 
-def _queue_webhook(uow: UnitOfWork, policy: HandlingSettings, order: HandlingWorkOrder, event: Event) -> None:
+def _queue_webhook(uow: UnitOfWork, policy: HandlingSettings, order: Record, event: Event) -> None:
     """Outbox-style: the push is recorded with the state change; the deliverer sends it later."""
     url = policy.webhooks.get(order.department_code)
     if not url:
@@ -85,10 +85,11 @@ def _queue_webhook(uow: UnitOfWork, policy: HandlingSettings, order: HandlingWor
 
 def receive_work_order(dispatched: ev.WorkOrderDispatched, uow: UnitOfWork, policy: HandlingSettings) -> None:
     """派遣: a new work order lands in the department's queue; one already known changes nothing."""
-    if uow.get(HandlingWorkOrder, dispatched.work_order_id) is not None:
+    if uow.record(HandlingWorkOrder, dispatched.work_order_id) is not None:
         return
     loc = dispatched.location
-    order = HandlingWorkOrder(
+    order = uow.insert(
+        HandlingWorkOrder,
         work_order_id=dispatched.work_order_id,
         incident_id=dispatched.incident_id,
         correlation_id=dispatched.correlation_id,
@@ -108,7 +109,6 @@ def receive_work_order(dispatched: ev.WorkOrderDispatched, uow: UnitOfWork, poli
         deadline=dispatched.deadline,
         dispatched_at=dispatched.occurred_at,
     )
-    uow.add(order)
     uow.touch(*keys_for(WORK_ORDERS, order.department_code))
     _queue_webhook(uow, policy, order, dispatched)
 
@@ -140,7 +140,7 @@ def refuse_extension(refused: ev.ExtensionRefused, uow: UnitOfWork, policy: Hand
 
 def close_work_orders(closed: ev.IncidentClosed, uow: UnitOfWork, policy: HandlingSettings) -> None:
     """结案: the incident's handled work orders are closed. An incident fixed on the spot had none: nothing to do."""
-    for order in uow.rows_by(HandlingWorkOrder, "incident_id", closed.incident_id):
+    for order in uow.records_by(HandlingWorkOrder, "incident_id", closed.incident_id):
         if order.status == OrderStatus.HANDLED:
             order.status = OrderStatus.CLOSED
 
@@ -468,8 +468,8 @@ def record_webhook_attempt(delivery_id: int, error: str | None, uow: UnitOfWork,
 
 def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
     """A batch's work orders read in two queries, rather than one or two per event."""
-    uow.load(HandlingWorkOrder, (w for e in events if (w := getattr(e, "work_order_id", None))))
-    uow.load_by(HandlingWorkOrder, "incident_id", (e.incident_id for e in events if isinstance(e, ev.IncidentClosed)))
+    uow.fetch(HandlingWorkOrder, (w for e in events if (w := getattr(e, "work_order_id", None))))
+    uow.fetch_by(HandlingWorkOrder, "incident_id", (e.incident_id for e in events if isinstance(e, ev.IncidentClosed)))
 
 
 def bind(policy: HandlingSettings) -> Mapping[type[Event], Callable[[Any, UnitOfWork], None]]:

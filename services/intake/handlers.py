@@ -14,7 +14,7 @@ from sqlmodel import col, or_, select
 from schemas import Actor, ActorKind, Event, Location
 from schemas import events as ev
 from services.common.auth import Principal, Role
-from services.common.db import UnitOfWork, as_utc
+from services.common.db import Record, UnitOfWork, as_utc
 from services.common.errors import Forbidden, NotFound, Rejected, Unavailable, UnknownIncident
 
 from .models import IncidentPublic, IntakeIncident, IntakeTransition, ReportAccepted, ReportCreate, TransitionPublic
@@ -152,10 +152,6 @@ def _duplicate(existing: IntakeIncident, cmd: ReportCreate) -> ReportAccepted:
     return ReportAccepted(incident_id=existing.incident_id, status=existing.status, duplicate=True)
 
 
-def _row_from_report(event: ev.IncidentReported) -> IntakeIncident:
-    return IntakeIncident(**_report_values(event))
-
-
 def _report_values(event: ev.IncidentReported) -> dict[str, Any]:
     """A new incident's columns (the others take their defaults)."""
     return dict(
@@ -216,7 +212,7 @@ def _detail(event: Event) -> str:
     return ""
 
 
-def _before_status(event: Event, row: IntakeIncident) -> bool:
+def _before_status(event: Event, row: Record) -> bool:
     """Whether ``event`` occurred before the one that set the incident's status (it arrived late: two producers'
     records of one incident can cross on their way to the lifecycle log)."""
     return row.status_at is not None and event.occurred_at < as_utc(row.status_at)
@@ -224,12 +220,11 @@ def _before_status(event: Event, row: IntakeIncident) -> bool:
 
 def record_transition(event: Event, uow: UnitOfWork) -> None:
     """Fold one lifecycle event into the incident's status and timeline."""
-    row = uow.get(IntakeIncident, event.incident_id)
+    row = uow.record(IntakeIncident, event.incident_id)
     if row is None:
         if not isinstance(event, ev.IncidentReported):
             raise UnknownIncident(f"{event.type} for unknown incident {event.incident_id}")
-        row = _row_from_report(event)
-        uow.add(row)
+        row = uow.insert(IntakeIncident, **_report_values(event))
     status = _STATUS_AFTER.get(event.type)
     if status and (status in _FINAL or (row.status not in _FINAL and not _before_status(event, row))):
         row.status, row.status_at = status, event.occurred_at
@@ -268,7 +263,7 @@ def record_transition(event: Event, uow: UnitOfWork) -> None:
 
 def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
     """A batch's incidents in one query rather than one per event."""
-    uow.load(IntakeIncident, (e.incident_id for e in events))
+    uow.fetch(IntakeIncident, (e.incident_id for e in events))
 
 
 def get_incident(incident_id: str, uow: UnitOfWork, who: Principal | None = None) -> IncidentPublic:

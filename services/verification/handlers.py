@@ -31,30 +31,29 @@ VERIFICATIONS = "verifications"
 
 def open_task(requested: ev.VerificationRequested, uow: UnitOfWork) -> None:
     """A 核查 task for the grid worker; a request already seen under the same verification id changes nothing."""
-    if uow.get(VerificationTask, requested.verification_id) is not None:
+    if uow.record(VerificationTask, requested.verification_id) is not None:
         return
     if requested.grid_id not in GRIDS:
         raise PoisonMessage(f"verification {requested.verification_id} names unknown grid {requested.grid_id!r}")
     loc = requested.location
-    uow.add(
-        VerificationTask(
-            verification_id=requested.verification_id,
-            incident_id=requested.incident_id,
-            correlation_id=requested.correlation_id,
-            request_event_id=requested.event_id,
-            grid_id=requested.grid_id,
-            worker_id=requested.worker_id,
-            category_code=requested.category_code,
-            lat=loc.lat,
-            lon=loc.lon,
-            address=loc.address,
-            description=requested.description,
-            work_order_ids=" ".join(requested.work_order_ids),
-            evidence_urls=" ".join(str(u) for u in requested.evidence_urls),
-            round=requested.round,
-            status=TaskStatus.PENDING,
-            requested_at=requested.occurred_at,
-        )
+    uow.insert(
+        VerificationTask,
+        verification_id=requested.verification_id,
+        incident_id=requested.incident_id,
+        correlation_id=requested.correlation_id,
+        request_event_id=requested.event_id,
+        grid_id=requested.grid_id,
+        worker_id=requested.worker_id,
+        category_code=requested.category_code,
+        lat=loc.lat,
+        lon=loc.lon,
+        address=loc.address,
+        description=requested.description,
+        work_order_ids=" ".join(requested.work_order_ids),
+        evidence_urls=" ".join(str(u) for u in requested.evidence_urls),
+        round=requested.round,
+        status=TaskStatus.PENDING,
+        requested_at=requested.occurred_at,
     )
     uow.touch(*keys_for(VERIFICATIONS, requested.grid_id))
 
@@ -203,7 +202,7 @@ def list_verifications(
 
 def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
     """A batch's tasks read in one query, rather than one per request."""
-    uow.load(VerificationTask, (e.verification_id for e in events if isinstance(e, ev.VerificationRequested)))
+    uow.fetch(VerificationTask, (e.verification_id for e in events if isinstance(e, ev.VerificationRequested)))
 
 
 HANDLERS: dict[type[Event], Handler] = {
