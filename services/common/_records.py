@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
 
@@ -85,19 +85,19 @@ class RecordStore:
             state = self._tables[table] = _Table(table)
         return state
 
-    def fetch(self, session: Session, model: type[SQLModel], keys: Iterable[Any]) -> None:
+    def fetch(self, connection: Connection, model: type[SQLModel], keys: Iterable[Any]) -> None:
         """Read the rows with these keys (those not read yet) in one statement; a key with no row is absent."""
         state = self._of(model)
         wanted = set(keys) - state.rows.keys() - state.absent
         if not wanted:
             return
         key = state.table.c[state.key]
-        for row in session.execute(sa.select(state.table).where(key.in_(wanted))).mappings():
+        for row in connection.execute(sa.select(state.table).where(key.in_(wanted))).mappings():
             state.keep(dict(row))
             wanted.discard(row[state.key])
         state.absent |= wanted
 
-    def fetch_by(self, session: Session, model: type[SQLModel], column: str, keys: Iterable[Any]) -> None:
+    def fetch_by(self, connection: Connection, model: type[SQLModel], column: str, keys: Iterable[Any]) -> None:
         """Read every row whose ``column`` holds one of ``keys`` (those not asked for yet) in one statement."""
         state = self._of(model)
         groups = state.groups.setdefault(column, {})
@@ -106,16 +106,18 @@ class RecordStore:
             return
         for key in wanted:
             groups[key] = []
-        for row in session.execute(sa.select(state.table).where(state.table.c[column].in_(wanted))).mappings():
+        for row in connection.execute(sa.select(state.table).where(state.table.c[column].in_(wanted))).mappings():
             groups[row[column]].append(state.keep(dict(row)))
         for record in state.new:  # added in this unit (not in the table yet) before its group was asked for
             if (value := getattr(record, column)) in wanted:
                 groups[value].append(record)
 
-    def where(self, session: Session, model: type[SQLModel], statement: Any, params: dict[str, Any]) -> list[Record]:
+    def where(
+        self, connection: Connection, model: type[SQLModel], statement: Any, params: dict[str, Any]
+    ) -> list[Record]:
         """The records of the rows a select of the whole table returns (those already kept as they are now)."""
         state = self._of(model)
-        return [state.keep(dict(row)) for row in session.execute(statement, params).mappings()]
+        return [state.keep(dict(row)) for row in connection.execute(statement, params).mappings()]
 
     def inserted(self, model: type[SQLModel]) -> list[Record]:
         return list(self._of(model).new)
@@ -123,14 +125,14 @@ class RecordStore:
     def none_by(self, model: type[SQLModel], column: str, key: Any) -> None:
         self._of(model).groups.setdefault(column, {}).setdefault(key, [])
 
-    def get(self, session: Session, model: type[SQLModel], key: Any) -> Record | None:
+    def get(self, connection: Connection, model: type[SQLModel], key: Any) -> Record | None:
         state = self._of(model)
         if key not in state.rows and key not in state.absent:
-            self.fetch(session, model, (key,))
+            self.fetch(connection, model, (key,))
         return state.rows.get(key)
 
-    def by(self, session: Session, model: type[SQLModel], column: str, key: Any) -> list[Record]:
-        self.fetch_by(session, model, column, (key,))
+    def by(self, connection: Connection, model: type[SQLModel], column: str, key: Any) -> list[Record]:
+        self.fetch_by(connection, model, column, (key,))
         return list(self._of(model).groups[column][key])
 
     def insert(self, model: type[SQLModel], values: dict[str, Any]) -> Record:
@@ -147,13 +149,13 @@ class RecordStore:
                 group.append(record)
         return record
 
-    def write(self, session: Session) -> None:
+    def write(self, connection: Connection) -> None:
         """Insert the new records and update the changed columns of the others; then they count as read."""
         for state in self._tables.values():
             if state.new:
-                session.execute(sa.insert(state.table), [dict(vars(r)) for r in state.new])
+                connection.execute(sa.insert(state.table), [dict(vars(r)) for r in state.new])
             for _, params in state.changes().items():
-                session.execute(_update(state.table), params)
+                connection.execute(_update(state.table), params)
             for record in state.new:
                 state.as_read[getattr(record, state.key)] = {}
             state.new = []

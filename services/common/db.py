@@ -16,7 +16,7 @@ from typing import Any, Self
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel
 
@@ -156,7 +156,11 @@ def as_utc(value: datetime) -> datetime:
 
 
 class UnitOfWork:
-    """One transaction: claim the message, change state, queue events; ``commit`` makes all of it durable."""
+    """One transaction: claim the message, change state, queue events; ``commit`` makes all of it durable.
+
+    The transaction is one connection's: claims, records, appended rows and prebuilt reads are Core statements on
+    :attr:`connection`. An ORM :attr:`session` is made only for a path that asks for one, joined to the same
+    transaction (a consumed batch or a department's action never pays for the ORM's session machinery)."""
 
     def __init__(
         self,
@@ -172,18 +176,37 @@ class UnitOfWork:
         """Told, after each commit, the keys :meth:`touch` named (long polls waiting on them wake)."""
         self.touched: set[str] = set()
         self.emitted: list[Event] = []
+        self.info: dict[str, Any] = {}
+        """What a handler keeps for the rest of the unit (the next handler of a batch, say); emptied per unit."""
+        self._entered = False
+        self._connection: Connection | None = None
         self._session: Session | None = None
         self._appended: dict[sa.Table, list[dict[str, Any]]] = {}
         self._records = RecordStore()
 
     @property
+    def connection(self) -> Connection:
+        """The unit's connection (checked out when first asked for); its transaction is the unit's."""
+        if self._connection is None:
+            if not self._entered:
+                raise RuntimeError("unit of work used outside `with`")
+            self._connection = self.engine.connect()
+        return self._connection
+
+    @property
     def session(self) -> Session:
+        """An ORM session in the unit's transaction (made when first asked for; a commit ends it, and a later
+        use makes another: objects read before the commit are detached, with what they loaded)."""
         if self._session is None:
-            raise RuntimeError("unit of work used outside `with`")
+            connection = self.connection
+            if not connection.in_transaction():
+                connection.begin()
+            # the unit commits; the session flushes into the transaction and may roll it back, never commit it
+            self._session = Session(bind=connection, expire_on_commit=False, join_transaction_mode="rollback_only")
         return self._session
 
     def __enter__(self) -> Self:
-        self._session = Session(self.engine, expire_on_commit=False)
+        self._entered = True
         self.emitted = []
         self.touched = set()
         self._reset()
@@ -192,12 +215,20 @@ class UnitOfWork:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        assert self._session is not None
-        self._session.close()  # anything not committed is rolled back
-        self._session = None
+        self._end_session()
+        if self._connection is not None:
+            self._connection.close()  # anything not committed is rolled back
+            self._connection = None
+        self._entered = False
         self._reset()
 
+    def _end_session(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
     def _reset(self) -> None:
+        self.info = {}
         self._appended = {}
         self._records = RecordStore()
 
@@ -214,9 +245,9 @@ class UnitOfWork:
         One ``INSERT … ON CONFLICT DO NOTHING`` in the unit's transaction: a concurrent consumer of the same event
         waits for this transaction (PostgreSQL: for the row; SQLite: for the write lock) and then finds the mark,
         so exactly one of them applies it."""
-        one, _ = _claim_statements(self.session.get_bind().dialect.name)
+        one, _ = _claim_statements(self.engine.dialect.name)
         row = {"event_id": event.event_id, "type": event.type, "processed_at": self.now()}
-        return bool(self.session.execute(one, row).rowcount)  # type: ignore[attr-defined]
+        return bool(self.connection.execute(one, row).rowcount)
 
     def claim_all(self, events: Sequence[Event]) -> list[Event]:
         """:meth:`claim` for a batch, in one statement: returns the events not applied before, in order, each
@@ -226,42 +257,42 @@ class UnitOfWork:
             first.setdefault(event.event_id, event)
         if not first:
             return []
-        _, returning = _claim_statements(self.session.get_bind().dialect.name)
+        _, returning = _claim_statements(self.engine.dialect.name)
         now = self.now()
         rows = [{"event_id": e.event_id, "type": e.type, "processed_at": now} for e in first.values()]
-        marked = set(self.session.execute(returning, rows).scalars())
+        marked = set(self.connection.execute(returning, rows).scalars())
         return [e for event_id, e in first.items() if event_id in marked]
 
     def row(self, statement: Any, key: Any) -> sa.Row[Any] | None:
         """The row a :func:`columns_by_key` statement reads for ``key`` (attributes named as its columns)."""
-        return self.session.connection().execute(statement, {"id": key}).one_or_none()
+        return self.connection.execute(statement, {"id": key}).one_or_none()
 
     # -- records: rows as plain attributes, for a path that reads and changes many rows per batch (see _records)
 
     def fetch(self, model: type[SQLModel], keys: Iterable[Any]) -> None:
         """Read the rows of ``model`` with these primary keys as records, in one statement, for :meth:`record`."""
-        self._records.fetch(self.session, model, keys)
+        self._records.fetch(self.connection, model, keys)
 
     def fetch_by(self, model: type[SQLModel], column: str, keys: Iterable[Any]) -> None:
         """Read the rows of ``model`` whose ``column`` (one that never changes) holds one of ``keys`` as records,
         in one statement, for :meth:`records_by`."""
-        self._records.fetch_by(self.session, model, column, keys)
+        self._records.fetch_by(self.connection, model, column, keys)
 
     def record(self, model: type[SQLModel], key: Any) -> Record | None:
         """The row of ``model`` with this primary key as a record (read now unless :meth:`fetch` did), or None.
         Change its attributes in place: the commit writes the columns that changed."""
-        return self._records.get(self.session, model, key)
+        return self._records.get(self.connection, model, key)
 
     def records_by(self, model: type[SQLModel], column: str, key: Any) -> list[Record]:
         """The rows of ``model`` whose ``column`` holds ``key``, as records (with those :meth:`insert` added)."""
-        return self._records.by(self.session, model, column, key)
+        return self._records.by(self.connection, model, column, key)
 
     def records_where(
         self, model: type[SQLModel], statement: Any, params: dict[str, Any] | None = None
     ) -> list[Record]:
         """The rows a select of ``model``'s whole table returns, as records; a row this unit holds already is
         answered as it stands in memory (the select reads the table, where this unit's changes are not yet)."""
-        return self._records.where(self.session, model, statement, params or {})
+        return self._records.where(self.connection, model, statement, params or {})
 
     def inserted(self, model: type[SQLModel]) -> list[Record]:
         """The records of ``model`` this unit inserted, not written yet (a select does not see them)."""
@@ -302,16 +333,27 @@ class UnitOfWork:
         self.touched.update(keys)
 
     def commit(self) -> None:
-        self._records.write(self.session)
+        connection = self.connection
+        if self._session is not None:
+            self._session.flush()
+        self._records.write(connection)
         if self._appended:
             appended, self._appended = self._appended, {}
             for table, rows in appended.items():
-                self.session.execute(_insert(table), rows)
-        self.session.commit()
+                connection.execute(_insert(table), rows)
+        connection.commit()
+        self._end_session()
         if self.touched:
             touched, self.touched = self.touched, set()
             if self.on_commit is not None:
                 self.on_commit(touched)
+
+    def rollback(self) -> None:
+        """Undo everything since the last commit (the unit can go on: a retry, say)."""
+        self._end_session()
+        if self._connection is not None:
+            self._connection.rollback()
+        self._reset()
 
 
 __all__ = [

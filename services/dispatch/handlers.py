@@ -441,7 +441,7 @@ def _take_step(uow: UnitOfWork, order: Record, column: str, now: datetime) -> bo
     Two dispatch instances over one database both run the watchdog: of two that saw the same late order, only the
     one whose UPDATE changed the row emits the event. The row must still be active, unmarked and due by the deadline
     read, so a rework or extension committed meanwhile (new deadline, marks cleared) is not reminded stale."""
-    result = uow.session.connection().execute(
+    result = uow.connection.execute(
         sa.update(DispatchWorkOrder)
         .where(
             col(DispatchWorkOrder.work_order_id) == order.work_order_id,

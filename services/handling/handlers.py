@@ -205,7 +205,7 @@ def _take(uow: UnitOfWork, order: OrderHead, action: str, **changes: Any) -> Non
     columns = tuple(sorted(changes))
     params = {f"new_{column}": changes[column] for column in columns}
     params.update(id=order.work_order_id, was=order.status, was_extension=order.extension_status)
-    if uow.session.connection().execute(_take_statement(columns), params).rowcount != 1:
+    if uow.connection.execute(_take_statement(columns), params).rowcount != 1:
         raise Rejected(f"work order {order.work_order_id} was changed meanwhile; {action} refused")
 
 
@@ -351,7 +351,7 @@ def list_work_orders(
         late = sa.and_(c.status.in_(OrderStatus.ACTIVE), c.deadline < now)
         q = q.where(late if overdue else sa.not_(late))
     q = q.order_by(c.deadline, c.work_order_id).offset(offset).limit(limit)
-    return [_order_public(o, now) for o in uow.session.connection().execute(q)]
+    return [_order_public(o, now) for o in uow.connection.execute(q)]
 
 
 def list_webhook_deliveries(
@@ -432,7 +432,7 @@ def claim_due_webhooks(uow: UnitOfWork, policy: HandlingSettings, limit: int = 5
     lease = now + timedelta(seconds=policy.webhook_timeout_s * 2 + 30)
     claimed: list[WebhookJob] = []
     for job in jobs:
-        result = uow.session.connection().execute(
+        result = uow.connection.execute(
             sa.update(HandlingWebhookDelivery)
             .where(
                 col(HandlingWebhookDelivery.id) == job.id,

@@ -71,7 +71,7 @@ _REPORTED_AS = sa.select(_INCIDENTS.c.incident_id).where(
 
 
 def _find_report(uow: UnitOfWork, reporter_id: str, client_report_id: str) -> IntakeIncident | None:
-    incident_id = uow.session.execute(_REPORTED_AS, {"reporter": reporter_id, "report": client_report_id}).scalar()
+    incident_id = uow.connection.execute(_REPORTED_AS, {"reporter": reporter_id, "report": client_report_id}).scalar()
     return None if incident_id is None else uow.session.get(IntakeIncident, incident_id)
 
 
@@ -128,7 +128,7 @@ def report_incident(cmd: ReportCreate, uow: UnitOfWork, actor: Actor | None = No
         try:
             uow.commit()
         except IntegrityError:
-            uow.session.rollback()
+            uow.rollback()
             uow.emitted.remove(event)
             # Another intake instance on the same database committed this client_report_id between our lookup
             # and our commit: the unique constraint kept one row; answer as for any retry, with that incident.

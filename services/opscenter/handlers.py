@@ -164,7 +164,7 @@ def fold_event(event: Event, uow: UnitOfWork) -> list[tuple[str, float]]:
 
 
 _MAY_BE_PARKED = "opscenter.may_be_parked"
-"""In the session's info: False once a batch's preload found no parked event it could release (the usual case),
+"""In the unit's info: False once a batch's preload found no parked event it could release (the usual case),
 so the fold skips looking; parking one sets it again."""
 
 
@@ -178,10 +178,10 @@ def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
     # a closure closes the incident's handled work orders: all of them, read at once
     uow.fetch_by(OpsWorkOrder, "incident_id", (e.incident_id for e in events if isinstance(e, ev.IncidentClosed)))
     p = OpsParked.__table__.c  # type: ignore[attr-defined]
-    waiting = uow.session.execute(
+    waiting = uow.connection.execute(
         sa.select(p.event_id).where(sa.or_(p.incident_id.in_(incident_ids), p.work_order_id.in_(order_ids))).limit(1)
     ).first()
-    uow.session.info[_MAY_BE_PARKED] = waiting is not None
+    uow.info[_MAY_BE_PARKED] = waiting is not None
 
 
 _NEEDS_ORDER = (
@@ -196,8 +196,8 @@ _NEEDS_ORDER = (
 
 
 def _park(event: Event, uow: UnitOfWork) -> None:
+    uow.info[_MAY_BE_PARKED] = True
     s = uow.session
-    s.info[_MAY_BE_PARKED] = True
     if s.get(OpsParked, event.event_id) is None:
         s.add(
             OpsParked(
@@ -214,10 +214,10 @@ def _unpark(uow: UnitOfWork, column: str, key: str) -> list[tuple[str, float]]:
     """Fold the events that waited for the one just folded (those whose ``column`` holds ``key``), oldest first
     (one may park again, waiting for something else still: a work order's events wait for its dispatch after
     the report came)."""
-    s = uow.session
     stages: list[tuple[str, float]] = []
-    if not s.info.get(_MAY_BE_PARKED, True):
+    if not uow.info.get(_MAY_BE_PARKED, True):
         return stages
+    s = uow.session
     condition = getattr(OpsParked, column) == key
     waiting = list(s.exec(select(OpsParked.event_id).where(condition).order_by(col(OpsParked.occurred_at))))
     for event_id in waiting:

@@ -106,7 +106,7 @@ def _decide(
     now = uow.now()
     status = TaskStatus.PASSED if passed else TaskStatus.FAILED
     # Compare-and-set: of two workers deciding at once, only one changes the task and emits the outcome.
-    changed = uow.session.connection().execute(
+    changed = uow.connection.execute(
         _DECIDE, {"id": verification_id, "new_status": status, "at": now, "by": worker_id, "new_note": note}
     )
     if changed.rowcount != 1:
@@ -197,7 +197,7 @@ def list_verifications(
     if status:
         q = q.where(c.status == status)
     q = q.order_by(c.requested_at, c.verification_id).offset(offset).limit(limit)
-    return [_public(t) for t in uow.session.connection().execute(q)]
+    return [_public(t) for t in uow.connection.execute(q)]
 
 
 def preload(events: Sequence[Event], uow: UnitOfWork) -> None:

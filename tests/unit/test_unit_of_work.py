@@ -1,0 +1,85 @@
+"""The unit of work's one transaction: Core statements on its connection and an ORM session made on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from services.common.db import UnitOfWork
+from services.opscenter.models import TABLES, OpsFact, OpsIncident, OpsParked
+
+MakeDb = Callable[[tuple[sa.Table, ...]], Engine]
+T0 = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def db(make_db: MakeDb) -> Engine:
+    return make_db(TABLES)
+
+
+def _write_all_three(uow: UnitOfWork, n: int) -> None:
+    """A record, an appended row and an ORM object: three ways into the one transaction."""
+    uow.insert(OpsIncident, incident_id=f"GL-{n}", category_code="exposed_garbage", status="reported", reported_at=T0)
+    uow.append(OpsFact, event_id=f"e{n}", type="IncidentReported", incident_id=f"GL-{n}", occurred_at=T0)
+    uow.session.add(OpsParked(event_id=f"p{n}", incident_id=f"GL-{n}", occurred_at=T0, payload=b"{}"))
+
+
+def _counts(db: Engine) -> tuple[int, int, int]:
+    with db.connect() as conn:
+        return tuple(  # type: ignore[return-value]
+            conn.execute(sa.text(f"select count(*) from {t}")).scalar_one()
+            for t in ("ops_incident", "ops_fact", "ops_parked")
+        )
+
+
+def test_records_appended_rows_and_orm_objects_commit_together(db: Engine) -> None:
+    with UnitOfWork(db) as uow:
+        _write_all_three(uow, 1)
+        uow.commit()
+    assert _counts(db) == (1, 1, 1)
+
+
+def test_leaving_without_a_commit_writes_none_of_them(db: Engine) -> None:
+    with UnitOfWork(db) as uow:
+        _write_all_three(uow, 1)
+        uow.session.flush()  # even what the session already sent to the database
+    assert _counts(db) == (0, 0, 0)
+
+
+def test_after_a_commit_the_unit_goes_on_in_a_new_transaction(db: Engine) -> None:
+    with UnitOfWork(db) as uow:
+        _write_all_three(uow, 1)
+        uow.commit()
+        _write_all_three(uow, 2)
+        uow.commit()
+        _write_all_three(uow, 3)  # not committed
+    assert _counts(db) == (2, 2, 2)
+
+
+def test_a_rollback_undoes_everything_since_the_last_commit_and_the_unit_goes_on(db: Engine) -> None:
+    with UnitOfWork(db) as uow:
+        _write_all_three(uow, 1)
+        uow.commit()
+        _write_all_three(uow, 2)
+        uow.session.flush()
+        uow.rollback()
+        assert uow.record(OpsIncident, "GL-2") is None
+        assert uow.session.get(OpsParked, "p2") is None
+        _write_all_three(uow, 3)
+        uow.commit()
+    with db.connect() as conn:
+        ids = sorted(conn.execute(sa.text("select incident_id from ops_incident")).scalars())
+    assert ids == ["GL-1", "GL-3"]
+    assert _counts(db) == (2, 2, 2)
+
+
+def test_a_unit_is_used_inside_with_only(db: Engine) -> None:
+    uow = UnitOfWork(db)
+    with pytest.raises(RuntimeError, match="outside"):
+        _ = uow.connection
+    with pytest.raises(RuntimeError, match="outside"):
+        _ = uow.session
