@@ -40,10 +40,15 @@ def _incident(uow: UnitOfWork, incident_id: str = "GL-1") -> None:
     uow.insert(OpsIncident, incident_id=incident_id, category_code="exposed_garbage", status="reported", reported_at=T0)
 
 
-def test_an_inserted_record_is_written_with_its_columns_defaults(db: Engine) -> None:
+def _stored_incident(db: Engine) -> None:
+    """GL-1 inserted and committed by a unit of its own."""
     with UnitOfWork(db) as uow:
         _incident(uow)
         uow.commit()
+
+
+def test_an_inserted_record_is_written_with_its_columns_defaults(db: Engine) -> None:
+    _stored_incident(db)
     with UnitOfWork(db) as uow:
         row = uow.record(OpsIncident, "GL-1")
         assert row is not None
@@ -53,9 +58,7 @@ def test_an_inserted_record_is_written_with_its_columns_defaults(db: Engine) -> 
 
 
 def test_the_commit_writes_only_the_columns_that_changed(db: Engine) -> None:
-    with UnitOfWork(db) as uow:
-        _incident(uow)
-        uow.commit()
+    _stored_incident(db)
     with UnitOfWork(db) as uow:
         row = uow.record(OpsIncident, "GL-1")
         assert row is not None
@@ -75,9 +78,7 @@ def test_the_commit_writes_only_the_columns_that_changed(db: Engine) -> None:
 def test_unchanged_records_send_no_update_and_a_second_commit_sends_only_what_changed_since(
     db: Engine, statements: list[str]
 ) -> None:
-    with UnitOfWork(db) as uow:
-        _incident(uow)
-        uow.commit()
+    _stored_incident(db)
     statements.clear()
     with UnitOfWork(db) as uow:
         uow.fetch(OpsIncident, ["GL-1", "GL-9"])
