@@ -60,7 +60,7 @@ class _Table:
         return record
 
     def changes(self) -> dict[tuple[str, ...], list[dict[str, Any]]]:
-        """The updates to send, by the columns they set."""
+        """The updates to send, by the columns they set; the changed rows count as read as they are now."""
         out: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for key, before in self.as_read.items():
             now = vars(self.rows[key])
@@ -69,6 +69,7 @@ class _Table:
                 params = {name: now[name] for name in changed}
                 params["_key"] = key
                 out.setdefault(changed, []).append(params)
+                self.as_read[key] = dict(now)
         return out
 
 
@@ -152,15 +153,13 @@ class RecordStore:
     def write(self, connection: Connection) -> None:
         """Insert the new records and update the changed columns of the others; then they count as read."""
         for state in self._tables.values():
-            if state.new:
-                connection.execute(sa.insert(state.table), [dict(vars(r)) for r in state.new])
-            for _, params in state.changes().items():
+            for params in state.changes().values():
                 connection.execute(_update(state.table), params)
-            for record in state.new:
-                state.as_read[getattr(record, state.key)] = {}
-            state.new = []
-            for key in state.as_read:
-                state.as_read[key] = dict(vars(state.rows[key]))
+            if state.new:
+                rows = [dict(vars(r)) for r in state.new]
+                connection.execute(sa.insert(state.table), rows)
+                state.as_read.update((row[state.key], row) for row in rows)
+                state.new = []
 
 
 __all__ = ["Record", "RecordStore"]

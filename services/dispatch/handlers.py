@@ -546,13 +546,13 @@ def get_case(incident_id: str, uow: UnitOfWork) -> CasePublic:
     )
 
 
+_PENDING_EXTENSIONS = sa.select(_ORDERS).where(_ORDERS.c.extension_requested_until.is_not(None))
+
+
 def pending_extensions(uow: UnitOfWork) -> list[WorkOrderPublic]:
     now = uow.now()
     rows = uow.records_where(DispatchWorkOrder, _PENDING_EXTENSIONS)
     return [_order_public(o, now) for o in rows]
-
-
-_PENDING_EXTENSIONS = sa.select(_ORDERS).where(_ORDERS.c.extension_requested_until.is_not(None))
 
 
 def bind(policy: DispatchSettings) -> Mapping[type[Event], Callable[[Any, UnitOfWork], None]]:

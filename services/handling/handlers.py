@@ -66,17 +66,16 @@ def _queue_webhook(uow: UnitOfWork, policy: HandlingSettings, order: Record, eve
     if not url:
         return
     now = uow.now()
-    uow.session.add(
-        HandlingWebhookDelivery(
-            work_order_id=order.work_order_id,
-            department_code=order.department_code,
-            url=url,
-            event_id=event.event_id,
-            event_type=event.type,
-            payload=encode_event(event).decode(),
-            next_attempt_at=now,
-            created_at=now,
-        )
+    uow.append(  # nothing in this unit reads it back
+        HandlingWebhookDelivery,
+        work_order_id=order.work_order_id,
+        department_code=order.department_code,
+        url=url,
+        event_id=event.event_id,
+        event_type=event.type,
+        payload=encode_event(event).decode(),
+        next_attempt_at=now,
+        created_at=now,
     )
 
 
