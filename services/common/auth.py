@@ -28,7 +28,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from schemas import Actor, ActorKind, utcnow
 from schemas.reference import DEPARTMENTS, GRIDS, grid_of_worker
 
-from .db import as_utc, make_engine
+from .db import as_utc, create_missing, make_engine
 from .errors import Forbidden, GridloopError
 
 TOKEN_PREFIX = "glt_"
@@ -99,7 +99,7 @@ class TokenStore:
         self.cache_s = cache_s
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()
-        SQLModel.metadata.create_all(engine, tables=[AuthToken.__table__])  # type: ignore[attr-defined]
+        create_missing(engine, [AuthToken.__table__])  # type: ignore[attr-defined]
 
     @classmethod
     def from_env(cls) -> TokenStore:

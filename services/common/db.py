@@ -80,11 +80,20 @@ def make_engine(url: str) -> Engine:
 
 def create_tables(engine: Engine, tables: Iterable[sa.Table]) -> None:
     tables = tuple(tables)
-    SQLModel.metadata.create_all(engine, tables=[*SHARED_TABLES, *tables])
+    create_missing(engine, (*SHARED_TABLES, *tables))
     _add_missing_columns(engine, (*SHARED_TABLES, *tables))
     for table in (*SHARED_TABLES, *tables):  # and the indexes a later version added (create_all skips existing
         for index in table.indexes:  # tables)
             _create_index(engine, table, index)
+
+
+def create_missing(engine: Engine, tables: Sequence[sa.Table]) -> None:
+    """Create those of ``tables`` that do not exist yet. Processes starting together on a new database (every
+    service opens the shared token store) may race: whoever loses finds the table there, and that is no error."""
+    try:
+        SQLModel.metadata.create_all(engine, tables=list(tables))
+    except sa.exc.DBAPIError:  # another process made one of them between the look and the CREATE: look again
+        SQLModel.metadata.create_all(engine, tables=list(tables))
 
 
 def _create_index(engine: Engine, table: sa.Table, index: sa.Index) -> None:
@@ -366,6 +375,7 @@ __all__ = [
     "UnitOfWork",
     "as_utc",
     "columns_by_key",
+    "create_missing",
     "create_tables",
     "make_engine",
 ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from services.common.db import UnitOfWork
+from services.common.auth import Role, TokenStore
+from services.common.db import UnitOfWork, make_engine
 from services.opscenter.models import TABLES, OpsFact, OpsIncident, OpsParked
 
 MakeDb = Callable[[tuple[sa.Table, ...]], Engine]
@@ -83,3 +86,24 @@ def test_a_unit_is_used_inside_with_only(db: Engine) -> None:
         _ = uow.connection
     with pytest.raises(RuntimeError, match="outside"):
         _ = uow.session
+
+
+def test_a_token_store_opened_while_another_process_creates_its_table_starts(tmp_path: Path) -> None:
+    """Every service opens the shared token store at start-up: on a new database one of them creates the table
+    between another's look for it and that one's CREATE TABLE. The late one starts all the same."""
+    url = f"sqlite:///{tmp_path / 'auth.sqlite'}"
+    late, early = make_engine(url), make_engine(url)
+    raced: list[str] = []
+
+    @sa.event.listens_for(late, "before_cursor_execute")
+    def _the_other_process_first(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("CREATE TABLE") and not raced:
+            raced.append(statement)
+            TokenStore(early)  # it looked too, found nothing, and creates the table now
+
+    store = TokenStore(late)
+    assert raced  # the race did happen
+    token, _ = store.issue(Role.OPS_CENTER, "duty-desk")
+    assert store.check(token) is not None
+    late.dispose()
+    early.dispose()
