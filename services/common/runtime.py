@@ -368,6 +368,7 @@ class Runtime:
         level = {"warning": "warn", "critical": "crit"}.get(self.settings.log_level.lower(), self.settings.log_level)
         sys.argv = [sys.argv[0], "--loop", self.settings.event_loop, "worker", "--loglevel", level]
         use_event_loop(self.settings.event_loop)
+        sys.setswitchinterval(self.settings.switch_interval_s)
         _freeze_startup_objects()
         self.app.main()
 

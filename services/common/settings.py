@@ -65,6 +65,11 @@ class ServiceSettings(BaseSettings):
     topic_partitions: int | None = Field(default=None, ge=1, le=1000)
     """Partitions of each topic of the loop (not the dead-letter topic) when it is created; unset: the catalog's
     count (2). A topic that exists keeps its count: records keyed to a partition stay there."""
+    switch_interval_s: float = Field(default=0.001, gt=0, le=0.1)
+    """How long the interpreter lets a thread hold the GIL while another waits for it (Python's default is
+    5 ms). A worker runs two: the loop that applies records and answers the API, and faust's consumer thread
+    fetching from the broker. The loop thread lets go of the GIL on every database call; with 5 ms it could then
+    wait up to 5 ms to take it back from the consumer thread, each time."""
     event_loop: Literal["uvloop", "aio"] = "uvloop"
     """The asyncio loop the worker (consumer, producer and API) runs on: uvloop, or the standard library's."""
     log_level: str = "info"
