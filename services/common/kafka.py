@@ -107,7 +107,11 @@ class OutboxRelay:
     is not claimed while an earlier one of its incident is under another relay's live lease.
 
     Works on the outbox table with Core statements (no ORM objects): it runs after every consumed record that
-    emitted events, so its cost is paid per message."""
+    emitted events, so its cost is paid per message. For the same reason what a flush sent is marked published
+    in the transaction of the next claim (the next flush, or the outbox timer's within its interval), not in a
+    transaction of its own: a claim marks before it looks, so this relay's next records of an incident are
+    never held back by its own records already sent. A crash between the send and that mark sends the records
+    again once their lease ends; consumers skip them by event id."""
 
     lease_s: float = 15.0
     """How long a claim holds: well above a send (acks=all), short enough that a dead relay's records are not
@@ -132,6 +136,8 @@ class OutboxRelay:
         self.clock = clock
         self._claims = itertools.count(1)
         self._lock = asyncio.Lock()
+        self._sent: list[int] = []
+        """Records the broker has (acks=all), not marked published yet: the next claim marks them."""
         t = _OUTBOX.c
         c = _OUTBOX.alias("candidate").c
         e = _OUTBOX.alias("earlier").c
@@ -183,16 +189,26 @@ class OutboxRelay:
             )
 
     def claim(self) -> tuple[str, list[Any]]:
-        """Lease the next batch of records nobody is sending; returns the claim's token and its records, in order."""
+        """Mark what this relay sent since the last claim published, and lease the next batch of records nobody
+        is sending, in one transaction; returns the claim's token and its records, in order."""
         token = f"{self.owner}/{next(self._claims)}"
+        sent = self._sent
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 # one claim at a time: the next one sees this one's leases (it runs after the commit)
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_CLAIM_LOCK)))
             now = self.clock()
+            if sent:
+                conn.execute(self._mark.values(published_at=now), {"ids": sent})
             params = {"now": now, "token": token, "until": now + timedelta(seconds=self.lease_s)}
             rows = sorted(conn.execute(self._claim, params).all(), key=lambda r: r[0])
+        sent.clear()  # only once committed: a failed claim leaves them to the next one
         return token, rows
+
+    @property
+    def unmarked(self) -> int:
+        """Records sent and not marked published yet (the next claim marks them)."""
+        return len(self._sent)
 
     async def flush(self, *, expected: bool = False) -> int:
         """Publish everything pending that no other relay is sending; returns how many records went out.
@@ -201,7 +217,7 @@ class OutboxRelay:
         transaction is skipped."""
         sent = 0
         async with self._lock:
-            if not expected:
+            if not expected and not self._sent:
                 with self.engine.connect() as conn:
                     if conn.execute(self._any_pending).first() is None:
                         return 0  # the usual case of the timer: a read, no write transaction
@@ -220,16 +236,27 @@ class OutboxRelay:
                 except BaseException:
                     self._give_back(token)
                     raise
-                # marked only once the broker has every record (acks=all): a crash before this line means the
-                # records go out again once the lease ends, and consumers skip them by event id
-                with self.engine.begin() as conn:
-                    conn.execute(self._mark.values(published_at=self.clock()), {"ids": [r[0] for r in rows]})
+                # to be marked only now the broker has every record (acks=all), by the next claim: a crash before
+                # it means the records go out again once the lease ends, and consumers skip them by event id
+                self._sent.extend(r[0] for r in rows)
                 sent += len(rows)
                 metrics.observe_outbox([r[4] for r in rows])
                 if len(rows) < self.batch:
                     # drained, as far as this relay may go: anything committed meanwhile is flushed by whoever
                     # committed it, and what waited behind another relay's lease by the next timer tick
                     return sent
+
+    async def settle(self) -> int:
+        """Mark what was sent and is not marked yet, in a transaction of its own (a service that stops: its
+        records would otherwise go out again once their lease ends). Returns how many were marked."""
+        async with self._lock:
+            if not self._sent:
+                return 0
+            with self.engine.begin() as conn:
+                conn.execute(self._mark.values(published_at=self.clock()), {"ids": self._sent})
+            marked = len(self._sent)
+            self._sent.clear()
+            return marked
 
     def _give_back(self, token: str) -> None:
         """End a claim whose records were not sent, so the next flush (here or elsewhere) need not wait out the

@@ -125,6 +125,7 @@ async def test_a_relay_waits_for_a_live_lease_and_takes_over_an_expired_one(
     clock.advance(seconds=2)
     assert await survivor.flush() == 3  # the lease ran out: the survivor sends them
     assert [e for t, e in sent if t.endswith("lifecycle")] == [e.event_id for e in events]
+    assert await survivor.flush() == 0  # the next look (the timer's) marks them published
     assert _unpublished(engines[0]) == 0
     with engines[0].connect() as conn:
         assert {r[0] for r in conn.execute(sa.text("SELECT claimed_by FROM outbox"))} == {"survivor/3"}
@@ -158,7 +159,70 @@ async def test_a_failed_send_gives_the_claim_back(engines: tuple[Engine, Engine]
         await relay.flush()
     assert relay.pending() == 2
     assert await other.flush() == 2  # at once, without waiting out the lease
-    assert other.pending() == 0
+    assert other.unmarked == 2 and await other.flush() == 0
+    assert other.pending() == 0 and other.unmarked == 0
+
+
+async def test_what_a_flush_sent_is_marked_published_by_the_next_claim(
+    engines: tuple[Engine, Engine], clock: FakeClock
+) -> None:
+    """No transaction of its own for the mark: the records wait, sent, until the relay's next claim (the next
+    flush, or the outbox timer's) marks them in its transaction."""
+    sent: list[tuple[str, str]] = []
+    relay = OutboxRelay(engines[0], FakePublisher(sent), clock=clock, owner="a")  # type: ignore[arg-type]
+    _emit(engines[0], ["I1", "I2"])
+    statements: list[str] = []
+    sa.event.listen(engines[0], "before_cursor_execute", lambda _c, _cur, st, *_: statements.append(st))
+    assert await relay.flush() == 2
+    assert not any(st.lstrip().upper().startswith("UPDATE") and "published_at=" in st for st in statements)
+    assert (_unpublished(engines[0]), relay.unmarked, len(sent)) == (2, 2, 4)
+    clock.advance(seconds=0.5)
+    assert await relay.flush() == 0  # the timer's look: nothing to send, the two to mark
+    assert (_unpublished(engines[0]), relay.unmarked, len(sent)) == (0, 0, 4)
+    with engines[0].connect() as conn:
+        marked = {r[0] for r in conn.execute(sa.text("SELECT published_at FROM outbox"))}
+    assert len(marked) == 1 and None not in marked
+
+
+async def test_a_relays_own_records_sent_and_not_marked_do_not_hold_back_its_next_ones(
+    engines: tuple[Engine, Engine], clock: FakeClock
+) -> None:
+    """The claim marks before it looks: I1's second record goes out in the next flush, although its first is
+    still under this relay's lease and not marked when the flush begins."""
+    sent: list[tuple[str, str]] = []
+    relay = OutboxRelay(engines[0], FakePublisher(sent), clock=clock, owner="a")  # type: ignore[arg-type]
+    [first] = _emit(engines[0], ["I1"])
+    assert await relay.flush() == 1 and relay.unmarked == 1
+    [second] = _emit(engines[0], ["I1"])
+    assert await relay.flush() == 1
+    assert [e for t, e in sent if t.endswith("lifecycle")] == [first.event_id, second.event_id]
+    assert relay.unmarked == 1 and _unpublished(engines[0]) == 1  # the second, until the next claim
+
+
+async def test_another_relay_waits_for_records_sent_and_not_marked_yet(
+    engines: tuple[Engine, Engine], clock: FakeClock
+) -> None:
+    """Until they are marked, records sent are under their relay's lease: another relay sends nothing of that
+    incident meanwhile (order); once the mark is in, the next record is anyone's."""
+    sent: list[tuple[str, str]] = []
+    a = OutboxRelay(engines[0], FakePublisher(sent), clock=clock, owner="a")  # type: ignore[arg-type]
+    b = OutboxRelay(engines[1], FakePublisher(sent), clock=clock, owner="b")  # type: ignore[arg-type]
+    [first] = _emit(engines[0], ["I1"])
+    assert await a.flush() == 1
+    [second] = _emit(engines[1], ["I1"])
+    assert await b.flush() == 0  # behind a's lease
+    assert await a.flush() == 1  # a's next claim marks its record, then takes the second
+    assert [e for t, e in sent if t.endswith("lifecycle")] == [first.event_id, second.event_id]
+
+
+async def test_a_relay_that_stops_marks_what_it_sent(engines: tuple[Engine, Engine], clock: FakeClock) -> None:
+    sent: list[tuple[str, str]] = []
+    relay = OutboxRelay(engines[0], FakePublisher(sent), clock=clock, owner="a")  # type: ignore[arg-type]
+    _emit(engines[0], ["I1", "I2", "I1"])
+    assert await relay.flush() == 3 and _unpublished(engines[0]) == 3
+    assert await relay.settle() == 3
+    assert (_unpublished(engines[0]), relay.unmarked) == (0, 0)
+    assert await relay.settle() == 0
 
 
 def test_an_outbox_made_before_the_lease_gets_its_columns_and_indexes(tmp_path: Path, clock: FakeClock) -> None:

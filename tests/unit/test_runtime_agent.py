@@ -252,6 +252,43 @@ def test_worker_runs_on_the_event_loop_asked(
     assert made == [loop_type]
 
 
+@pytest.mark.parametrize(("setting", "interval"), [(None, 0.001), ("0.0005", 0.0005)])
+def test_worker_starts_with_the_switch_interval_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str | None, interval: float
+) -> None:
+    # the loop thread lets go of the GIL on every database call; at Python's 5 ms it could wait that long to take it
+    # back from faust's consumer thread
+    import sys
+
+    from services.common import runtime as runtime_module
+
+    if setting is not None:
+        monkeypatch.setenv("GRIDLOOP_SWITCH_INTERVAL_S", setting)
+    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105))
+    seen: list[float] = []
+    monkeypatch.setattr(runtime_module, "_freeze_startup_objects", lambda: None)
+    _start_worker(rt, monkeypatch, lambda: seen.append(sys.getswitchinterval()))
+    assert seen == [pytest.approx(interval)]
+
+
+async def test_a_stopping_worker_marks_what_its_relay_sent(runtime: Any) -> None:
+    class Publisher:
+        started = True
+        sent: list[str] = []
+
+        async def send_all(self, records: Any) -> None:
+            self.sent.extend(topic for topic, *_ in records)
+
+    runtime.relay.publisher = Publisher()
+    with runtime.uow() as uow:
+        uow.emit(_report())
+        uow.commit()
+    assert await runtime.relay.flush() == 1
+    assert runtime.relay.pending() == 1  # sent, marked by the next claim or at the stop
+    await runtime.app.on_before_shutdown.send()
+    assert runtime.relay.pending() == 0 and runtime.relay.unmarked == 0
+
+
 def _start_worker(rt: Any, monkeypatch: pytest.MonkeyPatch, main: Any) -> None:
     """``rt.run()`` up to the worker's start, which calls ``main`` instead: no broker wait, no port check; the
     command line and the event loop policy it sets are put back afterwards."""
@@ -264,11 +301,12 @@ def _start_worker(rt: Any, monkeypatch: pytest.MonkeyPatch, main: Any) -> None:
     monkeypatch.setattr(runtime_module, "_require_free_port", lambda *a: None)
     monkeypatch.setattr(rt.app, "main", main)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    saved = asyncio.get_event_loop_policy()
+    saved, interval = asyncio.get_event_loop_policy(), sys.getswitchinterval()
     try:
         rt.run()
     finally:
         asyncio.set_event_loop_policy(saved)
+        sys.setswitchinterval(interval)
 
 
 @pytest.mark.parametrize("linger", [None, "5"])
