@@ -192,18 +192,22 @@ class OutboxRelay:
         """Mark what this relay sent since the last claim published, and lease the next batch of records nobody
         is sending, in one transaction; returns the claim's token and its records, in order."""
         token = f"{self.owner}/{next(self._claims)}"
-        sent = self._sent
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 # one claim at a time: the next one sees this one's leases (it runs after the commit)
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_CLAIM_LOCK)))
             now = self.clock()
-            if sent:
-                conn.execute(self._mark.values(published_at=now), {"ids": sent})
+            self._mark_sent(conn, now)
             params = {"now": now, "token": token, "until": now + timedelta(seconds=self.lease_s)}
             rows = sorted(conn.execute(self._claim, params).all(), key=lambda r: r[0])
-        sent.clear()  # only once committed: a failed claim leaves them to the next one
+        self._sent.clear()  # only once committed: a failed claim leaves them to the next one
         return token, rows
+
+    def _mark_sent(self, conn: Any, now: datetime) -> int:
+        """Mark what was sent since the last mark published, in ``conn``'s transaction; returns how many."""
+        if self._sent:
+            conn.execute(self._mark.values(published_at=now), {"ids": self._sent})
+        return len(self._sent)
 
     @property
     def unmarked(self) -> int:
@@ -253,8 +257,7 @@ class OutboxRelay:
             if not self._sent:
                 return 0
             with self.engine.begin() as conn:
-                conn.execute(self._mark.values(published_at=self.clock()), {"ids": self._sent})
-            marked = len(self._sent)
+                marked = self._mark_sent(conn, self.clock())
             self._sent.clear()
             return marked
 

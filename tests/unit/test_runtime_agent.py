@@ -235,11 +235,6 @@ def test_worker_runs_on_the_event_loop_asked(
 ) -> None:
     # faust reads --loop when it is first imported, long before a service starts its worker: the option alone left
     # every service on the standard library's loop whatever GRIDLOOP_EVENT_LOOP said
-    from services.common import runtime as runtime_module
-
-    if setting is not None:
-        monkeypatch.setenv("GRIDLOOP_EVENT_LOOP", setting)
-    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105))
     made: list[str] = []
 
     def main() -> None:  # what the worker's loop will be: made here as faust's worker makes it
@@ -247,8 +242,7 @@ def test_worker_runs_on_the_event_loop_asked(
         made.append(f"{type(loop).__module__}.{type(loop).__qualname__}")
         loop.close()
 
-    monkeypatch.setattr(runtime_module, "_freeze_startup_objects", lambda: None)
-    _start_worker(rt, monkeypatch, main)
+    _start_worker_with(tmp_path, monkeypatch, "GRIDLOOP_EVENT_LOOP", setting, main)
     assert made == [loop_type]
 
 
@@ -260,14 +254,10 @@ def test_worker_starts_with_the_switch_interval_asked(
     # back from faust's consumer thread
     import sys
 
-    from services.common import runtime as runtime_module
-
-    if setting is not None:
-        monkeypatch.setenv("GRIDLOOP_SWITCH_INTERVAL_S", setting)
-    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105))
     seen: list[float] = []
-    monkeypatch.setattr(runtime_module, "_freeze_startup_objects", lambda: None)
-    _start_worker(rt, monkeypatch, lambda: seen.append(sys.getswitchinterval()))
+    _start_worker_with(
+        tmp_path, monkeypatch, "GRIDLOOP_SWITCH_INTERVAL_S", setting, lambda: seen.append(sys.getswitchinterval())
+    )
     assert seen == [pytest.approx(interval)]
 
 
@@ -287,6 +277,20 @@ async def test_a_stopping_worker_marks_what_its_relay_sent(runtime: Any) -> None
     assert runtime.relay.pending() == 1  # sent, marked by the next claim or at the stop
     await runtime.app.on_before_shutdown.send()
     assert runtime.relay.pending() == 0 and runtime.relay.unmarked == 0
+
+
+def _start_worker_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str | None, main: Any
+) -> None:
+    """A dispatch worker built with ``variable`` set to ``value`` (None: unset), started up to ``main`` as
+    :func:`_start_worker` does, without freezing the start-up objects."""
+    from services.common import runtime as runtime_module
+
+    if value is not None:
+        monkeypatch.setenv(variable, value)
+    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105))
+    monkeypatch.setattr(runtime_module, "_freeze_startup_objects", lambda: None)
+    _start_worker(rt, monkeypatch, main)
 
 
 def _start_worker(rt: Any, monkeypatch: pytest.MonkeyPatch, main: Any) -> None:
