@@ -104,7 +104,9 @@ class Criteria:
     """When a step counts as sustained."""
 
     min_closure_share: float = 0.95
-    """Closures per second in the measurement window, as a share of the offered rate."""
+    """Closures per second in the measurement window, as a share of the offered rate. Both this and the next share
+    are compared on counts with one incident of slack: a short window at a low rate holds few incidents, and whether
+    one closes just inside or just after it is not a verdict on the loop (1/s over a 7.5-s window is 7 or 8)."""
     min_offered_share: float = 0.95
     """Reports the driver actually got accepted, as a share of the rate it was asked to offer."""
     backlog_floor: int = 10
@@ -168,9 +170,9 @@ def evaluate_step(outcome: StepOutcome, criteria: Criteria | None = None) -> tup
     c = criteria or Criteria()
     offered = outcome.offered_rate
     reasons: list[str] = []
-    if outcome.sent_rate < c.min_offered_share * offered:
+    if outcome.sent + 1 < c.min_offered_share * offered * outcome.duration_s:
         reasons.append(f"only {outcome.sent_rate:.1f}/s of {offered:g}/s reported (intake or driver saturated)")
-    if outcome.closure_rate < c.min_closure_share * offered:
+    if outcome.closed_in_window + 1 < c.min_closure_share * offered * outcome.window_s:
         reasons.append(f"closed {outcome.closure_rate:.1f}/s < {c.min_closure_share:.0%} of {offered:g}/s")
     growth = backlog_growth(outcome)
     bound = max(c.backlog_floor, c.backlog_share * offered * outcome.window_s)

@@ -79,6 +79,16 @@ def test_a_step_that_closes_too_little_is_not_sustained() -> None:
     assert not ok and "closed 30.0/s" in reason
 
 
+def test_a_short_slow_step_may_close_one_incident_fewer_than_its_window_holds() -> None:
+    # the soak's quick ramp: 1/s for 10 s, a 7.5-s window; 7 closed in it is 0.93/s, one incident short of 7.5
+    step = StepOutcome(1.0, 10.0, 10, 7.5, 7, [(2.5 + t / 2, 1) for t in range(16)], 40, 0)
+    ok, reason = evaluate_step(step)
+    assert ok, reason
+    step.closed_in_window = 6  # two short: not the window's edge any more
+    ok, reason = evaluate_step(step)
+    assert not ok and "closed 0.8/s" in reason
+
+
 def test_a_growing_backlog_is_not_sustained_even_if_closures_look_fine() -> None:
     ok, reason = evaluate_step(_step(40, 39.5, growth_per_s=5))
     assert not ok and "backlog grew" in reason
