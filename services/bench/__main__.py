@@ -6,6 +6,7 @@ The last line printed is the result as one JSON object; everything before it is 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -49,9 +50,16 @@ def _rates(text: str) -> tuple[float, ...]:
     return rates
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM stops a run as Ctrl-C does (KeyboardInterrupt), so it still stops the services it started and
+    deletes its topics; Python's default for SIGTERM ends the process at once and leaves the services running."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 @app.callback()
 def main() -> None:
     """gridloop's benchmark: the raw Kafka limit, the closed loop's sustained rate, latency and resources."""
+    stop_on_sigterm()
 
 
 @app.command()

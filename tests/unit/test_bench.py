@@ -417,3 +417,34 @@ def test_a_failed_run_deletes_its_topics_too(tmp_path: Any, monkeypatch: pytest.
     with pytest.raises(RuntimeError):
         bench.run()
     assert dropped == [bench.ns]
+
+
+# -- stopping a run ------------------------------------------------------------------------------------------
+
+_SIGTERM_DURING_A_RUN = """
+import asyncio, os, signal, sys
+import uvloop
+from services.bench.__main__ import stop_on_sigterm
+
+stop_on_sigterm()
+
+async def main() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.sleep(60)
+
+try:
+    uvloop.run(main())
+finally:
+    print("services stopped", flush=True)
+"""
+
+
+def test_sigterm_stops_a_run_through_its_clean_up() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_DURING_A_RUN], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert "services stopped" in proc.stdout, proc.stderr
+    assert "KeyboardInterrupt" in proc.stderr
