@@ -379,7 +379,7 @@ def test_the_loop_s_consumers_linger_for_the_rest_of_a_burst(tmp_path: Path) -> 
         )
     }
     assert lingers == {"dispatch": 0.02, "handling": 0.02, "verification": 0.02, "intake": 0.25}
-    assert IntakeSettings(var_dir=tmp_path).batch_max == 128  # its batches hold up the reports it answers
+    assert IntakeSettings(var_dir=tmp_path).batch_max == 64  # its batches hold up the reports it answers
 
 
 def test_an_instance_of_several_rechecks_its_held_long_polls(tmp_path: Path) -> None:
