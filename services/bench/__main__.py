@@ -39,6 +39,12 @@ LongPollS = Annotated[
         min=0.0, max=30.0, help="How long the API holds an empty queue's answer until work comes (0: poll instead)."
     ),
 ]
+BatchActions = Annotated[
+    bool,
+    typer.Option(
+        help="Desks and grid workers act on all they found in one request (批量签收/处置/核查), or one at a time."
+    ),
+]
 KeepDb = Annotated[bool, typer.Option(help="Keep the services' SQLite databases of the run.")]
 KeepTopics = Annotated[bool, typer.Option(help="Keep the run's topics on the broker (deleted after the run).")]
 
@@ -76,6 +82,7 @@ def run(
     poll_s: PollS = 0.2,
     idle_poll_s: IdlePollS = 1.0,
     long_poll_s: LongPollS = 10.0,
+    batch_actions: BatchActions = True,
     base_port: BasePort = DEFAULT_BASE_PORT,
     bootstrap: Bootstrap = "127.0.0.1:9092",
     profile: Profile = None,
@@ -94,6 +101,7 @@ def run(
         poll_s=poll_s,
         idle_poll_s=idle_poll_s,
         long_poll_s=long_poll_s,
+        batch_actions=batch_actions,
         base_port=base_port,
         bootstrap=bootstrap,
         profile=tuple(profile or ()),
@@ -126,6 +134,7 @@ def soak(
     poll_s: PollS = 0.2,
     idle_poll_s: IdlePollS = 1.0,
     long_poll_s: LongPollS = 10.0,
+    batch_actions: BatchActions = True,
     base_port: BasePort = DEFAULT_BASE_PORT,
     bootstrap: Bootstrap = "127.0.0.1:9092",
     profile: Profile = None,
@@ -138,6 +147,7 @@ def soak(
         poll_s=poll_s,
         idle_poll_s=idle_poll_s,
         long_poll_s=long_poll_s,
+        batch_actions=batch_actions,
         base_port=base_port,
         bootstrap=bootstrap,
         profile=tuple(profile or ()),

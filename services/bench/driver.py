@@ -4,9 +4,10 @@ pooled connections) and one aiokafka consumer, in one asyncio loop.
 
 * reporters POST /reports on intake at the offered rate (open loop: a slow service does not slow the arrivals);
 * one desk per department polls GET /work-orders?department=X&status=dispatched on handling and accepts (签收)
-  then handles (处置) each new work order at once;
+  then handles (处置) the new work orders at once: all a look found in one request each (批量签收, 批量处置), or
+  one request per order;
 * one grid worker per grid polls GET /verifications?status=pending on verification with their own token and
-  passes (核查通过) each task at once;
+  passes (核查通过) the new tasks at once, in one request (批量核查) or one per task;
 * the lifecycle reader records when each incident's events occurred; an incident is open from its report's 202
   until its IncidentClosed (or IncidentMerged/IncidentRejected) is read.
 """
@@ -44,6 +45,8 @@ TIMED = frozenset(
         "IncidentClosed",
     }
 )
+HANDLED: dict[str, Any] = {"result": "已处置", "evidence_urls": ["https://evidence.example/after.jpg"]}
+"""What a desk reports of each work order it handles."""
 SMALL_CATEGORIES = tuple(c for c in CATEGORIES.values() if not c.big)
 """Categories that go round the loop once with one department (a big one engages several at once)."""
 
@@ -139,6 +142,7 @@ class Driver:
         poll_s: float = 0.2,
         idle_poll_s: float = 1.0,
         long_poll_s: float = 10.0,
+        batch_actions: bool = True,
         max_in_flight: int = 1000,
         attempts: int = 3,
         seed: int = 7,
@@ -152,6 +156,7 @@ class Driver:
         self.attempts = attempts
         self.idle_poll_s = max(idle_poll_s, poll_s)
         self.long_poll_s = long_poll_s
+        self.batch_actions = batch_actions
         """Desks and workers ask the API to hold an empty answer this long (0: they poll, backing off)."""
         self.rng = random.Random(seed)
         self.counters = Counters()
@@ -383,10 +388,13 @@ class Driver:
             if r is not None:
                 orders = orjson.loads(r.content)
                 listed = len(orders)
-                for order in orders:
-                    if self._seen_orders.add(order["work_order_id"]):
-                        found += 1
-                        self._spawn(self._work(order["work_order_id"], token))
+                new = [o["work_order_id"] for o in orders if self._seen_orders.add(o["work_order_id"])]
+                found = len(new)
+                if new and self.batch_actions:
+                    self._spawn(self._work_many(new, token))
+                elif new:
+                    for work_order_id in new:
+                        self._spawn(self._work(work_order_id, token))
             wait = self._next_wait(wait, found, listed, r is None)
             if wait:
                 await asyncio.sleep(wait)
@@ -407,8 +415,32 @@ class Driver:
         base = f"/work-orders/{work_order_id}"
         if await self._call("handling", "POST", f"{base}/accept", token, (202,)) is None:
             return
-        body = {"result": "已处置", "evidence_urls": ["https://evidence.example/after.jpg"]}
-        await self._call("handling", "POST", f"{base}/handle", token, (202,), json=body)
+        await self._call("handling", "POST", f"{base}/handle", token, (202,), json=HANDLED)
+
+    async def _work_many(self, work_order_ids: list[str], token: str) -> None:
+        accepted = await self._call(
+            "handling", "POST", "/work-orders/accept", token, (202,), json={"work_order_ids": work_order_ids}
+        )
+        if accepted is None:
+            return
+        # an order refused 409 was most likely accepted by an earlier try of this request: handle it too (if it
+        # was not, handling refuses it again)
+        taken = [o["id"] for o in self._outcomes(accepted) if o["code"] in (None, 409)]
+        if taken:
+            items = [{"work_order_id": i, **HANDLED} for i in taken]
+            r = await self._call("handling", "POST", "/work-orders/handle", token, (202,), json={"items": items})
+            if r is not None:
+                self._outcomes(r)
+
+    def _outcomes(self, reply: Reply) -> list[dict[str, Any]]:
+        """A batch's outcomes; refusals counted as a one-item call's would be (409 a conflict, others errors)."""
+        results: list[dict[str, Any]] = reply.json()["results"]
+        for outcome in results:
+            if outcome["code"] == 409:
+                self.counters.conflicts += 1
+            elif outcome["code"] is not None:
+                self.counters.error(f"{outcome['id']}: {outcome['code']} {outcome['error']}")
+        return results
 
     async def _verifier(self, grid_code: str) -> None:
         token = self.tokens.verifiers[grid_code]
@@ -422,10 +454,13 @@ class Driver:
             if r is not None:
                 tasks = orjson.loads(r.content)
                 listed = len(tasks)
-                for task in tasks:
-                    if self._seen_tasks.add(task["verification_id"]):
-                        found += 1
-                        self._spawn(self._pass(task["verification_id"], token))
+                new = [t["verification_id"] for t in tasks if self._seen_tasks.add(t["verification_id"])]
+                found = len(new)
+                if new and self.batch_actions:
+                    self._spawn(self._pass_many(new, token))
+                elif new:
+                    for verification_id in new:
+                        self._spawn(self._pass(verification_id, token))
             wait = self._next_wait(wait, found, listed, r is None)
             if wait:
                 await asyncio.sleep(wait)
@@ -434,6 +469,12 @@ class Driver:
         await self._call(
             "verification", "POST", f"/verifications/{verification_id}/pass", token, (202,), json={"note": "核查通过"}
         )
+
+    async def _pass_many(self, verification_ids: list[str], token: str) -> None:
+        body = {"verification_ids": verification_ids, "note": "核查通过"}
+        r = await self._call("verification", "POST", "/verifications/pass", token, (202,), json=body)
+        if r is not None:
+            self._outcomes(r)
 
     # -- the lifecycle ------------------------------------------------------------------------------------
 

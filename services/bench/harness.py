@@ -61,6 +61,9 @@ class Options:
     """…and how often at most when the last looks found nothing (without long polls)."""
     long_poll_s: float = 10.0
     """How long the API holds a desk's or worker's empty answer until work comes (0: plain polling)."""
+    batch_actions: bool = True
+    """Desks accept and handle, and grid workers pass, what one look at their queue found in one request each
+    (批量签收/处置/核查); False: one request per work order or task."""
     base_port: int = DEFAULT_BASE_PORT
     bootstrap: str = "127.0.0.1:9092"
     out_root: Path = REPO_ROOT / "var" / "bench"
@@ -474,6 +477,7 @@ class Bench:
             poll_s=o.poll_s,
             idle_poll_s=o.idle_poll_s,
             long_poll_s=o.long_poll_s,
+            batch_actions=o.batch_actions,
         )
 
     async def _drive(
@@ -519,6 +523,7 @@ class Bench:
                 "refine": self.options.refine,
                 "poll_s": self.options.poll_s,
                 "long_poll_s": self.options.long_poll_s,
+                "batch_actions": self.options.batch_actions,
                 "raw_s": self.options.raw_s,
             },
             "machine": {"cpus": psutil.cpu_count(), "memory_mb": psutil.virtual_memory().total // 2**20},

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Query
 
 from services.common.api import WaitS, create_api
 from services.common.auth import Principal, Role
+from services.common.batch import BatchOutcome
 from services.common.changes import key_for, long_poll
 from services.common.errors import Forbidden, NotFound
 from services.common.runtime import Runtime
@@ -15,9 +16,11 @@ from services.common.runtime import Runtime
 from . import handlers
 from .models import (
     AcceptWorkOrder,
+    AcceptWorkOrders,
     DeliveryStatus,
     DepartmentCommand,
     HandleWorkOrder,
+    HandleWorkOrders,
     OrderStatus,
     RequestExtension,
     ReturnWorkOrder,
@@ -93,6 +96,27 @@ def build_api(runtime: Runtime) -> FastAPI:
         if who.role is Role.DEPARTMENT and order.department_code != who.department:
             raise NotFound(f"no work order {work_order_id}")
         return order
+
+    @api.post("/work-orders/accept", status_code=202, response_model=BatchOutcome, tags=["work orders"])
+    async def accept_many(body: AcceptWorkOrders, who: Principal = Staff) -> BatchOutcome:
+        """批量签收: take several dispatched work orders in one request.
+
+        Each is accepted or refused (403, 404, 409, with the reason) as the one-order action would; the refused
+        ones change nothing and the others are taken together."""
+        with runtime.uow() as uow:
+            done = handlers.accept_work_orders(_as_caller(body, who), uow)
+        await runtime.flush_outbox()
+        return done
+
+    @api.post("/work-orders/handle", status_code=202, response_model=BatchOutcome, tags=["work orders"])
+    async def handle_many(body: HandleWorkOrders, who: Principal = Staff) -> BatchOutcome:
+        """批量处置: report several work orders done, each with its own result and evidence.
+
+        Each is handled or refused (403, 404, 409, with the reason) as the one-order action would."""
+        with runtime.uow() as uow:
+            done = handlers.handle_work_orders(_as_caller(body, who), uow)
+        await runtime.flush_outbox()
+        return done
 
     @api.post(
         "/work-orders/{work_order_id}/accept",

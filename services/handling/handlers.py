@@ -20,16 +20,19 @@ from sqlmodel import col, select
 
 from schemas import Actor, ActorKind, Event, encode_event
 from schemas import events as ev
+from services.common.batch import BatchOutcome, act_on_each
 from services.common.changes import keys_for
 from services.common.db import Record, UnitOfWork, as_utc, columns_by_key
 from services.common.errors import Forbidden, NotFound, Rejected, UnknownIncident
 
 from .models import (
     AcceptWorkOrder,
+    AcceptWorkOrders,
     DeliveryStatus,
     DepartmentCommand,
     ExtensionStatus,
     HandleWorkOrder,
+    HandleWorkOrders,
     HandlingWebhookDelivery,
     HandlingWorkOrder,
     OrderStatus,
@@ -219,14 +222,26 @@ def _common(order: OrderHead, actor: Actor, uow: UnitOfWork) -> dict[str, Any]:
     )
 
 
-def accept_work_order(work_order_id: str, cmd: AcceptWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
-    """签收: dispatched → accepted."""
+def _accept(work_order_id: str, cmd: DepartmentCommand, uow: UnitOfWork) -> str:
     order, actor = _order_for(uow, work_order_id, cmd)
     _require(order, (OrderStatus.DISPATCHED,), "accepting")
     _take(uow, order, "accepting", status=OrderStatus.ACCEPTED, accepted_at=uow.now())
     uow.emit(ev.WorkOrderAccepted(**_common(order, actor, uow)))
+    return OrderStatus.ACCEPTED
+
+
+def accept_work_order(work_order_id: str, cmd: AcceptWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
+    """签收: dispatched → accepted."""
+    status = _accept(work_order_id, cmd, uow)
     uow.commit()
-    return WorkOrderAction(work_order_id=work_order_id, status=OrderStatus.ACCEPTED)
+    return WorkOrderAction(work_order_id=work_order_id, status=status)
+
+
+def accept_work_orders(cmd: AcceptWorkOrders, uow: UnitOfWork) -> BatchOutcome:
+    """批量签收: each order as :func:`accept_work_order` would take it; the refused ones change nothing."""
+    done = act_on_each(cmd.work_order_ids, lambda work_order_id: _accept(work_order_id, cmd, uow))
+    uow.commit()
+    return done
 
 
 def return_work_order(work_order_id: str, cmd: ReturnWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
@@ -269,8 +284,7 @@ def request_extension(work_order_id: str, cmd: RequestExtension, uow: UnitOfWork
     return WorkOrderAction(work_order_id=work_order_id, status=order.status)
 
 
-def handle_work_order(work_order_id: str, cmd: HandleWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
-    """处置: accepted or rework → handled, with the result and evidence for the verifier."""
+def _handle(work_order_id: str, cmd: HandleWorkOrder, uow: UnitOfWork) -> str:
     order, actor = _order_for(uow, work_order_id, cmd)
     _require(order, (OrderStatus.ACCEPTED, OrderStatus.REWORK), "handling")
     changes: dict[str, Any] = dict(
@@ -283,8 +297,33 @@ def handle_work_order(work_order_id: str, cmd: HandleWorkOrder, uow: UnitOfWork)
         changes.update(extension_status=ExtensionStatus.NONE, requested_deadline=None)
     _take(uow, order, "handling", **changes)
     uow.emit(ev.WorkOrderHandled(**_common(order, actor, uow), result=cmd.result, evidence_urls=cmd.evidence_urls))
+    return OrderStatus.HANDLED
+
+
+def handle_work_order(work_order_id: str, cmd: HandleWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
+    """处置: accepted or rework → handled, with the result and evidence for the verifier."""
+    status = _handle(work_order_id, cmd, uow)
     uow.commit()
-    return WorkOrderAction(work_order_id=work_order_id, status=OrderStatus.HANDLED)
+    return WorkOrderAction(work_order_id=work_order_id, status=status)
+
+
+def handle_work_orders(cmd: HandleWorkOrders, uow: UnitOfWork) -> BatchOutcome:
+    """批量处置: each item as :func:`handle_work_order` would take it; the refused ones change nothing."""
+    items = {item.work_order_id: item for item in cmd.items}
+
+    def one(work_order_id: str) -> str:
+        item = items[work_order_id]
+        single = HandleWorkOrder.model_construct(
+            actor_id=cmd.actor_id,
+            department_code=cmd.department_code,
+            result=item.result,
+            evidence_urls=item.evidence_urls,
+        )
+        return _handle(work_order_id, single, uow)
+
+    done = act_on_each(items, one)
+    uow.commit()
+    return done
 
 
 # -- queries --------------------------------------------------------------------------------------------

@@ -6,11 +6,12 @@ from datetime import datetime
 from typing import Annotated
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, model_validator
 from sqlmodel import Field as SqlField
 from sqlmodel import SQLModel
 
 from schemas import AwareDatetime
+from services.common.batch import MAX_BATCH, ItemId, unique
 
 
 def _ts() -> sa.DateTime:
@@ -148,6 +149,33 @@ class HandleWorkOrder(DepartmentCommand):
 
     result: Annotated[str, Field(min_length=1, max_length=2000)]
     evidence_urls: Annotated[list[HttpUrl], Field(max_length=10)] = []
+
+
+class AcceptWorkOrders(DepartmentCommand):
+    """批量签收: the department takes several work orders at once (a desk clearing its queue)."""
+
+    work_order_ids: Annotated[list[ItemId], Field(min_length=1, max_length=MAX_BATCH), AfterValidator(unique)]
+
+
+class HandledWork(BaseModel):
+    """One work order done, in a :class:`HandleWorkOrders`."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    work_order_id: ItemId
+    result: Annotated[str, Field(min_length=1, max_length=2000)]
+    evidence_urls: Annotated[list[HttpUrl], Field(max_length=10)] = []
+
+
+class HandleWorkOrders(DepartmentCommand):
+    """批量处置: several work orders done, each with its result and evidence."""
+
+    items: Annotated[list[HandledWork], Field(min_length=1, max_length=MAX_BATCH)]
+
+    @model_validator(mode="after")
+    def _each_once(self) -> HandleWorkOrders:
+        unique([item.work_order_id for item in self.items])
+        return self
 
 
 class WorkOrderAction(BaseModel):

@@ -8,14 +8,15 @@ from fastapi import FastAPI, Query
 
 from services.common.api import WaitS, create_api
 from services.common.auth import Principal, Role
+from services.common.batch import BatchOutcome
 from services.common.changes import key_for, long_poll
 from services.common.errors import Forbidden, NotFound
 from services.common.runtime import Runtime
 
 from . import handlers
-from .models import FailRequest, PassRequest, VerificationDecided, VerificationPublic
+from .models import FailRequest, PassRequest, PassVerifications, VerificationDecided, VerificationPublic
 
-B = TypeVar("B", PassRequest, FailRequest)
+B = TypeVar("B", PassRequest, FailRequest, PassVerifications)
 
 _ID = r"^[\w.@:-]+$"
 _DECISION_ERRORS: dict[int | str, dict[str, str]] = {
@@ -85,6 +86,17 @@ def build_api(runtime: Runtime) -> FastAPI:
         if grids is not None and task.grid_id not in grids:
             raise NotFound(f"no verification {verification_id}")
         return task
+
+    @api.post("/verifications/pass", status_code=202, response_model=BatchOutcome, tags=["verifications"])
+    async def pass_many(body: PassVerifications, who: Principal = Worker) -> BatchOutcome:
+        """批量核查通过: pass several verifications in one request.
+
+        Each is passed or refused (403, 404, 409, with the reason) as the one-task action would; the refused ones
+        change nothing and the others are decided together."""
+        with runtime.uow() as uow:
+            done = handlers.pass_verifications(_as_caller(body, who), uow, _grids(who))
+        await runtime.flush_outbox()
+        return done
 
     @api.post(
         "/verifications/{verification_id}/pass",

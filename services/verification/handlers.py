@@ -15,12 +15,21 @@ import sqlalchemy as sa
 from schemas import Actor, ActorKind, Event
 from schemas import events as ev
 from schemas.reference import GRIDS
+from services.common.batch import BatchOutcome, act_on_each
 from services.common.bus import Handler
 from services.common.changes import keys_for
 from services.common.db import UnitOfWork, as_utc, columns_by_key
 from services.common.errors import Forbidden, NotFound, PoisonMessage, Rejected
 
-from .models import FailRequest, PassRequest, TaskStatus, VerificationDecided, VerificationPublic, VerificationTask
+from .models import (
+    FailRequest,
+    PassRequest,
+    PassVerifications,
+    TaskStatus,
+    VerificationDecided,
+    VerificationPublic,
+    VerificationTask,
+)
 
 # -- events ---------------------------------------------------------------------------------------------
 
@@ -92,7 +101,8 @@ def _decide(
     note: str,
     uow: UnitOfWork,
     grids: tuple[str, ...] | None,
-) -> VerificationDecided:
+) -> str:
+    """The decision, written and emitted but not committed; the task's new status."""
     task = _task_for(uow, verification_id)
     if task is None:
         raise NotFound(f"no verification {verification_id}")
@@ -122,22 +132,35 @@ def _decide(
         note=note,
     )
     uow.emit(ev.VerificationPassed(**common) if passed else ev.VerificationFailed(**common))
-    uow.commit()
-    return VerificationDecided(verification_id=verification_id, status=status)
+    return status
 
 
 def pass_verification(
     verification_id: str, cmd: PassRequest, uow: UnitOfWork, grids: tuple[str, ...] | None = None
 ) -> VerificationDecided:
     """核查通过: the problem is solved; dispatch closes the case (结案). ``grids``: the caller's grid cells."""
-    return _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids)
+    status = _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids)
+    uow.commit()
+    return VerificationDecided(verification_id=verification_id, status=status)
+
+
+def pass_verifications(cmd: PassVerifications, uow: UnitOfWork, grids: tuple[str, ...] | None = None) -> BatchOutcome:
+    """批量核查通过: each task as :func:`pass_verification` would decide it; the refused ones change nothing."""
+    done = act_on_each(
+        cmd.verification_ids,
+        lambda verification_id: _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids),
+    )
+    uow.commit()
+    return done
 
 
 def fail_verification(
     verification_id: str, cmd: FailRequest, uow: UnitOfWork, grids: tuple[str, ...] | None = None
 ) -> VerificationDecided:
     """核查不通过: the problem is not solved; dispatch sends the work back (返工) with the note."""
-    return _decide(verification_id, cmd.worker_id, False, cmd.note, uow, grids)
+    status = _decide(verification_id, cmd.worker_id, False, cmd.note, uow, grids)
+    uow.commit()
+    return VerificationDecided(verification_id=verification_id, status=status)
 
 
 # -- queries --------------------------------------------------------------------------------------------

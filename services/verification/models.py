@@ -6,9 +6,11 @@ from datetime import datetime
 from typing import Annotated
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlmodel import Field as SqlField
 from sqlmodel import SQLModel
+
+from services.common.batch import MAX_BATCH, ItemId, unique
 
 
 def _ts() -> sa.DateTime:
@@ -69,6 +71,12 @@ class PassRequest(BaseModel):
     worker_id: WorkerId | None = None
     """Over HTTP the caller's token says who; a body that names someone else is refused."""
     note: Annotated[str, Field(max_length=1000)] = ""
+
+
+class PassVerifications(PassRequest):
+    """批量核查通过: the grid worker found several problems solved (back from a round), one note for all."""
+
+    verification_ids: Annotated[list[ItemId], Field(min_length=1, max_length=MAX_BATCH), AfterValidator(unique)]
 
 
 class FailRequest(BaseModel):

@@ -193,6 +193,9 @@ class Rule:
     """Open311: the token goes in the form as ``api_key``; every refusal is 403."""
 
 
+BATCH_ACTIONS = ("/work-orders/accept", "/work-orders/handle", "/verifications/pass")
+
+
 def _names(*names: str) -> frozenset[str]:
     return frozenset(names)
 
@@ -246,6 +249,11 @@ def rules(w: World) -> dict[tuple[str, str, str], Rule]:
             params={"work_order_id": w.to_handle},
             body=lambda: {"result": "已清理", "evidence_urls": ["https://evidence.example/matrix.jpg"]},
         ),
+        # several at once: every department may ask, each order it does not own is refused on its own (403)
+        ("handling", "POST", "/work-orders/accept"): Rule(CITY, DEPTS, body=lambda: {"work_order_ids": [w.order]}),
+        ("handling", "POST", "/work-orders/handle"): Rule(
+            CITY, DEPTS, body=lambda: {"items": [{"work_order_id": w.to_handle, "result": "已清理"}]}
+        ),
         ("handling", "GET", "/webhook-deliveries"): Rule(CENTER, _names(ADMIN)),
         # verification: the grid's workers verify its incidents
         ("verification", "GET", "/verifications"): Rule(VERIFIER, WORKERS | CENTERS),  # scoped
@@ -254,6 +262,9 @@ def rules(w: World) -> dict[tuple[str, str, str], Rule]:
         ),
         ("verification", "POST", "/verifications/{verification_id}/pass"): Rule(
             VERIFIER, _names(REPORTER, ADMIN), params={"verification_id": w.to_pass}, body=lambda: {"note": "已核查"}
+        ),
+        ("verification", "POST", "/verifications/pass"): Rule(  # each task outside the caller's grids: 403 alone
+            VERIFIER, WORKERS | _names(ADMIN), body=lambda: {"verification_ids": [w.to_pass], "note": "已核查"}
         ),
         ("verification", "POST", "/verifications/{verification_id}/fail"): Rule(
             VERIFIER, _names(REPORTER, ADMIN), params={"verification_id": w.to_fail}, body=lambda: {"note": "仍有摊位"}
@@ -501,7 +512,8 @@ def test_wrong_principals_are_refused_and_the_right_one_is_served(town: Town, wo
             served(route, who)
     for route in actions:  # every refusal first: none of them may change anything the positive controls need
         refusals(route)
-    for route in actions:
+    # actions on several items last: they act on the items the one-item actions' positive controls need
+    for route in sorted(actions, key=lambda r: r.path in BATCH_ACTIONS):
         served(route, table[(route.service, route.method, route.path)].right)
 
     outcomes = matrix.outcomes[start:]

@@ -326,6 +326,33 @@ def test_raw_messages_are_the_pipelines_events() -> None:
     assert 400 < len(reported) < 2000 and 400 < len(dispatched) < 2000
 
 
+def test_a_desk_accepts_what_it_found_in_one_request_then_handles_all_it_took() -> None:
+    """批量签收 then 批量处置: an order refused 409 (taken by an earlier try) is handled too, one of another
+    office (403) is not, and counts as an error."""
+    import asyncio
+
+    from services.bench.driver import Reply
+
+    d = _driver()
+    calls: list[tuple[str, Any]] = []
+
+    async def call(service: str, method: str, path: str, token: str, ok: Any, **kw: Any) -> Reply:
+        calls.append((path, kw["json"]))
+        results = (
+            [{"id": "a", "code": None}, {"id": "b", "code": 409}, {"id": "c", "code": 403, "error": "not yours"}]
+            if path.endswith("accept")
+            else [{"id": i["work_order_id"], "code": None} for i in kw["json"]["items"]]
+        )
+        return Reply(202, orjson.dumps({"results": results}))
+
+    d._call = call  # type: ignore[method-assign]
+    asyncio.run(d._work_many(["a", "b", "c"], "token"))
+    assert [path for path, _ in calls] == ["/work-orders/accept", "/work-orders/handle"]
+    assert calls[0][1] == {"work_order_ids": ["a", "b", "c"]}
+    assert [i["work_order_id"] for i in calls[1][1]["items"]] == ["a", "b"]
+    assert (d.counters.conflicts, d.counters.errors) == (1, 1)
+
+
 def test_desks_long_poll_again_at_once_after_an_empty_answer_and_pause_after_work_in_hand() -> None:
     d = Driver({}, Tokens({}, {}, {}), "127.0.0.1:1", "t", poll_s=0.2, idle_poll_s=1.0, long_poll_s=10)
     assert d._next_wait(0.2, found=0, listed=0, failed=False) == 0.0  # the wait ran out: ask again

@@ -29,7 +29,9 @@ from services.handling.api import build_api
 from services.handling.models import (
     TABLES,
     AcceptWorkOrder,
+    AcceptWorkOrders,
     HandleWorkOrder,
+    HandleWorkOrders,
     HandlingWebhookDelivery,
     HandlingWorkOrder,
     OrderStatus,
@@ -129,6 +131,9 @@ def dispatched(
     )
     values.update(fields)
     return ev.WorkOrderDispatched(**values)
+
+
+WHO: dict[str, Any] = {"actor_id": "cityops-zhang", "department_code": "city_ops"}
 
 
 def accept(department: str = "city_ops") -> AcceptWorkOrder:
@@ -796,3 +801,100 @@ def test_of_two_actions_on_one_order_at_once_the_later_is_refused(
         assert late.emitted == []
     assert world.order().status == OrderStatus.RETURNED
     assert [e.type for e in world.outbox()] == ["WorkOrderReturned"]
+
+
+# -- actions on several work orders (批量签收, 批量处置) ---------------------------------------------------
+
+
+def test_accepting_many_takes_each_as_one_would_and_refuses_the_rest_alone(world: World) -> None:
+    world.bus.handle(dispatched("GL-1-1", incident_id="GL-1"))
+    world.bus.handle(dispatched("GL-2-1", incident_id="GL-2"))
+    world.bus.handle(dispatched("GL-3-1", department="water", incident_id="GL-3"))
+    world.act(handlers.accept_work_order, accept(), "GL-2-1")  # taken before
+    ids = ["GL-1-1", "GL-2-1", "GL-3-1", "GL-404-1"]
+    before = len(world.outbox())
+    with world.uow() as uow:
+        done = handlers.accept_work_orders(AcceptWorkOrders(work_order_ids=ids, **WHO), uow)
+        emitted = list(uow.emitted)
+    assert (done.done, done.refused) == (1, 3)
+    assert [(r.id, r.status, r.code) for r in done.results] == [
+        ("GL-1-1", "accepted", None),
+        ("GL-2-1", None, 409),
+        ("GL-3-1", None, 403),
+        ("GL-404-1", None, 404),
+    ]
+    assert all(r.error for r in done.results[1:])
+    assert [(type(e), e.work_order_id) for e in emitted] == [(ev.WorkOrderAccepted, "GL-1-1")]  # type: ignore[attr-defined]
+    assert [e.event_id for e in world.outbox()[before:]] == [emitted[0].event_id]
+    assert world.order("GL-1-1").status == "accepted"
+    assert world.order("GL-3-1").status == "dispatched"
+
+
+def test_handling_many_records_each_result_and_evidence(world: World) -> None:
+    for n in (1, 2, 3):
+        world.bus.handle(dispatched(f"GL-{n}-1", incident_id=f"GL-{n}"))
+    for n in (1, 2):
+        world.act(handlers.accept_work_order, accept(), f"GL-{n}-1")
+    items = [
+        {"work_order_id": "GL-1-1", "result": "swept", "evidence_urls": ["https://e.example/1.jpg"]},
+        {"work_order_id": "GL-2-1", "result": "bins moved"},
+        {"work_order_id": "GL-3-1", "result": "not accepted yet"},
+    ]
+    with world.uow() as uow:
+        done = handlers.handle_work_orders(HandleWorkOrders(items=items, **WHO), uow)  # type: ignore[arg-type]
+        emitted = list(uow.emitted)
+    assert [(r.id, r.status, r.code) for r in done.results] == [
+        ("GL-1-1", "handled", None),
+        ("GL-2-1", "handled", None),
+        ("GL-3-1", None, 409),
+    ]
+    assert [(e.work_order_id, e.result, [str(u) for u in e.evidence_urls]) for e in emitted] == [  # type: ignore[attr-defined]
+        ("GL-1-1", "swept", ["https://e.example/1.jpg"]),
+        ("GL-2-1", "bins moved", []),
+    ]
+    assert (world.order("GL-1-1").result, world.order("GL-1-1").evidence_urls) == ("swept", "https://e.example/1.jpg")
+    assert world.order("GL-3-1").status == "dispatched"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"work_order_ids": []},
+        {"work_order_ids": ["GL-1-1", "GL-1-1"]},
+        {"work_order_ids": [f"GL-{n}-1" for n in range(101)]},
+        {"work_order_ids": ["bad id"]},
+    ],
+)
+def test_a_batch_names_each_order_once_and_at_most_a_hundred(body: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        AcceptWorkOrders(**body)
+
+
+def test_a_batch_handles_each_order_once() -> None:
+    with pytest.raises(ValidationError, match="more than once"):
+        HandleWorkOrders(items=[{"work_order_id": "GL-1-1", "result": "a"}] * 2)  # type: ignore[list-item]
+
+
+def test_the_api_acts_on_many_orders_in_one_request(world: World) -> None:
+    world.bus.handle(dispatched("GL-1-1", incident_id="GL-1"))
+    world.bus.handle(dispatched("GL-2-1", department="water", incident_id="GL-2"))
+    runtime = FakeRuntime(world)
+
+    async def session() -> None:
+        transport = httpx.ASGITransport(app=build_api(cast(Runtime, runtime)))
+        headers = {"Authorization": f"Bearer {runtime.token}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://handling.test", headers=headers) as c:
+            r = await c.post("/work-orders/accept", json={"work_order_ids": ["GL-1-1", "GL-2-1"]})
+            assert r.status_code == 202, r.text
+            assert (r.json()["done"], [x["code"] for x in r.json()["results"]]) == (1, [None, 403])
+            r = await c.post("/work-orders/accept", json={"work_order_ids": ["GL-1-1"], "department_code": "water"})
+            assert r.status_code == 403  # the body names another office than the token's
+            r = await c.post("/work-orders/accept", json={"work_order_ids": "GL-1-1"})
+            assert r.status_code == 422 and "work_order_ids" in r.json()["error"]
+            r = await c.post("/work-orders/handle", json={"items": [{"work_order_id": "GL-1-1", "result": "ok"}]})
+            assert (r.status_code, r.json()["results"][0]["status"]) == (202, "handled")
+            r = await c.get("/work-orders/GL-1-1")
+            assert (r.json()["status"], r.json()["result"]) == ("handled", "ok")
+
+    asyncio.run(session())
+    assert runtime.flushed == 2

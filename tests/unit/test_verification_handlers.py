@@ -18,7 +18,7 @@ from services.common.db import UnitOfWork, create_tables, make_engine
 from services.common.errors import Forbidden, NotFound, PoisonMessage, Rejected
 from services.verification import handlers
 from services.verification.agents import HANDLERS, PRELOAD
-from services.verification.models import TABLES, FailRequest, PassRequest, TaskStatus
+from services.verification.models import TABLES, FailRequest, PassRequest, PassVerifications, TaskStatus
 
 T0 = datetime(2024, 5, 6, 9, 0, tzinfo=UTC)
 
@@ -359,3 +359,46 @@ def test_of_two_workers_deciding_at_once_the_later_is_refused(
         "w-gh01-1",
         "still there",
     )
+
+
+# -- passing several at once (批量核查) ---------------------------------------------------------------------
+
+
+def test_passing_many_decides_each_as_one_would_and_refuses_the_rest_alone(engine: Engine, bus: MessageBus) -> None:
+    mine = [requested(f"GL-{n}-v1", incident_id=f"GL-{n}", correlation_id=f"GL-{n}") for n in (1, 2, 3)]
+    other = requested("GL-4-v1", incident_id="GL-4", correlation_id="GL-4", grid_id="gh02")
+    for r in (*mine, other):
+        bus.handle(r)
+    decide_fail(engine, "GL-3-v1", "w-gh01-2", "still there")
+    ids = ["GL-1-v1", "GL-2-v1", "GL-3-v1", "GL-4-v1", "GL-404-v1"]
+    with UnitOfWork(engine) as uow:
+        done = handlers.pass_verifications(PassVerifications(verification_ids=ids, worker_id="w-gh01-2"), uow)
+        emitted = list(uow.emitted)
+    assert (done.done, done.refused) == (2, 3)
+    assert [(r.id, r.status, r.code) for r in done.results] == [
+        ("GL-1-v1", "passed", None),
+        ("GL-2-v1", "passed", None),
+        ("GL-3-v1", None, 409),
+        ("GL-4-v1", None, 403),
+        ("GL-404-v1", None, 404),
+    ]
+    assert [(type(e), e.verification_id, e.causation_id) for e in emitted] == [  # type: ignore[attr-defined]
+        (ev.VerificationPassed, "GL-1-v1", mine[0].event_id),
+        (ev.VerificationPassed, "GL-2-v1", mine[1].event_id),
+    ]
+    assert [task(engine, i).status for i in ids[:4]] == ["passed", "passed", "failed", "pending"]
+
+
+def test_a_worker_passes_many_only_in_their_own_grids(engine: Engine, bus: MessageBus) -> None:
+    bus.handle(requested("GL-1-v1", incident_id="GL-1", correlation_id="GL-1"))
+    with UnitOfWork(engine) as uow:
+        cmd = PassVerifications(verification_ids=["GL-1-v1"], worker_id="w-gh02-1")
+        done = handlers.pass_verifications(cmd, uow, grids=("gh02",))
+    assert [(r.code, r.status) for r in done.results] == [(403, None)]
+    assert task(engine, "GL-1-v1").status == "pending"
+
+
+@pytest.mark.parametrize("ids", [[], ["a", "a"], [f"v{n}" for n in range(101)], ["no spaces"]])
+def test_a_batch_of_verifications_names_each_once_and_at_most_a_hundred(ids: list[str]) -> None:
+    with pytest.raises(ValidationError):
+        PassVerifications(verification_ids=ids)
