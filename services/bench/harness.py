@@ -283,10 +283,13 @@ class Bench:
             self.log(f"raw Kafka limit: warming the broker up for {RAW_WARMUP_S:g} s (not measured)")
             measure_raw(o.bootstrap, f"{self.ns}.{RAW_TOPIC_SUFFIX}-warmup", seconds=RAW_WARMUP_S)
         self.log(f"raw Kafka limit: producing for {o.raw_s:g} s" if not o.raw_count else f"raw: {o.raw_count} records")
-        result = measure_raw(o.bootstrap, f"{self.ns}.{RAW_TOPIC_SUFFIX}", seconds=o.raw_s, count=o.raw_count)
+        result = measure_raw(
+            o.bootstrap, f"{self.ns}.{RAW_TOPIC_SUFFIX}", seconds=o.raw_s, count=o.raw_count, broker_pid=broker_pid()
+        )
+        per_hop = result.cpu_ms_per_hop
         self.log(
             f"raw: {result.hops_per_s:,.0f} hops/s ({result.consumed:,} records of {result.message_bytes:.0f} B "
-            f"in {result.seconds:.1f} s)"
+            f"in {result.seconds:.1f} s)" + ("" if per_hop is None else f", {per_hop * 1000:.0f} µs of CPU per hop")
         )
         return result
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]
+
 from schemas import Actor, ActorKind, Location, encode_event
 from schemas import events as ev
 
@@ -82,9 +84,23 @@ class RawResult:
     p50_ms: float | None
     p99_ms: float | None
     partitions: int = 0
+    client_cpu_s: float | None = None
+    """CPU seconds of the producer and the consumer process while they ran."""
+    broker_cpu_s: float | None = None
+    """CPU seconds of the broker from the first send until the consumer stopped (None: its pid was not known)."""
+
+    @property
+    def cpu_ms_per_hop(self) -> float | None:
+        """Client and broker CPU per record produced and consumed: what one hop costs this machine."""
+        if self.client_cpu_s is None or self.broker_cpu_s is None or not self.consumed:
+            return None
+        return (self.client_cpu_s + self.broker_cpu_s) * 1000 / self.consumed
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        out = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        per_hop = self.cpu_ms_per_hop
+        out["cpu_ms_per_hop"] = None if per_hop is None else round(per_hop, 4)
+        return out
 
 
 def create_raw_topic(bootstrap: str, name: str) -> None:
@@ -140,6 +156,7 @@ async def _produce(bootstrap: str, topic: str, seconds: float, count: int, windo
     pending: deque[asyncio.Future[Any]] = deque()
     sent = 0
     started = time.time()
+    cpu_started = time.process_time()
     try:
         while (count and sent < count) or (not count and time.time() - started < seconds):
             key = f"GL20260601-{sent:08X}".encode()
@@ -152,7 +169,8 @@ async def _produce(bootstrap: str, topic: str, seconds: float, count: int, windo
             await pending.popleft()
     finally:
         await producer.stop()
-    return {"produced": sent, "started": started, "finished": time.time()}
+    cpu_s = time.process_time() - cpu_started
+    return {"produced": sent, "started": started, "finished": time.time(), "cpu_s": cpu_s}
 
 
 async def _consume(bootstrap: str, topic: str, idle_s: float, ready: Any, stop: Any) -> dict[str, Any]:
@@ -170,6 +188,7 @@ async def _consume(bootstrap: str, topic: str, idle_s: float, ready: Any, stop: 
     consumer.assign(parts)
     await consumer.seek_to_beginning(*parts)
     ready.set()
+    cpu_started = time.process_time()
     consumed, first, last = 0, 0.0, 0.0
     latencies: list[float] = []
     quiet_since = time.time()
@@ -193,7 +212,8 @@ async def _consume(bootstrap: str, topic: str, idle_s: float, ready: Any, stop: 
             last = now
     finally:
         await consumer.stop()
-    return {"consumed": consumed, "first": first, "last": last, "latencies": latencies}
+    cpu_s = time.process_time() - cpu_started
+    return {"consumed": consumed, "first": first, "last": last, "latencies": latencies, "cpu_s": cpu_s}
 
 
 def _consumer_main(bootstrap: str, topic: str, idle_s: float, ready: Any, stop: Any, out: Any) -> None:
@@ -204,8 +224,28 @@ def _producer_main(bootstrap: str, topic: str, seconds: float, count: int, windo
     out.put(asyncio.run(_produce(bootstrap, topic, seconds, count, window)))
 
 
-def measure_raw(bootstrap: str, topic: str, *, seconds: float = 15.0, count: int = 0, window: int = 20000) -> RawResult:
-    """Produce for ``seconds`` (or exactly ``count`` records) while another process consumes; the hop rate."""
+def _cpu_s(pid: int | None) -> float | None:
+    """User and system CPU seconds of process ``pid`` so far (None if there is none)."""
+    if pid is None:
+        return None
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
+
+
+def measure_raw(
+    bootstrap: str,
+    topic: str,
+    *,
+    seconds: float = 15.0,
+    count: int = 0,
+    window: int = 20000,
+    broker_pid: int | None = None,
+) -> RawResult:
+    """Produce for ``seconds`` (or exactly ``count`` records) while another process consumes; the hop rate, and
+    what it cost in CPU: the two clients', and the broker's if its pid is given."""
     create_raw_topic(bootstrap, topic)
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
@@ -216,11 +256,13 @@ def measure_raw(bootstrap: str, topic: str, *, seconds: float = 15.0, count: int
         reader.kill()
         raise RuntimeError("the raw consumer did not start within 60 s")
     writer = ctx.Process(target=_producer_main, args=(bootstrap, topic, seconds, count, window, produced_q))
+    broker_before = _cpu_s(broker_pid)
     writer.start()
     produced = produced_q.get(timeout=seconds + 300 if not count else 900)
     writer.join(30)
     stop.set()
     consumed = consumed_q.get(timeout=120)
+    broker_after = _cpu_s(broker_pid)
     reader.join(30)
     span = max(consumed["last"] - produced["started"], 1e-6)
     sizes = [len(v) for v in sample_events()]
@@ -234,4 +276,6 @@ def measure_raw(bootstrap: str, topic: str, *, seconds: float = 15.0, count: int
         p50_ms=percentile(consumed["latencies"], 50),
         p99_ms=percentile(consumed["latencies"], 99),
         partitions=raw_partitions(),
+        client_cpu_s=produced["cpu_s"] + consumed["cpu_s"],
+        broker_cpu_s=None if broker_before is None or broker_after is None else broker_after - broker_before,
     )

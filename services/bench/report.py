@@ -33,6 +33,10 @@ def _ms(value: Any) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def steps_table(steps: Sequence[StepRecord], title: str = "closed loop, by offered rate") -> Table:
     table = Table(title=title, title_justify="left")
     for col in ("kind", "offered/s", "reported/s", "closed/s", "backlog Δ", "open", "err"):
@@ -97,7 +101,16 @@ def print_run(result: RunResult, console: Console) -> None:
         raw = Table(
             title=f"raw Kafka limit (aiokafka, acks=all, idempotent, {r.partitions} partitions)", title_justify="left"
         )
-        for col in ("hops/s", "records", "bytes/record", "seconds", "produce/s", "hop p50/p99 ms at saturation"):
+        for col in (
+            "hops/s",
+            "records",
+            "bytes/record",
+            "seconds",
+            "produce/s",
+            "hop p50/p99 ms at saturation",
+            "CPU s clients/broker",
+            "CPU µs per hop",
+        ):
             raw.add_column(col, justify="right")
         raw.add_row(
             f"{r.hops_per_s:,.0f}",
@@ -106,6 +119,8 @@ def print_run(result: RunResult, console: Console) -> None:
             f"{r.seconds:.1f}",
             f"{r.produce_per_s:,.0f}",
             f"{_ms(r.p50_ms)}/{_ms(r.p99_ms)}",
+            f"{_s(r.client_cpu_s)}/{_s(r.broker_cpu_s)}",
+            "-" if r.cpu_ms_per_hop is None else f"{r.cpu_ms_per_hop * 1000:.0f}",
         )
         console.print(raw)
     console.print(steps_table(result.steps))

@@ -384,6 +384,28 @@ def _topic(leaders: list[int], error: int = 0) -> list[dict[str, object]]:
     return [{"name": "t", "error_code": error, "partitions": parts}]
 
 
+def test_the_raw_cost_per_hop_is_client_and_broker_cpu_per_record_consumed() -> None:
+    from services.bench.raw import RawResult
+
+    base = dict(
+        hops_per_s=4000.0,
+        produced=8000,
+        consumed=8000,
+        seconds=2.0,
+        message_bytes=629.0,
+        produce_per_s=4000.0,
+        p50_ms=1.0,
+        p99_ms=9.0,
+        partitions=6,
+    )
+    r = RawResult(**base, client_cpu_s=1.5, broker_cpu_s=0.5)  # type: ignore[arg-type]
+    assert r.cpu_ms_per_hop == pytest.approx(0.25)
+    assert r.as_dict()["cpu_ms_per_hop"] == 0.25
+    unknown_broker = RawResult(**base, client_cpu_s=1.5)  # type: ignore[arg-type]
+    assert unknown_broker.cpu_ms_per_hop is None  # half the cost is not the cost
+    assert unknown_broker.as_dict()["cpu_ms_per_hop"] is None
+
+
 def test_the_raw_measurement_waits_until_every_partition_has_a_leader() -> None:
     from services.bench.raw import _wait_for_leaders
 
