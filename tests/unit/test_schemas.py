@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import schemas
@@ -74,6 +78,7 @@ def test_events_are_frozen_and_strict() -> None:
         (b'{"schema_version": 2, "type": "IncidentReported"}', "unknown schema_version 2"),
         (b'{"type": "IncidentReported"}', "unknown schema_version None"),
         (b'{"schema_version": 1, "type": "Nope"}', "unknown event type 'Nope'"),
+        (b'{"schema_version": 1, "type": ["IncidentReported"]}', "unknown event type ['IncidentReported']"),
         (b'{"schema_version": 1, "type": "WorkOrderAccepted", "incident_id": "x"}', "work_order_id: Field required"),
     ],
 )
@@ -81,6 +86,101 @@ def test_bad_records_give_a_reason(raw: bytes, reason: str) -> None:
     with pytest.raises(schemas.DecodeError) as info:
         schemas.decode_event(raw)
     assert reason in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("field", "reason"),
+    [
+        ("schema_version", "unknown schema_version None (this build reads 1)"),
+        ("event_id", "invalid IncidentReported: event_id: Field required"),
+        ("occurred_at", "invalid IncidentReported: occurred_at: Field required"),
+    ],
+)
+def test_a_record_must_carry_the_envelope_fields_an_event_in_code_may_default(field: str, reason: str) -> None:
+    """Without its event id a record would get a new one at every delivery, and be applied again each time."""
+    data = json.loads(schemas.encode_event(_report()))
+    del data[field]
+    with pytest.raises(schemas.DecodeError) as info:
+        schemas.decode_event(json.dumps(data).encode())
+    assert info.value.reason == reason
+
+
+def test_a_whole_valid_event_of_another_schema_version_is_refused_for_its_version() -> None:
+    data = json.loads(schemas.encode_event(_report()))
+    data["schema_version"] = 2  # every other field as this build would write it
+    with pytest.raises(schemas.DecodeError) as info:
+        schemas.decode_event(json.dumps(data).encode())
+    assert info.value.reason == "unknown schema_version 2 (this build reads 1)"
+
+
+def _samples() -> list[dict[str, Any]]:
+    """Events of several shapes (nested location and actor, lists, timestamps), as dicts of their JSON."""
+    from services.bench.raw import sample_events
+
+    report = _report(photo_urls=["https://img.example/1.jpg"])
+    staff = schemas.Actor(kind="department", id="staff-7", department="city_ops")
+    more = [
+        report,
+        ev.WorkOrderAccepted.following(report, staff, work_order_id="GL1-1", department_code="city_ops"),
+        ev.WorkOrderHandled.following(
+            report,
+            staff,
+            work_order_id="GL1-1",
+            department_code="city_ops",
+            result="已清运",
+            evidence_urls=["https://img.example/after.jpg"],
+        ),
+    ]
+    return [json.loads(raw) for raw in sample_events()] + [json.loads(schemas.encode_event(e)) for e in more]
+
+
+_JSON_VALUES: st.SearchStrategy[Any] = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=80)
+    | st.sampled_from(
+        ["2026-06-01T09:00:00", "2026-06-01T09:00:00+08:00", "2026-06-01", "1", " x ", "", "grid_worker", "Nope"]
+    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@st.composite
+def _mutated(draw: st.DrawFn) -> bytes:
+    """A valid event's JSON with a few fields replaced by any JSON, deleted or added, at the top or one level in."""
+    data = draw(st.sampled_from(_samples()))
+    for _ in range(draw(st.integers(0, 3))):
+        target = data
+        nested = [k for k, v in data.items() if isinstance(v, dict)]
+        one_level_in = draw(st.booleans())
+        if nested and one_level_in:
+            target = data[draw(st.sampled_from(nested))]
+        key = draw(st.sampled_from([*target, "unexpected"]))
+        if draw(st.integers(0, 4)) == 0:
+            target.pop(key, None)
+        else:
+            target[key] = draw(_JSON_VALUES)
+    return json.dumps(data, ensure_ascii=draw(st.booleans())).encode()
+
+
+def _outcome(decode: Callable[[bytes], schemas.Event], raw: bytes) -> object:
+    try:
+        return decode(raw)
+    except schemas.DecodeError as exc:
+        return exc.reason
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_mutated())
+def test_the_quick_decode_accepts_and_refuses_as_the_step_by_step_one(raw: bytes) -> None:
+    """Valid events are validated straight from their JSON; the step-by-step path that explains a refusal must
+    agree on every record, valid or not, or the two would accept different things."""
+    from schemas.codec import _decode_or_say_why
+
+    assert _outcome(schemas.decode_event, raw) == _outcome(_decode_or_say_why, raw)
 
 
 def test_following_keeps_incident_and_correlation() -> None:
