@@ -97,6 +97,9 @@ class StepRecord:
     cpu: dict[str, float]
     unfinished: int = 0
     """Incidents of the step still open after the drain."""
+    host_probe_ms: float | None = None
+    """Median of the host probe over the step (:func:`monitor.probe_ms`): steps, and runs, measured on a slower host
+    show a higher figure; compare throughput only between steps whose probes are alike."""
 
     @property
     def service_cpu_ms_per_incident(self) -> float | None:
@@ -128,6 +131,7 @@ class StepRecord:
             "latency_ms": self.latencies,
             "cpu_pct": {k: round(v, 1) for k, v in self.cpu.items()},
             "service_cpu_ms_per_incident": round(per_incident, 1) if per_incident is not None else None,
+            "host_probe_ms": None if self.host_probe_ms is None else round(self.host_probe_ms, 2),
         }
 
 
@@ -342,7 +346,8 @@ class Bench:
         unfinished = sum(1 for t in driver.incidents.values() if t.step == step_index)
         lat = {name: stats.summarize(v) for name, v in driver.latencies.get(step_index, {}).items()}
         cpu = self.monitor.cpu_avg(started + warmup, ended) if self.monitor else {}
-        record = StepRecord(kind, outcome, ok, reason, started, ended, lat, cpu, unfinished)
+        probe = self.monitor.probe_median(started + warmup, ended) if self.monitor else None
+        record = StepRecord(kind, outcome, ok, reason, started, ended, lat, cpu, unfinished, probe)
         self.steps.append(record)
         p99 = lat.get("report_to_dispatched", {}).get("p99")
         self.log(
@@ -676,8 +681,9 @@ class Soak(Bench):
                 outcome, started, ended = await driver.run_step(rate, 60.0 * self.minutes / minutes, 0.0)
                 ok, reason = stats.evaluate_step(outcome, o.criteria)
                 cpu = self.monitor.cpu_avg(started, ended) if self.monitor else {}
+                probe = self.monitor.probe_median(started, ended) if self.monitor else None
                 lat = {n: stats.summarize(v) for n, v in driver.latencies.get(driver.step, {}).items()}
-                self.steps.append(StepRecord("soak", outcome, ok, reason, started, ended, lat, cpu))
+                self.steps.append(StepRecord("soak", outcome, ok, reason, started, ended, lat, cpu, 0, probe))
                 rss = self.monitor.peak_rss(started, ended) if self.monitor else {}
                 minute = sum(1 for s in self.steps if s.kind == "soak")
                 self.log(

@@ -30,6 +30,24 @@ STEAL = "steal"
 core: when it rises, every process slows together, whatever the code does."""
 
 
+PROBE_ROUNDS = 50_000
+"""The host probe's fixed piece of work: a few milliseconds of pure Python on this machine kind."""
+
+
+def probe_ms(rounds: int = PROBE_ROUNDS) -> float:
+    """CPU milliseconds this thread takes for a fixed piece of pure-Python work.
+
+    On a virtual machine whose host runs others' work beside it, the same code runs slower at some times than at
+    others, and this guest does not always see it as steal: a step measured while the host is busy closes fewer
+    incidents for every process's CPU. The probe counts only its own thread's running time, so a machine kept busy
+    by the benchmark itself does not inflate it; a slower host does."""
+    started = time.thread_time()
+    acc = 0
+    for i in range(rounds):
+        acc += i * i % 7
+    return (time.thread_time() - started) * 1000
+
+
 @dataclass
 class Sample:
     t: float
@@ -47,6 +65,9 @@ class Monitor:
     samples: dict[str, list[Sample]] = field(default_factory=dict)
     steal: list[tuple[float, float]] = field(default_factory=list)
     """(time, % of one core stolen by the host since the previous sample)."""
+    probe_every_s: float = 5.0
+    probes: list[tuple[float, float]] = field(default_factory=list)
+    """(time, :func:`probe_ms`): how fast the host ran a fixed piece of work."""
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -68,8 +89,12 @@ class Monitor:
 
     def _run(self, procs: dict[str, psutil.Process]) -> None:
         cores = psutil.cpu_count() or 1
+        last_probe = 0.0
         while not self._stop.wait(self.interval_s):
             now = time.time()
+            if now - last_probe >= self.probe_every_s:
+                self.probes.append((now, probe_ms()))
+                last_probe = now
             busy = psutil.cpu_percent(None) * cores  # % of one core, like the processes' figures
             self.samples[MACHINE].append(Sample(now, busy, psutil.virtual_memory().used / 2**20))
             self.steal.append((now, getattr(psutil.cpu_times_percent(None), "steal", 0.0) * cores))
@@ -104,6 +129,14 @@ class Monitor:
         if stolen:
             out[STEAL] = sum(stolen) / len(stolen)
         return out
+
+    def probe_median(self, start: float, end: float) -> float | None:
+        """The median host probe between two epoch times (ms; lower is a faster host), None without one."""
+        window = sorted(v for t, v in self.probes if start <= t <= end)
+        if not window:
+            return None
+        mid = len(window) // 2
+        return window[mid] if len(window) % 2 else (window[mid - 1] + window[mid]) / 2
 
     def peak_rss(self, start: float = 0.0, end: float = float("inf")) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -41,7 +41,7 @@ def steps_table(steps: Sequence[StepRecord], title: str = "closed loop, by offer
     table = Table(title=title, title_justify="left")
     for col in ("kind", "offered/s", "reported/s", "closed/s", "backlog Δ", "open", "err"):
         table.add_column(col, justify="right")
-    for col in ("rep→disp p50/p99 ms", "e2e p50/p99 ms", "svc cpu ms/inc"):
+    for col in ("rep→disp p50/p99 ms", "e2e p50/p99 ms", "svc cpu ms/inc", "host probe ms"):
         table.add_column(col, justify="right")
     cpus = [with_others(s.cpu) for s in steps]
     names = [n for n in COLUMNS if any(n in c for c in cpus)]
@@ -63,6 +63,7 @@ def steps_table(steps: Sequence[StepRecord], title: str = "closed loop, by offer
             f"{_ms(rd.get('p50'))}/{_ms(rd.get('p99'))}",
             f"{_ms(e2e.get('p50'))}/{_ms(e2e.get('p99'))}",
             _ms(s.service_cpu_ms_per_incident),
+            "-" if s.host_probe_ms is None else f"{s.host_probe_ms:.1f}",
             *(f"{cpu[n]:.0f}" if n in cpu else "-" for n in names),
             "[green]ok[/green]" if s.sustained else f"[red]no[/red] {s.reason.split(';')[0][:48]}",
         )

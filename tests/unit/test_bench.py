@@ -277,6 +277,44 @@ def test_the_monitor_samples_the_hosts_steal_with_the_machine() -> None:
     assert all(0.0 <= v <= 100.0 * 64 for _, v in m.steal)
 
 
+def test_the_monitor_probes_the_host_every_few_seconds_and_gives_the_median_of_a_window() -> None:
+    from services.bench.monitor import Monitor
+
+    m = Monitor({}, interval_s=0.02, probe_every_s=0.05).start()
+    try:
+        import time
+
+        time.sleep(0.4)
+    finally:
+        m.stop()
+    assert len(m.probes) >= 2 and all(ms > 0 for _, ms in m.probes)
+
+    m.probes = [(10.0, 4.0), (15.0, 9.0), (20.0, 3.0), (25.0, 5.0), (30.0, 100.0)]
+    assert m.probe_median(10.0, 25.0) == 4.5  # 3, 4, 5, 9: between the middle two
+    assert m.probe_median(12.0, 26.0) == 5.0  # 3, 5, 9: the middle one
+    assert m.probe_median(40.0, 50.0) is None
+
+
+def test_a_steps_record_and_table_carry_its_host_probe() -> None:
+    from rich.console import Console
+
+    from services.bench.harness import StepRecord
+    from services.bench.report import steps_table
+
+    cpu = {"intake": 40.0, "dispatch": 30.0}
+    probed = StepRecord("ramp", _step(64, 64), True, "ok", 0.0, 60.0, {}, cpu, 0, 4.567)
+    unprobed = StepRecord("ramp", _step(128, 128), True, "ok", 60.0, 120.0, {}, cpu)
+    assert probed.as_dict()["host_probe_ms"] == 4.57
+    assert unprobed.as_dict()["host_probe_ms"] is None
+
+    console = Console(width=400, record=True)
+    console.print(steps_table([probed, unprobed]))
+    text = console.export_text()
+    assert "host probe ms" in text
+    rows = [line for line in text.splitlines() if "ramp" in line]
+    assert "4.6" in rows[0].split("│")[11] and rows[1].split("│")[11].strip() == "-"
+
+
 # -- the driver's bookkeeping (no network) ------------------------------------------------------------------
 
 
