@@ -125,6 +125,10 @@ class Runtime:
             web_port=s.http_port,
             datadir=str(s.var_dir / "faust" / f"{self.name}{'-' + s.instance if s.instance else ''}"),
             producer_acks=-1,
+            # a stopping worker does not wait for the records its agent holds: what is not applied and acked is
+            # not committed either, and comes again to the next consumer (which skips what was applied by event
+            # id). Waiting could last for ever: a batch held for more records when the flow stopped.
+            stream_wait_empty=False,
             logging_config=None,
             broker_credentials=_faust_credentials(s),
             Worker=_Worker,
@@ -140,18 +144,21 @@ class Runtime:
                 # bigger batches (cheaper per record) when it is busy. Acks are manual: an offset is committed
                 # only after its record's effects are.
                 # A consumer whose latency matters less (a read model) may linger a moment for more records.
+                # Once faust suspends the flow (a shutdown, a rebalance) the records still queued are skipped, to
+                # come again later: a batch is then applied with what it holds, never kept waiting for more.
                 manual = stream.noack()
                 empty = manual.channel.empty
+                flowing = app.flow_control.is_active
                 batch: list[Any] = []
                 lingered = False
                 async for event in manual.events():
                     batch.append(event)
-                    if len(batch) < s.batch_max and not empty():
+                    if len(batch) < s.batch_max and not empty() and flowing():
                         continue
-                    if s.batch_linger_s and not lingered and len(batch) < s.batch_max:
+                    if s.batch_linger_s and not lingered and len(batch) < s.batch_max and flowing():
                         lingered = True
                         await asyncio.sleep(s.batch_linger_s)
-                        if not empty():
+                        if not empty() and flowing():
                             continue
                     await self.process_batch([e.message for e in batch])
                     for e in batch:

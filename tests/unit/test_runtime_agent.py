@@ -364,6 +364,48 @@ async def test_a_lingering_consumer_applies_what_arrives_meanwhile_in_the_same_b
     assert batches == {0.0: [1, 1], 0.5: [2]}
 
 
+async def test_a_consumer_whose_flow_stops_applies_the_batch_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a shutdown or a rebalance faust suspends the flow: records still queued are skipped (they come again
+    later), and the worker waits for every record handed to the agent to be acked. A batch held for more must
+    then be applied with what it has; waiting for a record that never comes hung the worker's shutdown."""
+    rt = build(DispatchSettings(var_dir=tmp_path, batch_linger_s=0.5))
+    rt.init_db()
+    seen: list[int] = []
+    applied = asyncio.Event()
+
+    async def process_batch(messages: Any) -> None:
+        seen.append(len(messages))
+        applied.set()
+
+    monkeypatch.setattr(rt, "process_batch", process_batch)
+    async with rt.app.agents["dispatch-consumer"].test_context() as ctx:
+        await ctx.put(encode_event(_report_n(1)), wait=False)
+        await asyncio.sleep(0.1)  # the first record is held, lingering for more
+        await ctx.put(encode_event(_report_n(2)), wait=False)  # one more waits in the channel
+        rt.app.flow_control.suspend()
+        try:
+            await asyncio.wait_for(applied.wait(), timeout=5)
+        finally:
+            rt.app.flow_control.resume()
+    assert seen[0] == 1, seen  # the held record, alone: the one queued behind it was skipped
+
+
+@pytest.mark.parametrize("service", ["intake", "dispatch", "handling", "verification", "opscenter"])
+def test_a_stopping_worker_does_not_wait_for_the_records_its_agent_holds(tmp_path: Path, service: str) -> None:
+    """faust's default waits, at a shutdown, until every record handed to an agent is acked, with no end: a record
+    that is never applied (the agent stopped, or held for more records) kept a worker from stopping. Unacked, a
+    record is not committed, and the next consumer gets it again (skipped by event id if it was applied)."""
+    import importlib
+
+    app = importlib.import_module(f"services.{service}.app")
+    settings = importlib.import_module(f"services.{service}.settings")
+    kind = next(v for k, v in vars(settings).items() if k.endswith("Settings") and k != "ServiceSettings")
+    rt = app.build(kind(var_dir=tmp_path))
+    assert rt.app.conf.stream_wait_empty is False
+
+
 def test_the_loop_s_consumers_linger_for_the_rest_of_a_burst(tmp_path: Path) -> None:
     from services.handling.settings import HandlingSettings
     from services.intake.settings import IntakeSettings
