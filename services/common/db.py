@@ -152,7 +152,9 @@ def _claim_statements(dialect: str) -> tuple[Any, Any]:
         from sqlalchemy.dialects import postgresql, sqlite
 
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        # SQLAlchemy keeps an INSERT's rowcount only when asked (on PostgreSQL it answered -1: every event fresh)
         one = insert(_PROCESSED).on_conflict_do_nothing(index_elements=["event_id"])
+        one = one.execution_options(preserve_rowcount=True)
         statements = _CLAIMS[dialect] = (one, one.returning(_PROCESSED.c.event_id))
     return statements
 

@@ -104,6 +104,16 @@ def test_loop_on_postgres_is_idempotent_and_fills_the_outbox(pg: Engine) -> None
         assert case.reported_at.tzinfo is not None
 
 
+def test_a_redelivered_event_is_claimed_once_on_postgres(pg: Engine) -> None:
+    """The one-event claim reads the INSERT's rowcount: a redelivery must find the mark, not pass for new."""
+    report = _report(9)
+    with UnitOfWork(pg) as uow:
+        assert uow.claim(report) is True
+        uow.commit()
+    with UnitOfWork(pg) as uow:
+        assert uow.claim(report) is False
+
+
 def test_concurrent_delivery_applies_once_on_postgres(pg: Engine) -> None:
     """Two consumers racing on one event: the primary key on processed_event lets exactly one win."""
     bus = MessageBus(lambda: UnitOfWork(pg), handlers.bind(DispatchSettings()))
@@ -123,6 +133,49 @@ def test_concurrent_delivery_applies_once_on_postgres(pg: Engine) -> None:
     assert sorted(results) == [0, 0, 0, 2]
     with pg.connect() as conn:
         assert conn.execute(sa.text("select count(*) from outbox")).scalar_one() == 2
+
+
+def test_concurrent_twin_reports_make_one_incident_on_postgres(pg: Engine) -> None:
+    """Four intake instances take the same client report id at once: the unique index keeps one incident, the
+    others insert nothing and answer with it as a retry; one IncidentReported waits in the outbox."""
+    from services.intake import handlers as intake
+    from services.intake.models import TABLES as INTAKE_TABLES
+    from services.intake.models import ReportCreate
+
+    create_tables(pg, INTAKE_TABLES)
+    try:
+        cmd = ReportCreate.model_validate(
+            dict(
+                category_code="exposed_garbage",
+                lat=31.285,
+                lon=121.575,
+                description="垃圾",
+                reporter_id="w-gh01-1",
+                client_report_id="twin-1",
+            )
+        )
+        barrier = threading.Barrier(4)
+        answers: list[tuple[str, bool]] = []
+
+        def report() -> None:
+            with UnitOfWork(pg) as uow:
+                barrier.wait()
+                accepted = intake.report_incident(cmd, uow)
+            answers.append((accepted.incident_id, accepted.duplicate))
+
+        threads = [threading.Thread(target=report) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len({incident for incident, _ in answers}) == 1, answers
+        assert sorted(duplicate for _, duplicate in answers) == [False, True, True, True]
+        with pg.connect() as conn:
+            twins = sa.text("select count(*) from intake_incident where client_report_id = 'twin-1'")
+            assert conn.execute(twins).scalar_one() == 1
+            assert conn.execute(sa.text("select count(*) from outbox")).scalar_one() == 1
+    finally:
+        SQLModel.metadata.drop_all(pg, tables=list(INTAKE_TABLES))
 
 
 def test_concurrent_batches_apply_each_event_once_on_postgres(pg: Engine) -> None:
