@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, or_, select
 
 from schemas import Actor, ActorKind, Event, Location
@@ -75,6 +74,22 @@ def _find_report(uow: UnitOfWork, reporter_id: str, client_report_id: str) -> In
     return None if incident_id is None else uow.session.get(IntakeIncident, incident_id)
 
 
+_INSERTS: dict[str, Any] = {}
+"""Per dialect, built once (it runs per report): a new incident as ``INSERT … ON CONFLICT DO NOTHING``."""
+
+
+def _insert_report(dialect: str) -> Any:
+    statement = _INSERTS.get(dialect)
+    if statement is None:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        # its rowcount kept, which SQLAlchemy does for an INSERT only when asked (PostgreSQL answered -1)
+        statement = insert(_INCIDENTS).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
+        _INSERTS[dialect] = statement
+    return statement
+
+
 _OWN_SOURCE = {Role.GRID_WORKER: ev.Source.GRID_WORKER, Role.SENSOR: ev.Source.SENSOR}
 
 
@@ -99,12 +114,15 @@ def _visible(row: IntakeIncident, who: Principal) -> bool:
 
 
 def report_incident(cmd: ReportCreate, uow: UnitOfWork, actor: Actor | None = None) -> ReportAccepted:
-    """Record a report and queue IncidentReported; a retry with the same client report id changes nothing."""
-    existing = _find_report(uow, cmd.reporter_id, cmd.client_report_id)
-    if existing is not None:
-        return _duplicate(existing, cmd)
+    """Record a report and queue IncidentReported; a retry with the same client report id changes nothing.
 
+    The new incident is inserted first, unless a row holds its client report id or its case number already
+    (``ON CONFLICT DO NOTHING``): a report, nearly always new, costs one statement, not a lookup and an insert. An
+    insert that took nothing is a retry (answered with its incident) or a case number drawn twice (drawn again).
+    Two intake instances that take the same client report id at once serialize on the unique index: the second
+    inserts nothing and finds the first's incident."""
     now = uow.now()
+    insert = _insert_report(uow.engine.dialect.name)
     for _ in range(_ID_DRAWS):
         incident_id = new_incident_id(now)
         event = ev.IncidentReported(
@@ -123,21 +141,13 @@ def report_incident(cmd: ReportCreate, uow: UnitOfWork, actor: Actor | None = No
             handled_on_spot=cmd.handled_on_spot,
             evidence_urls=cmd.evidence_urls,
         )
-        uow.append(IntakeIncident, **_report_values(event))  # nothing reads it back before the commit
-        uow.emit(event)
-        try:
-            uow.commit()
-        except IntegrityError:
-            uow.rollback()
-            uow.emitted.remove(event)
-            # Another intake instance on the same database committed this client_report_id between our lookup
-            # and our commit: the unique constraint kept one row; answer as for any retry, with that incident.
-            winner = _find_report(uow, cmd.reporter_id, cmd.client_report_id)
-            if winner is not None:
-                return _duplicate(winner, cmd)
-            if uow.session.get(IntakeIncident, incident_id) is None:
-                raise
+        if not uow.connection.execute(insert, _report_values(event)).rowcount:
+            existing = _find_report(uow, cmd.reporter_id, cmd.client_report_id)
+            if existing is not None:
+                return _duplicate(existing, cmd)
             continue  # the case number was taken by another report: draw another
+        uow.emit(event)
+        uow.commit()
         return ReportAccepted(incident_id=incident_id, status="reported")
     raise Unavailable(f"no free case number in {_ID_DRAWS} draws; retry")
 

@@ -197,19 +197,18 @@ def test_unknown_incident(engine: Engine) -> None:
 def _twin_commits_first(
     engine: Engine, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, twin: ReportCreate
 ) -> list[str]:
-    """Another intake instance on the same database: it commits ``twin`` right after our lookup found nothing."""
-    find = handlers._find_report
+    """Another intake instance on the same database: it commits ``twin`` just before our insert."""
+    statement = handlers._insert_report
     raced: list[str] = []
 
-    def lookup_then_lose_the_race(uow: UnitOfWork, reporter_id: str, client_report_id: str) -> object:
-        found = find(uow, reporter_id, client_report_id)
+    def insert_after_the_twin(dialect: str) -> object:
         if not raced:
-            monkeypatch.setattr(handlers, "_find_report", find)  # the twin and our re-query look up for real
+            monkeypatch.setattr(handlers, "_insert_report", statement)  # the twin inserts for real
             with UnitOfWork(engine, clock=clock) as other:
                 raced.append(handlers.report_incident(twin, other).incident_id)
-        return found
+        return statement(dialect)
 
-    monkeypatch.setattr(handlers, "_find_report", lookup_then_lose_the_race)
+    monkeypatch.setattr(handlers, "_insert_report", insert_after_the_twin)
     return raced
 
 
