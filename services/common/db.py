@@ -141,22 +141,24 @@ def _insert(table: sa.Table) -> Any:
     return sa.insert(table)
 
 
-_CLAIMS: dict[str, tuple[Any, Any]] = {}
-"""Per dialect, built once (they run per message): the idempotency mark as ``INSERT … ON CONFLICT DO NOTHING``,
-and the same returning the ids it did mark (for a batch)."""
+@functools.cache
+def insert_unless_taken(table: sa.Table, dialect: str, *index_elements: str) -> Any:
+    """``INSERT … ON CONFLICT DO NOTHING`` into ``table`` for ``dialect`` (a conflict on ``index_elements``, or on
+    any unique index if none is named), built once: its rowcount says whether the row went in (1) or was taken
+    (0). SQLAlchemy keeps an INSERT's rowcount only when asked; on PostgreSQL it read -1 otherwise."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(table).on_conflict_do_nothing(index_elements=list(index_elements) or None)
+    return statement.execution_options(preserve_rowcount=True)
 
 
+@functools.cache
 def _claim_statements(dialect: str) -> tuple[Any, Any]:
-    statements = _CLAIMS.get(dialect)
-    if statements is None:
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        # SQLAlchemy keeps an INSERT's rowcount only when asked (on PostgreSQL it answered -1: every event fresh)
-        one = insert(_PROCESSED).on_conflict_do_nothing(index_elements=["event_id"])
-        one = one.execution_options(preserve_rowcount=True)
-        statements = _CLAIMS[dialect] = (one, one.returning(_PROCESSED.c.event_id))
-    return statements
+    """The idempotency mark (built once per dialect: it runs per message), and the same returning the ids it did
+    mark (for a batch)."""
+    one = insert_unless_taken(_PROCESSED, dialect, "event_id")
+    return one, one.returning(_PROCESSED.c.event_id)
 
 
 def as_utc(value: datetime) -> datetime:
@@ -379,5 +381,6 @@ __all__ = [
     "columns_by_key",
     "create_missing",
     "create_tables",
+    "insert_unless_taken",
     "make_engine",
 ]

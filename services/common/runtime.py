@@ -153,9 +153,10 @@ class Runtime:
                 lingered = False
                 async for event in manual.events():
                     batch.append(event)
-                    if len(batch) < s.batch_max and not empty() and flowing():
+                    room = len(batch) < s.batch_max and flowing()
+                    if room and not empty():
                         continue
-                    if s.batch_linger_s and not lingered and len(batch) < s.batch_max and flowing():
+                    if room and s.batch_linger_s and not lingered:
                         lingered = True
                         await asyncio.sleep(s.batch_linger_s)
                         if not empty() and flowing():

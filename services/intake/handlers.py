@@ -13,7 +13,7 @@ from sqlmodel import col, or_, select
 from schemas import Actor, ActorKind, Event, Location
 from schemas import events as ev
 from services.common.auth import Principal, Role
-from services.common.db import Record, UnitOfWork, as_utc
+from services.common.db import Record, UnitOfWork, as_utc, insert_unless_taken
 from services.common.errors import Forbidden, NotFound, Rejected, Unavailable, UnknownIncident
 
 from .models import IncidentPublic, IntakeIncident, IntakeTransition, ReportAccepted, ReportCreate, TransitionPublic
@@ -74,22 +74,6 @@ def _find_report(uow: UnitOfWork, reporter_id: str, client_report_id: str) -> In
     return None if incident_id is None else uow.session.get(IntakeIncident, incident_id)
 
 
-_INSERTS: dict[str, Any] = {}
-"""Per dialect, built once (it runs per report): a new incident as ``INSERT … ON CONFLICT DO NOTHING``."""
-
-
-def _insert_report(dialect: str) -> Any:
-    statement = _INSERTS.get(dialect)
-    if statement is None:
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        # its rowcount kept, which SQLAlchemy does for an INSERT only when asked (PostgreSQL answered -1)
-        statement = insert(_INCIDENTS).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
-        _INSERTS[dialect] = statement
-    return statement
-
-
 _OWN_SOURCE = {Role.GRID_WORKER: ev.Source.GRID_WORKER, Role.SENSOR: ev.Source.SENSOR}
 
 
@@ -122,7 +106,7 @@ def report_incident(cmd: ReportCreate, uow: UnitOfWork, actor: Actor | None = No
     Two intake instances that take the same client report id at once serialize on the unique index: the second
     inserts nothing and finds the first's incident."""
     now = uow.now()
-    insert = _insert_report(uow.engine.dialect.name)
+    insert = insert_unless_taken(_INCIDENTS, uow.engine.dialect.name)
     for _ in range(_ID_DRAWS):
         incident_id = new_incident_id(now)
         event = ev.IncidentReported(

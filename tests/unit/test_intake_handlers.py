@@ -13,7 +13,7 @@ from sqlmodel import select
 from schemas import Actor, ActorKind, Event, decode_event
 from schemas import events as ev
 from services.common.bus import MessageBus
-from services.common.db import OutboxRecord, UnitOfWork, create_tables
+from services.common.db import OutboxRecord, UnitOfWork, create_tables, insert_unless_taken
 from services.common.errors import NotFound, Rejected, UnknownIncident
 from services.intake import handlers
 from services.intake.models import TABLES, ReportCreate
@@ -198,17 +198,17 @@ def _twin_commits_first(
     engine: Engine, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, twin: ReportCreate
 ) -> list[str]:
     """Another intake instance on the same database: it commits ``twin`` just before our insert."""
-    statement = handlers._insert_report
+    statement = insert_unless_taken
     raced: list[str] = []
 
-    def insert_after_the_twin(dialect: str) -> object:
+    def insert_after_the_twin(table: sa.Table, dialect: str, *index_elements: str) -> object:
         if not raced:
-            monkeypatch.setattr(handlers, "_insert_report", statement)  # the twin inserts for real
+            monkeypatch.setattr(handlers, "insert_unless_taken", statement)  # the twin inserts for real
             with UnitOfWork(engine, clock=clock) as other:
                 raced.append(handlers.report_incident(twin, other).incident_id)
-        return statement(dialect)
+        return statement(table, dialect, *index_elements)
 
-    monkeypatch.setattr(handlers, "_insert_report", insert_after_the_twin)
+    monkeypatch.setattr(handlers, "insert_unless_taken", insert_after_the_twin)
     return raced
 
 
