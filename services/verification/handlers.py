@@ -78,6 +78,7 @@ _DECIDE = (
         status=sa.bindparam("new_status"),
         decided_at=sa.bindparam("at"),
         decided_by=sa.bindparam("by"),
+        decided_on_behalf_of=sa.bindparam("for"),
         note=sa.bindparam("new_note"),
     )
 )
@@ -101,8 +102,10 @@ def _decide(
     note: str,
     uow: UnitOfWork,
     grids: tuple[str, ...] | None,
+    actor: Actor | None,
 ) -> str:
-    """The decision, written and emitted but not committed; the task's new status."""
+    """The decision, written and emitted but not committed; the task's new status. ``worker_id`` is the worker
+    who decides; ``actor`` whoever acts (the caller's token), recorded on behalf of the worker when another."""
     task = _task_for(uow, verification_id)
     if task is None:
         raise NotFound(f"no verification {verification_id}")
@@ -115,16 +118,25 @@ def _decide(
 
     now = uow.now()
     status = TaskStatus.PASSED if passed else TaskStatus.FAILED
+    recorded = (actor or Actor(kind=ActorKind.GRID_WORKER, id=worker_id)).on_behalf(worker_id)
     # Compare-and-set: of two workers deciding at once, only one changes the task and emits the outcome.
     changed = uow.connection.execute(
-        _DECIDE, {"id": verification_id, "new_status": status, "at": now, "by": worker_id, "new_note": note}
+        _DECIDE,
+        {
+            "id": verification_id,
+            "new_status": status,
+            "at": now,
+            "by": recorded.id,
+            "for": recorded.on_behalf_of,
+            "new_note": note,
+        },
     )
     if changed.rowcount != 1:
         raise Rejected(f"verification {verification_id} was decided meanwhile")
 
     common: dict[str, Any] = dict(
         incident_id=task.incident_id,
-        actor=Actor(kind=ActorKind.GRID_WORKER, id=worker_id),
+        actor=recorded,
         correlation_id=task.correlation_id,
         causation_id=task.request_event_id,
         occurred_at=now,
@@ -136,29 +148,46 @@ def _decide(
 
 
 def pass_verification(
-    verification_id: str, cmd: PassRequest, uow: UnitOfWork, grids: tuple[str, ...] | None = None
+    verification_id: str,
+    cmd: PassRequest,
+    uow: UnitOfWork,
+    grids: tuple[str, ...] | None = None,
+    *,
+    actor: Actor | None = None,
 ) -> VerificationDecided:
-    """核查通过: the problem is solved; dispatch closes the case (结案). ``grids``: the caller's grid cells."""
-    status = _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids)
+    """核查通过: the problem is solved; dispatch closes the case (结案). ``grids``: the caller's grid cells;
+    ``actor``: the caller (by default the worker the command names)."""
+    status = _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids, actor)
     uow.commit()
     return VerificationDecided(verification_id=verification_id, status=status)
 
 
-def pass_verifications(cmd: PassVerifications, uow: UnitOfWork, grids: tuple[str, ...] | None = None) -> BatchOutcome:
+def pass_verifications(
+    cmd: PassVerifications,
+    uow: UnitOfWork,
+    grids: tuple[str, ...] | None = None,
+    *,
+    actor: Actor | None = None,
+) -> BatchOutcome:
     """批量核查通过: each task as :func:`pass_verification` would decide it; the refused ones change nothing."""
     done = act_on_each(
         cmd.verification_ids,
-        lambda verification_id: _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids),
+        lambda verification_id: _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids, actor),
     )
     uow.commit()
     return done
 
 
 def fail_verification(
-    verification_id: str, cmd: FailRequest, uow: UnitOfWork, grids: tuple[str, ...] | None = None
+    verification_id: str,
+    cmd: FailRequest,
+    uow: UnitOfWork,
+    grids: tuple[str, ...] | None = None,
+    *,
+    actor: Actor | None = None,
 ) -> VerificationDecided:
     """核查不通过: the problem is not solved; dispatch sends the work back (返工) with the note."""
-    status = _decide(verification_id, cmd.worker_id, False, cmd.note, uow, grids)
+    status = _decide(verification_id, cmd.worker_id, False, cmd.note, uow, grids, actor)
     uow.commit()
     return VerificationDecided(verification_id=verification_id, status=status)
 
@@ -185,6 +214,7 @@ def _public(t: VerificationTask | sa.Row[Any]) -> VerificationPublic:
         requested_at=as_utc(t.requested_at),
         decided_at=as_utc(t.decided_at) if t.decided_at else None,
         decided_by=t.decided_by,
+        decided_on_behalf_of=t.decided_on_behalf_of,
         note=t.note,
     )
 

@@ -52,6 +52,9 @@ class VerificationTask(SQLModel, table=True):
     requested_at: datetime = SqlField(sa_type=_ts(), index=True)
     decided_at: datetime | None = SqlField(default=None, sa_type=_ts())
     decided_by: str | None = SqlField(default=None, max_length=64)
+    """Who decided: the caller's token, never the person it acted for."""
+    decided_on_behalf_of: str | None = SqlField(default=None, max_length=64)
+    """The worker an administrator decided for; None when the worker decided."""
     note: str = SqlField(default="", max_length=1000)
 
 
@@ -69,7 +72,8 @@ class PassRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     worker_id: WorkerId | None = None
-    """Over HTTP the caller's token says who; a body that names someone else is refused."""
+    """Over HTTP a grid worker's token says who, and a body naming someone else is refused; an administrator
+    names the worker it decides for, and is recorded as itself on their behalf."""
     note: Annotated[str, Field(max_length=1000)] = ""
 
 
@@ -85,7 +89,7 @@ class FailRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     worker_id: WorkerId | None = None
-    """Over HTTP the caller's token says who; a body that names someone else is refused."""
+    """As in :class:`PassRequest`: the worker deciding, or the one an administrator decides for."""
     note: Annotated[str, Field(min_length=1, max_length=1000, examples=["garbage still piled by the gate"])]
     """What is still wrong: the department sees it with the returned work."""
 
@@ -113,4 +117,5 @@ class VerificationPublic(BaseModel):
     requested_at: datetime
     decided_at: datetime | None
     decided_by: str | None
+    decided_on_behalf_of: str | None = None
     note: str

@@ -286,6 +286,33 @@ def test_a_rejected_decision_emits_nothing(engine: Engine, bus: MessageBus) -> N
         assert [r.type for r in s.exec(select(OutboxRecord)).all()] == ["VerificationPassed"]
 
 
+def test_an_administrator_deciding_for_the_worker_is_recorded_as_itself_on_their_behalf(
+    engine: Engine, bus: MessageBus
+) -> None:
+    bus.handle(requested())  # asked of w-gh01-2
+    admin = Actor(kind=ActorKind.SYSTEM, id="admin")
+    with UnitOfWork(engine) as uow:
+        cmd = PassRequest(worker_id="w-gh01-2", note="seen on the camera")
+        handlers.pass_verification("GL20240506-AB12CD34-v1", cmd, uow, actor=admin)
+        (event,) = uow.emitted
+    assert event.actor == Actor(kind=ActorKind.SYSTEM, id="admin", on_behalf_of="w-gh01-2")
+    t = task(engine, "GL20240506-AB12CD34-v1")
+    assert (t.status, t.decided_by, t.decided_on_behalf_of) == ("passed", "admin", "w-gh01-2")
+
+
+def test_a_worker_deciding_is_recorded_as_themselves(engine: Engine, bus: MessageBus) -> None:
+    bus.handle(requested())
+    worker = Actor(kind=ActorKind.GRID_WORKER, id="w-gh01-2")
+    with UnitOfWork(engine) as uow:
+        handlers.fail_verification(
+            "GL20240506-AB12CD34-v1", FailRequest(worker_id="w-gh01-2", note="no"), uow, actor=worker
+        )
+        (event,) = uow.emitted
+    assert event.actor == worker and event.actor.on_behalf_of is None
+    t = task(engine, "GL20240506-AB12CD34-v1")
+    assert (t.decided_by, t.decided_on_behalf_of) == ("w-gh01-2", None)
+
+
 # -- the queue -------------------------------------------------------------------------------------
 
 
