@@ -16,12 +16,16 @@ from services.common.runtime import Runtime
 
 from . import handlers
 from .models import FailRequest, PassRequest, PassVerifications, VerificationDecided, VerificationPublic
+from .settings import VerifierPolicy
 
 B = TypeVar("B", PassRequest, FailRequest, PassVerifications)
 
 _ID = r"^[\w.@:-]+$"
 _DECISION_ERRORS: dict[int | str, dict[str, str]] = {
-    403: {"description": "the worker does not belong to the task's grid"},
+    403: {
+        "description": "the worker does not belong to the task's grid, is not the one it is asked of (or, under the "
+        "grid policy, reported it), or did the work it checks"
+    },
     404: {"description": "no such verification"},
     409: {"description": "the verification is already decided"},
     422: {"description": "invalid request"},
@@ -44,7 +48,7 @@ def _grids(who: Principal) -> tuple[str, ...] | None:
     return who.grids if who.role is Role.GRID_WORKER else None
 
 
-def build_api(runtime: Runtime) -> FastAPI:
+def build_api(runtime: Runtime, policy: VerifierPolicy = "assigned") -> FastAPI:
     Worker = runtime.allow(Role.GRID_WORKER, Role.ADMIN)
     Reader = runtime.allow(Role.GRID_WORKER, Role.OPS_CENTER, Role.ADMIN)
     api = create_api(
@@ -100,7 +104,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         change nothing and the others are decided together."""
         cmd, actor = _as_caller(body, who)
         with runtime.uow() as uow:
-            done = handlers.pass_verifications(cmd, uow, _grids(who), actor=actor)
+            done = handlers.pass_verifications(cmd, uow, _grids(who), actor=actor, policy=policy)
         await runtime.flush_outbox()
         return done
 
@@ -115,7 +119,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         """核查通过: the problem is solved; the incident will be closed."""
         cmd, actor = _as_caller(body, who)
         with runtime.uow() as uow:
-            decided = handlers.pass_verification(verification_id, cmd, uow, _grids(who), actor=actor)
+            decided = handlers.pass_verification(verification_id, cmd, uow, _grids(who), actor=actor, policy=policy)
         await runtime.flush_outbox()
         return decided
 
@@ -130,7 +134,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         """核查不通过: the work goes back to the department (返工) with the note."""
         cmd, actor = _as_caller(body, who)
         with runtime.uow() as uow:
-            decided = handlers.fail_verification(verification_id, cmd, uow, _grids(who), actor=actor)
+            decided = handlers.fail_verification(verification_id, cmd, uow, _grids(who), actor=actor, policy=policy)
         await runtime.flush_outbox()
         return decided
 

@@ -2,7 +2,9 @@
 
 A VerificationRequested opens one task (once per verification id, however often it is delivered). Only a worker
 of the task's grid may decide it, and only while it is pending: pass (核查通过) lets dispatch close the case,
-fail (核查不通过) sends the work back to the department (返工) with the worker's note.
+fail (核查不通过) sends the work back to the department (返工) with the worker's note. Duties are separate: the
+worker the task is asked of decides it (or, under the ``grid`` policy, any worker of the grid but the reporter),
+and whoever did the work — the reporter who fixed it on the spot, the staff who handled it — never does.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .models import (
     VerificationPublic,
     VerificationTask,
 )
+from .settings import VerifierPolicy
 
 # -- events ---------------------------------------------------------------------------------------------
 
@@ -61,6 +64,8 @@ def open_task(requested: ev.VerificationRequested, uow: UnitOfWork) -> None:
         work_order_ids=" ".join(requested.work_order_ids),
         evidence_urls=" ".join(str(u) for u in requested.evidence_urls),
         round=requested.round,
+        reporter_id=requested.reporter_id,
+        handled_by=" ".join(requested.handled_by) or None,
         status=TaskStatus.PENDING,
         requested_at=requested.occurred_at,
     )
@@ -85,7 +90,17 @@ _DECIDE = (
 """The decision as one prebuilt Core statement (it runs per decision)."""
 
 _HEAD = columns_by_key(
-    _TASK, "verification_id", "incident_id", "correlation_id", "request_event_id", "grid_id", "status", "decided_by"
+    _TASK,
+    "verification_id",
+    "incident_id",
+    "correlation_id",
+    "request_event_id",
+    "grid_id",
+    "worker_id",
+    "reporter_id",
+    "handled_by",
+    "status",
+    "decided_by",
 )
 """What a decision reads of its task, built once: the columns its rules and its event need, not the whole row as
 an ORM object (which cost more than the rest of the decision)."""
@@ -93,6 +108,23 @@ an ORM object (which cost more than the rest of the decision)."""
 
 def _task_for(uow: UnitOfWork, verification_id: str) -> sa.Row[Any] | None:
     return uow.row(_HEAD, verification_id)
+
+
+def _check_duties(task: sa.Row[Any], worker_id: str, policy: VerifierPolicy) -> None:
+    """Whether ``worker_id``, a worker of the task's grid, may decide it: never whoever did the work; under the
+    ``assigned`` policy only the worker it is asked of, under ``grid`` anyone but the reporter."""
+    if worker_id in (task.handled_by or "").split():
+        raise Forbidden(
+            f"{worker_id} did the work verification {task.verification_id} checks (fixed it on the spot or handled "
+            "it); another worker verifies it"
+        )
+    if policy == "assigned":
+        if worker_id != task.worker_id:
+            raise Forbidden(f"verification {task.verification_id} is assigned to {task.worker_id}; only they decide it")
+    elif worker_id == task.reporter_id:
+        raise Forbidden(
+            f"{worker_id} reported incident {task.incident_id}; another worker of grid {task.grid_id} verifies it"
+        )
 
 
 def _decide(
@@ -103,6 +135,7 @@ def _decide(
     uow: UnitOfWork,
     grids: tuple[str, ...] | None,
     actor: Actor | None,
+    policy: VerifierPolicy,
 ) -> str:
     """The decision, written and emitted but not committed; the task's new status. ``worker_id`` is the worker
     who decides; ``actor`` whoever acts (the caller's token), recorded on behalf of the worker when another."""
@@ -113,6 +146,7 @@ def _decide(
     allowed = task.grid_id in grids if grids is not None else grid is not None and worker_id in grid.workers
     if worker_id is None or grid is None or not allowed:
         raise Forbidden(f"{worker_id} is not a worker of grid {task.grid_id}; only its workers verify its incidents")
+    _check_duties(task, worker_id, policy)
     if task.status != TaskStatus.PENDING:
         raise Rejected(f"verification {verification_id} is already {task.status} (by {task.decided_by})")
 
@@ -154,10 +188,11 @@ def pass_verification(
     grids: tuple[str, ...] | None = None,
     *,
     actor: Actor | None = None,
+    policy: VerifierPolicy = "assigned",
 ) -> VerificationDecided:
     """核查通过: the problem is solved; dispatch closes the case (结案). ``grids``: the caller's grid cells;
-    ``actor``: the caller (by default the worker the command names)."""
-    status = _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids, actor)
+    ``actor``: the caller (by default the worker the command names); ``policy``: who may decide."""
+    status = _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids, actor, policy)
     uow.commit()
     return VerificationDecided(verification_id=verification_id, status=status)
 
@@ -168,11 +203,12 @@ def pass_verifications(
     grids: tuple[str, ...] | None = None,
     *,
     actor: Actor | None = None,
+    policy: VerifierPolicy = "assigned",
 ) -> BatchOutcome:
     """批量核查通过: each task as :func:`pass_verification` would decide it; the refused ones change nothing."""
     done = act_on_each(
         cmd.verification_ids,
-        lambda verification_id: _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids, actor),
+        lambda verification_id: _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids, actor, policy),
     )
     uow.commit()
     return done
@@ -185,9 +221,10 @@ def fail_verification(
     grids: tuple[str, ...] | None = None,
     *,
     actor: Actor | None = None,
+    policy: VerifierPolicy = "assigned",
 ) -> VerificationDecided:
     """核查不通过: the problem is not solved; dispatch sends the work back (返工) with the note."""
-    status = _decide(verification_id, cmd.worker_id, False, cmd.note, uow, grids, actor)
+    status = _decide(verification_id, cmd.worker_id, False, cmd.note, uow, grids, actor, policy)
     uow.commit()
     return VerificationDecided(verification_id=verification_id, status=status)
 

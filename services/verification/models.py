@@ -39,7 +39,11 @@ class VerificationTask(SQLModel, table=True):
     """The VerificationRequested event: the cause recorded on the outcome."""
     grid_id: str = SqlField(max_length=40, index=True)
     worker_id: str = SqlField(max_length=64, index=True)
-    """The worker asked to verify; any worker of the grid may decide."""
+    """The worker asked to verify: by default the only one who decides (see ``verifier_policy``)."""
+    reporter_id: str | None = SqlField(default=None, max_length=64)
+    """Who reported the incident (None on a task of an earlier version): under the grid policy, not a verifier."""
+    handled_by: str | None = SqlField(default=None)
+    """Who did the work being verified, space-separated: never a verifier (None on a task of an earlier version)."""
     category_code: str = SqlField(max_length=40)
     lat: float
     lon: float
