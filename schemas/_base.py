@@ -46,15 +46,28 @@ class ActorKind(StrEnum):
 
 
 class Actor(Frozen):
-    """Who did it: a person or a service, always recorded on every transition."""
+    """Who did it: a person or a service, always recorded on every transition.
+
+    The actor is whoever acted (the caller's token); one acting for someone else (an administrator deciding for a
+    grid worker, the hotline desk reporting for a caller) is recorded as itself ``on_behalf_of`` that person, never
+    as the person."""
 
     kind: ActorKind
     id: Annotated[str, Field(min_length=1, max_length=64)]
     department: str | None = None
+    on_behalf_of: Annotated[str | None, Field(min_length=1, max_length=64, exclude_if=lambda v: v is None)] = None
+    """The person the actor acted for; absent (and not written: such a record reads as before) when it acted for
+    itself."""
 
     @classmethod
     def system(cls, service: str) -> Actor:
         return cls(kind=ActorKind.SYSTEM, id=service)
+
+    def on_behalf(self, person: str | None) -> Actor:
+        """This actor acting for ``person``; itself when ``person`` is nobody or itself."""
+        if person is None or person == self.id:
+            return self
+        return Actor(kind=self.kind, id=self.id, department=self.department, on_behalf_of=person)
 
 
 class Location(Frozen):

@@ -19,6 +19,7 @@ Note = Annotated[str, Field(max_length=1000)]
 Urls = Annotated[list[HttpUrl], Field(max_length=10)]
 Code = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$")]
 WorkOrderId = Annotated[str, Field(min_length=1, max_length=80)]
+PersonId = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class Source(StrEnum):
@@ -219,6 +220,11 @@ class VerificationRequested(Event):
     work_order_ids: list[WorkOrderId] = []
     evidence_urls: Urls = []
     round: Annotated[int, Field(ge=1)] = 1
+    reporter_id: PersonId | None = None
+    """Who reported the incident; absent on a request of an earlier version."""
+    handled_by: Annotated[list[PersonId], Field(max_length=20)] = []
+    """Who did the work being verified: the reporter who fixed it on the spot, the staff who handled its work
+    orders. None of them verifies it."""
 
 
 class VerificationPassed(Event):

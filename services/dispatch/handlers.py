@@ -108,10 +108,11 @@ def _dispatch(
     )
 
 
-def _verifier(case: Record) -> str:
-    """The grid's worker who verifies: another worker than the reporter where the grid has one."""
+def _verifier(case: Record, handled_by: list[str]) -> str:
+    """The grid's worker who verifies: one who neither reported the incident nor did the work (a fix on the spot
+    is never asked of the worker who made it). Every grid of the town has two workers, so there is one."""
     workers = GRIDS[case.grid_id].workers if case.grid_id else ()
-    others = [w for w in workers if w != case.reporter_id]
+    others = [w for w in workers if w != case.reporter_id and w not in handled_by]
     return (others or list(workers) or [case.reporter_id])[0]
 
 
@@ -119,6 +120,11 @@ def _request_verification(uow: UnitOfWork, case: Record, cause: Event, evidence:
     case.status = CaseStatus.VERIFYING
     case.verification_round += 1
     assert case.grid_id is not None
+    handled = [o for o in _orders(uow, case.incident_id) if o.status == OrderStatus.HANDLED]
+    handled_by = [case.reporter_id] if case.handled_on_spot else []
+    for person in (p for o in handled for p in (o.handled_by or "").split()):
+        if person not in handled_by:
+            handled_by.append(person)
     uow.emit(
         ev.VerificationRequested.following(
             cause,
@@ -126,13 +132,15 @@ def _request_verification(uow: UnitOfWork, case: Record, cause: Event, evidence:
             occurred_at=uow.now(),
             verification_id=f"{case.incident_id}-v{case.verification_round}",
             grid_id=case.grid_id,
-            worker_id=_verifier(case),
+            worker_id=_verifier(case, handled_by),
             category_code=case.category_code,
             location=Location(lat=case.lat, lon=case.lon, address=case.address),
             description=case.description,
-            work_order_ids=[o.work_order_id for o in _orders(uow, case.incident_id) if o.status == OrderStatus.HANDLED],
+            work_order_ids=[o.work_order_id for o in handled],
             evidence_urls=evidence[:10],
             round=case.verification_round,
+            reporter_id=case.reporter_id,
+            handled_by=handled_by[:20],
         )
     )
 
@@ -328,6 +336,7 @@ def request_verification(handled: ev.WorkOrderHandled, uow: UnitOfWork, policy: 
     if order.status not in OrderStatus.ACTIVE:
         raise UnknownIncident(f"work order {order.work_order_id} is {order.status}; handling is not expected")
     order.status, order.handled_at = OrderStatus.HANDLED, handled.occurred_at
+    order.handled_by = " ".join(p for p in (handled.actor.id, handled.actor.on_behalf_of) if p)
     order.extension_requested_until, order.extension_reason = None, ""  # a pending request lapses
     if any(o.status in OrderStatus.ACTIVE for o in _orders(uow, case.incident_id)):
         return  # a big incident waits for every department

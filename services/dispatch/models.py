@@ -95,6 +95,8 @@ class DispatchWorkOrder(SQLModel, table=True):
     dispatched_at: datetime = SqlField(sa_type=_ts())
     accepted_at: datetime | None = SqlField(default=None, sa_type=_ts())
     handled_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    handled_by: str | None = SqlField(default=None, max_length=130)
+    """Who handled it (the staff member, and whom they acted for), space-separated: they never verify it."""
     reminded_at: datetime | None = SqlField(default=None, sa_type=_ts())
     escalated_at: datetime | None = SqlField(default=None, sa_type=_ts())
     extension_requested_until: datetime | None = SqlField(default=None, sa_type=_ts())

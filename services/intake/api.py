@@ -29,15 +29,17 @@ def build_api(runtime: Runtime) -> FastAPI:
         response_model=ReportAccepted,
         tags=["reports"],
         responses={
-            409: {"description": "client_report_id reused for a different report"},
+            409: {"description": "client_report_id reused for a different report, or by another caller"},
             422: {"description": "invalid report"},
         },
     )
     async def report(body: ReportCreate, response: Response, who: Principal = Reporter) -> ReportAccepted:
-        """Report an incident. A retry with the same client_report_id returns the same incident.
+        """Report an incident. A retry with the same client_report_id returns the same incident; only whoever sent
+        the report may retry it (anyone else is refused, 409).
 
         Grid workers report as themselves (source grid_worker), sensors as themselves (source sensor); the
-        operations center's hotline desk reports for a 12345 caller (source hotline_12345)."""
+        operations center's hotline desk reports for a 12345 caller (source hotline_12345), recorded as the desk
+        on the caller's behalf."""
         handlers.check_reporter(body, who)
         with runtime.uow() as uow:
             accepted = handlers.report_incident(body, uow, who.actor())

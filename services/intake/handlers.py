@@ -69,6 +69,16 @@ _REPORTED_AS = sa.select(_INCIDENTS.c.incident_id).where(
 """Which incident a client's report id already names, built once: every report asks, and almost always none."""
 
 
+def _sender(actor: Actor) -> str:
+    """Who sent a report, as kept with it: only they may retry it."""
+    return f"{actor.kind.value}:{actor.id}"
+
+
+def _sent_by(row: IntakeIncident) -> str:
+    """Who sent a stored report; one taken by an earlier version (which did not keep it) by its reporter."""
+    return row.submitted_by or f"{_REPORTER_KIND[ev.Source(row.source)].value}:{row.reporter_id}"
+
+
 def _find_report(uow: UnitOfWork, reporter_id: str, client_report_id: str) -> IntakeIncident | None:
     incident_id = uow.connection.execute(_REPORTED_AS, {"reporter": reporter_id, "report": client_report_id}).scalar()
     return None if incident_id is None else uow.session.get(IntakeIncident, incident_id)
@@ -100,19 +110,24 @@ def _visible(row: IntakeIncident, who: Principal) -> bool:
 def report_incident(cmd: ReportCreate, uow: UnitOfWork, actor: Actor | None = None) -> ReportAccepted:
     """Record a report and queue IncidentReported; a retry with the same client report id changes nothing.
 
+    ``actor`` is the caller (by default the reporter): one reporting for another reporter (the hotline desk for a
+    caller) is recorded as itself on the reporter's behalf. Only whoever sent a report may retry it: the same
+    client report id of the same reporter from anyone else is refused, never answered with that report.
+
     The new incident is inserted first, unless a row holds its client report id or its case number already
     (``ON CONFLICT DO NOTHING``): a report, nearly always new, costs one statement, not a lookup and an insert. An
     insert that took nothing is a retry (answered with its incident) or a case number drawn twice (drawn again).
     Two intake instances that take the same client report id at once serialize on the unique index: the second
     inserts nothing and finds the first's incident."""
     now = uow.now()
+    by = (actor or Actor(kind=_REPORTER_KIND[cmd.source], id=cmd.reporter_id)).on_behalf(cmd.reporter_id)
     insert = insert_unless_taken(_INCIDENTS, uow.engine.dialect.name)
     for _ in range(_ID_DRAWS):
         incident_id = new_incident_id(now)
         event = ev.IncidentReported(
             incident_id=incident_id,
             occurred_at=now,
-            actor=actor or Actor(kind=_REPORTER_KIND[cmd.source], id=cmd.reporter_id),
+            actor=by,
             correlation_id=incident_id,
             source=cmd.source,
             category_code=cmd.category_code,
@@ -128,7 +143,7 @@ def report_incident(cmd: ReportCreate, uow: UnitOfWork, actor: Actor | None = No
         if not uow.connection.execute(insert, _report_values(event)).rowcount:
             existing = _find_report(uow, cmd.reporter_id, cmd.client_report_id)
             if existing is not None:
-                return _duplicate(existing, cmd)
+                return _duplicate(existing, cmd, by)
             continue  # the case number was taken by another report: draw another
         uow.emit(event)
         uow.commit()
@@ -136,8 +151,14 @@ def report_incident(cmd: ReportCreate, uow: UnitOfWork, actor: Actor | None = No
     raise Unavailable(f"no free case number in {_ID_DRAWS} draws; retry")
 
 
-def _duplicate(existing: IntakeIncident, cmd: ReportCreate) -> ReportAccepted:
-    """The answer to a report whose client_report_id is already taken: its incident, or 409 if it differs."""
+def _duplicate(existing: IntakeIncident, cmd: ReportCreate, by: Actor) -> ReportAccepted:
+    """The answer to a report whose client_report_id is already taken: its incident, or 409 if it differs or
+    someone else sent it (which incident that is, is not said)."""
+    if _sent_by(existing) != _sender(by):
+        raise Rejected(
+            f"client_report_id {cmd.client_report_id!r} of reporter {cmd.reporter_id!r} was used by another caller; "
+            "only whoever sent a report may retry it: report under a new client_report_id"
+        )
     if not _same_report(existing, cmd):
         raise Rejected(
             f"client_report_id {cmd.client_report_id!r} was already used by {cmd.reporter_id!r} "
@@ -152,6 +173,7 @@ def _report_values(event: ev.IncidentReported) -> dict[str, Any]:
         incident_id=event.incident_id,
         client_report_id=event.client_report_id,
         reporter_id=event.reporter_id,
+        submitted_by=_sender(event.actor),
         source=event.source.value,
         category_code=event.category_code,
         lat=event.location.lat,
@@ -251,6 +273,7 @@ def record_transition(event: Event, uow: UnitOfWork) -> None:
         occurred_at=event.occurred_at,
         actor_kind=event.actor.kind.value,
         actor_id=event.actor.id,
+        on_behalf_of=event.actor.on_behalf_of,
         detail=_detail(event)[:2000],
     )
 
@@ -297,6 +320,7 @@ def get_incident(incident_id: str, uow: UnitOfWork, who: Principal | None = None
                 occurred_at=as_utc(t.occurred_at),
                 actor_kind=t.actor_kind,
                 actor_id=t.actor_id,
+                on_behalf_of=t.on_behalf_of,
                 detail=t.detail,
             )
             for t in timeline

@@ -35,7 +35,8 @@ class ReportCreate(ReportBase):
     source: Source = Source.GRID_WORKER
     reporter_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.@:-]+$")]
     client_report_id: Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[\w.:-]+$")]
-    """Chosen by the client; a retry with the same id returns the same incident."""
+    """Chosen by the client; a retry with the same id (and reporter) returns the same incident. Only its sender
+    may retry a report: anyone else using that id for the same reporter is refused (409)."""
     handled_on_spot: bool = False
     """小事一格解决: the worker fixed it on the spot; evidence_urls show the result."""
     evidence_urls: Annotated[list[HttpUrl], Field(max_length=10)] = []
@@ -62,6 +63,8 @@ class TransitionPublic(BaseModel):
     occurred_at: datetime
     actor_kind: str
     actor_id: str
+    on_behalf_of: str | None = None
+    """The person the actor acted for (the hotline desk for a caller, say); None when it acted for itself."""
     detail: str
 
 
@@ -103,6 +106,9 @@ class IntakeIncident(SQLModel, table=True):
     incident_id: str = SqlField(primary_key=True, max_length=64)
     client_report_id: str = SqlField(max_length=80)
     reporter_id: str = SqlField(max_length=64)
+    submitted_by: str | None = SqlField(default=None, max_length=80)
+    """Who sent the report (``<actor kind>:<id>`` of the caller's token), the only one who may retry it; None on
+    a report taken by an earlier version (its reporter may retry it)."""
     source: str = SqlField(max_length=20)
     category_code: str = SqlField(max_length=40)
     lat: float
@@ -138,6 +144,7 @@ class IntakeTransition(SQLModel, table=True):
     occurred_at: datetime = SqlField(sa_type=_ts())
     actor_kind: str = SqlField(max_length=20)
     actor_id: str = SqlField(max_length=64)
+    on_behalf_of: str | None = SqlField(default=None, max_length=64)
     detail: str = SqlField(default="", max_length=2000)
 
 

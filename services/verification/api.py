@@ -6,6 +6,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import FastAPI, Query
 
+from schemas import Actor
 from services.common.api import WaitS, create_api
 from services.common.auth import Principal, Role
 from services.common.batch import BatchOutcome
@@ -15,31 +16,39 @@ from services.common.runtime import Runtime
 
 from . import handlers
 from .models import FailRequest, PassRequest, PassVerifications, VerificationDecided, VerificationPublic
+from .settings import VerifierPolicy
 
 B = TypeVar("B", PassRequest, FailRequest, PassVerifications)
 
 _ID = r"^[\w.@:-]+$"
 _DECISION_ERRORS: dict[int | str, dict[str, str]] = {
-    403: {"description": "the worker does not belong to the task's grid"},
+    403: {
+        "description": "the worker does not belong to the task's grid, is not the one it is asked of (or, under the "
+        "grid policy, reported it), or did the work it checks"
+    },
     404: {"description": "no such verification"},
     409: {"description": "the verification is already decided"},
     422: {"description": "invalid request"},
 }
 
 
-def _as_caller(body: B, who: Principal) -> B:
+def _as_caller(body: B, who: Principal) -> tuple[B, Actor]:
+    """The command as the caller may give it, and who is recorded as deciding: a grid worker decides as
+    themselves; an administrator names the worker it decides for and is recorded as itself on their behalf."""
     if who.role is not Role.GRID_WORKER:
-        return body  # an administrator acts in the worker's name given in the body
+        if body.worker_id is None:
+            raise Forbidden(f"a {who.role.value} decides for a worker of the grid: name them (worker_id)")
+        return body, who.actor().on_behalf(body.worker_id)
     if body.worker_id not in (None, who.subject):
         raise Forbidden(f"you are {who.subject}; the body names {body.worker_id}")
-    return body.model_copy(update={"worker_id": who.subject})
+    return body.model_copy(update={"worker_id": who.subject}), who.actor()
 
 
 def _grids(who: Principal) -> tuple[str, ...] | None:
     return who.grids if who.role is Role.GRID_WORKER else None
 
 
-def build_api(runtime: Runtime) -> FastAPI:
+def build_api(runtime: Runtime, policy: VerifierPolicy = "assigned") -> FastAPI:
     Worker = runtime.allow(Role.GRID_WORKER, Role.ADMIN)
     Reader = runtime.allow(Role.GRID_WORKER, Role.OPS_CENTER, Role.ADMIN)
     api = create_api(
@@ -93,8 +102,9 @@ def build_api(runtime: Runtime) -> FastAPI:
 
         Each is passed or refused (403, 404, 409, with the reason) as the one-task action would; the refused ones
         change nothing and the others are decided together."""
+        cmd, actor = _as_caller(body, who)
         with runtime.uow() as uow:
-            done = handlers.pass_verifications(_as_caller(body, who), uow, _grids(who))
+            done = handlers.pass_verifications(cmd, uow, _grids(who), actor=actor, policy=policy)
         await runtime.flush_outbox()
         return done
 
@@ -107,8 +117,9 @@ def build_api(runtime: Runtime) -> FastAPI:
     )
     async def pass_(verification_id: str, body: PassRequest, who: Principal = Worker) -> VerificationDecided:
         """核查通过: the problem is solved; the incident will be closed."""
+        cmd, actor = _as_caller(body, who)
         with runtime.uow() as uow:
-            decided = handlers.pass_verification(verification_id, _as_caller(body, who), uow, _grids(who))
+            decided = handlers.pass_verification(verification_id, cmd, uow, _grids(who), actor=actor, policy=policy)
         await runtime.flush_outbox()
         return decided
 
@@ -121,8 +132,9 @@ def build_api(runtime: Runtime) -> FastAPI:
     )
     async def fail(verification_id: str, body: FailRequest, who: Principal = Worker) -> VerificationDecided:
         """核查不通过: the work goes back to the department (返工) with the note."""
+        cmd, actor = _as_caller(body, who)
         with runtime.uow() as uow:
-            decided = handlers.fail_verification(verification_id, _as_caller(body, who), uow, _grids(who))
+            decided = handlers.fail_verification(verification_id, cmd, uow, _grids(who), actor=actor, policy=policy)
         await runtime.flush_outbox()
         return decided
 

@@ -11,6 +11,7 @@ from .settings import VerificationSettings
 
 
 def build(settings: VerificationSettings | None = None) -> Runtime:
-    runtime = Runtime(settings or VerificationSettings(), TABLES, HANDLERS, consumes=CONSUMES, preload=PRELOAD)
-    runtime.serve(build_api(runtime))
+    settings = settings or VerificationSettings()
+    runtime = Runtime(settings, TABLES, HANDLERS, consumes=CONSUMES, preload=PRELOAD)
+    runtime.serve(build_api(runtime, settings.verifier_policy))
     return runtime

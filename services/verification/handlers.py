@@ -2,7 +2,9 @@
 
 A VerificationRequested opens one task (once per verification id, however often it is delivered). Only a worker
 of the task's grid may decide it, and only while it is pending: pass (核查通过) lets dispatch close the case,
-fail (核查不通过) sends the work back to the department (返工) with the worker's note.
+fail (核查不通过) sends the work back to the department (返工) with the worker's note. Duties are separate: the
+worker the task is asked of decides it (or, under the ``grid`` policy, any worker of the grid but the reporter),
+and whoever did the work — the reporter who fixed it on the spot, the staff who handled it — never does.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .models import (
     VerificationPublic,
     VerificationTask,
 )
+from .settings import VerifierPolicy
 
 # -- events ---------------------------------------------------------------------------------------------
 
@@ -61,6 +64,8 @@ def open_task(requested: ev.VerificationRequested, uow: UnitOfWork) -> None:
         work_order_ids=" ".join(requested.work_order_ids),
         evidence_urls=" ".join(str(u) for u in requested.evidence_urls),
         round=requested.round,
+        reporter_id=requested.reporter_id,
+        handled_by=" ".join(requested.handled_by) or None,
         status=TaskStatus.PENDING,
         requested_at=requested.occurred_at,
     )
@@ -78,13 +83,24 @@ _DECIDE = (
         status=sa.bindparam("new_status"),
         decided_at=sa.bindparam("at"),
         decided_by=sa.bindparam("by"),
+        decided_on_behalf_of=sa.bindparam("for"),
         note=sa.bindparam("new_note"),
     )
 )
 """The decision as one prebuilt Core statement (it runs per decision)."""
 
 _HEAD = columns_by_key(
-    _TASK, "verification_id", "incident_id", "correlation_id", "request_event_id", "grid_id", "status", "decided_by"
+    _TASK,
+    "verification_id",
+    "incident_id",
+    "correlation_id",
+    "request_event_id",
+    "grid_id",
+    "worker_id",
+    "reporter_id",
+    "handled_by",
+    "status",
+    "decided_by",
 )
 """What a decision reads of its task, built once: the columns its rules and its event need, not the whole row as
 an ORM object (which cost more than the rest of the decision)."""
@@ -94,6 +110,23 @@ def _task_for(uow: UnitOfWork, verification_id: str) -> sa.Row[Any] | None:
     return uow.row(_HEAD, verification_id)
 
 
+def _check_duties(task: sa.Row[Any], worker_id: str, policy: VerifierPolicy) -> None:
+    """Whether ``worker_id``, a worker of the task's grid, may decide it: never whoever did the work; under the
+    ``assigned`` policy only the worker it is asked of, under ``grid`` anyone but the reporter."""
+    if worker_id in (task.handled_by or "").split():
+        raise Forbidden(
+            f"{worker_id} did the work verification {task.verification_id} checks (fixed it on the spot or handled "
+            "it); another worker verifies it"
+        )
+    if policy == "assigned":
+        if worker_id != task.worker_id:
+            raise Forbidden(f"verification {task.verification_id} is assigned to {task.worker_id}; only they decide it")
+    elif worker_id == task.reporter_id:
+        raise Forbidden(
+            f"{worker_id} reported incident {task.incident_id}; another worker of grid {task.grid_id} verifies it"
+        )
+
+
 def _decide(
     verification_id: str,
     worker_id: str | None,
@@ -101,8 +134,11 @@ def _decide(
     note: str,
     uow: UnitOfWork,
     grids: tuple[str, ...] | None,
+    actor: Actor | None,
+    policy: VerifierPolicy,
 ) -> str:
-    """The decision, written and emitted but not committed; the task's new status."""
+    """The decision, written and emitted but not committed; the task's new status. ``worker_id`` is the worker
+    who decides; ``actor`` whoever acts (the caller's token), recorded on behalf of the worker when another."""
     task = _task_for(uow, verification_id)
     if task is None:
         raise NotFound(f"no verification {verification_id}")
@@ -110,21 +146,31 @@ def _decide(
     allowed = task.grid_id in grids if grids is not None else grid is not None and worker_id in grid.workers
     if worker_id is None or grid is None or not allowed:
         raise Forbidden(f"{worker_id} is not a worker of grid {task.grid_id}; only its workers verify its incidents")
+    _check_duties(task, worker_id, policy)
     if task.status != TaskStatus.PENDING:
         raise Rejected(f"verification {verification_id} is already {task.status} (by {task.decided_by})")
 
     now = uow.now()
     status = TaskStatus.PASSED if passed else TaskStatus.FAILED
+    recorded = (actor or Actor(kind=ActorKind.GRID_WORKER, id=worker_id)).on_behalf(worker_id)
     # Compare-and-set: of two workers deciding at once, only one changes the task and emits the outcome.
     changed = uow.connection.execute(
-        _DECIDE, {"id": verification_id, "new_status": status, "at": now, "by": worker_id, "new_note": note}
+        _DECIDE,
+        {
+            "id": verification_id,
+            "new_status": status,
+            "at": now,
+            "by": recorded.id,
+            "for": recorded.on_behalf_of,
+            "new_note": note,
+        },
     )
     if changed.rowcount != 1:
         raise Rejected(f"verification {verification_id} was decided meanwhile")
 
     common: dict[str, Any] = dict(
         incident_id=task.incident_id,
-        actor=Actor(kind=ActorKind.GRID_WORKER, id=worker_id),
+        actor=recorded,
         correlation_id=task.correlation_id,
         causation_id=task.request_event_id,
         occurred_at=now,
@@ -136,29 +182,49 @@ def _decide(
 
 
 def pass_verification(
-    verification_id: str, cmd: PassRequest, uow: UnitOfWork, grids: tuple[str, ...] | None = None
+    verification_id: str,
+    cmd: PassRequest,
+    uow: UnitOfWork,
+    grids: tuple[str, ...] | None = None,
+    *,
+    actor: Actor | None = None,
+    policy: VerifierPolicy = "assigned",
 ) -> VerificationDecided:
-    """核查通过: the problem is solved; dispatch closes the case (结案). ``grids``: the caller's grid cells."""
-    status = _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids)
+    """核查通过: the problem is solved; dispatch closes the case (结案). ``grids``: the caller's grid cells;
+    ``actor``: the caller (by default the worker the command names); ``policy``: who may decide."""
+    status = _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids, actor, policy)
     uow.commit()
     return VerificationDecided(verification_id=verification_id, status=status)
 
 
-def pass_verifications(cmd: PassVerifications, uow: UnitOfWork, grids: tuple[str, ...] | None = None) -> BatchOutcome:
+def pass_verifications(
+    cmd: PassVerifications,
+    uow: UnitOfWork,
+    grids: tuple[str, ...] | None = None,
+    *,
+    actor: Actor | None = None,
+    policy: VerifierPolicy = "assigned",
+) -> BatchOutcome:
     """批量核查通过: each task as :func:`pass_verification` would decide it; the refused ones change nothing."""
     done = act_on_each(
         cmd.verification_ids,
-        lambda verification_id: _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids),
+        lambda verification_id: _decide(verification_id, cmd.worker_id, True, cmd.note, uow, grids, actor, policy),
     )
     uow.commit()
     return done
 
 
 def fail_verification(
-    verification_id: str, cmd: FailRequest, uow: UnitOfWork, grids: tuple[str, ...] | None = None
+    verification_id: str,
+    cmd: FailRequest,
+    uow: UnitOfWork,
+    grids: tuple[str, ...] | None = None,
+    *,
+    actor: Actor | None = None,
+    policy: VerifierPolicy = "assigned",
 ) -> VerificationDecided:
     """核查不通过: the problem is not solved; dispatch sends the work back (返工) with the note."""
-    status = _decide(verification_id, cmd.worker_id, False, cmd.note, uow, grids)
+    status = _decide(verification_id, cmd.worker_id, False, cmd.note, uow, grids, actor, policy)
     uow.commit()
     return VerificationDecided(verification_id=verification_id, status=status)
 
@@ -185,6 +251,7 @@ def _public(t: VerificationTask | sa.Row[Any]) -> VerificationPublic:
         requested_at=as_utc(t.requested_at),
         decided_at=as_utc(t.decided_at) if t.decided_at else None,
         decided_by=t.decided_by,
+        decided_on_behalf_of=t.decided_on_behalf_of,
         note=t.note,
     )
 

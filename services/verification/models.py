@@ -39,7 +39,11 @@ class VerificationTask(SQLModel, table=True):
     """The VerificationRequested event: the cause recorded on the outcome."""
     grid_id: str = SqlField(max_length=40, index=True)
     worker_id: str = SqlField(max_length=64, index=True)
-    """The worker asked to verify; any worker of the grid may decide."""
+    """The worker asked to verify: by default the only one who decides (see ``verifier_policy``)."""
+    reporter_id: str | None = SqlField(default=None, max_length=64)
+    """Who reported the incident (None on a task of an earlier version): under the grid policy, not a verifier."""
+    handled_by: str | None = SqlField(default=None)
+    """Who did the work being verified, space-separated: never a verifier (None on a task of an earlier version)."""
     category_code: str = SqlField(max_length=40)
     lat: float
     lon: float
@@ -52,6 +56,9 @@ class VerificationTask(SQLModel, table=True):
     requested_at: datetime = SqlField(sa_type=_ts(), index=True)
     decided_at: datetime | None = SqlField(default=None, sa_type=_ts())
     decided_by: str | None = SqlField(default=None, max_length=64)
+    """Who decided: the caller's token, never the person it acted for."""
+    decided_on_behalf_of: str | None = SqlField(default=None, max_length=64)
+    """The worker an administrator decided for; None when the worker decided."""
     note: str = SqlField(default="", max_length=1000)
 
 
@@ -69,7 +76,8 @@ class PassRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     worker_id: WorkerId | None = None
-    """Over HTTP the caller's token says who; a body that names someone else is refused."""
+    """Over HTTP a grid worker's token says who, and a body naming someone else is refused; an administrator
+    names the worker it decides for, and is recorded as itself on their behalf."""
     note: Annotated[str, Field(max_length=1000)] = ""
 
 
@@ -85,7 +93,7 @@ class FailRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     worker_id: WorkerId | None = None
-    """Over HTTP the caller's token says who; a body that names someone else is refused."""
+    """As in :class:`PassRequest`: the worker deciding, or the one an administrator decides for."""
     note: Annotated[str, Field(min_length=1, max_length=1000, examples=["garbage still piled by the gate"])]
     """What is still wrong: the department sees it with the returned work."""
 
@@ -113,4 +121,5 @@ class VerificationPublic(BaseModel):
     requested_at: datetime
     decided_at: datetime | None
     decided_by: str | None
+    decided_on_behalf_of: str | None = None
     note: str

@@ -255,19 +255,20 @@ def rules(w: World) -> dict[tuple[str, str, str], Rule]:
             CITY, DEPTS, body=lambda: {"items": [{"work_order_id": w.to_handle, "result": "已清理"}]}
         ),
         ("handling", "GET", "/webhook-deliveries"): Rule(CENTER, _names(ADMIN)),
-        # verification: the grid's workers verify its incidents
+        # verification: the grid's workers see its incidents; the worker a verification is asked of decides it (an
+        # administrator names the worker it decides for)
         ("verification", "GET", "/verifications"): Rule(VERIFIER, WORKERS | CENTERS),  # scoped
         ("verification", "GET", "/verifications/{verification_id}"): Rule(
             VERIFIER, _names(REPORTER, *CENTERS), params={"verification_id": w.to_pass}
         ),
         ("verification", "POST", "/verifications/{verification_id}/pass"): Rule(
-            VERIFIER, _names(REPORTER, ADMIN), params={"verification_id": w.to_pass}, body=lambda: {"note": "已核查"}
+            VERIFIER, _names(ADMIN), params={"verification_id": w.to_pass}, body=lambda: {"note": "已核查"}
         ),
         ("verification", "POST", "/verifications/pass"): Rule(  # each task outside the caller's grids: 403 alone
             VERIFIER, WORKERS | _names(ADMIN), body=lambda: {"verification_ids": [w.to_pass], "note": "已核查"}
         ),
         ("verification", "POST", "/verifications/{verification_id}/fail"): Rule(
-            VERIFIER, _names(REPORTER, ADMIN), params={"verification_id": w.to_fail}, body=lambda: {"note": "仍有摊位"}
+            VERIFIER, _names(ADMIN), params={"verification_id": w.to_fail}, body=lambda: {"note": "仍有摊位"}
         ),
         # opscenter: the operations center's figures
         **{

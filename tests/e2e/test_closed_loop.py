@@ -148,6 +148,55 @@ def test_handled_on_the_spot(town: Town) -> None:
     assert "WorkOrderDispatched" not in types(done) and done["departments"] == []
 
 
+def test_nobody_verifies_their_own_fix_and_whoever_acts_for_someone_is_recorded_as_themselves(town: Town) -> None:
+    """Separation of duties and acting on someone's behalf, through the public APIs: the worker who fixed it on the
+    spot cannot pass it, nor can the worker of the grid it was not asked of; an administrator passing it for the
+    worker it was asked of is recorded as the administrator on their behalf. The hotline desk naming w-gh01-1 as
+    reporter is recorded as the desk on their behalf and cannot retry w-gh01-1's client_report_id."""
+    worker = town.as_("intake", town.tokens.workers["w-gh01-1"])
+    client_report_id = f"e2e-duties-{time.time_ns()}"
+    fixed = {
+        "category_code": "shared_bikes",
+        "lat": 31.2765,
+        "lon": 121.5715,
+        "description": "e2e 单车已摆放整齐",
+        "reporter_id": "w-gh01-1",
+        "client_report_id": client_report_id,
+        "handled_on_spot": True,
+        "evidence_urls": ["https://evidence.example/duties.jpg"],
+    }
+    r = worker.post("/reports", json=fixed)
+    assert r.status_code == 202, r.text
+    iid = r.json()["incident_id"]
+
+    task = town.verification_task(iid)
+    assert task["worker_id"] == "w-gh01-2"
+    decide = f"/verifications/{task['verification_id']}/pass"
+    own = town.as_("verification", town.tokens.workers["w-gh01-1"]).post(decide, json={"note": "我自己修好了"})
+    assert own.status_code == 403 and "did the work" in own.json()["error"], own.text
+    admin = town.as_("verification", town.tokens.admin)
+    for_the_fixer = admin.post(decide, json={"worker_id": "w-gh01-1", "note": "代录"})
+    assert for_the_fixer.status_code == 403, for_the_fixer.text
+    r = admin.post(decide, json={"worker_id": "w-gh01-2", "note": "电话核实，代录"})
+    assert r.status_code == 202, r.text
+    done = town.wait_for(iid, status="closed")
+    [passed] = [t for t in done["timeline"] if t["type"] == "VerificationPassed"]
+    assert (passed["actor_kind"], passed["actor_id"], passed["on_behalf_of"]) == ("system", "admin", "w-gh01-2")
+
+    desk = {**fixed, "source": "hotline_12345", "handled_on_spot": False, "evidence_urls": []}
+    taken = town.intake.post("/reports", json=desk)
+    assert taken.status_code == 409 and "another caller" in taken.json()["error"], taken.text
+    assert iid not in taken.text
+    r = town.intake.post(
+        "/reports", json={**desk, "category_code": "illegal_parking", "client_report_id": "e2e-desk-1"}
+    )
+    assert r.status_code == 202, r.text
+    reported = town.wait_for(r.json()["incident_id"], event="IncidentReported")
+    assert reported["reporter_id"] == "w-gh01-1"
+    [entry] = [t for t in reported["timeline"] if t["type"] == "IncidentReported"]
+    assert (entry["actor_kind"], entry["actor_id"], entry["on_behalf_of"]) == ("ops_center", "ops-duty", "w-gh01-1")
+
+
 def test_big_incident_engages_several_departments(town: Town) -> None:
     iid = town.report("safety_hazard", 31.2750, 121.5690)
     orders = town.work_orders(iid, min_count=3)

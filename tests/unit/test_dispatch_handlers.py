@@ -41,18 +41,17 @@ class Loop:
     def report(self, category: str = "exposed_garbage", at: tuple[float, float] = IN_GH01, **kw: Any) -> list[Event]:
         self.n += 1
         iid = f"GL-{self.n}"
+        fields: dict[str, Any] = {"actor": WORKER, "reporter_id": "w-gh01-1", **kw}
         event = ev.IncidentReported(
             incident_id=iid,
-            actor=WORKER,
             correlation_id=iid,
             occurred_at=self.clock(),
             source="grid_worker",
             category_code=category,
             location=Location(lat=at[0], lon=at[1]),
             description="d",
-            reporter_id="w-gh01-1",
             client_report_id=f"r{self.n}",
-            **kw,
+            **fields,
         )
         return self.bus.handle(event)
 
@@ -235,6 +234,25 @@ def test_handled_on_the_spot_goes_straight_to_verification(loop: Loop) -> None:
     assert [str(u) for u in req.evidence_urls] == ["https://example.org/after.jpg"]
     closed = only(loop.verify(req, passed=True), ev.IncidentClosed)
     assert closed.handled_on_spot and closed.on_time and closed.departments == []
+
+
+def test_a_verification_names_the_reporter_and_whoever_did_the_work(loop: Loop) -> None:
+    """So that neither verifies it: the reporter who fixed it on the spot, the department staff who handled it."""
+    spot = only(loop.report(handled_on_spot=True, evidence_urls=["https://e.org/a.jpg"]), ev.VerificationRequested)
+    assert (spot.reporter_id, spot.handled_by, spot.worker_id) == ("w-gh01-1", ["w-gh01-1"], "w-gh01-2")
+    order = only(loop.verify(spot, passed=False, note="not fixed"), ev.WorkOrderDispatched)
+    again = only(loop.dept(ev.WorkOrderHandled, order, result="cleaned"), ev.VerificationRequested)
+    assert (again.reporter_id, again.handled_by, again.worker_id) == ("w-gh01-1", ["w-gh01-1", "staff"], "w-gh01-2")
+    order = only(loop.report(at=(31.2760, 121.5660)), ev.WorkOrderDispatched)
+    req = only(loop.dept(ev.WorkOrderHandled, order, result="cleaned"), ev.VerificationRequested)
+    assert (req.reporter_id, req.handled_by) == ("w-gh01-1", ["staff"])
+    # fixed on the spot by the grid's other worker: asked of the first
+    w2 = Actor(kind=ActorKind.GRID_WORKER, id="w-gh01-2")
+    spot = only(
+        loop.report(actor=w2, reporter_id="w-gh01-2", handled_on_spot=True, evidence_urls=["https://e.org/b.jpg"]),
+        ev.VerificationRequested,
+    )
+    assert (spot.reporter_id, spot.handled_by, spot.worker_id) == ("w-gh01-2", ["w-gh01-2"], "w-gh01-1")
 
 
 def test_on_the_spot_fix_that_fails_verification_is_dispatched(loop: Loop) -> None:

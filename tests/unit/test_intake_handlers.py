@@ -70,6 +70,58 @@ def test_same_client_report_id_returns_the_same_incident(engine: Engine, clock: 
         assert handlers.report_incident(_cmd(reporter_id="w-gh02-1"), uow).incident_id != first.incident_id
 
 
+DESK = Actor(kind=ActorKind.OPS_CENTER, id="ops-duty", department="ops_center")
+WORKER = Actor(kind=ActorKind.GRID_WORKER, id="w-gh01-1")
+
+
+def test_a_desk_reporting_for_a_worker_is_recorded_as_itself_on_their_behalf(engine: Engine, clock: FakeClock) -> None:
+    with UnitOfWork(engine, clock=clock) as uow:
+        handlers.report_incident(_cmd(source="hotline_12345"), uow, DESK)
+        (event,) = uow.emitted
+    assert isinstance(event, ev.IncidentReported)
+    assert event.actor == Actor(
+        kind=ActorKind.OPS_CENTER, id="ops-duty", department="ops_center", on_behalf_of="w-gh01-1"
+    )
+    assert event.reporter_id == "w-gh01-1"
+    with UnitOfWork(engine, clock=clock) as uow:  # a worker reporting is recorded as themselves
+        handlers.report_incident(_cmd(client_report_id="r-2"), uow, WORKER)
+        (event,) = uow.emitted
+    assert event.actor == WORKER and event.actor.on_behalf_of is None
+
+
+def test_a_client_report_id_is_not_taken_over_by_another_caller(engine: Engine, clock: FakeClock) -> None:
+    """The desk naming w-gh01-1 as reporter cannot have w-gh01-1's report answered to it by retrying their
+    client_report_id, nor have its own report answered to w-gh01-1: either way a 409 with the reason."""
+    with UnitOfWork(engine, clock=clock) as uow:
+        mine = handlers.report_incident(_cmd(), uow, WORKER)
+    with UnitOfWork(engine, clock=clock) as uow, pytest.raises(Rejected, match="another caller") as refused:
+        handlers.report_incident(_cmd(source="hotline_12345"), uow, DESK)
+    assert mine.incident_id not in str(refused.value)
+    with UnitOfWork(engine, clock=clock) as uow:  # the worker's own retry is still answered with their incident
+        assert handlers.report_incident(_cmd(), uow, WORKER).incident_id == mine.incident_id
+
+    with UnitOfWork(engine, clock=clock) as uow:  # the other way round: the desk first
+        desks = handlers.report_incident(_cmd(source="hotline_12345", client_report_id="r-9"), uow, DESK)
+    with UnitOfWork(engine, clock=clock) as uow, pytest.raises(Rejected, match="another caller"):
+        handlers.report_incident(_cmd(source="hotline_12345", client_report_id="r-9"), uow, WORKER)
+    with UnitOfWork(engine, clock=clock) as uow:  # the desk's own retry is answered with its incident
+        again = handlers.report_incident(_cmd(source="hotline_12345", client_report_id="r-9"), uow, DESK)
+    assert again.incident_id == desks.incident_id and again.duplicate
+    assert len(_outbox(engine)) == 2
+
+
+def test_a_report_taken_before_the_caller_was_kept_is_retried_only_by_its_reporter(engine: Engine) -> None:
+    """A report of an earlier version does not say who sent it: the reporter may retry it, nobody else."""
+    with UnitOfWork(engine) as uow:
+        mine = handlers.report_incident(_cmd(), uow, WORKER)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE intake_incident SET submitted_by = NULL"))
+    with UnitOfWork(engine) as uow:
+        assert handlers.report_incident(_cmd(), uow, WORKER).incident_id == mine.incident_id
+    with UnitOfWork(engine) as uow, pytest.raises(Rejected, match="another caller"):
+        handlers.report_incident(_cmd(source="hotline_12345"), uow, DESK)
+
+
 def test_on_the_spot_needs_evidence_and_a_grid_worker() -> None:
     with pytest.raises(ValueError, match="evidence"):
         _cmd(handled_on_spot=True)
@@ -174,6 +226,16 @@ def test_an_event_folded_after_a_later_one_does_not_step_the_status_back(engine:
     bus.handle(handled)
     with UnitOfWork(engine) as uow:
         assert handlers.get_incident(incident_id, uow).status == "handled"
+
+
+def test_the_timeline_shows_who_acted_on_whose_behalf(engine: Engine, clock: FakeClock) -> None:
+    with UnitOfWork(engine, clock=clock) as uow:
+        incident_id = handlers.report_incident(_cmd(source="hotline_12345"), uow, DESK).incident_id
+    [record] = _outbox(engine)
+    MessageBus(lambda: UnitOfWork(engine, clock=clock), handlers.HANDLERS).handle(decode_event(record.payload))
+    with UnitOfWork(engine) as uow:
+        [reported] = handlers.get_incident(incident_id, uow).timeline
+    assert (reported.actor_kind, reported.actor_id, reported.on_behalf_of) == ("ops_center", "ops-duty", "w-gh01-1")
 
 
 def test_a_database_of_an_earlier_version_gets_the_new_columns(engine: Engine) -> None:

@@ -59,6 +59,19 @@ def test_envelope_round_trips_through_bytes() -> None:
     assert "垃圾" in schemas.encode_event(event).decode()
 
 
+def test_an_actor_on_behalf_of_someone_round_trips_and_one_acting_for_itself_is_written_as_before() -> None:
+    admin = schemas.Actor(kind="system", id="admin")
+    for_worker = admin.on_behalf("w-gh01-2")
+    assert (for_worker.kind, for_worker.id, for_worker.on_behalf_of) == ("system", "admin", "w-gh01-2")
+    assert admin.on_behalf("admin") is admin and admin.on_behalf(None) is admin
+    event = _report(actor=for_worker)
+    assert schemas.decode_event(schemas.encode_event(event)).actor == for_worker
+    # nobody acted for anyone: the record is what an earlier build wrote (and reads), without the field
+    assert b"on_behalf_of" not in schemas.encode_event(_report())
+    with pytest.raises(ValidationError):
+        schemas.Actor(kind="system", id="admin", on_behalf_of="")
+
+
 def test_events_are_frozen_and_strict() -> None:
     event = _report()
     with pytest.raises(ValidationError):

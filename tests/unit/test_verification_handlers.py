@@ -19,6 +19,7 @@ from services.common.errors import Forbidden, NotFound, PoisonMessage, Rejected
 from services.verification import handlers
 from services.verification.agents import HANDLERS, PRELOAD
 from services.verification.models import TABLES, FailRequest, PassRequest, PassVerifications, TaskStatus
+from services.verification.settings import VerifierPolicy
 
 T0 = datetime(2024, 5, 6, 9, 0, tzinfo=UTC)
 
@@ -186,11 +187,57 @@ def test_pass_is_published_through_the_outbox(engine: Engine, bus: MessageBus) -
     assert rows[0].topics.split(",")[0].endswith(".verification")
 
 
-def test_any_worker_of_the_grid_may_decide(engine: Engine, bus: MessageBus) -> None:
+@pytest.mark.parametrize("decide", [decide_pass, decide_fail])
+def test_only_the_assigned_worker_decides_by_default(engine: Engine, bus: MessageBus, decide: Any) -> None:
     bus.handle(requested())  # asked of w-gh01-2
-    decided, (event,) = decide_pass(engine, "GL20240506-AB12CD34-v1", "w-gh01-1")
-    assert decided.status == "passed"
-    assert event.actor.id == "w-gh01-1"
+    with pytest.raises(Forbidden, match="assigned to w-gh01-2"):
+        decide(engine, "GL20240506-AB12CD34-v1", "w-gh01-1", "looks fine")
+    with UnitOfWork(engine) as uow, pytest.raises(Forbidden, match="assigned to w-gh01-2"):
+        handlers.pass_verification(  # nor an administrator for them
+            "GL20240506-AB12CD34-v1", PassRequest(worker_id="w-gh01-1"), uow, actor=Actor.system("admin")
+        )
+    with UnitOfWork(engine) as uow:
+        cmd = PassVerifications(verification_ids=["GL20240506-AB12CD34-v1"], worker_id="w-gh01-1")
+        done = handlers.pass_verifications(cmd, uow, grids=("gh01",))
+    assert [(r.code, r.status) for r in done.results] == [(403, None)]
+    assert task(engine, "GL20240506-AB12CD34-v1").status == "pending"
+    decided, (event,) = decide_pass(engine, "GL20240506-AB12CD34-v1", "w-gh01-2")
+    assert decided.status == "passed" and event.actor.id == "w-gh01-2"
+
+
+def test_under_the_grid_policy_any_worker_of_the_grid_decides_but_the_reporter_and_whoever_did_the_work(
+    engine: Engine, bus: MessageBus
+) -> None:
+    bus.handle(requested("by-a-caller", reporter_id="caller-7", handled_by=["staff-city_ops"]))  # asked of w-gh01-2
+    bus.handle(requested("by-w1", reporter_id="w-gh01-1", handled_by=["staff-city_ops"]))
+    bus.handle(requested("fixed-by-w1", reporter_id="caller-8", handled_by=["w-gh01-1"]))
+
+    def decide(verification_id: str, worker_id: str) -> str:
+        with UnitOfWork(engine) as uow:
+            cmd = PassRequest(worker_id=worker_id)
+            return handlers.pass_verification(verification_id, cmd, uow, policy="grid").status
+
+    assert decide("by-a-caller", "w-gh01-1") == "passed"  # not the one asked, but of the grid
+    with pytest.raises(Forbidden, match="w-gh01-1 reported"):
+        decide("by-w1", "w-gh01-1")
+    with pytest.raises(Forbidden, match="w-gh01-1 did the work"):
+        decide("fixed-by-w1", "w-gh01-1")
+    with pytest.raises(Forbidden, match="gh01"):
+        decide("by-w1", "w-gh02-1")  # still only the grid's workers
+    assert decide("by-w1", "w-gh01-2") == decide("fixed-by-w1", "w-gh01-2") == "passed"
+
+
+@pytest.mark.parametrize("policy", ["assigned", "grid"])
+def test_a_reporter_never_verifies_their_own_fix_on_the_spot(
+    engine: Engine, bus: MessageBus, policy: VerifierPolicy
+) -> None:
+    """Even when the task is asked of them (as it could be of a grid's only worker)."""
+    bus.handle(requested(worker_id="w-gh01-1", reporter_id="w-gh01-1", handled_by=["w-gh01-1"]))
+    for actor in (None, Actor.system("admin")):
+        with UnitOfWork(engine) as uow, pytest.raises(Forbidden, match="did the work"):
+            cmd = PassRequest(worker_id="w-gh01-1")
+            handlers.pass_verification("GL20240506-AB12CD34-v1", cmd, uow, actor=actor, policy=policy)
+    assert task(engine, "GL20240506-AB12CD34-v1").status == "pending"
 
 
 def test_pass_note_is_optional() -> None:
@@ -260,7 +307,7 @@ def test_a_decided_task_is_rejected(engine: Engine, bus: MessageBus, first: Any,
     first(engine, "GL20240506-AB12CD34-v1", "w-gh01-2", "first")
     before = task(engine, "GL20240506-AB12CD34-v1")
     with pytest.raises(Rejected, match="already"):
-        second(engine, "GL20240506-AB12CD34-v1", "w-gh01-1", "second")
+        second(engine, "GL20240506-AB12CD34-v1", "w-gh01-2", "second")
     assert task(engine, "GL20240506-AB12CD34-v1") == before
 
 
@@ -280,10 +327,37 @@ def test_a_rejected_decision_emits_nothing(engine: Engine, bus: MessageBus) -> N
     bus.handle(requested())
     decide_pass(engine, "GL20240506-AB12CD34-v1", "w-gh01-2")
     for attempt in (decide_pass, decide_fail):
-        with pytest.raises((Rejected, Forbidden)):
-            attempt(engine, "GL20240506-AB12CD34-v1", "w-gh01-1", "again")
+        with pytest.raises(Rejected):
+            attempt(engine, "GL20240506-AB12CD34-v1", "w-gh01-2", "again")
     with Session(engine) as s:
         assert [r.type for r in s.exec(select(OutboxRecord)).all()] == ["VerificationPassed"]
+
+
+def test_an_administrator_deciding_for_the_worker_is_recorded_as_itself_on_their_behalf(
+    engine: Engine, bus: MessageBus
+) -> None:
+    bus.handle(requested())  # asked of w-gh01-2
+    admin = Actor(kind=ActorKind.SYSTEM, id="admin")
+    with UnitOfWork(engine) as uow:
+        cmd = PassRequest(worker_id="w-gh01-2", note="seen on the camera")
+        handlers.pass_verification("GL20240506-AB12CD34-v1", cmd, uow, actor=admin)
+        (event,) = uow.emitted
+    assert event.actor == Actor(kind=ActorKind.SYSTEM, id="admin", on_behalf_of="w-gh01-2")
+    t = task(engine, "GL20240506-AB12CD34-v1")
+    assert (t.status, t.decided_by, t.decided_on_behalf_of) == ("passed", "admin", "w-gh01-2")
+
+
+def test_a_worker_deciding_is_recorded_as_themselves(engine: Engine, bus: MessageBus) -> None:
+    bus.handle(requested())
+    worker = Actor(kind=ActorKind.GRID_WORKER, id="w-gh01-2")
+    with UnitOfWork(engine) as uow:
+        handlers.fail_verification(
+            "GL20240506-AB12CD34-v1", FailRequest(worker_id="w-gh01-2", note="no"), uow, actor=worker
+        )
+        (event,) = uow.emitted
+    assert event.actor == worker and event.actor.on_behalf_of is None
+    t = task(engine, "GL20240506-AB12CD34-v1")
+    assert (t.decided_by, t.decided_on_behalf_of) == ("w-gh01-2", None)
 
 
 # -- the queue -------------------------------------------------------------------------------------
@@ -332,11 +406,11 @@ def test_a_new_task_wakes_whoever_waits_on_its_grid_once_committed(engine: Engin
     assert len(woken) == 1
 
 
-def test_of_two_workers_deciding_at_once_the_later_is_refused(
+def test_of_two_decisions_at_once_the_later_is_refused(
     engine: Engine, bus: MessageBus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # both read the task pending (two instances of verification on one database); the first decision lands, the
-    # second finds the row no longer pending and changes nothing
+    # both read the task pending (two instances of verification on one database, a worker deciding twice from two
+    # devices); the first decision lands, the second finds the row no longer pending and changes nothing
     bus.handle(requested("V-1"))
     read = handlers._task_for
 
@@ -344,7 +418,7 @@ def test_of_two_workers_deciding_at_once_the_later_is_refused(
         seen = read(uow, verification_id)
         assert seen is not None and seen.status == TaskStatus.PENDING
         monkeypatch.setattr(handlers, "_task_for", read)  # the other worker's decision reads for real
-        decided, _ = decide_fail(engine, "V-1", "w-gh01-1", "still there")
+        decided, _ = decide_fail(engine, "V-1", "w-gh01-2", "still there")
         assert decided.status == TaskStatus.FAILED
         return seen
 
@@ -356,7 +430,7 @@ def test_of_two_workers_deciding_at_once_the_later_is_refused(
     decided_task = task(engine, "V-1")
     assert (decided_task.status, decided_task.decided_by, decided_task.note) == (
         TaskStatus.FAILED,
-        "w-gh01-1",
+        "w-gh01-2",
         "still there",
     )
 
