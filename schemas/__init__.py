@@ -1,6 +1,18 @@
 """gridloop's contract: every event, the envelope they share, the topic catalog and the reference data."""
 
-from ._base import EARLIEST, LATEST, SCHEMA_VERSION, Actor, ActorKind, AwareDatetime, Event, Location, aware_utc, utcnow
+from ._base import (
+    EARLIEST,
+    LATEST,
+    RANGE,
+    SCHEMA_VERSION,
+    Actor,
+    ActorKind,
+    AwareDatetime,
+    Event,
+    Location,
+    aware_utc,
+    utcnow,
+)
 from .codec import DecodeError, decode_event, encode_event
 from .events import *  # noqa: F403
 from .events import EVENT_TYPES, TERMINAL_EVENTS, AnyEvent
@@ -9,6 +21,7 @@ from .topics import CATALOG, Topic, topics_for
 __all__ = [
     "EARLIEST",
     "LATEST",
+    "RANGE",
     "SCHEMA_VERSION",
     "Actor",
     "ActorKind",

@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
-from schemas import Actor, Event, Location
+from schemas import RANGE, Actor, Event, Location, aware_utc
 from schemas import events as ev
 from schemas.reference import CATEGORIES, GRIDS, OPS_CENTER, Category, distance_m, grid_at
 from services.common.db import Record, UnitOfWork, as_utc
@@ -420,8 +420,14 @@ def decide_extension(
     event: Event
     if grant:
         deadline = new_deadline or as_utc(order.extension_requested_until)
+        try:
+            deadline = aware_utc(deadline)
+        except ValueError:  # asked for before the range was checked, still in the database
+            asked = " as asked for: grant with a new_deadline" if new_deadline is None else ""
+            raise Rejected(f"new deadline {deadline.isoformat()} is not {RANGE}{asked}") from None
         if deadline <= as_utc(order.deadline):
-            raise Rejected(f"new deadline {deadline.isoformat()} is not later than {order.deadline.isoformat()}")
+            current = as_utc(order.deadline).isoformat()
+            raise Rejected(f"new deadline {deadline.isoformat()} is not later than {current}")
         order.deadline, order.reminded_at, order.escalated_at = deadline, None, None
         event = ev.ExtensionGranted(**common, new_deadline=deadline)
     else:
