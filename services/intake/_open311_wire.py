@@ -131,10 +131,15 @@ def error_response(fmt: Format, status: int, errors: list[tuple[int, str]]) -> R
 
 
 def w3c(value: datetime | None) -> str | None:
-    """``value`` as a W3C datetime in Shanghai time, to the second (None stays None)."""
+    """``value`` as a W3C datetime in Shanghai time, to the second (None stays None); in its own offset when
+    it is too late to be written in Shanghai time."""
     if value is None:
         return None
-    return as_utc(value).astimezone(SHANGHAI).replace(microsecond=0).isoformat()
+    moment = as_utc(value).replace(microsecond=0)
+    try:
+        return moment.astimezone(SHANGHAI).isoformat()
+    except OverflowError:  # past the calendar's end in Shanghai: a deadline stored before the range was checked
+        return moment.isoformat()
 
 
 def parse_w3c(name: str, raw: str) -> datetime:

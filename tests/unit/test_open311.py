@@ -29,7 +29,7 @@ from services.common.db import OutboxRecord, UnitOfWork, make_engine
 from services.common.runtime import Runtime
 from services.intake import handlers
 from services.intake.api import build_api
-from services.intake.models import TABLES
+from services.intake.models import TABLES, IntakeIncident
 
 from .conftest import FakeClock
 
@@ -704,6 +704,23 @@ async def test_a_date_out_of_range_is_refused_with_the_reason_never_a_service_er
         [(code, text)] = errors(r)
         assert code == 400 and says in text, text
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
+
+
+async def test_a_deadline_stored_far_ahead_is_shown_and_the_listings_still_answer(gw: Gateway) -> None:
+    """A deadline granted before the range was checked may still be in the database: the listings show it."""
+    incident_id = await gw.report()
+    gw.apply(*the_loop(gw, incident_id)[:3])
+    far = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)  # too late to be written in Shanghai time
+    with UnitOfWork(gw.engine) as uow:
+        uow.connection.execute(
+            sa.update(IntakeIncident).where(col(IntakeIncident.incident_id) == incident_id).values(deadline=far)
+        )
+        uow.commit()
+    [found] = await gw.both(f"requests/{incident_id}")
+    assert found["expected_datetime"] == "9999-12-31T23:59:59+00:00"
+    assert await gw.both("requests") == [found]
+    assert await gw.both("requests", service_request_id=incident_id) == [found]
+    assert len(await gw.both("servicerequestupdates")) == 4
 
 
 async def test_a_single_request_and_tokens(gw: Gateway) -> None:
