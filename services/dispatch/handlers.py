@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
-from schemas import RANGE, Actor, Event, Location, aware_utc
+from schemas import LATEST, RANGE, Actor, Event, Location, aware_utc
 from schemas import events as ev
 from schemas.reference import CATEGORIES, GRIDS, OPS_CENTER, Category, distance_m, grid_at
 from services.common.db import Record, UnitOfWork, as_utc
@@ -83,7 +83,7 @@ def _dispatch(
         role=role.value,
         attempt=attempt,
         status=OrderStatus.DISPATCHED,
-        deadline=now + uow.business_hours(category.deadline_hours),
+        deadline=uow.due_in(category.deadline_hours),
         dispatched_at=now,
     )
     case.status = CaseStatus.DISPATCHED
@@ -159,7 +159,7 @@ _CANDIDATES = sa.select(_CASES).where(
 def _find_duplicate(
     uow: UnitOfWork, report: ev.IncidentReported, policy: DispatchSettings
 ) -> tuple[Record, float] | None:
-    since = uow.now() - uow.business_hours(policy.merge_window_hours)
+    since = uow.business_hours_ago(policy.merge_window_hours)
     # only cases inside a box around the report (a little larger than the merge distance) are loaded and measured
     lat, lon = report.location.lat, report.location.lon
     dlat = policy.merge_distance_m * 1.01 / _M_PER_DEGREE
@@ -342,6 +342,8 @@ def close_incident(passed: ev.VerificationPassed, uow: UnitOfWork, policy: Dispa
     now = uow.now()
     orders = _orders(uow, case.incident_id)
     deadline = max((as_utc(o.deadline) for o in orders), default=None)
+    if deadline is not None and deadline > LATEST:  # granted before the range was checked, still in the database
+        deadline = LATEST
     for o in orders:
         if o.status == OrderStatus.HANDLED:
             o.status = OrderStatus.CLOSED
@@ -378,7 +380,7 @@ def rework_incident(failed: ev.VerificationFailed, uow: UnitOfWork, policy: Disp
     case.status = CaseStatus.DISPATCHED
     for order in handled:
         order.status = OrderStatus.REWORK
-        order.deadline = uow.now() + uow.business_hours(category.deadline_hours)
+        order.deadline = uow.due_in(category.deadline_hours)
         order.reminded_at = order.escalated_at = None
         uow.emit(
             ev.IncidentReworked.following(

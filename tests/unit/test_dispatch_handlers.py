@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from fastapi import Depends
 from sqlalchemy.engine import Engine
 
-from schemas import Actor, ActorKind, Event, Location
+from schemas import LATEST, Actor, ActorKind, Event, Location
 from schemas import events as ev
 from services.common.auth import Role, TokenStore, require
 from services.common.bus import MessageBus
@@ -37,13 +37,13 @@ IN_GH01 = (31.275, 121.565)
 class Loop:
     """dispatch's bus with helpers to play the other services' part."""
 
-    def __init__(self, engine: Engine, clock: FakeClock, policy: DispatchSettings) -> None:
-        self.engine, self.clock, self.policy = engine, clock, policy
+    def __init__(self, engine: Engine, clock: FakeClock, policy: DispatchSettings, time_scale: float = 1.0) -> None:
+        self.engine, self.clock, self.policy, self.time_scale = engine, clock, policy, time_scale
         self.bus = MessageBus(self.uow, handlers.bind(policy))
         self.n = 0
 
     def uow(self) -> UnitOfWork:
-        return UnitOfWork(self.engine, clock=self.clock)
+        return UnitOfWork(self.engine, clock=self.clock, time_scale=self.time_scale)
 
     def report(self, category: str = "exposed_garbage", at: tuple[float, float] = IN_GH01, **kw: Any) -> list[Event]:
         self.n += 1
@@ -284,6 +284,39 @@ def test_time_scale_shrinks_deadlines(make_db: Callable[[tuple[sa.Table, ...]], 
     )
     orders = [e for e in bus.handle(report) if isinstance(e, ev.WorkOrderDispatched)]
     assert {o.deadline for o in orders} == {clock() + timedelta(seconds=4)}  # 4 business hours
+
+
+@pytest.mark.parametrize("time_scale", [1e-5, 1e-9, 1e-12])
+def test_a_time_scale_that_puts_deadlines_past_the_range_sets_them_at_its_end(
+    make_db: Callable[[tuple[sa.Table, ...]], Engine], clock: FakeClock, time_scale: float
+) -> None:
+    """24 business hours at 1e-5 end in the 2300s, past what an event may carry; at 1e-9 past the calendar, and at
+    1e-12 they are longer than a timedelta holds."""
+    loop = Loop(make_db(TABLES), clock, DispatchSettings(), time_scale=time_scale)
+    order = only(loop.report(), ev.WorkOrderDispatched)
+    assert order.deadline == LATEST
+    req = only(loop.dept(ev.WorkOrderHandled, order, result="cleaned"), ev.VerificationRequested)
+    rework = only(loop.verify(req, passed=False, note="still dirty"), ev.IncidentReworked)
+    assert rework.deadline == LATEST
+    clock.advance(days=400)
+    with loop.uow() as uow:
+        assert handlers.watch_deadlines(uow, loop.policy) == 0
+    req = only(loop.dept(ev.WorkOrderHandled, rework, result="cleaned again"), ev.VerificationRequested)
+    closed = only(loop.verify(req, passed=True), ev.IncidentClosed)
+    assert closed.on_time and closed.deadline == LATEST
+
+
+def test_a_deadline_stored_past_the_range_closes_on_time_at_the_ranges_end(loop: Loop, clock: FakeClock) -> None:
+    """A deadline granted before the range was checked may still be in the database when the incident closes."""
+    order = only(loop.report(), ev.WorkOrderDispatched)
+    req = only(loop.dept(ev.WorkOrderHandled, order, result="cleaned"), ev.VerificationRequested)
+    with loop.uow() as uow:
+        stored = uow.record(DispatchWorkOrder, order.work_order_id)
+        assert stored is not None
+        stored.deadline = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+        uow.commit()
+    closed = only(loop.verify(req, passed=True), ev.IncidentClosed)
+    assert closed.on_time and closed.deadline == LATEST
 
 
 def test_extension_granted_moves_the_deadline_and_rearms_the_watchdog(loop: Loop, clock: FakeClock) -> None:
