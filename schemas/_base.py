@@ -7,19 +7,45 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 SCHEMA_VERSION = 1
 """The only envelope schema version this build reads and writes."""
 
 
-def _aware(value: datetime) -> datetime:
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+"""Every time gridloop takes in (an event's, an API body's, an Open311 argument) is from EARLIEST to LATEST, both
+included: a year 1 or 9999 is a mistake to refuse with its reason, not a time to compute with (in Shanghai time,
+or plus a deadline, it falls off the calendar)."""
+RANGE = f"from {EARLIEST:%Y-%m-%dT%H:%M:%SZ} to {LATEST:%Y-%m-%dT%H:%M:%SZ}"
+
+
+def aware_utc(value: datetime) -> datetime:
+    """``value`` in UTC; ValueError, saying why, unless it carries a timezone and falls from EARLIEST to LATEST."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("timestamps must carry a timezone (ISO 8601 with offset)")
-    return value.astimezone(UTC)
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:  # year 1 east of UTC, year 9999 west of it: before or after what a datetime holds
+        utc = None
+    if utc is None or not EARLIEST <= utc <= LATEST:
+        raise ValueError(f"timestamps must be {RANGE}, not {value.isoformat()}")
+    return utc
 
 
-AwareDatetime = Annotated[datetime, AfterValidator(_aware)]
+AwareDatetime = Annotated[
+    datetime,
+    AfterValidator(aware_utc),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "date-time",
+            "description": f"with its timezone, {RANGE}",
+        }
+    ),
+]
+"""A timestamp with its timezone, from EARLIEST to LATEST, taken as UTC."""
 
 
 def utcnow() -> datetime:

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel
 
-from schemas import Event, encode_event, topics_for, utcnow
+from schemas import EARLIEST, LATEST, Event, encode_event, topics_for, utcnow
 
 from ._records import Record, RecordStore
 
@@ -249,8 +249,25 @@ class UnitOfWork:
         return self.clock()
 
     def business_hours(self, hours: float) -> timedelta:
-        """A span of business time, as wall-clock time under the configured time scale."""
-        return timedelta(hours=hours) / self.time_scale
+        """A span of business time, as wall-clock time under the configured time scale (at most timedelta.max,
+        a span never reached, when a tiny scale makes it longer)."""
+        try:
+            return timedelta(hours=hours) / self.time_scale
+        except OverflowError:
+            return timedelta.max
+
+    def due_in(self, hours: float) -> datetime:
+        """The deadline ``hours`` of business time from now, at most schemas.LATEST: an event must carry it, and
+        a time scale may be tiny enough to put it past the range or the calendar."""
+        now = self.now()
+        span = self.business_hours(hours)
+        return now + span if span < LATEST - now else LATEST
+
+    def business_hours_ago(self, hours: float) -> datetime:
+        """The moment ``hours`` of business time ago, no earlier than schemas.EARLIEST (see :meth:`due_in`)."""
+        now = self.now()
+        span = self.business_hours(hours)
+        return now - span if span < now - EARLIEST else EARLIEST
 
     def claim(self, event: Event) -> bool:
         """Mark ``event`` as processed; False if it already was (a redelivery).

@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
-from schemas import Actor, Event, Location
+from schemas import LATEST, RANGE, Actor, Event, Location, aware_utc
 from schemas import events as ev
 from schemas.reference import CATEGORIES, GRIDS, OPS_CENTER, Category, distance_m, grid_at
 from services.common.db import Record, UnitOfWork, as_utc
@@ -83,7 +83,7 @@ def _dispatch(
         role=role.value,
         attempt=attempt,
         status=OrderStatus.DISPATCHED,
-        deadline=now + uow.business_hours(category.deadline_hours),
+        deadline=uow.due_in(category.deadline_hours),
         dispatched_at=now,
     )
     case.status = CaseStatus.DISPATCHED
@@ -167,7 +167,7 @@ _CANDIDATES = sa.select(_CASES).where(
 def _find_duplicate(
     uow: UnitOfWork, report: ev.IncidentReported, policy: DispatchSettings
 ) -> tuple[Record, float] | None:
-    since = uow.now() - uow.business_hours(policy.merge_window_hours)
+    since = uow.business_hours_ago(policy.merge_window_hours)
     # only cases inside a box around the report (a little larger than the merge distance) are loaded and measured
     lat, lon = report.location.lat, report.location.lon
     dlat = policy.merge_distance_m * 1.01 / _M_PER_DEGREE
@@ -351,6 +351,8 @@ def close_incident(passed: ev.VerificationPassed, uow: UnitOfWork, policy: Dispa
     now = uow.now()
     orders = _orders(uow, case.incident_id)
     deadline = max((as_utc(o.deadline) for o in orders), default=None)
+    if deadline is not None and deadline > LATEST:  # granted before the range was checked, still in the database
+        deadline = LATEST
     for o in orders:
         if o.status == OrderStatus.HANDLED:
             o.status = OrderStatus.CLOSED
@@ -387,7 +389,7 @@ def rework_incident(failed: ev.VerificationFailed, uow: UnitOfWork, policy: Disp
     case.status = CaseStatus.DISPATCHED
     for order in handled:
         order.status = OrderStatus.REWORK
-        order.deadline = uow.now() + uow.business_hours(category.deadline_hours)
+        order.deadline = uow.due_in(category.deadline_hours)
         order.reminded_at = order.escalated_at = None
         uow.emit(
             ev.IncidentReworked.following(
@@ -429,8 +431,14 @@ def decide_extension(
     event: Event
     if grant:
         deadline = new_deadline or as_utc(order.extension_requested_until)
+        try:
+            deadline = aware_utc(deadline)
+        except ValueError:  # asked for before the range was checked, still in the database
+            asked = " as asked for: grant with a new_deadline" if new_deadline is None else ""
+            raise Rejected(f"new deadline {deadline.isoformat()} is not {RANGE}{asked}") from None
         if deadline <= as_utc(order.deadline):
-            raise Rejected(f"new deadline {deadline.isoformat()} is not later than {order.deadline.isoformat()}")
+            current = as_utc(order.deadline).isoformat()
+            raise Rejected(f"new deadline {deadline.isoformat()} is not later than {current}")
         order.deadline, order.reminded_at, order.escalated_at = deadline, None, None
         event = ev.ExtensionGranted(**common, new_deadline=deadline)
     else:

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlmodel import Field as SqlField
 from sqlmodel import SQLModel
 
+from schemas import AwareDatetime
+
 
 def _ts() -> sa.DateTime:
     return sa.DateTime(timezone=True)
@@ -117,7 +119,7 @@ class ExtensionDecision(BaseModel):
     actor_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.@:-]+$")] | None = None
     """Over HTTP the caller's token says who decides; a body naming someone else is refused."""
     grant: bool
-    new_deadline: datetime | None = None
+    new_deadline: Annotated[AwareDatetime, Field(examples=["2025-06-01T18:00:00+08:00"])] | None = None
     """Defaults to the deadline the department asked for."""
     reason: Annotated[str, Field(max_length=1000)] = ""
 
@@ -125,8 +127,6 @@ class ExtensionDecision(BaseModel):
     def _reason_for_refusal(self) -> ExtensionDecision:
         if not self.grant and not self.reason:
             raise ValueError("a refusal needs a reason")
-        if self.new_deadline is not None and self.new_deadline.tzinfo is None:
-            raise ValueError("new_deadline needs a timezone")
         return self
 
 

@@ -8,7 +8,8 @@ gateway, FastAPI's own parameter validation, an unreachable database), is answer
 
 Datetimes are written in Asia/Shanghai time (UTC+08:00, no daylight saving) to the second, e.g.
 ``2026-11-24T08:15:00+08:00``; they are read in any W3C form that carries a timezone (``Z`` or ``±hh:mm``), or as
-a bare date, taken as that day's midnight in Shanghai.
+a bare date, taken as that day's midnight in Shanghai, and from 2000 to 2100 as every gridloop timestamp
+(``schemas.EARLIEST`` … ``schemas.LATEST``, UTC): another is refused with 400 and the reason.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 
+from schemas import aware_utc
 from services.common.auth import Unauthenticated
 from services.common.db import as_utc
 from services.common.errors import Forbidden, NotFound, Rejected, Unavailable
@@ -129,10 +131,15 @@ def error_response(fmt: Format, status: int, errors: list[tuple[int, str]]) -> R
 
 
 def w3c(value: datetime | None) -> str | None:
-    """``value`` as a W3C datetime in Shanghai time, to the second (None stays None)."""
+    """``value`` as a W3C datetime in Shanghai time, to the second (None stays None); in its own offset when
+    it is too late to be written in Shanghai time."""
     if value is None:
         return None
-    return as_utc(value).astimezone(SHANGHAI).replace(microsecond=0).isoformat()
+    moment = as_utc(value).replace(microsecond=0)
+    try:
+        return moment.astimezone(SHANGHAI).isoformat()
+    except OverflowError:  # past the calendar's end in Shanghai: a deadline stored before the range was checked
+        return moment.isoformat()
 
 
 def parse_w3c(name: str, raw: str) -> datetime:
@@ -151,7 +158,10 @@ def parse_w3c(name: str, raw: str) -> datetime:
         value = value.replace(tzinfo=SHANGHAI)
     if value.tzinfo is None or value.utcoffset() is None:
         raise bad_request(f"{name} must carry a timezone (Z or ±hh:mm), e.g. 2026-11-24T08:15:00+08:00")
-    return value.astimezone(UTC)
+    try:
+        return aware_utc(value)
+    except ValueError as exc:
+        raise bad_request(f"{name}: {exc}") from None
 
 
 def window(start_raw: str | None, end_raw: str | None, now: datetime) -> tuple[datetime, datetime | None]:

@@ -98,6 +98,9 @@ def test_extension_granted(town: Town) -> None:
     [order] = town.work_orders(iid)
     town.act(order, "accept")
     asked = datetime.fromisoformat(order["deadline"]) + timedelta(hours=1)
+    for out_of_range in ("0001-01-01T00:00:00+08:00", "9999-12-31T23:59:59Z"):
+        r = town.act(order, "extension", expect=422, requested_deadline=out_of_range, reason="需联合执法")
+        assert "requested_deadline: Value error, timestamps must be from 2000-01-01" in r.json()["error"]
     town.act(order, "extension", requested_deadline=asked.isoformat(), reason="需联合执法")
     deadline = time.monotonic() + 30
     while True:
@@ -106,6 +109,12 @@ def test_extension_granted(town: Town) -> None:
             break
         time.sleep(0.2)
     assert pending, "the extension request never reached the operations centre"
+    for out_of_range in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"):
+        r = town.dispatch.post(
+            f"/work-orders/{order['work_order_id']}/extension", json={"grant": True, "new_deadline": out_of_range}
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["details"][0]["field"] == "new_deadline"
     r = town.dispatch.post(
         f"/work-orders/{order['work_order_id']}/extension", json={"actor_id": "ops-duty", "grant": True}
     )

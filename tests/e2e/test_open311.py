@@ -110,6 +110,10 @@ def test_the_gateway_refuses_what_the_spec_refuses(town: Town) -> None:
         403,
         [{"code": 403, "description": "this api_key is not an Open311 client's key"}],
     )
+    r = app.get("/requests.json", params={"start_date": "9999-12-31T00:00:00+08:00"})
+    assert r.status_code == 400, r.text
+    [error] = r.json()
+    assert error["code"] == 400 and error["description"].startswith("start_date: timestamps must be from 2000-01-01")
     r = app.get("/services/potholes.xml")
     assert r.status_code == 404 and ET.fromstring(r.content).findtext("error/code") == "404"
     services = app.get("/services.json").json()

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable
-from datetime import timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
 
+import httpx
 import pytest
 import sqlalchemy as sa
+from fastapi import Depends
 from sqlalchemy.engine import Engine
 
-from schemas import Actor, ActorKind, Event, Location
+from schemas import LATEST, Actor, ActorKind, Event, Location
 from schemas import events as ev
+from services.common.auth import Role, TokenStore, require
 from services.common.bus import MessageBus
-from services.common.db import UnitOfWork
+from services.common.db import UnitOfWork, make_engine
 from services.common.errors import NotFound, Rejected, UnknownIncident
+from services.common.runtime import Runtime
 from services.dispatch import handlers
-from services.dispatch.models import TABLES
+from services.dispatch.api import build_api
+from services.dispatch.models import TABLES, DispatchWorkOrder
 from services.dispatch.settings import DispatchSettings
 
 from .conftest import FakeClock
@@ -30,13 +37,13 @@ IN_GH01 = (31.275, 121.565)
 class Loop:
     """dispatch's bus with helpers to play the other services' part."""
 
-    def __init__(self, engine: Engine, clock: FakeClock, policy: DispatchSettings) -> None:
-        self.engine, self.clock, self.policy = engine, clock, policy
+    def __init__(self, engine: Engine, clock: FakeClock, policy: DispatchSettings, time_scale: float = 1.0) -> None:
+        self.engine, self.clock, self.policy, self.time_scale = engine, clock, policy, time_scale
         self.bus = MessageBus(self.uow, handlers.bind(policy))
         self.n = 0
 
     def uow(self) -> UnitOfWork:
-        return UnitOfWork(self.engine, clock=self.clock)
+        return UnitOfWork(self.engine, clock=self.clock, time_scale=self.time_scale)
 
     def report(self, category: str = "exposed_garbage", at: tuple[float, float] = IN_GH01, **kw: Any) -> list[Event]:
         self.n += 1
@@ -297,6 +304,39 @@ def test_time_scale_shrinks_deadlines(make_db: Callable[[tuple[sa.Table, ...]], 
     assert {o.deadline for o in orders} == {clock() + timedelta(seconds=4)}  # 4 business hours
 
 
+@pytest.mark.parametrize("time_scale", [1e-5, 1e-9, 1e-12])
+def test_a_time_scale_that_puts_deadlines_past_the_range_sets_them_at_its_end(
+    make_db: Callable[[tuple[sa.Table, ...]], Engine], clock: FakeClock, time_scale: float
+) -> None:
+    """24 business hours at 1e-5 end in the 2300s, past what an event may carry; at 1e-9 past the calendar, and at
+    1e-12 they are longer than a timedelta holds."""
+    loop = Loop(make_db(TABLES), clock, DispatchSettings(), time_scale=time_scale)
+    order = only(loop.report(), ev.WorkOrderDispatched)
+    assert order.deadline == LATEST
+    req = only(loop.dept(ev.WorkOrderHandled, order, result="cleaned"), ev.VerificationRequested)
+    rework = only(loop.verify(req, passed=False, note="still dirty"), ev.IncidentReworked)
+    assert rework.deadline == LATEST
+    clock.advance(days=400)
+    with loop.uow() as uow:
+        assert handlers.watch_deadlines(uow, loop.policy) == 0
+    req = only(loop.dept(ev.WorkOrderHandled, rework, result="cleaned again"), ev.VerificationRequested)
+    closed = only(loop.verify(req, passed=True), ev.IncidentClosed)
+    assert closed.on_time and closed.deadline == LATEST
+
+
+def test_a_deadline_stored_past_the_range_closes_on_time_at_the_ranges_end(loop: Loop, clock: FakeClock) -> None:
+    """A deadline granted before the range was checked may still be in the database when the incident closes."""
+    order = only(loop.report(), ev.WorkOrderDispatched)
+    req = only(loop.dept(ev.WorkOrderHandled, order, result="cleaned"), ev.VerificationRequested)
+    with loop.uow() as uow:
+        stored = uow.record(DispatchWorkOrder, order.work_order_id)
+        assert stored is not None
+        stored.deadline = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+        uow.commit()
+    closed = only(loop.verify(req, passed=True), ev.IncidentClosed)
+    assert closed.on_time and closed.deadline == LATEST
+
+
 def test_extension_granted_moves_the_deadline_and_rearms_the_watchdog(loop: Loop, clock: FakeClock) -> None:
     order = only(loop.report(), ev.WorkOrderDispatched)
     with loop.uow() as uow, pytest.raises(Rejected, match="no pending extension"):
@@ -323,6 +363,81 @@ def test_extension_refused(loop: Loop) -> None:
     assert isinstance(refused, ev.ExtensionRefused) and refused.reason == "do it now"
     with loop.uow() as uow:
         assert handlers.get_case(order.incident_id, uow).work_orders[0].deadline == order.deadline
+
+
+class CenterRuntime:
+    """What dispatch's API uses of its Runtime: the loop's units of work, tokens, the outbox."""
+
+    def __init__(self, loop: Loop, auth: TokenStore) -> None:
+        self.uow, self.auth = loop.uow, auth
+
+    def allow(self, *roles: Role) -> Any:
+        return Depends(require(self.auth, *roles))
+
+    async def flush_outbox(self) -> None:
+        pass
+
+
+def decide_over_http(loop: Loop, tmp_path: Path, work_order_id: str, body: dict[str, Any]) -> httpx.Response:
+    auth = TokenStore(make_engine(f"sqlite:///{tmp_path / 'auth.sqlite'}"))
+    token = auth.issue(Role.OPS_CENTER, "ops-duty")[0]
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=build_api(cast(Runtime, CenterRuntime(loop, auth))))
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://dispatch.test", headers=headers) as client:
+            return await client.post(f"/work-orders/{work_order_id}/extension", json=body)
+
+    try:
+        return asyncio.run(post())
+    finally:
+        auth.engine.dispose()
+
+
+OUT_OF_RANGE = "timestamps must be from 2000-01-01T00:00:00Z to 2100-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("new_deadline", "says"),
+    [
+        ("0001-01-01T00:00:00Z", OUT_OF_RANGE),
+        ("0001-01-01T00:00:00+08:00", OUT_OF_RANGE),  # before year 1 in UTC
+        ("9999-12-31T23:59:59Z", OUT_OF_RANGE),
+        ("9999-12-31T23:59:59-14:00", OUT_OF_RANGE),  # after year 9999 in UTC
+        ("2026-06-30T00:00:00", "timestamps must carry a timezone"),
+    ],
+)
+def test_an_extension_granted_to_a_deadline_out_of_range_is_refused_with_the_reason(
+    loop: Loop, tmp_path: Path, new_deadline: str, says: str
+) -> None:
+    order = only(loop.report(), ev.WorkOrderDispatched)
+    loop.dept(ev.ExtensionRequested, order, requested_deadline=order.deadline + timedelta(hours=1), reason="r")
+    r = decide_over_http(loop, tmp_path, order.work_order_id, {"grant": True, "new_deadline": new_deadline})
+    assert r.status_code == 422, r.text
+    [problem] = r.json()["details"]
+    assert problem["field"] == "new_deadline"
+    assert says in problem["problem"], problem
+    with loop.uow() as uow:
+        assert handlers.get_case(order.incident_id, uow).work_orders[0].deadline == order.deadline
+
+
+def test_a_deadline_asked_for_before_the_range_was_checked_is_granted_only_to_a_deadline_in_range(
+    loop: Loop, tmp_path: Path
+) -> None:
+    order = only(loop.report(), ev.WorkOrderDispatched)
+    loop.dept(ev.ExtensionRequested, order, requested_deadline=order.deadline + timedelta(hours=1), reason="r")
+    far = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)  # in the database from before
+    with loop.uow() as uow:
+        stored = uow.record(DispatchWorkOrder, order.work_order_id)
+        assert stored is not None
+        stored.extension_requested_until = far
+        uow.commit()
+    r = decide_over_http(loop, tmp_path, order.work_order_id, {"grant": True})
+    assert r.status_code == 409, r.text
+    assert "9999-12-31T23:59:59+00:00 is not from 2000-01-01T00:00:00Z to 2100-01-01T00:00:00Z" in r.json()["error"]
+    asked = (order.deadline + timedelta(hours=48)).isoformat()
+    r = decide_over_http(loop, tmp_path, order.work_order_id, {"grant": True, "new_deadline": asked})
+    assert (r.status_code, r.json()["decision"]) == (200, "ExtensionGranted")
 
 
 def test_redelivered_event_changes_nothing(loop: Loop) -> None:

@@ -898,3 +898,34 @@ def test_the_api_acts_on_many_orders_in_one_request(world: World) -> None:
 
     asyncio.run(session())
     assert runtime.flushed == 2
+
+
+@pytest.mark.parametrize(
+    "deadline",
+    [
+        "0001-01-01T00:00:00Z",
+        "0001-01-01T00:00:00+08:00",  # before year 1 in UTC
+        "9999-12-31T23:59:59Z",
+        "9999-12-31T23:59:59-14:00",  # after year 9999 in UTC
+        "2101-01-01T00:00:00+08:00",
+    ],
+)
+def test_an_extension_to_a_deadline_out_of_range_is_refused_with_the_reason(world: World, deadline: str) -> None:
+    world.bus.handle(dispatched())
+    runtime = FakeRuntime(world)
+
+    async def ask() -> httpx.Response:
+        transport = httpx.ASGITransport(app=build_api(cast(Runtime, runtime)))
+        headers = {"Authorization": f"Bearer {runtime.token}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://handling.test", headers=headers) as client:
+            await client.post("/work-orders/GL-1-1/accept", json=WHO)
+            return await client.post(
+                "/work-orders/GL-1-1/extension", json={**WHO, "requested_deadline": deadline, "reason": "truck"}
+            )
+
+    r = asyncio.run(ask())
+    assert r.status_code == 422, r.text
+    [problem] = r.json()["details"]
+    assert problem["field"] == "requested_deadline"
+    assert "timestamps must be from 2000-01-01T00:00:00Z to 2100-01-01T00:00:00Z" in problem["problem"]
+    assert world.order().extension_status == "none" and not isinstance(world.outbox()[-1], ev.ExtensionRequested)

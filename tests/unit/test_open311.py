@@ -6,6 +6,7 @@ Spark-convention mapping of its XML). Field names and shapes follow the spec's e
 
 from __future__ import annotations
 
+import logging
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,7 @@ from services.common.db import OutboxRecord, UnitOfWork, make_engine
 from services.common.runtime import Runtime
 from services.intake import handlers
 from services.intake.api import build_api
-from services.intake.models import TABLES
+from services.intake.models import TABLES, IntakeIncident
 
 from .conftest import FakeClock
 
@@ -484,6 +485,18 @@ BAD_POSTS: list[tuple[str, dict[str, Any], int, str]] = [
         "observed_at must carry a timezone",
     ),
     (
+        "datetime out of range",
+        {"service_code": "flooding", "attribute[water_depth_cm]": "5", "attribute[observed_at]": "9999-12-31T23:00Z"},
+        400,
+        "observed_at: timestamps must be from 2000-01-01T00:00:00Z to 2100-01-01T00:00:00Z",
+    ),
+    (
+        "datetime before year 1 in UTC",
+        {"service_code": "flooding", "attribute[water_depth_cm]": "5", "attribute[observed_at]": "0001-01-01"},
+        400,
+        "observed_at: timestamps must be from 2000-01-01T00:00:00Z to 2100-01-01T00:00:00Z",
+    ),
+    (
         "string with a line break",
         {"service_code": "illegal_parking", "attribute[plate_number]": "沪A\n12345"},
         400,
@@ -665,6 +678,49 @@ async def test_searching_requests(gw: Gateway) -> None:
             assert r.status_code == 400, (params, r.text)  # FastAPI's own 422 too becomes the spec's 400
             [(code, text)] = errors(r)
             assert code == 400 and says in text, (params, text)
+
+
+@pytest.mark.parametrize("resource", ["requests", "servicerequestupdates"])
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        ({"start_date": "9999-12-31T00:00:00+08:00"}, "start_date: timestamps must be from 2000-01-01T00:00:00Z"),
+        ({"start_date": "9999-12-31T23:59:59-14:00"}, "start_date: timestamps must be from 2000-01-01T00:00:00Z"),
+        ({"end_date": "0001-01-01"}, "end_date: timestamps must be from 2000-01-01T00:00:00Z"),  # Shanghai midnight
+        ({"end_date": "0001-03-01T00:00:00Z"}, "end_date: timestamps must be from 2000-01-01T00:00:00Z"),
+        ({"start_date": "1999-12-31T23:59:59Z"}, "not 1999-12-31T23:59:59+00:00"),
+        ({"start_date": "2100-01-01T08:00:00+08:00"}, None),  # the last moment in range: nothing is so late
+    ],
+)
+async def test_a_date_out_of_range_is_refused_with_the_reason_never_a_service_error(
+    gw: Gateway, resource: str, params: dict[str, str], says: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    for fmt in ("json", "xml"):
+        r = await gw.client.get(f"{V2}/{resource}.{fmt}", params=params)
+        if says is None:
+            assert (r.status_code, read(r, fmt)) == (200, []), r.text
+            continue
+        assert r.status_code == 400, r.text
+        [(code, text)] = errors(r)
+        assert code == 400 and says in text, text
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
+
+
+async def test_a_deadline_stored_far_ahead_is_shown_and_the_listings_still_answer(gw: Gateway) -> None:
+    """A deadline granted before the range was checked may still be in the database: the listings show it."""
+    incident_id = await gw.report()
+    gw.apply(*the_loop(gw, incident_id)[:3])
+    far = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)  # too late to be written in Shanghai time
+    with UnitOfWork(gw.engine) as uow:
+        uow.connection.execute(
+            sa.update(IntakeIncident).where(col(IntakeIncident.incident_id) == incident_id).values(deadline=far)
+        )
+        uow.commit()
+    [found] = await gw.both(f"requests/{incident_id}")
+    assert found["expected_datetime"] == "9999-12-31T23:59:59+00:00"
+    assert await gw.both("requests") == [found]
+    assert await gw.both("requests", service_request_id=incident_id) == [found]
+    assert len(await gw.both("servicerequestupdates")) == 4
 
 
 async def test_a_single_request_and_tokens(gw: Gateway) -> None:

@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 import schemas
 from schemas import events as ev
@@ -83,6 +83,53 @@ def test_events_are_frozen_and_strict() -> None:
 
 
 @pytest.mark.parametrize(
+    ("given", "reason"),
+    [
+        ("0001-01-01T00:00:00Z", "from 2000-01-01T00:00:00Z to 2100-01-01T00:00:00Z"),
+        ("9999-12-31T23:59:59Z", "from 2000-01-01T00:00:00Z to 2100-01-01T00:00:00Z"),
+        ("1999-12-31T23:59:59Z", "not 1999-12-31T23:59:59+00:00"),
+        ("2000-01-01T07:59:59+08:00", "not 2000-01-01T07:59:59+08:00"),  # 1999 in UTC
+        ("2100-01-01T00:00:01Z", "from 2000-01-01T00:00:00Z to 2100-01-01T00:00:00Z"),
+        ("2101-06-01T00:00:00+08:00", "from 2000-01-01T00:00:00Z to 2100-01-01T00:00:00Z"),
+        ("0001-01-01T00:00:00+14:00", "not 0001-01-01T00:00:00+14:00"),  # before year 1 in UTC
+        ("9999-12-31T23:59:59-14:00", "not 9999-12-31T23:59:59-14:00"),  # after year 9999 in UTC
+        ("2026-06-01T09:00:00", "timestamps must carry a timezone"),
+    ],
+)
+def test_timestamps_carry_a_timezone_and_fall_from_2000_to_2100(given: str, reason: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        TypeAdapter(schemas.AwareDatetime).validate_python(given)
+    [error] = info.value.errors()
+    assert reason in error["msg"], error["msg"]
+    with pytest.raises(ValidationError, match="occurred_at"):
+        _report(occurred_at=given)
+
+
+@pytest.mark.parametrize(
+    ("given", "utc"),
+    [
+        ("2000-01-01T00:00:00Z", datetime(2000, 1, 1, tzinfo=UTC)),
+        ("2000-01-01T08:00:00+08:00", datetime(2000, 1, 1, tzinfo=UTC)),
+        ("2100-01-01T00:00:00Z", datetime(2100, 1, 1, tzinfo=UTC)),
+        ("2099-12-31T23:00:00-01:00", datetime(2100, 1, 1, tzinfo=UTC)),
+        ("2026-06-01T09:00:00+08:00", datetime(2026, 6, 1, 1, tzinfo=UTC)),
+    ],
+)
+def test_timestamps_at_the_ends_of_the_range_are_taken_as_utc(given: str, utc: datetime) -> None:
+    found = TypeAdapter(schemas.AwareDatetime).validate_python(given)
+    assert found == utc and found.utcoffset() is not None and not found.utcoffset()
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "9999-12-31T23:59:59Z"])
+def test_a_record_with_a_time_out_of_range_is_refused_with_a_reason(when: str) -> None:
+    data = json.loads(schemas.encode_event(_report()))
+    data["occurred_at"] = when
+    with pytest.raises(schemas.DecodeError) as info:
+        schemas.decode_event(json.dumps(data).encode())
+    assert info.value.reason.startswith("invalid IncidentReported: occurred_at: Value error, timestamps must be from")
+
+
+@pytest.mark.parametrize(
     ("raw", "reason"),
     [
         (b"", "empty record"),
@@ -154,7 +201,19 @@ _JSON_VALUES: st.SearchStrategy[Any] = st.recursive(
     | st.floats(allow_nan=False)
     | st.text(max_size=80)
     | st.sampled_from(
-        ["2026-06-01T09:00:00", "2026-06-01T09:00:00+08:00", "2026-06-01", "1", " x ", "", "grid_worker", "Nope"]
+        [
+            "2026-06-01T09:00:00",
+            "2026-06-01T09:00:00+08:00",
+            "2026-06-01",
+            "1999-12-31T23:59:59Z",
+            "0001-01-01T00:00:00+14:00",
+            "9999-12-31T23:59:59-14:00",
+            "1",
+            " x ",
+            "",
+            "grid_worker",
+            "Nope",
+        ]
     ),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
     max_leaves=6,

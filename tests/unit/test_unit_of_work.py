@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +107,9 @@ def test_a_token_store_opened_while_another_process_creates_its_table_starts(tmp
     assert store.check(token) is not None
     late.dispose()
     early.dispose()
+
+
+def test_a_span_of_business_time_too_long_for_a_timedelta_is_the_longest_there_is(db: Engine) -> None:
+    """At a time scale of 1e-12, 24 business hours are a trillion days of wall-clock time: never reached."""
+    assert UnitOfWork(db, time_scale=1e-12).business_hours(24) == timedelta.max
+    assert UnitOfWork(db, time_scale=3600).business_hours(24) == timedelta(seconds=24)
