@@ -521,3 +521,30 @@ def test_wrong_principals_are_refused_and_the_right_one_is_served(town: Town, wo
     assert not summary, summary
     print(f"access matrix: {len(outcomes)} checks over {len(found)} routes, {len(everyone)} principals")
     assert sum(o.ok and o.expected == "2xx" for o in outcomes) >= len(found)
+
+
+def test_a_12345_callers_number_is_shown_to_the_operations_center_only(town: Town, world: World) -> None:
+    """The hotline desk reports a call with the caller's phone number; the department and the grid's workers who
+    work the case follow it without the number."""
+    phone = f"139{secrets.randbelow(10**8):08d}"
+    body = {
+        **_report(),
+        "lat": 31.2790,
+        "lon": 121.5650,
+        "source": "hotline_12345",
+        "reporter_id": phone,
+        "description": "市民来电：占道经营",
+    }
+    r = town.intake.post("/reports", json=body)
+    assert r.status_code == 202, r.text
+    incident_id = r.json()["incident_id"]
+    town.work_orders(incident_id)  # dispatched to city_ops, filed in gh01
+    p = world.principals
+    for who in (CITY, REPORTER, VERIFIER):
+        client = town.as_("intake", p[who])
+        seen = client.get(f"/incidents/{incident_id}")
+        assert seen.status_code == 200, (who, seen.text)
+        assert seen.json()["reporter_id"] is None and phone not in seen.text, who
+    for who in (CENTER, ADMIN):
+        seen = town.as_("intake", p[who]).get(f"/incidents/{incident_id}")
+        assert seen.json()["reporter_id"] == phone, who

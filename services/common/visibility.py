@@ -1,0 +1,54 @@
+"""Who sees what of an incident: the one place that decides, for every API that shows one.
+
+- **A citizen's contact.** An incident reported on a citizen's channel — the 12345 hotline, whose ``reporter_id``
+  is the caller's phone number, or Open311, whose reporter of record is the application that posted it for a
+  citizen — names its reporter only to the operations center and administrators (and to the reporter of record
+  itself). Department staff and grid workers working the case see the incident without it, and without the id
+  of an actor of kind ``citizen`` in its timeline. A grid worker's or a sensor's ``reporter_id`` is a staff
+  member's or a device's id, not anyone's contact: whoever may see the incident sees it, as they see who acted
+  on each step.
+"""
+
+from __future__ import annotations
+
+from schemas import ActorKind
+from schemas.events import Source
+
+from .auth import Principal
+from .errors import NotFound
+
+CITIZEN_SOURCES: frozenset[str] = frozenset({Source.HOTLINE_12345.value, Source.OPEN311.value})
+"""Channels whose reporter is a citizen: their ``reporter_id`` is a contact (a phone number) or stands for one."""
+
+
+def sees_contacts(who: Principal) -> bool:
+    """The operations center and administrators see citizens' contacts."""
+    return who.sees_everything
+
+
+def reporter(who: Principal, source: str, reporter_id: str) -> str | None:
+    """The ``reporter_id`` ``who`` is shown of an incident reported on ``source``: None for a citizen's."""
+    if source not in CITIZEN_SOURCES or sees_contacts(who) or reporter_id == who.subject:
+        return reporter_id
+    return None
+
+
+def actor(who: Principal, actor_kind: str, actor_id: str) -> str | None:
+    """The id ``who`` is shown of the actor of a transition: None for a citizen."""
+    if actor_kind != ActorKind.CITIZEN.value or sees_contacts(who) or actor_id == who.subject:
+        return actor_id
+    return None
+
+
+def unseen(what: str, ident: str) -> NotFound:
+    """The refusal of an ``ident`` the caller may not see, the same as for one that does not exist."""
+    return NotFound(f"no {what} {ident}")
+
+
+__all__ = [
+    "CITIZEN_SOURCES",
+    "actor",
+    "reporter",
+    "sees_contacts",
+    "unseen",
+]
