@@ -7,18 +7,32 @@
   of an actor of kind ``citizen`` in its timeline. A grid worker's or a sensor's ``reporter_id`` is a staff
   member's or a device's id, not anyone's contact: whoever may see the incident sees it, as they see who acted
   on each step.
+- **The public** (Open311's reads, without a key) sees only incidents of a public category
+  (``Category.public``): the others — a 群租 flat, a building's illegal extension, a hazard inside a warehouse —
+  are absent from every listing and unknown by id. Of a public one it sees the category, the coordinates, the
+  status and the departments, never the reporter, and no words of staff: handling results, return reasons,
+  verification notes and escalations stay inside, and so do a report's description, address and photo unless a
+  citizen posted them through Open311 (a grid worker's or the hotline desk's words are staff's).
 """
 
 from __future__ import annotations
 
 from schemas import ActorKind
 from schemas.events import Source
+from schemas.reference import CATEGORIES
 
 from .auth import Principal
 from .errors import NotFound
 
 CITIZEN_SOURCES: frozenset[str] = frozenset({Source.HOTLINE_12345.value, Source.OPEN311.value})
 """Channels whose reporter is a citizen: their ``reporter_id`` is a contact (a phone number) or stands for one."""
+
+PUBLIC_CATEGORIES: frozenset[str] = frozenset(code for code, c in CATEGORIES.items() if c.public)
+"""Categories whose incidents the public reads (Open311)."""
+
+PUBLIC_WORDS_SOURCES: frozenset[str] = frozenset({Source.OPEN311.value})
+"""Channels whose report's own words (description, address, photo) the public may read: what a citizen posted
+to the public gateway. Everyone else's were written down by staff."""
 
 
 def sees_contacts(who: Principal) -> bool:
@@ -45,9 +59,23 @@ def unseen(what: str, ident: str) -> NotFound:
     return NotFound(f"no {what} {ident}")
 
 
+def publicly_listed(category_code: str) -> bool:
+    """Whether the public reads incidents of this category."""
+    return category_code in PUBLIC_CATEGORIES
+
+
+def public_words(source: str) -> bool:
+    """Whether the public reads a report's own words (description, address, photo), by the channel it came on."""
+    return source in PUBLIC_WORDS_SOURCES
+
+
 __all__ = [
     "CITIZEN_SOURCES",
+    "PUBLIC_CATEGORIES",
+    "PUBLIC_WORDS_SOURCES",
     "actor",
+    "public_words",
+    "publicly_listed",
     "reporter",
     "sees_contacts",
     "unseen",
