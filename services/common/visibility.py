@@ -7,6 +7,11 @@
   of an actor of kind ``citizen`` in its timeline. A grid worker's or a sensor's ``reporter_id`` is a staff
   member's or a device's id, not anyone's contact: whoever may see the incident sees it, as they see who acted
   on each step.
+- **Not yours is unknown.** A work order, verification task or incident the caller may not see is answered
+  exactly as one that does not exist (404, the same reason word for word, :func:`unseen`), alone or as an item of
+  a batch: a 403 would tell that it exists and, from who may see it, who owns it. Refusals of a role (a
+  department calling the operations center's routes) or of a body naming someone else stay 403: they tell
+  nothing about a resource.
 - **The public** (Open311's reads, without a key) sees only incidents of a public category
   (``Category.public``): the others — a 群租 flat, a building's illegal extension, a hazard inside a warehouse —
   are absent from every listing and unknown by id. Of a public one it sees the category, the coordinates, the
