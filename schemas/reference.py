@@ -7,7 +7,7 @@ responsible for each task; categories name the incidents those tasks are about.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,9 @@ class Category:
     deadline_hours: float
     big: bool = False
     """大事全网联动: every listed department is engaged at once, the operations center coordinating."""
+    public: bool = field(kw_only=True)
+    """Whether the public reads its incidents (Open311): a problem of a street, a creek or a public place is
+    public; one inside private premises, or naming a flat or a building's owner, is not. Every category says."""
 
     @property
     def lead(self) -> str:
@@ -85,8 +88,18 @@ CATEGORIES: dict[str, Category] = {
             ("env_rectification", "planning"),
             2,
             72,
+            public=False,
         ),
-        Category("group_renting", "群租", "Group renting", "violations", ("env_rectification", "public_safety"), 2, 72),
+        Category(
+            "group_renting",
+            "群租",
+            "Group renting",
+            "violations",
+            ("env_rectification", "public_safety"),
+            2,
+            72,
+            public=False,
+        ),
         # 违法户外广告、店招店牌 (task 9)
         Category(
             "illegal_signage",
@@ -96,22 +109,66 @@ CATEGORIES: dict[str, Category] = {
             ("civic_creation", "env_rectification", "city_ops"),
             3,
             120,
+            public=True,
         ),
-        Category("street_vending", "占道经营", "Street vending", "appearance", ("city_ops", "env_rectification"), 3, 8),
-        # 垃圾 (task 10)
-        Category("exposed_garbage", "暴露垃圾", "Exposed garbage", "garbage", ("city_ops", "civic_creation"), 3, 24),
-        Category("garbage_sorting", "垃圾分类不规范", "Unsorted garbage", "garbage", ("city_ops",), 4, 48),
-        # 停车 / 共享单车 (tasks 12, 16)
-        Category("illegal_parking", "乱停车", "Illegal parking", "parking", ("public_safety", "city_ops"), 3, 8),
         Category(
-            "shared_bikes", "共享单车乱停放", "Shared bikes parked badly", "parking", (OPS_CENTER, "city_ops"), 4, 24
+            "street_vending",
+            "占道经营",
+            "Street vending",
+            "appearance",
+            ("city_ops", "env_rectification"),
+            3,
+            8,
+            public=True,
+        ),
+        # 垃圾 (task 10)
+        Category(
+            "exposed_garbage",
+            "暴露垃圾",
+            "Exposed garbage",
+            "garbage",
+            ("city_ops", "civic_creation"),
+            3,
+            24,
+            public=True,
+        ),
+        Category("garbage_sorting", "垃圾分类不规范", "Unsorted garbage", "garbage", ("city_ops",), 4, 48, public=True),
+        # 停车 / 共享单车 (tasks 12, 16)
+        Category(
+            "illegal_parking", "乱停车", "Illegal parking", "parking", ("public_safety", "city_ops"), 3, 8, public=True
+        ),
+        Category(
+            "shared_bikes",
+            "共享单车乱停放",
+            "Shared bikes parked badly",
+            "parking",
+            (OPS_CENTER, "city_ops"),
+            4,
+            24,
+            public=True,
         ),
         # 河道 (task 11)
         Category(
-            "river_pollution", "河道污染", "River pollution", "water", ("river_chief", "env_rectification"), 2, 48
+            "river_pollution",
+            "河道污染",
+            "River pollution",
+            "water",
+            ("river_chief", "env_rectification"),
+            2,
+            48,
+            public=True,
         ),
         # 绿化 (task 2)
-        Category("greenery_damage", "绿化损坏", "Damaged greenery", "greenery", ("forest_chief", "planning"), 4, 72),
+        Category(
+            "greenery_damage",
+            "绿化损坏",
+            "Damaged greenery",
+            "greenery",
+            ("forest_chief", "planning"),
+            4,
+            72,
+            public=True,
+        ),
         # 安全隐患 (task 13), 防汛 (task 15)
         Category(
             "safety_hazard",
@@ -122,11 +179,21 @@ CATEGORIES: dict[str, Category] = {
             1,
             24,
             big=True,
+            public=False,
         ),
-        Category("flooding", "积水", "Flooding", "safety", ("city_ops", "planning"), 1, 4, big=True),
+        Category("flooding", "积水", "Flooding", "safety", ("city_ops", "planning"), 1, 4, big=True, public=True),
         # 公厕 (task 1), 闲置土地 (task 16)
-        Category("public_toilet", "公厕问题", "Public toilet problem", "facilities", ("planning", "city_ops"), 4, 48),
-        Category("idle_land", "闲置土地", "Idle land misuse", "land", (OPS_CENTER, "planning"), 4, 120),
+        Category(
+            "public_toilet",
+            "公厕问题",
+            "Public toilet problem",
+            "facilities",
+            ("planning", "city_ops"),
+            4,
+            48,
+            public=True,
+        ),
+        Category("idle_land", "闲置土地", "Idle land misuse", "land", (OPS_CENTER, "planning"), 4, 120, public=True),
     )
 }
 

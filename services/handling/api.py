@@ -6,11 +6,12 @@ from typing import Annotated, TypeVar
 
 from fastapi import FastAPI, Query
 
+from services.common import visibility
 from services.common.api import WaitS, create_api
 from services.common.auth import Principal, Role
 from services.common.batch import BatchOutcome
 from services.common.changes import key_for, long_poll
-from services.common.errors import Forbidden, NotFound
+from services.common.errors import Forbidden
 from services.common.runtime import Runtime
 
 from . import handlers
@@ -35,8 +36,8 @@ _CODE = r"^[a-z0-9_]+$"
 _ORDER_STATUS = rf"^({'|'.join(OrderStatus.ALL)})$"
 _DELIVERY_STATUS = rf"^({'|'.join(DeliveryStatus.ALL)})$"
 _ACTION_ERRORS: dict[int | str, dict[str, str]] = {
-    403: {"description": "the work order belongs to another department"},
-    404: {"description": "no such work order"},
+    403: {"description": "the body names another person or office than the token's"},
+    404: {"description": "no such work order, or another department's (answered alike)"},
     409: {"description": "not allowed in the work order's current state"},
     422: {"description": "invalid request"},
 }
@@ -88,21 +89,21 @@ def build_api(runtime: Runtime) -> FastAPI:
         "/work-orders/{work_order_id}",
         response_model=WorkOrderPublic,
         tags=["work orders"],
-        responses={404: {"description": "no such work order"}},
+        responses={404: {"description": "no such work order, or another department's (answered alike)"}},
     )
     async def work_order(work_order_id: str, who: Principal = Reader) -> WorkOrderPublic:
         with runtime.uow() as uow:
             order = handlers.get_work_order(work_order_id, uow)
         if who.role is Role.DEPARTMENT and order.department_code != who.department:
-            raise NotFound(f"no work order {work_order_id}")
+            raise visibility.unseen("work order", work_order_id)
         return order
 
     @api.post("/work-orders/accept", status_code=202, response_model=BatchOutcome, tags=["work orders"])
     async def accept_many(body: AcceptWorkOrders, who: Principal = Staff) -> BatchOutcome:
         """批量签收: take several dispatched work orders in one request.
 
-        Each is accepted or refused (403, 404, 409, with the reason) as the one-order action would; the refused
-        ones change nothing and the others are taken together."""
+        Each is accepted or refused (404, 409, with the reason) as the one-order action would — another office's
+        as an unknown one; the refused ones change nothing and the others are taken together."""
         with runtime.uow() as uow:
             done = handlers.accept_work_orders(_as_caller(body, who), uow)
         await runtime.flush_outbox()
@@ -112,7 +113,7 @@ def build_api(runtime: Runtime) -> FastAPI:
     async def handle_many(body: HandleWorkOrders, who: Principal = Staff) -> BatchOutcome:
         """批量处置: report several work orders done, each with its own result and evidence.
 
-        Each is handled or refused (403, 404, 409, with the reason) as the one-order action would."""
+        Each is handled or refused (404, 409, with the reason) as the one-order action would."""
         with runtime.uow() as uow:
             done = handlers.handle_work_orders(_as_caller(body, who), uow)
         await runtime.flush_outbox()

@@ -20,6 +20,7 @@ from sqlmodel import col, select
 
 from schemas import Actor, ActorKind, Event, encode_event
 from schemas import events as ev
+from services.common import visibility
 from services.common.batch import BatchOutcome, act_on_each
 from services.common.changes import keys_for
 from services.common.db import Record, UnitOfWork, as_utc, columns_by_key
@@ -169,11 +170,13 @@ OrderHead = sa.Row[Any]
 
 
 def _order_for(uow: UnitOfWork, work_order_id: str, cmd: DepartmentCommand) -> tuple[OrderHead, Actor]:
+    """The order a department acts on: another department's is answered as an unknown one (404, not 403, which
+    would tell that it exists and whose it is)."""
     order = uow.row(_HEAD, work_order_id)
-    if order is None:
-        raise NotFound(f"no work order {work_order_id}")
-    if cmd.actor_id is None or cmd.department_code != order.department_code:
-        raise Forbidden(f"work order {work_order_id} belongs to {order.department_code}, not {cmd.department_code}")
+    if order is None or cmd.department_code != order.department_code:
+        raise visibility.unseen("work order", work_order_id)
+    if cmd.actor_id is None:
+        raise Forbidden(f"work order {work_order_id}: who of {order.department_code} acts on it?")
     return order, Actor(kind=ActorKind.DEPARTMENT, id=cmd.actor_id, department=order.department_code)
 
 
@@ -364,7 +367,7 @@ def _order_public(o: HandlingWorkOrder | sa.Row[Any], now: datetime) -> WorkOrde
 def get_work_order(work_order_id: str, uow: UnitOfWork) -> WorkOrderPublic:
     order = uow.session.get(HandlingWorkOrder, work_order_id)
     if order is None:
-        raise NotFound(f"no work order {work_order_id}")
+        raise visibility.unseen("work order", work_order_id)
     return _order_public(order, uow.now())
 
 

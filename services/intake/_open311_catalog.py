@@ -16,7 +16,7 @@ from schemas.reference import CATEGORIES, DEPARTMENTS, Category
 
 from ._open311_wire import Open311Error, parse_w3c, w3c
 
-CHANGESET = "2026-11-24T00:00:00+08:00"
+CHANGESET = "2026-12-06T00:00:00+08:00"
 """When the service list or a service definition last changed (Service Discovery's changeset): bump it then."""
 
 Datatype = Literal["string", "number", "datetime", "text", "singlevaluelist", "multivaluelist"]
@@ -217,15 +217,23 @@ def agency(departments: list[str]) -> str | None:
     return "; ".join(department_name(d) for d in departments) or None
 
 
+NOT_PUBLIC = (
+    "此类诉求不公开：不在公开列表中，也不能按编号查询，进展请询12345。"
+    " Requests of this service are not public: neither listed nor found by id; ask the 12345 hotline how it goes."
+)
+"""What a service whose requests the public does not read (``Category.public``) tells the poster."""
+
+
 def service_notice(service_code: str) -> str | None:
     c = CATEGORIES.get(service_code)
     if c is None:
         return None
     lead = DEPARTMENTS[c.lead]
-    return (
+    notice = (
         f"立案后派遣{lead.name_zh}处置，时限{c.deadline_hours:g}小时。"
         f" Once filed it goes to the {lead.name_en}, to be handled within {c.deadline_hours:g} hours."
     )
+    return notice if c.public else f"{notice} {NOT_PUBLIC}"
 
 
 def services() -> list[dict[str, Any]]:
@@ -247,7 +255,8 @@ def _description(c: Category) -> str:
     names = "、".join(DEPARTMENTS[d].name_zh for d in c.departments)
     lead = DEPARTMENTS[c.lead].name_en
     together = "；多部门联动 / all listed offices act together" if c.big else ""
-    return f"{c.name_zh}：{names}负责{together}。{c.name_en} in Gaohang town, led by the {lead}."
+    private = "" if c.public else " 不公开 / Requests are not public."
+    return f"{c.name_zh}：{names}负责{together}。{c.name_en} in Gaohang town, led by the {lead}.{private}"
 
 
 def definition(service_code: str) -> dict[str, Any]:

@@ -1,8 +1,13 @@
-"""What the Open311 reading endpoints show of intake's incidents and their timelines.
+"""What the Open311 reading endpoints show of intake's incidents and their timelines: what the public reads.
 
 Only the fields GeoReport v2 lists (and the FixMyStreet update fields) leave this module: never who reported an
-incident, nor who acted on it. Every incident is a service request, whatever channel reported it (grid worker,
-12345 hotline, sensor or Open311): the whole town's requests are public, as the spec intends.
+incident, nor who acted on it. Which incidents and which of their words the public reads is decided in
+``services.common.visibility``: an incident of a public category is a service request whatever channel reported
+it (grid worker, 12345 hotline, sensor or Open311); one of any other category is absent from every listing and
+unknown by id. A request shows the reporter's description, address and photo only when a citizen posted it
+through Open311; of any other it shows the service's name in place of the description. ``status_notes`` and an
+update's description are fixed phrases of the status or step, never the words of staff (return reasons,
+handling results, verification notes, escalations).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from typing import Any
 
 from sqlmodel import col, select
 
+from schemas.reference import grid_at
+from services.common import visibility
 from services.common.db import UnitOfWork, as_utc
 
 from . import _open311_catalog as catalog
@@ -24,8 +31,6 @@ LIMIT = 1000
 
 CLOSED = ("closed", "rejected", "merged")
 """gridloop's final statuses: Open311 "closed". Every other status is "open"."""
-
-_ENDED_BY = {"closed": "IncidentClosed", "rejected": "IncidentRejected", "merged": "IncidentMerged"}
 
 LABELS = {
     "IncidentReported": "已上报 reported",
@@ -47,8 +52,22 @@ LABELS = {
     "IncidentEscalated": "督办 escalated",
     "IncidentClosed": "已结案 closed",
 }
-_WITHHELD = frozenset({"VerificationRequested"})
-"""Transitions whose detail names a person (the verifying grid worker): only their label is shown."""
+
+STATUS_NOTES = {
+    "reported": LABELS["IncidentReported"],
+    "filed": LABELS["IncidentFiled"],
+    "rejected": LABELS["IncidentRejected"],
+    "merged": f"{LABELS['IncidentMerged']}: 与附近已受理的诉求重复 a duplicate of a request nearby",
+    "dispatched": LABELS["WorkOrderDispatched"],
+    "in_progress": LABELS["WorkOrderAccepted"],
+    "returned": LABELS["WorkOrderReturned"],
+    "handled": LABELS["WorkOrderHandled"],
+    "verifying": LABELS["VerificationRequested"],
+    "rework": LABELS["IncidentReworked"],
+    "closed": LABELS["IncidentClosed"],
+}
+"""A request's ``status_notes``: a fixed phrase per gridloop status, the label of the step that set it."""
+OUTSIDE_GRIDS = "位置不在本镇网格内 the location lies outside every grid of the town"
 
 UPDATE_STATUS = {
     "IncidentReported": "open",
@@ -73,8 +92,17 @@ def public_status(status: str) -> str:
 
 
 def transition_text(t: IntakeTransition) -> str:
-    label = LABELS.get(t.type, t.type)
-    return f"{label}: {t.detail}" if t.detail and t.type not in _WITHHELD else label
+    """An update's description: the step's label, never its detail (which may be the words of staff)."""
+    return LABELS.get(t.type, t.type)
+
+
+def status_note(row: IntakeIncident) -> str:
+    """Why a request is as it is, in a fixed phrase; a rejection outside the town's grid cells says so (gridloop's
+    own finding from the request's public coordinates, not anyone's words)."""
+    note = STATUS_NOTES.get(row.status, row.status)
+    if row.status == "rejected" and grid_at(row.lat, row.lon) is None:
+        return f"{note}: {OUTSIDE_GRIDS}"
+    return note
 
 
 def _chunks(ids: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
@@ -93,35 +121,28 @@ def _timelines(uow: UnitOfWork, ids: Sequence[str], until: datetime | None = Non
     return found
 
 
-def _status_notes(uow: UnitOfWork, rows: Sequence[IntakeIncident]) -> dict[str, str]:
-    """Why each request is as it is: what ended it (rejection reason, merged into, closed), else its last step."""
-    status = {r.incident_id: r.status for r in rows}
-    notes: dict[str, str] = {}
-    ended: dict[str, str] = {}
-    for t in _timelines(uow, list(status)):
-        notes[t.incident_id] = transition_text(t)
-        if _ENDED_BY.get(status[t.incident_id]) == t.type:
-            ended[t.incident_id] = notes[t.incident_id]
-    return notes | ended
+_PUBLIC = col(IntakeIncident.category_code).in_(sorted(visibility.PUBLIC_CATEGORIES))
+"""The public's incidents: those of a public category."""
 
 
-def _request(row: IntakeIncident, note: str | None) -> dict[str, Any]:
+def _request(row: IntakeIncident) -> dict[str, Any]:
     departments = [d for d in row.departments.split() if d]
-    photos = row.photo_urls.split()
+    words = visibility.public_words(row.source)
+    photos = row.photo_urls.split() if words else []
     updated = row.closed_at if row.status == "closed" and row.closed_at else row.updated_at
     return {
         "service_request_id": row.incident_id,
         "status": public_status(row.status),
-        "status_notes": note,
+        "status_notes": status_note(row),
         "service_name": catalog.service_name(row.category_code),
         "service_code": row.category_code,
-        "description": row.description,
+        "description": row.description if words else catalog.service_name(row.category_code),
         "agency_responsible": catalog.agency(departments),
         "service_notice": catalog.service_notice(row.category_code),
         "requested_datetime": w3c(row.reported_at),
         "updated_datetime": w3c(updated),
         "expected_datetime": w3c(row.deadline),
-        "address": row.address or None,
+        "address": (row.address or None) if words else None,
         "address_id": None,
         "zipcode": None,
         "lat": row.lat,
@@ -130,29 +151,39 @@ def _request(row: IntakeIncident, note: str | None) -> dict[str, Any]:
     }
 
 
-def _requests(uow: UnitOfWork, rows: Sequence[IntakeIncident]) -> list[dict[str, Any]]:
-    notes = _status_notes(uow, rows)
-    return [_request(r, notes.get(r.incident_id)) for r in rows]
+def _public_row(uow: UnitOfWork, service_request_id: str) -> IntakeIncident | None:
+    row = uow.session.get(IntakeIncident, service_request_id)
+    return row if row is not None and visibility.publicly_listed(row.category_code) else None
+
+
+def known(uow: UnitOfWork, service_request_id: str) -> bool:
+    """Whether the public knows this request (a token stands for it): it exists and its category is public."""
+    return _public_row(uow, service_request_id) is not None
 
 
 def request_by_id(uow: UnitOfWork, service_request_id: str) -> dict[str, Any] | None:
-    row = uow.session.get(IntakeIncident, service_request_id)
-    return _requests(uow, [row])[0] if row is not None else None
+    """The request, or None when there is none the public may read (unknown and not public alike)."""
+    row = _public_row(uow, service_request_id)
+    return _request(row) if row is not None else None
 
 
 def requests_by_ids(uow: UnitOfWork, ids: Sequence[str]) -> list[dict[str, Any]]:
     rows: list[IntakeIncident] = []
     for chunk in _chunks(list(dict.fromkeys(ids))[:LIMIT]):
-        rows.extend(uow.session.exec(select(IntakeIncident).where(col(IntakeIncident.incident_id).in_(chunk))).all())
+        rows.extend(
+            uow.session.exec(
+                select(IntakeIncident).where(col(IntakeIncident.incident_id).in_(chunk)).where(_PUBLIC)
+            ).all()
+        )
     rows.sort(key=lambda r: (as_utc(r.reported_at), r.incident_id), reverse=True)
-    return _requests(uow, rows)
+    return [_request(r) for r in rows]
 
 
 def requests_matching(
     uow: UnitOfWork, codes: Sequence[str], statuses: set[str], start: datetime, end: datetime | None
 ) -> list[dict[str, Any]]:
     """Requests made from ``start`` to ``end`` (inclusive), newest first, at most :data:`LIMIT`."""
-    q = select(IntakeIncident).where(col(IntakeIncident.reported_at) >= start.astimezone(UTC))
+    q = select(IntakeIncident).where(_PUBLIC).where(col(IntakeIncident.reported_at) >= start.astimezone(UTC))
     if end is not None:
         q = q.where(col(IntakeIncident.reported_at) <= end.astimezone(UTC))
     if codes:
@@ -162,7 +193,7 @@ def requests_matching(
     elif statuses == {"closed"}:
         q = q.where(col(IntakeIncident.status).in_(CLOSED))
     q = q.order_by(col(IntakeIncident.reported_at).desc(), col(IntakeIncident.incident_id).desc()).limit(LIMIT)
-    return _requests(uow, uow.session.exec(q).all())
+    return [_request(r) for r in uow.session.exec(q).all()]
 
 
 def updates(uow: UnitOfWork, start: datetime, end: datetime | None) -> list[dict[str, Any]]:
@@ -170,7 +201,12 @@ def updates(uow: UnitOfWork, start: datetime, end: datetime | None) -> list[dict
 
     The status is FixMyStreet's (open, investigating, action_scheduled, in_progress, internal_referral, fixed,
     no_further_action, duplicate), found by following each incident's timeline from its report."""
-    q = select(IntakeTransition).where(col(IntakeTransition.occurred_at) >= start.astimezone(UTC))
+    q = (
+        select(IntakeTransition)
+        .join(IntakeIncident, col(IntakeIncident.incident_id) == col(IntakeTransition.incident_id))
+        .where(_PUBLIC)
+        .where(col(IntakeTransition.occurred_at) >= start.astimezone(UTC))
+    )
     if end is not None:
         q = q.where(col(IntakeTransition.occurred_at) <= end.astimezone(UTC))
     q = q.order_by(col(IntakeTransition.occurred_at), col(IntakeTransition.id)).limit(LIMIT)
@@ -180,12 +216,12 @@ def updates(uow: UnitOfWork, start: datetime, end: datetime | None) -> list[dict
     ids = [t.incident_id for t in wanted]
     media: dict[str, str | None] = {}
     for chunk in _chunks(list(dict.fromkeys(ids))):
-        for incident_id, photos in uow.session.exec(
-            select(IntakeIncident.incident_id, IntakeIncident.photo_urls).where(
+        for incident_id, photos, source in uow.session.exec(
+            select(IntakeIncident.incident_id, IntakeIncident.photo_urls, IntakeIncident.source).where(
                 col(IntakeIncident.incident_id).in_(chunk)
             )
         ).all():
-            media[incident_id] = next(iter(photos.split()), None)
+            media[incident_id] = next(iter(photos.split()), None) if visibility.public_words(source) else None
     status_after: dict[str, str] = {}
     running: dict[str, str] = {}
     for t in _timelines(uow, ids, until=max(as_utc(t.occurred_at) for t in wanted)):

@@ -12,9 +12,10 @@ from sqlmodel import col, or_, select
 
 from schemas import Actor, ActorKind, Event, Location
 from schemas import events as ev
+from services.common import visibility
 from services.common.auth import Principal, Role
 from services.common.db import Record, UnitOfWork, as_utc, insert_unless_taken
-from services.common.errors import Forbidden, NotFound, Rejected, Unavailable, UnknownIncident
+from services.common.errors import Forbidden, Rejected, Unavailable, UnknownIncident
 
 from .models import IncidentPublic, IntakeIncident, IntakeTransition, ReportAccepted, ReportCreate, TransitionPublic
 
@@ -284,14 +285,17 @@ def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
 
 
 def get_incident(incident_id: str, uow: UnitOfWork, who: Principal | None = None) -> IncidentPublic:
+    """The incident as ``who`` may see it (services.common.visibility): unknown when it is not theirs to see, a
+    citizen reporter's contact withheld from anyone but the operations center. Without ``who``, all of it."""
     row = uow.session.get(IntakeIncident, incident_id)
     if row is None or (who is not None and not _visible(row, who)):
-        raise NotFound(f"no incident {incident_id}")
+        raise visibility.unseen("incident", incident_id)
     timeline = uow.session.exec(
         select(IntakeTransition)
         .where(IntakeTransition.incident_id == incident_id)
         .order_by(col(IntakeTransition.occurred_at), col(IntakeTransition.id))
     ).all()
+    reporter = row.reporter_id if who is None else visibility.reporter(who, row.source, row.reporter_id)
     return IncidentPublic(
         incident_id=row.incident_id,
         status=row.status,
@@ -302,7 +306,7 @@ def get_incident(incident_id: str, uow: UnitOfWork, who: Principal | None = None
         address=row.address,
         description=row.description,
         severity=row.severity,
-        reporter_id=row.reporter_id,
+        reporter_id=reporter,
         handled_on_spot=row.handled_on_spot,
         grid_id=row.grid_id,
         departments=[d for d in row.departments.split() if d],
@@ -319,8 +323,8 @@ def get_incident(incident_id: str, uow: UnitOfWork, who: Principal | None = None
                 type=t.type,
                 occurred_at=as_utc(t.occurred_at),
                 actor_kind=t.actor_kind,
-                actor_id=t.actor_id,
-                on_behalf_of=t.on_behalf_of,
+                actor_id=t.actor_id if who is None else visibility.actor(who, t.actor_kind, t.actor_id),
+                on_behalf_of=t.on_behalf_of if t.on_behalf_of != row.reporter_id else reporter,
                 detail=t.detail,
             )
             for t in timeline

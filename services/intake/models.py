@@ -62,9 +62,11 @@ class TransitionPublic(BaseModel):
     type: str
     occurred_at: datetime
     actor_kind: str
-    actor_id: str
+    actor_id: str | None
+    """Who acted; None for a citizen, unless the caller sees citizens' contacts (services.common.visibility)."""
     on_behalf_of: str | None = None
-    """The person the actor acted for (the hotline desk for a caller, say); None when it acted for itself."""
+    """The person the actor acted for (the hotline desk for a caller, say); None when it acted for itself, or when
+    that person is a citizen reporter whose contact the caller may not see."""
     detail: str
 
 
@@ -78,7 +80,9 @@ class IncidentPublic(BaseModel):
     address: str
     description: str
     severity: str
-    reporter_id: str
+    reporter_id: str | None
+    """The reporter of record; None for a 12345 caller or an Open311 client, unless the caller sees citizens'
+    contacts (the operations center, administrators: services.common.visibility)."""
     handled_on_spot: bool
     grid_id: str | None
     departments: list[str]

@@ -13,7 +13,7 @@ Where the spec leaves room, gridloop chooses:
 - Location: ``lat`` and ``long`` are required. gridloop places an incident in its grid cell by coordinates and has
   no geocoder, so ``address_string`` or ``address_id`` alone is refused (400); ``address_string`` given with
   coordinates is kept as the incident's address. A point outside Gaohang's grid cells is accepted and then
-  rejected by dispatch like any report: the request is closed with the reason in ``status_notes``.
+  rejected by dispatch like any report: the request is closed, and ``status_notes`` says why.
 - ``description``: the spec's limit is 4000 characters, gridloop keeps 2000. Longer than 4000 is refused as the
   spec says; from 2001 to 4000 it is refused too (400, saying gridloop keeps 2000) rather than cut short. Without
   a description the service name stands in for it. Answers to the service's attributes are appended to it on
@@ -22,13 +22,17 @@ Where the spec leaves room, gridloop chooses:
   first_name, last_name, phone) are accepted but not stored: the reporter of record is the client application.
 - A retried identical POST (same client application, account_id/device_id/email, content and Shanghai calendar
   day) returns the same service_request_id: the incident's client report id is a hash of all of that.
-- ``GET requests`` lists every incident of the town, whatever channel reported it; gridloop's closed, rejected
-  and merged are ``closed``, every other status ``open``. ``updated_datetime`` of a closed request is its closing
-  time; ``expected_datetime`` is the deadline; ``agency_responsible`` names the department(s) it was dispatched
-  to. Nothing identifies the reporter or the staff who acted.
-- FixMyStreet's ``GET servicerequestupdates`` extension gives one update per timeline transition, with
-  FixMyStreet's statuses (open, investigating, action_scheduled, in_progress, internal_referral, fixed,
-  no_further_action, duplicate).
+- ``GET requests`` lists the incidents of public services (``Category.public``), whatever channel reported them;
+  an incident of any other service (a 群租 flat, a hazard inside a warehouse) is absent from every listing and
+  answered 404 by id or token, as an unknown one — posted through Open311 too (its ``service_notice`` says so).
+  gridloop's closed, rejected and merged are ``closed``, every other status ``open``. ``updated_datetime`` of a
+  closed request is its closing time; ``expected_datetime`` is the deadline; ``agency_responsible`` names the
+  department(s) it was dispatched to. Nothing identifies the reporter or the staff who acted, and no words of staff
+  are shown: ``status_notes`` is a fixed phrase of the status, a request not posted through Open311 shows the
+  service's name for its description and no address or photo (``services.common.visibility``).
+- FixMyStreet's ``GET servicerequestupdates`` extension gives one update per timeline transition of a public
+  request, its label as the description, with FixMyStreet's statuses (open, investigating, action_scheduled,
+  in_progress, internal_referral, fixed, no_further_action, duplicate).
 - POST answers 200 with the spec's one-element list, for a new request and a retried one alike.
 """
 
@@ -67,7 +71,7 @@ from ._open311_wire import (
     render,
     window,
 )
-from .models import IntakeIncident, ReportCreate
+from .models import ReportCreate
 
 PREFIX = "/open311/v2"
 SPECIFICATION = "http://wiki.open311.org/GeoReport_v2"
@@ -239,7 +243,7 @@ def build_router(runtime: Runtime) -> APIRouter:
         """GET service_request_id from a token. Requests are realtime: a token is the service_request_id."""
         f = parse_format(fmt)
         with runtime.uow() as uow:
-            known = uow.session.get(IntakeIncident, token) is not None
+            known = views.known(uow, token)
         if not known:
             raise Open311Error(404, f"token {token[:80]!r} not found")
         return render(f, "service_requests", [{"service_request_id": token, "token": token}])

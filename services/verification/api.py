@@ -7,11 +7,12 @@ from typing import Annotated, TypeVar
 from fastapi import FastAPI, Query
 
 from schemas import Actor
+from services.common import visibility
 from services.common.api import WaitS, create_api
 from services.common.auth import Principal, Role
 from services.common.batch import BatchOutcome
 from services.common.changes import key_for, long_poll
-from services.common.errors import Forbidden, NotFound
+from services.common.errors import Forbidden
 from services.common.runtime import Runtime
 
 from . import handlers
@@ -23,10 +24,10 @@ B = TypeVar("B", PassRequest, FailRequest, PassVerifications)
 _ID = r"^[\w.@:-]+$"
 _DECISION_ERRORS: dict[int | str, dict[str, str]] = {
     403: {
-        "description": "the worker does not belong to the task's grid, is not the one it is asked of (or, under the "
-        "grid policy, reported it), or did the work it checks"
+        "description": "the body names someone else; the worker does not belong to the task's grid, is not the one "
+        "it is asked of (or, under the grid policy, reported it), or did the work it checks"
     },
-    404: {"description": "no such verification"},
+    404: {"description": "no such verification, or one outside the caller's grid cells (answered alike)"},
     409: {"description": "the verification is already decided"},
     422: {"description": "invalid request"},
 }
@@ -86,22 +87,23 @@ def build_api(runtime: Runtime, policy: VerifierPolicy = "assigned") -> FastAPI:
         "/verifications/{verification_id}",
         response_model=VerificationPublic,
         tags=["verifications"],
-        responses={404: {"description": "no such verification"}},
+        responses={404: {"description": "no such verification, or one outside the caller's grid cells"}},
     )
     async def verification(verification_id: str, who: Principal = Reader) -> VerificationPublic:
         with runtime.uow() as uow:
             task = handlers.get_verification(verification_id, uow)
         grids = _grids(who)
         if grids is not None and task.grid_id not in grids:
-            raise NotFound(f"no verification {verification_id}")
+            raise visibility.unseen("verification", verification_id)
         return task
 
     @api.post("/verifications/pass", status_code=202, response_model=BatchOutcome, tags=["verifications"])
     async def pass_many(body: PassVerifications, who: Principal = Worker) -> BatchOutcome:
         """批量核查通过: pass several verifications in one request.
 
-        Each is passed or refused (403, 404, 409, with the reason) as the one-task action would; the refused ones
-        change nothing and the others are decided together."""
+        Each is passed or refused (403, 404, 409, with the reason) as the one-task action would — a task outside
+        the caller's grid cells as an unknown one; the refused ones change nothing and the others are decided
+        together."""
         cmd, actor = _as_caller(body, who)
         with runtime.uow() as uow:
             done = handlers.pass_verifications(cmd, uow, _grids(who), actor=actor, policy=policy)

@@ -17,11 +17,12 @@ import sqlalchemy as sa
 from schemas import Actor, ActorKind, Event
 from schemas import events as ev
 from schemas.reference import GRIDS
+from services.common import visibility
 from services.common.batch import BatchOutcome, act_on_each
 from services.common.bus import Handler
 from services.common.changes import keys_for
 from services.common.db import UnitOfWork, as_utc, columns_by_key
-from services.common.errors import Forbidden, NotFound, PoisonMessage, Rejected
+from services.common.errors import Forbidden, PoisonMessage, Rejected
 
 from .models import (
     FailRequest,
@@ -140,8 +141,8 @@ def _decide(
     """The decision, written and emitted but not committed; the task's new status. ``worker_id`` is the worker
     who decides; ``actor`` whoever acts (the caller's token), recorded on behalf of the worker when another."""
     task = _task_for(uow, verification_id)
-    if task is None:
-        raise NotFound(f"no verification {verification_id}")
+    if task is None or (grids is not None and task.grid_id not in grids):
+        raise visibility.unseen("verification", verification_id)  # outside the caller's grids: as unknown
     grid = GRIDS.get(task.grid_id)
     allowed = task.grid_id in grids if grids is not None else grid is not None and worker_id in grid.workers
     if worker_id is None or grid is None or not allowed:
@@ -259,7 +260,7 @@ def _public(t: VerificationTask | sa.Row[Any]) -> VerificationPublic:
 def get_verification(verification_id: str, uow: UnitOfWork) -> VerificationPublic:
     task = uow.session.get(VerificationTask, verification_id)
     if task is None:
-        raise NotFound(f"no verification {verification_id}")
+        raise visibility.unseen("verification", verification_id)
     return _public(task)
 
 

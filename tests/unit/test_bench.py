@@ -366,7 +366,7 @@ def test_raw_messages_are_the_pipelines_events() -> None:
 
 def test_a_desk_accepts_what_it_found_in_one_request_then_handles_all_it_took() -> None:
     """批量签收 then 批量处置: an order refused 409 (taken by an earlier try) is handled too, one of another
-    office (403) is not, and counts as an error."""
+    office (404, as an unknown one) is not, and counts as an error."""
     import asyncio
 
     from services.bench.driver import Reply
@@ -377,7 +377,7 @@ def test_a_desk_accepts_what_it_found_in_one_request_then_handles_all_it_took() 
     async def call(service: str, method: str, path: str, token: str, ok: Any, **kw: Any) -> Reply:
         calls.append((path, kw["json"]))
         results = (
-            [{"id": "a", "code": None}, {"id": "b", "code": 409}, {"id": "c", "code": 403, "error": "not yours"}]
+            [{"id": "a", "code": None}, {"id": "b", "code": 409}, {"id": "c", "code": 404, "error": "no work order c"}]
             if path.endswith("accept")
             else [{"id": i["work_order_id"], "code": None} for i in kw["json"]["items"]]
         )

@@ -21,7 +21,7 @@ from schemas import events as ev
 from services.common.bus import MessageBus
 from services.common.changes import Changes
 from services.common.db import OutboxRecord, UnitOfWork, create_tables, make_engine
-from services.common.errors import Forbidden, NotFound, Rejected, UnknownIncident
+from services.common.errors import NotFound, Rejected, UnknownIncident
 from services.common.runtime import Runtime
 from services.handling import handlers
 from services.handling.agents import deliver_due_webhooks, webhook_client
@@ -402,14 +402,14 @@ def test_accept_emits_work_order_accepted_in_the_incidents_correlation(world: Wo
         (handlers.handle_work_order, handle(department_code="env_rectification")),
     ],
 )
-def test_another_department_is_forbidden_and_an_unknown_order_not_found(world: World, fn: Any, cmd: Any) -> None:
+def test_another_departments_order_is_not_found_as_an_unknown_one(world: World, fn: Any, cmd: Any) -> None:
     world.bus.handle(dispatched())
     if fn is not handlers.accept_work_order:
         world.act(handlers.accept_work_order, accept())
     status = world.order().status
-    with pytest.raises(Forbidden):
+    with pytest.raises(NotFound, match=r"^no work order GL-1-1$"):
         world.act(fn, cmd)
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound, match=r"^no work order GL-404-1$"):
         world.act(fn, cmd, "GL-404-1")
     assert world.order().status == status and len(world.outbox()) == (0 if status == "dispatched" else 1)
 
@@ -779,6 +779,41 @@ async def _api_calls(client: httpx.AsyncClient) -> None:
     assert (await client.get("/webhook-deliveries", params={"status": "lost"})).status_code == 422
 
 
+def test_another_departments_work_order_answers_as_an_unknown_one(world: World) -> None:
+    """A 403 would tell that the order exists and, from who may act on it, which office owns it: a department
+    asking for another's gets what it gets for an id that names nothing, status and body alike."""
+    world.bus.handle(dispatched("GL-2-1", department="water", incident_id="GL-2"))
+    runtime = FakeRuntime(world)  # city_ops staff
+    bodies = {
+        "accept": None,
+        "return": {"reason": "不属本部门职责"},
+        "extension": {"requested_deadline": "2099-06-04T12:00:00+08:00", "reason": "r"},
+        "handle": {"result": "done"},
+    }
+
+    def alike(r: httpx.Response, unknown: httpx.Response) -> None:
+        assert r.status_code == unknown.status_code == 404
+        assert r.json() == orjson.loads(unknown.content.replace(b"GL-404-1", b"GL-2-1"))
+
+    async def session() -> None:
+        transport = httpx.ASGITransport(app=build_api(cast(Runtime, runtime)))
+        headers = {"Authorization": f"Bearer {runtime.token}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://handling.test", headers=headers) as c:
+            alike(await c.get("/work-orders/GL-2-1"), await c.get("/work-orders/GL-404-1"))
+            for action, body in bodies.items():
+                alike(
+                    await c.post(f"/work-orders/GL-2-1/{action}", json=body),
+                    await c.post(f"/work-orders/GL-404-1/{action}", json=body),
+                )
+            r = await c.post("/work-orders/accept", json={"work_order_ids": ["GL-2-1", "GL-404-1"]})
+            theirs, unknown = r.json()["results"]
+            assert (theirs["code"], theirs["error"]) == (unknown["code"], unknown["error"].replace("GL-404", "GL-2"))
+            assert theirs["code"] == 404
+
+    asyncio.run(session())
+    assert world.order("GL-2-1").status == "dispatched" and runtime.flushed == 1
+
+
 def test_of_two_actions_on_one_order_at_once_the_later_is_refused(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -820,7 +855,7 @@ def test_accepting_many_takes_each_as_one_would_and_refuses_the_rest_alone(world
     assert [(r.id, r.status, r.code) for r in done.results] == [
         ("GL-1-1", "accepted", None),
         ("GL-2-1", None, 409),
-        ("GL-3-1", None, 403),
+        ("GL-3-1", None, 404),  # another office's: as an unknown one
         ("GL-404-1", None, 404),
     ]
     assert all(r.error for r in done.results[1:])
@@ -886,7 +921,7 @@ def test_the_api_acts_on_many_orders_in_one_request(world: World) -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://handling.test", headers=headers) as c:
             r = await c.post("/work-orders/accept", json={"work_order_ids": ["GL-1-1", "GL-2-1"]})
             assert r.status_code == 202, r.text
-            assert (r.json()["done"], [x["code"] for x in r.json()["results"]]) == (1, [None, 403])
+            assert (r.json()["done"], [x["code"] for x in r.json()["results"]]) == (1, [None, 404])
             r = await c.post("/work-orders/accept", json={"work_order_ids": ["GL-1-1"], "department_code": "water"})
             assert r.status_code == 403  # the body names another office than the token's
             r = await c.post("/work-orders/accept", json={"work_order_ids": "GL-1-1"})

@@ -12,6 +12,7 @@ from sqlmodel import select
 
 from schemas import Actor, ActorKind, Event, decode_event
 from schemas import events as ev
+from services.common.auth import Principal, Role
 from services.common.bus import MessageBus
 from services.common.db import OutboxRecord, UnitOfWork, create_tables, insert_unless_taken
 from services.common.errors import NotFound, Rejected, UnknownIncident
@@ -323,3 +324,69 @@ def test_a_case_number_already_taken_is_drawn_again(
     with UnitOfWork(engine) as uow:
         assert handlers.get_incident(first.incident_id, uow).description == "垃圾"  # the first report untouched
         assert handlers.get_incident(second.incident_id, uow).description == "另一处垃圾"
+
+
+# -- who sees a reporter's contact -----------------------------------------------------------------------------
+
+
+def _principal(role: Role, subject: str, **kw: Any) -> Principal:
+    return Principal(token_id=f"t-{subject}", role=role, subject=subject, **kw)
+
+
+CALLER = "13912345678"
+"""A 12345 caller's phone number: the hotline desk reports the call with it as reporter_id."""
+
+
+def _dispatched_call(engine: Engine, clock: FakeClock, actor: Actor | None) -> str:
+    """A 12345 call reported (by the desk, or by a gateway naming the caller as actor), filed in gh01, dispatched
+    to city_ops."""
+    cmd = _cmd(source="hotline_12345", reporter_id=CALLER, client_report_id="call-1", description="路口垃圾")
+    with UnitOfWork(engine, clock=clock) as uow:
+        incident_id = handlers.report_incident(cmd, uow, actor).incident_id
+    [record] = _outbox(engine)
+    reported = decode_event(record.payload)
+    filed = ev.IncidentFiled.following(
+        reported,
+        Actor.system("dispatch"),
+        category_code="exposed_garbage",
+        grid_id="gh01",
+        priority=3,
+        severity="normal",
+    )
+    bus = MessageBus(lambda: UnitOfWork(engine, clock=clock), handlers.HANDLERS)
+    for event in (reported, filed, _dispatched(reported, clock.advance(hours=24))):
+        bus.handle(event)
+    return incident_id
+
+
+@pytest.mark.parametrize(
+    "actor",
+    [Actor(kind=ActorKind.OPS_CENTER, id="duty-desk", department="ops_center"), None],
+    ids=["desk", "caller-as-actor"],
+)
+def test_a_12345_callers_number_is_shown_to_the_operations_center_only(
+    engine: Engine, clock: FakeClock, actor: Actor | None
+) -> None:
+    incident_id = _dispatched_call(engine, clock, actor)
+    staff = [
+        _principal(Role.DEPARTMENT, "staff-7", department="city_ops"),
+        _principal(Role.GRID_WORKER, "w-gh01-2", grids=("gh01",)),
+    ]
+    with UnitOfWork(engine) as uow:
+        for who in staff:
+            view = handlers.get_incident(incident_id, uow, who)
+            assert view.source == "hotline_12345" and view.reporter_id is None, who.role
+            assert CALLER not in view.model_dump_json(), who.role  # nor as the actor of the report
+            [listed] = handlers.list_incidents(uow, None, 10, 0, who)
+            assert listed.incident_id == incident_id
+        for who in (_principal(Role.OPS_CENTER, "duty-desk"), _principal(Role.ADMIN, "root")):
+            assert handlers.get_incident(incident_id, uow, who).reporter_id == CALLER
+
+
+def test_a_grid_workers_own_id_stays_visible_to_the_staff_of_the_case(engine: Engine, clock: FakeClock) -> None:
+    incident_id, reported, bus = _reported_and_fold(engine, clock)
+    for event in (reported, _dispatched(reported, clock.advance(hours=24))):
+        bus.handle(event)
+    with UnitOfWork(engine) as uow:
+        view = handlers.get_incident(incident_id, uow, _principal(Role.DEPARTMENT, "staff-7", department="city_ops"))
+    assert view.reporter_id == "w-gh01-1" and view.timeline[0].actor_id == "w-gh01-1"

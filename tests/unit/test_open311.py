@@ -29,7 +29,7 @@ from services.common.db import OutboxRecord, UnitOfWork, make_engine
 from services.common.runtime import Runtime
 from services.intake import handlers
 from services.intake.api import build_api
-from services.intake.models import TABLES, IntakeIncident
+from services.intake.models import TABLES, IntakeIncident, ReportCreate
 
 from .conftest import FakeClock
 
@@ -276,6 +276,8 @@ async def test_service_list(gw: Gateway) -> None:
     assert "暴露垃圾" in garbage["keywords"] and "城运办" in garbage["description"]
     assert {code for code, s in by_code.items() if s["metadata"]} >= {"safety_hazard", "group_renting", "flooding"}
     assert all(s["group"] == CATEGORIES[s["service_code"]].family for s in services)
+    private = {code for code, s in by_code.items() if "Requests are not public" in s["description"]}
+    assert "group_renting" in private and private == {c.code for c in CATEGORIES.values() if not c.public}
 
 
 async def test_service_definitions(gw: Gateway) -> None:
@@ -380,17 +382,21 @@ async def test_address_media_and_attributes_are_kept(gw: Gateway) -> None:
         "场所类型 Site type: 仓库 Warehouse\n"
         "隐患 Hazards: 消防通道堵塞 Blocked fire exits、私拉电线 Makeshift wiring"
     )
-    [shown] = await gw.both(f"requests/{incident_id}")
-    assert (shown["address"], shown["media_url"]) == ("高行镇东靖路 1 号 仓库", "https://img.example.cn/hazard.jpg")
+    assert errors(await gw.client.get(f"{V2}/requests/{incident_id}.json"))[0][0] == 404  # not a public service
 
     flood = await gw.report(
         service_code="flooding",
         description=None,
+        address_string="东靖路下立交",
+        media_url="https://img.example.cn/flood.jpg",
         **{"attribute[water_depth_cm]": "35", "attribute[observed_at]": "2026-11-24T00:05:00Z"},
     )
     assert gw.reported(flood).description == (
         "积水 / Flooding\n\n积水深度（厘米）Water depth (cm): 35\n发现时间 Seen at: 2026-11-24T08:05:00+08:00"
     )
+    [shown] = await gw.both(f"requests/{flood}")
+    assert (shown["address"], shown["media_url"]) == ("东靖路下立交", "https://img.example.cn/flood.jpg")
+    assert shown["description"] == gw.reported(flood).description  # a citizen's own words, posted to the public
 
 
 async def test_multipart_forms_are_taken_too(gw: Gateway) -> None:
@@ -599,13 +605,13 @@ async def test_a_request_through_the_loop(gw: Gateway) -> None:
     steps = the_loop(gw, incident_id)
     gw.apply(*steps[:3])
     [working] = await gw.both(f"requests/{incident_id}")
-    assert (working["status"], working["status_notes"]) == ("open", "已签收 accepted: accepted by city_ops")
+    assert (working["status"], working["status_notes"]) == ("open", "已签收 accepted")
     assert working["agency_responsible"] == "城运办 City Operations Office"
     assert working["expected_datetime"] == "2026-11-25T08:15:00+08:00"  # the deadline
     assert working["updated_datetime"] == "2026-11-24T08:25:00+08:00"
     gw.apply(*steps[3:])
     [done] = await gw.both(f"requests/{incident_id}")
-    assert (done["status"], done["status_notes"]) == ("closed", "已结案 closed: closed on time")
+    assert (done["status"], done["status_notes"]) == ("closed", "已结案 closed")
     assert done["updated_datetime"] == "2026-11-24T09:46:00+08:00"  # when it was closed
     assert done["agency_responsible"] == "城运办 City Operations Office"
     assert (await gw.both("requests", service_request_id=incident_id)) == [done]
@@ -627,8 +633,11 @@ async def test_rejected_and_merged_requests_are_closed_with_the_reason(gw: Gatew
     found = {r["service_request_id"]: r for r in await gw.both("requests", service_request_id=f"{far},{twin}")}
     rejected, merged = found[far], found[twin]
     assert rejected["status"] == merged["status"] == "closed"
-    assert rejected["status_notes"] == "不予立案 rejected: location outside every grid of the town"
-    assert merged["status_notes"] == "已合并 merged: merged into GL-OTHER (12 m away)"
+    assert (
+        rejected["status_notes"]
+        == "不予立案 rejected: 位置不在本镇网格内 the location lies outside every grid of the town"
+    )
+    assert merged["status_notes"] == "已合并 merged: 与附近已受理的诉求重复 a duplicate of a request nearby"
 
 
 async def test_searching_requests(gw: Gateway) -> None:
@@ -745,6 +754,138 @@ async def test_chinese_and_markup_round_trip_in_xml(gw: Gateway) -> None:
     assert request["service_name"] == "暴露垃圾 / Exposed garbage"
 
 
+# -- what the public reads --------------------------------------------------------------------------------------
+
+
+FLAT = "高行镇某小区12号302室 flat 302, No. 12"
+
+
+def staff_report(gw: Gateway, **fields: Any) -> str:
+    """A report that came in on another channel than Open311 (a grid worker's, unless told), delivered."""
+    body: dict[str, Any] = {
+        "category_code": "exposed_garbage",
+        "lat": 31.2851,
+        "lon": 121.5752,
+        "description": "e",
+        "reporter_id": "w-gh05-1",
+        "client_report_id": f"staff-{len(gw.outbox())}",
+    }
+    body.update(fields)
+    with gw.runtime.uow() as uow:
+        incident_id = handlers.report_incident(ReportCreate.model_validate(body), uow).incident_id
+    gw.deliver()
+    return incident_id
+
+
+async def public_reads(gw: Gateway, *ids: str) -> str:
+    """Everything the public can read about ``ids``, as one text."""
+    found = [
+        await gw.both("requests"),
+        await gw.both("requests", service_request_id=",".join(ids)),
+        await gw.both("servicerequestupdates"),
+    ]
+    for incident_id in ids:
+        r = await gw.client.get(f"{V2}/requests/{incident_id}.json")
+        found.append(r.json())
+    return str(found)
+
+
+async def test_a_non_public_categorys_requests_are_absent_from_every_public_read(gw: Gateway) -> None:
+    """A grid worker's 群租 report, with its flat, is no service request of the public's: not listed, not found
+    by id or token, no update; a citizen may still post one, and never reads it back."""
+    assert not CATEGORIES["group_renting"].public
+    flat = staff_report(gw, category_code="group_renting", address=FLAT, description=f"{FLAT} 住了二十多人")
+    posted = await gw.report(service_code="group_renting", address_string=FLAT, description="群租")
+    r = await gw.post(service_code="group_renting", address_string=FLAT, description="群租")
+    assert "Requests of this service are not public" in r.json()[0]["service_notice"]  # the poster is told
+    garbage = await gw.report()
+    assert await gw.both("requests") == await gw.both("requests", service_request_id=f"{flat},{posted},{garbage}")
+    assert [r["service_request_id"] for r in await gw.both("requests")] == [garbage]
+    assert await gw.both("requests", service_code="group_renting") == []
+    assert {u["service_request_id"] for u in await gw.both("servicerequestupdates")} == {garbage}
+    for hidden in (flat, posted):
+        for fmt in ("json", "xml"):
+            r = await gw.client.get(f"{V2}/requests/{hidden}.{fmt}")
+            assert errors(r) == [(404, f"service_request_id {hidden!r} not found")]  # as for an unknown id
+            assert errors(await gw.client.get(f"{V2}/tokens/{hidden}.{fmt}")) == [(404, f"token {hidden!r} not found")]
+    assert FLAT not in await public_reads(gw, flat, posted, garbage)
+
+
+async def test_a_public_request_shows_no_staff_text_nor_reporter(gw: Gateway) -> None:
+    """What staff wrote (a grid worker's or the hotline desk's report, a return reason, a handling result, a
+    verification note, an escalation) and who reported stay inside; the category, place and progress are public."""
+    worker = staff_report(
+        gw,
+        description="店主张三倒的垃圾 dumped by the shop owner",
+        address="东靖路12号张三家门口",
+        photo_urls=["https://img.example.cn/worker.jpg"],
+    )
+    caller = staff_report(
+        gw,
+        source="hotline_12345",
+        reporter_id="13912345678",
+        description="来电人李四反映 caller Li Si says",
+        lat=31.2861,
+        client_report_id="call-1",
+    )
+    steps = the_loop(gw, worker)
+    staff = Actor(kind=ActorKind.DEPARTMENT, id="staff-7", department="city_ops")
+    order, at = steps[1], steps[1].occurred_at
+    returned = ev.WorkOrderReturned.following(
+        order,
+        staff,
+        occurred_at=at + timedelta(minutes=1),
+        work_order_id=f"{worker}-1",
+        department_code="city_ops",
+        reason="不归我们管 not ours, ask 王五",
+    )
+    escalated = ev.IncidentEscalated.following(
+        order,
+        Actor.system("dispatch"),
+        occurred_at=at + timedelta(minutes=2),
+        reason_code="overdue",
+        reason="returned twice; last: 不归我们管",
+    )
+    gw.apply(*steps[:2], returned, escalated, *steps[2:])
+    [request] = await gw.both(f"requests/{worker}")
+    assert request == {
+        **request,
+        "status": "closed",
+        "status_notes": "已结案 closed",
+        "service_name": "暴露垃圾 / Exposed garbage",
+        "description": "暴露垃圾 / Exposed garbage",  # the service's name stands in for staff's words
+        "address": None,
+        "media_url": None,
+        "agency_responsible": "城运办 City Operations Office",
+        "lat": 31.2851,
+        "long": 121.5752,
+    }
+    [called] = await gw.both(f"requests/{caller}")
+    assert (called["description"], called["status_notes"], called["lat"]) == (
+        "暴露垃圾 / Exposed garbage",
+        "已上报 reported",
+        31.2861,
+    )
+    updates = [u for u in await gw.both("servicerequestupdates") if u["service_request_id"] == worker]
+    assert [u["description"] for u in updates][3:6] == ["已退回 returned", "督办 escalated", "已签收 accepted"]
+    assert all(u["media_url"] is None for u in updates)
+    everything = await public_reads(gw, worker, caller)
+    for private in (
+        "w-gh05-1",
+        "张三",
+        "worker.jpg",
+        "13912345678",
+        "李四",
+        "王五",
+        "不归我们管",
+        "已清运",
+        "checked",
+        "staff-7",
+        "w-gh05-2",
+    ):
+        assert private not in everything, private
+
+
 # -- FixMyStreet's GET servicerequestupdates ------------------------------------------------------------------------
 
 
@@ -770,8 +911,16 @@ async def test_updates_one_per_transition(gw: Gateway) -> None:
     assert [u["media_url"] for u in updates] == ["https://img.example.cn/before.jpg"] + [None] * 7
     assert all(W3C.match(u["updated_datetime"]) for u in updates)
     assert updates[-1]["updated_datetime"] == "2026-11-24T09:46:00+08:00"
-    assert updates[2]["description"].startswith("已派遣 dispatched: dispatched to city_ops (lead), due ")
-    assert updates[5]["description"] == "待核查 verification requested"  # never who verifies
+    assert [u["description"] for u in updates] == [  # each step's label, never its detail: no words of staff
+        "已上报 reported",
+        "已立案 filed",
+        "已派遣 dispatched",
+        "已签收 accepted",
+        "已处置 handled",
+        "待核查 verification requested",
+        "核查通过 verified",
+        "已结案 closed",
+    ]
 
     later = await gw.both("servicerequestupdates", start_date="2026-11-24T09:00:00+08:00")
     assert [u["status"] for u in later] == [

@@ -47,3 +47,10 @@ def test_workers_belong_to_one_grid() -> None:
 def test_distance() -> None:
     assert distance_m(31.3, 121.6, 31.3, 121.6) == 0
     assert 1100 < distance_m(31.3, 121.6, 31.31, 121.6) < 1120
+
+
+def test_each_category_says_whether_the_public_reads_its_incidents() -> None:
+    """What happens inside private premises, or names a flat or a building's owner, is not public."""
+    private = {c.code for c in CATEGORIES.values() if not c.public}
+    assert private == {"illegal_construction", "group_renting", "safety_hazard"}
+    assert {"exposed_garbage", "flooding", "street_vending", "shared_bikes"} <= set(CATEGORIES) - private

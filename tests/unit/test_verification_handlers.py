@@ -300,6 +300,24 @@ def test_a_worker_of_another_grid_is_forbidden(engine: Engine, bus: MessageBus, 
     assert (t.status, t.decided_by) == ("pending", None)
 
 
+@pytest.mark.parametrize(
+    ("action", "body"), [(handlers.pass_verification, PassRequest), (handlers.fail_verification, FailRequest)]
+)
+def test_a_task_outside_the_workers_grids_answers_as_an_unknown_one(
+    engine: Engine, bus: MessageBus, action: Any, body: Any
+) -> None:
+    """A 403 would tell that the task exists and, from who may decide it, in which grid: a worker of another grid
+    is answered as for an id that names nothing."""
+    bus.handle(requested())
+    refusals = []
+    for verification_id in ("GL20240506-AB12CD34-v1", "GL20240506-NOSUCH-v1"):
+        with UnitOfWork(engine) as uow, pytest.raises(NotFound) as refused:
+            action(verification_id, body(worker_id="w-gh02-1", note="x"), uow, ("gh02",))
+        refusals.append(str(refused.value).replace(verification_id, "?"))
+    assert refusals[0] == refusals[1]
+    assert task(engine, "GL20240506-AB12CD34-v1").status == "pending"
+
+
 @pytest.mark.parametrize("first", [decide_pass, decide_fail])
 @pytest.mark.parametrize("second", [decide_pass, decide_fail])
 def test_a_decided_task_is_rejected(engine: Engine, bus: MessageBus, first: Any, second: Any) -> None:
@@ -468,7 +486,7 @@ def test_a_worker_passes_many_only_in_their_own_grids(engine: Engine, bus: Messa
     with UnitOfWork(engine) as uow:
         cmd = PassVerifications(verification_ids=["GL-1-v1"], worker_id="w-gh02-1")
         done = handlers.pass_verifications(cmd, uow, grids=("gh02",))
-    assert [(r.code, r.status) for r in done.results] == [(403, None)]
+    assert [(r.code, r.status, r.error) for r in done.results] == [(404, None, "no verification GL-1-v1")]
     assert task(engine, "GL-1-v1").status == "pending"
 
 
