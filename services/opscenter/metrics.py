@@ -120,8 +120,11 @@ class ConsumerLagCollector(Collector):
         timeout_s: float = 1.5,
         cache_s: float = 5.0,
         retry_s: float = 15.0,
+        security: Mapping[str, Any] | None = None,
     ) -> None:
         self.bootstrap = [h.strip() for h in bootstrap.split(",") if h.strip()]
+        self.security = dict(security or {})
+        """The Kafka clients' credentials (opscenter's own, which may describe every service's group)."""
         self.groups = list(groups)
         self.timeout_s = timeout_s
         self.cache_s = cache_s
@@ -208,6 +211,7 @@ class ConsumerLagCollector(Collector):
             "bootstrap_timeout_ms": timeout_ms,
             "api_version_auto_timeout_ms": timeout_ms,
             "reconnect_backoff_max_ms": 1000,
+            **self.security,
         }
         if self._admin is None:
             self._admin = KafkaAdminClient(
