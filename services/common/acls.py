@@ -18,6 +18,7 @@ there, verification answers; the lifecycle log: every service that emits) takes 
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -162,10 +163,15 @@ def existing_grants(admin: Any, services: Iterable[str] = SERVICES) -> list[Gran
     return sorted(set(found))
 
 
-def apply_acls(bootstrap: str, *, security: Security | None = None, prune: bool = True) -> Applied:
+def apply_acls(
+    bootstrap: str, *, security: Security | None = None, prune: bool = True, settle_s: float = 30.0
+) -> Applied:
     """Make the broker's ACLs for the services those of :func:`grants`: add what is missing and (``prune``) remove
     the ALLOW ACLs of their principals on this namespace's topics and groups that the catalog no longer grants.
-    Idempotent. Run as the administrator (a super user); the broker must have an authorizer."""
+    Idempotent. Run as the administrator (a super user); the broker must have an authorizer.
+
+    Returns once the broker answers with the ACLs as wanted (at most ``settle_s``): the controller has them when
+    it says so, the broker's authorizer a moment later, and a service started at once would be refused."""
     wanted = grants()
     admin = admin_client(bootstrap, security=security)
     try:
@@ -181,9 +187,22 @@ def apply_acls(bootstrap: str, *, security: Security | None = None, prune: bool 
             for _filter, _matched, error in admin.delete_acls([g.acl() for g in stale]):
                 if getattr(error, "errno", 0):
                     raise KafkaError(f"stale ACL not removed: {_filter}: {error}")
+        if missing or stale:
+            _settle(admin, set(wanted), set(stale), settle_s)
         return Applied(added=missing, removed=stale, kept=[g for g in wanted if g in have])
     finally:
         admin.close()
+
+
+def _settle(admin: Any, wanted: set[Grant], stale: set[Grant], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        have = set(existing_grants(admin))
+        if wanted <= have and not stale & have:
+            return
+        if time.monotonic() > deadline:
+            raise KafkaError(f"the broker does not show the ACLs applied after {timeout_s:.0f} s")
+        time.sleep(0.1)
 
 
 __all__ = [
