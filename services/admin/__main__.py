@@ -3,6 +3,9 @@
 python -m services.admin topics create     # create every topic of the catalog (idempotent)
 python -m services.admin topics list
 python -m services.admin topics drop NS... # delete the topics of test or benchmark namespaces (never the town's)
+python -m services.admin acls show [--commands]   # each service's Kafka ACLs, made from the topic catalog
+python -m services.admin acls apply      # grant them on the broker (SASL + authorizer), drop those no longer due
+python -m services.admin init [--acls]   # topics create, then (--acls) acls apply: a deployment's one-shot set-up
 python -m services.admin deadletters list      # records no consumer could process, with the reason
 python -m services.admin deadletters replay --offset N   # send one again to its source topic after a fix
 """
@@ -15,6 +18,7 @@ import typer
 
 from schemas.topics import CATALOG
 from services.admin.deadletters import cli as deadletters_cli
+from services.common.acls import apply_acls, grants, kafka_acls_commands
 from services.common.admin import create_topics, drop_namespace, list_topics, partitions_for
 from services.common.auth import Role, TokenStore
 from services.common.settings import ServiceSettings
@@ -25,6 +29,8 @@ cli.add_typer(topics_cli, name="topics")
 tokens_cli = typer.Typer(help="API tokens: issue (shown once, stored hashed), list, revoke", no_args_is_help=True)
 cli.add_typer(tokens_cli, name="tokens")
 cli.add_typer(deadletters_cli, name="deadletters")
+acls_cli = typer.Typer(help="Kafka ACLs: each service writes and reads only its own topics", no_args_is_help=True)
+cli.add_typer(acls_cli, name="acls")
 
 
 def _bootstrap() -> str:
@@ -63,6 +69,44 @@ def topics_drop(
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         typer.echo(f"{ns}: {len(names)} topics deleted")
+
+
+@acls_cli.command("show")
+def acls_show(
+    commands: Annotated[
+        bool, typer.Option("--commands", help="print them as kafka-acls.sh command lines (--command-config: admin's)")
+    ] = False,
+) -> None:
+    """Every ACL the services need (from the topic catalog's producers and consumers), and no other."""
+    wanted = grants()
+    lines = kafka_acls_commands(wanted, _bootstrap()) if commands else [str(g) for g in wanted]
+    for line in lines:
+        typer.echo(line)
+
+
+@acls_cli.command("apply")
+def acls_apply(
+    prune: Annotated[
+        bool, typer.Option(help="remove the services' ACLs on this namespace that the catalog no longer grants")
+    ] = True,
+) -> None:
+    """Grant each service its ACLs on the broker (run as the administrator, a super user). Idempotent."""
+    applied = apply_acls(_bootstrap(), prune=prune)
+    for grant in applied.added:
+        typer.echo(f"added   {grant}")
+    for grant in applied.removed:
+        typer.echo(f"removed {grant}")
+    typer.echo(f"acls: {len(applied.added)} added, {len(applied.removed)} removed, {len(applied.kept)} in place")
+
+
+@cli.command("init")
+def init(
+    acls: Annotated[bool, typer.Option(help="also grant each service its ACLs (a broker with SASL and ACLs)")] = False,
+) -> None:
+    """A deployment's one-shot Kafka set-up: create the catalog's topics, then (--acls) apply the ACLs."""
+    topics_create()
+    if acls:
+        acls_apply(prune=True)
 
 
 @tokens_cli.command("issue")

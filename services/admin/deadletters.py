@@ -323,6 +323,7 @@ def read_dead_letters(
         group_id=None,
         enable_auto_commit=False,
         request_timeout_ms=int(timeout_s * 1000) + 5000,
+        **ServiceSettings().kafka_client_options(),  # the administrator's credentials, where the broker asks
     )
     try:
         partitions = consumer.partitions_for_topic(name)
@@ -350,7 +351,12 @@ def read_dead_letters(
 
 
 def replay(bootstrap: str, plan: Sequence[Replay]) -> list[tuple[Replay, int]]:
-    producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), client_id="gridloop-admin-replay", acks="all")
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap.split(","),
+        client_id="gridloop-admin-replay",
+        acks="all",
+        **ServiceSettings().kafka_client_options(),
+    )
     try:
         return send_replays(producer, plan)
     finally:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from schemas.topics import CATALOG, DEFAULT_NAMESPACE, Topic
 
@@ -25,14 +26,18 @@ class KafkaUnavailable(RuntimeError):
     pass
 
 
-def admin_client(bootstrap: str, timeout_s: float = 10.0) -> KafkaAdminClient:
+Security = Mapping[str, Any]
+"""A client's security options (``ServiceSettings.kafka_client_options``); None: those of the environment."""
+
+
+def admin_client(bootstrap: str, timeout_s: float = 10.0, security: Security | None = None) -> KafkaAdminClient:
     from .settings import ServiceSettings
 
     return KafkaAdminClient(
         bootstrap_servers=bootstrap.split(","),
         client_id="gridloop-admin",
         request_timeout_ms=int(timeout_s * 1000),
-        **ServiceSettings().kafka_client_options(),
+        **(ServiceSettings().kafka_client_options() if security is None else security),
     )
 
 
@@ -45,9 +50,9 @@ def partitions_for(topic: Topic) -> int:
     return wanted if wanted is not None and topic.key == "incident_id" else topic.partitions
 
 
-def create_topics(bootstrap: str, topics: Iterable[Topic] = CATALOG) -> list[str]:
+def create_topics(bootstrap: str, topics: Iterable[Topic] = CATALOG, *, security: Security | None = None) -> list[str]:
     """Create missing topics; existing ones are left as they are. Returns the names created."""
-    admin = admin_client(bootstrap)
+    admin = admin_client(bootstrap, security=security)
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t.name not in existing]
@@ -98,25 +103,31 @@ def drop_namespace(bootstrap: str, namespace: str) -> list[str]:
         admin.close()
 
 
-def list_topics(bootstrap: str) -> set[str]:
-    admin = admin_client(bootstrap)
+def list_topics(bootstrap: str, *, security: Security | None = None) -> set[str]:
+    """The topics the broker tells this client of (where it has ACLs: those the principal may at least describe)."""
+    admin = admin_client(bootstrap, security=security)
     try:
         return set(admin.list_topics())
     finally:
         admin.close()
 
 
-def wait_for_topics(bootstrap: str, names: Iterable[str], timeout_s: float = 120.0) -> None:
+def wait_for_topics(
+    bootstrap: str, names: Iterable[str], timeout_s: float = 120.0, *, security: Security | None = None
+) -> None:
     """Block until the broker answers and every topic exists; log clearly while waiting."""
     wanted = set(names)
     deadline = time.monotonic() + timeout_s
     delay = 0.5
     while True:
         try:
-            missing = wanted - list_topics(bootstrap)
+            missing = wanted - list_topics(bootstrap, security=security)
             if not missing:
                 return
-            problem = f"topics missing: {', '.join(sorted(missing))} (run `make topics`)"
+            problem = (
+                f"topics missing: {', '.join(sorted(missing))} (run `make topics`; where the broker has ACLs, "
+                "the principal may not be allowed to see them: `python -m services.admin acls apply`)"
+            )
         except (KafkaError, OSError) as exc:
             problem = f"Kafka at {bootstrap} unavailable ({type(exc).__name__}); start it with `make kafka-up`"
         if time.monotonic() > deadline:

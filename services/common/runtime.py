@@ -28,7 +28,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from schemas import DecodeError, Event, decode_event, utcnow
-from schemas.topics import CATALOG, Topic, namespace
+from schemas.topics import CATALOG, Topic, consumer_group, used_by
 
 from . import metrics
 from ._fetch import FetchingApp
@@ -111,7 +111,7 @@ class Runtime:
     def _faust_app(self) -> faust.App:
         s = self.settings
         app = FetchingApp(
-            f"{namespace()}-{self.name}",
+            consumer_group(self.name),
             broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",")],
             value_serializer="raw",
             key_serializer="raw",
@@ -387,7 +387,11 @@ class Runtime:
             level=self.settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         _require_free_port(self.settings.http_host, self.settings.http_port, self.name)
-        wait_for_topics(self.settings.kafka_bootstrap, [t.name for t in CATALOG])
+        # its own topics only: where the broker has ACLs, a service is not even told of the others
+        topics = used_by(self.name) or CATALOG
+        wait_for_topics(
+            self.settings.kafka_bootstrap, [t.name for t in topics], security=self.settings.kafka_client_options()
+        )
         _retry_sync("database", self.init_db)
         Path(self.app.conf.datadir).mkdir(parents=True, exist_ok=True)
         level = {"warning": "warn", "critical": "crit"}.get(self.settings.log_level.lower(), self.settings.log_level)

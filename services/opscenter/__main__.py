@@ -29,7 +29,7 @@ def _rebuild_cli() -> None:
         from .settings import OpsCenterSettings
 
         settings = OpsCenterSettings()
-        applied = run(settings.kafka_bootstrap, database_url)
+        applied = run(settings.kafka_bootstrap, database_url, security=settings.kafka_client_options())
         moment = datetime.fromisoformat(now) if now else utcnow()
         day = date.fromisoformat(at) if at else moment.date()
         typer.echo(f"applied {applied} events", err=True)

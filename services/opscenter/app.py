@@ -21,6 +21,8 @@ def build(settings: OpsCenterSettings | None = None) -> Runtime:
     runtime = Runtime(settings, TABLES, HANDLERS, consumes=CONSUMES, preload=PRELOAD)
     runtime.serve(build_api(runtime))
     if _lag is None:  # one per process: the registry refuses a second collector of the same series
-        _lag = ConsumerLagCollector(settings.kafka_bootstrap, consumer_groups())
+        _lag = ConsumerLagCollector(
+            settings.kafka_bootstrap, consumer_groups(), security=settings.kafka_client_options()
+        )
         REGISTRY.register(_lag)
     return runtime

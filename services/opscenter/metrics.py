@@ -19,7 +19,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from schemas.topics import namespace
+from schemas.topics import SERVICES, consumer_group
 
 with warnings.catch_warnings():
     # kafka-python reads its protocol schemas with importlib.resources' legacy API, deprecated on 3.11.
@@ -77,8 +77,6 @@ def observe_stage(stage: str, seconds: float) -> None:
 
 # -- consumer lag -------------------------------------------------------------------------------------
 
-SERVICES = ("intake", "dispatch", "handling", "verification", "opscenter")
-
 CONSUMER_LAG = "gridloop_consumer_lag"
 LAG_ERRORS = Counter(
     "gridloop_consumer_lag_errors_total",
@@ -88,7 +86,7 @@ LAG_ERRORS = Counter(
 
 def consumer_groups(services: Iterable[str] = SERVICES) -> list[str]:
     """The consumer group of each service (the faust app id ``<namespace>-<service>``)."""
-    return [f"{namespace()}-{service}" for service in services]
+    return [consumer_group(service) for service in services]
 
 
 def _known_config(cls: Any, **config: Any) -> dict[str, Any]:
@@ -122,8 +120,11 @@ class ConsumerLagCollector(Collector):
         timeout_s: float = 1.5,
         cache_s: float = 5.0,
         retry_s: float = 15.0,
+        security: Mapping[str, Any] | None = None,
     ) -> None:
         self.bootstrap = [h.strip() for h in bootstrap.split(",") if h.strip()]
+        self.security = dict(security or {})
+        """The Kafka clients' credentials (opscenter's own, which may describe every service's group)."""
         self.groups = list(groups)
         self.timeout_s = timeout_s
         self.cache_s = cache_s
@@ -210,6 +211,7 @@ class ConsumerLagCollector(Collector):
             "bootstrap_timeout_ms": timeout_ms,
             "api_version_auto_timeout_ms": timeout_ms,
             "reconnect_backoff_max_ms": 1000,
+            **self.security,
         }
         if self._admin is None:
             self._admin = KafkaAdminClient(

@@ -10,7 +10,9 @@ as the live service, and prints the KPIs as JSON: the same figures as the live r
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from datetime import date, datetime
+from typing import Any
 
 from sqlmodel import SQLModel
 
@@ -28,13 +30,16 @@ with warnings.catch_warnings():
     from kafka import KafkaConsumer, TopicPartition
 
 
-def rebuild(bootstrap: str, database_url: str, *, poll_timeout_ms: int = 1000) -> int:
-    """Fold the lifecycle log from offset 0 into a fresh read model at ``database_url``; returns events applied."""
+def rebuild(
+    bootstrap: str, database_url: str, *, poll_timeout_ms: int = 1000, security: Mapping[str, Any] | None = None
+) -> int:
+    """Fold the lifecycle log from offset 0 into a fresh read model at ``database_url``; returns events applied.
+    ``security``: the Kafka client's credentials (opscenter's own may read the lifecycle log)."""
     engine = make_engine(database_url)
     SQLModel.metadata.drop_all(engine, tables=[*SHARED_TABLES, *TABLES])
     create_tables(engine, TABLES)
     bus = MessageBus(lambda: UnitOfWork(engine), HANDLERS, PRELOAD)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **(security or {}))
     try:
         parts = [TopicPartition(LIFECYCLE.name, p) for p in sorted(consumer.partitions_for_topic(LIFECYCLE.name) or [])]
         consumer.assign(parts)

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from schemas.topics import SERVICES
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 
@@ -27,9 +29,9 @@ APP_PORTS = {
     "dispatch": 8105,
 }
 APP_SERVICES = sorted(APP_PORTS)
-INFRA_SERVICES = ["kafka", "topics", "postgres", "prometheus", "grafana"]
+INFRA_SERVICES = ["kafka", "kafka-init", "postgres", "prometheus", "grafana"]
 # service -> module run with `python -m`
-MODULES = {name: f"services.{name}" for name in APP_SERVICES} | {"topics": "services.admin"}
+MODULES = {name: f"services.{name}" for name in APP_SERVICES} | {"kafka-init": "services.admin"}
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +112,8 @@ def test_kafka_is_single_node_kraft(services: dict[str, dict[str, Any]]) -> None
     assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].startswith(f"{node_id}@")
     controller = env["KAFKA_CONTROLLER_LISTENER_NAMES"]
     listeners = env["KAFKA_LISTENERS"]
-    assert f"{controller}://" in listeners and "PLAINTEXT://:9092" in listeners
-    assert "PLAINTEXT://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    assert f"{controller}://" in listeners and "CLIENT://:9094" in listeners
+    assert "CLIENT://kafka:9094" in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
     assert controller not in env["KAFKA_ADVERTISED_LISTENERS"]
     protocol_map = dict(item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
     names = {item.split("://")[0] for item in listeners.split(",")}
@@ -157,11 +159,12 @@ def test_gridloop_services_use_the_built_image(services: dict[str, dict[str, Any
     assert env_of(service)["GRIDLOOP_KAFKA_BOOTSTRAP"] == "kafka:9094"  # the SASL listener
 
 
-def test_topics_runs_once_after_kafka_is_healthy(services: dict[str, dict[str, Any]]) -> None:
-    topics = services["topics"]
-    assert str(topics.get("restart")) == "no"
-    assert command_of(topics)[3:] == ["topics", "create"]
-    assert depends_on(topics).get("kafka") == "service_healthy"
+def test_kafka_init_runs_once_after_kafka_is_healthy_and_applies_the_acls(services: dict[str, dict[str, Any]]) -> None:
+    init = services["kafka-init"]
+    assert str(init.get("restart")) == "no"
+    assert command_of(init)[3:] == ["init", "--acls"]  # the catalog's topics, then each service's ACLs
+    assert depends_on(init).get("kafka") == "service_healthy"
+    assert env_of(init)["GRIDLOOP_KAFKA_SASL_USERNAME"] == "admin"  # a super user: it may grant
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
@@ -174,7 +177,7 @@ def test_app_service_ports_and_wiring(services: dict[str, dict[str, Any]], name:
     assert (port, port) in published_ports(service), f"{name}: port {port} not published as {port}:{port}"
     assert env["GRIDLOOP_DATABASE_URL"] == f"postgresql+psycopg://gridloop:gridloop@postgres:5432/{name}"
     deps = depends_on(service)
-    assert deps.get("topics") == "service_completed_successfully"
+    assert deps.get("kafka-init") == "service_completed_successfully"  # topics made and ACLs granted
     assert deps.get("postgres") == "service_healthy"
 
 
@@ -275,12 +278,46 @@ def test_kafka_asks_every_service_for_its_own_sasl_credentials() -> None:
     assert "CLIENT:SASL_PLAINTEXT" in kafka_env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
     jaas = kafka_env["KAFKA_LISTENER_NAME_CLIENT_PLAIN_SASL_JAAS_CONFIG"]
     users = set()
-    for name in ("intake", "dispatch", "handling", "verification", "opscenter", "topics"):
+    for name in (*APP_SERVICES, "kafka-init"):
         env = services[name]["environment"]
         assert env["GRIDLOOP_KAFKA_BOOTSTRAP"] == "kafka:9094"
         assert env["GRIDLOOP_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
         user = env["GRIDLOOP_KAFKA_SASL_USERNAME"]
+        assert user == (name if name in APP_SERVICES else "admin"), f"{name} connects as {user}"
         assert f'user_{user}="' in jaas, f"{name}'s Kafka user {user} is not defined on the broker"
         assert env["GRIDLOOP_KAFKA_SASL_PASSWORD"].startswith(f"${{GRIDLOOP_KAFKA_PASSWORD_{user.upper()}")
         users.add(user)
     assert len(users) == 6, "each service connects with credentials of its own"
+    assert set(APP_SERVICES) == set(SERVICES), "the ACLs are granted to the catalog's services: each must run"
+
+
+def listener_protocols(env: dict[str, str]) -> dict[str, str]:
+    """listener name -> security protocol, for each listener the broker opens."""
+    protocols = dict(item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    return {item.split("://")[0]: protocols[item.split("://")[0]] for item in env["KAFKA_LISTENERS"].split(",")}
+
+
+def test_the_broker_allows_only_what_an_acl_allows(services: dict[str, dict[str, Any]]) -> None:
+    env = env_of(services["kafka"])
+    assert env["KAFKA_AUTHORIZER_CLASS_NAME"] == "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"].lower() == "false"
+    super_users = set(env["KAFKA_SUPER_USERS"].split(";"))
+    assert super_users == {"User:broker", "User:admin"}, "no service, and never User:ANONYMOUS, is a super user"
+
+
+def test_every_listener_a_client_can_reach_asks_for_credentials(services: dict[str, dict[str, Any]]) -> None:
+    env = env_of(services["kafka"])
+    for name, protocol in listener_protocols(env).items():
+        address = next(item for item in env["KAFKA_LISTENERS"].split(",") if item.startswith(f"{name}://"))
+        if protocol == "PLAINTEXT":
+            # the health check's: on the container's loopback, where the anonymous principal is granted nothing
+            assert address.split("://")[1].startswith(("localhost:", "127.0.0.1:")), address
+        else:
+            assert protocol.startswith("SASL_"), f"{name} is {protocol}"
+    assert listener_protocols(env)[env["KAFKA_CONTROLLER_LISTENER_NAMES"]].startswith("SASL_")
+    inter_broker = env["KAFKA_INTER_BROKER_LISTENER_NAME"]
+    assert listener_protocols(env)[inter_broker].startswith("SASL_")
+    for listener in (name for name, protocol in listener_protocols(env).items() if protocol.startswith("SASL_")):
+        jaas = env[f"KAFKA_LISTENER_NAME_{listener}_PLAIN_SASL_JAAS_CONFIG"]
+        assert 'username="broker"' in jaas and 'user_broker="' in jaas, f"{listener}: the broker cannot log in"
+    assert "localhost:9092" in " ".join(services["kafka"]["healthcheck"]["test"])
