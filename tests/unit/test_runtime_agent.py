@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -468,3 +470,81 @@ async def test_the_operations_center_fetches_bigger_batches_than_the_loop(tmp_pa
         fetched[name] = consumer._fetch_min_bytes
         await consumer.stop()
     assert fetched == {"dispatch": 1, "intake": 1, "opscenter": 256 * 1024}
+
+
+class _SizeLimitedPublisher:
+    """A publisher whose producer refuses, as aiokafka does, any record bigger than ``limit`` bytes."""
+
+    started = True
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sent: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
+        self.refused = 0
+
+    async def send_all(self, records: Any) -> None:
+        from aiokafka.errors import MessageSizeTooLargeError
+
+        for topic, key, value, headers in records:
+            size = len(key or b"") + len(value) + sum(len(k) + len(v) for k, v in headers)
+            if size > self.limit:
+                self.refused += 1
+                raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized")
+            self.sent.append((topic, key, value, headers))
+
+
+def _plain_runtime(tmp_path: Path) -> Any:
+    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105, batch_linger_s=0))
+    rt.init_db()
+    return rt
+
+
+def _unsendable(rt: Any, outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "gridloop_dead_letters_unsendable_total", {"service": rt.name, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def test_a_huge_record_is_dead_lettered_within_the_producer_s_limit(tmp_path: Path) -> None:
+    """~800 KB of binary on workorders.dispatched: a dead letter wrapping it whole was refused by the producer
+    (1 MiB at most), the refusal was taken for an outage and retried for ever, and every later record waited."""
+    rt = _plain_runtime(tmp_path)
+    rt.publisher = _SizeLimitedPublisher(limit=1024 * 1024)
+    huge = _Message(bytes(range(256)) * 3200, 5)
+    await asyncio.wait_for(rt.process(huge), timeout=10)
+    [(topic, _key, value, _headers)] = rt.publisher.sent
+    body = json.loads(value)
+    assert topic.endswith(".deadletter") and "malformed JSON" in body["reason"]
+    assert (body["offset"], body["value_bytes"]) == (5, len(huge.value))
+    assert body["value_sha256"] == hashlib.sha256(huge.value).hexdigest()
+
+
+async def test_a_dead_letter_refused_as_too_large_is_sent_again_without_the_record_never_retried(
+    tmp_path: Path,
+) -> None:
+    rt = _plain_runtime(tmp_path)
+    rt.publisher = _SizeLimitedPublisher(limit=2048)  # a dead-letter topic that takes small records only
+    before = _unsendable(rt, "reduced"), _unsendable(rt, "lost")
+    await asyncio.wait_for(rt.dead_letter(_Message(b"{" + b"x" * 10_000, 3), "malformed JSON", kind="decode"), 10)
+    assert rt.publisher.refused == 1
+    [(_topic, _key, value, _headers)] = rt.publisher.sent
+    body = json.loads(value)
+    assert body["value"] == "" and body["key"] is None and body["value_truncated"] and body["value_bytes"] == 10_001
+    assert body["reason"] == "malformed JSON" and body["offset"] == 3
+    assert (_unsendable(rt, "reduced"), _unsendable(rt, "lost")) == (before[0] + 1, before[1])
+
+
+async def test_a_dead_letter_refused_even_without_the_record_is_counted_lost_and_the_stream_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = _plain_runtime(tmp_path)
+    rt.publisher = _SizeLimitedPublisher(limit=10)
+    lost = _unsendable(rt, "lost")
+    with caplog.at_level(logging.ERROR, logger="gridloop"):
+        await asyncio.wait_for(rt.dead_letter(_Message(b"{", 11), "malformed JSON", kind="decode"), timeout=10)
+    assert rt.publisher.refused == 2 and rt.publisher.sent == []
+    assert _unsendable(rt, "lost") == lost + 1
+    assert any("gridloop.incidents.reported[0]@11" in r.getMessage() for r in caplog.records)
