@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gridloop")
 
 _TRANSIENT = (OperationalError, InterfaceError)
-"""A database that cannot be reached (or is locked) now: retried. Any other database error is a bug in the
-handler or the data (an IntegrityError, say): retried, it would stop the stream for ever; it is dead-lettered."""
+"""A database that cannot be reached (or is locked) now: retried. Anything else a handler raises — another
+database error (an IntegrityError, say), an OverflowError, even an OSError — is a bug in the handler or the data:
+retried, it would stop the stream for ever; it is dead-lettered."""
 
 
 class Runtime:
@@ -228,6 +229,9 @@ class Runtime:
         except DecodeError as exc:
             await self.dead_letter(message, exc.reason, kind="decode")
             return None
+        except Exception as exc:  # whatever a record does in decoding, the stream goes on without it
+            await self.dead_letter(message, f"undecodable record: {type(exc).__name__}: {exc}", kind="decode")
+            return None
         self._metric(metrics.EVENTS_CONSUMED, message.topic, event.type).inc()
         return event
 
@@ -290,9 +294,9 @@ class Runtime:
     async def _apply_batch(self, events: Sequence[Event]) -> list[Event]:
         try:
             return self.bus.handle_batch(events)
-        except _RETRYABLE as exc:
+        except _TRANSIENT as exc:
             log.warning("database unavailable (%s); retrying", exc)
-        async for attempt in _forever("database"):
+        async for attempt in _forever("database", _TRANSIENT):
             with attempt:
                 return self.bus.handle_batch(events)
         raise AssertionError("unreachable")
@@ -302,12 +306,12 @@ class Runtime:
         started = time.perf_counter()
         try:  # the common case first, without the retry machinery's cost per message
             emitted = self.bus.handle(event)
-        except _RETRYABLE as exc:
+        except _TRANSIENT as exc:
             log.warning("database unavailable (%s); retrying", exc)
         else:
             self._metric(metrics.HANDLE_SECONDS, event.type).observe(time.perf_counter() - started)
             return emitted
-        async for attempt in _forever("database"):
+        async for attempt in _forever("database", _TRANSIENT):
             with attempt:
                 started = time.perf_counter()
                 emitted = self.bus.handle(event)
@@ -490,7 +494,7 @@ _RETRYABLE = (*_TRANSIENT, OSError, ConnectionError, asyncio.TimeoutError, _Kafk
 Kafka errors too), which would be refused for ever."""
 
 
-def _forever(what: str) -> AsyncRetrying:
+def _forever(what: str, retryable: tuple[type[BaseException], ...] = _RETRYABLE) -> AsyncRetrying:
     def _log(state: Any) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
@@ -499,7 +503,7 @@ def _forever(what: str) -> AsyncRetrying:
         )
 
     return AsyncRetrying(
-        retry=retry_if_exception_type(_RETRYABLE) & retry_if_not_exception_type(TOO_LARGE),
+        retry=retry_if_exception_type(retryable) & retry_if_not_exception_type(TOO_LARGE),
         wait=wait_exponential(multiplier=0.2, max=5),
         before_sleep=_log,
         reraise=True,

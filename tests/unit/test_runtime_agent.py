@@ -548,3 +548,95 @@ async def test_a_dead_letter_refused_even_without_the_record_is_counted_lost_and
     assert rt.publisher.refused == 2 and rt.publisher.sent == []
     assert _unsendable(rt, "lost") == lost + 1
     assert any("gridloop.incidents.reported[0]@11" in r.getMessage() for r in caplog.records)
+
+
+def _overflowing_report() -> bytes:
+    data = json.loads(encode_event(_report_n(99)))
+    data["occurred_at"] = "0001-01-01T00:00:00+14:00"  # before year 1 once turned to UTC
+    return json.dumps(data).encode()
+
+
+def _applied(runtime: Any) -> int:
+    with UnitOfWork(runtime.engine) as uow:
+        return len(uow.session.exec(select(ProcessedEvent)).all())
+
+
+async def test_a_timestamp_that_overflows_is_dead_lettered_and_the_rest_of_its_batch_applied(runtime: Any) -> None:
+    """Decoding it raised OverflowError, not a DecodeError: the agent crashed, faust restarted it, the batch came
+    again and crashed it again, and the six valid reports of the same burst never got a case."""
+    values = [encode_event(_report_n(n)) for n in range(6)]
+    values.insert(3, _overflowing_report())
+    await asyncio.wait_for(runtime.process_batch([_Message(v, i) for i, v in enumerate(values)]), timeout=10)
+    assert _applied(runtime) == 6
+    [(kind, reason)] = runtime.letters
+    assert kind == "decode" and reason.startswith("invalid IncidentReported")
+    await asyncio.wait_for(runtime.process(_Message(_overflowing_report(), 9)), timeout=10)  # alone, the same
+    assert [k for k, _ in runtime.letters] == ["decode", "decode"]
+
+
+async def test_the_consumer_goes_on_after_a_record_that_overflows(runtime: Any) -> None:
+    agent = runtime.app.agents["dispatch-consumer"]
+    async with agent.test_context() as ctx:
+        for n in range(3):
+            await asyncio.wait_for(ctx.put(encode_event(_report_n(n))), timeout=10)
+        await asyncio.wait_for(ctx.put(_overflowing_report()), timeout=10)
+        for n in range(3, 6):
+            await asyncio.wait_for(ctx.put(encode_event(_report_n(n))), timeout=10)
+    assert _applied(runtime) == 6 and [k for k, _ in runtime.letters] == ["decode"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RecursionError("maximum recursion depth exceeded"), MemoryError(), SystemError("bad argument")],
+    ids=lambda e: type(e).__name__,
+)
+async def test_whatever_decoding_raises_the_record_is_dead_lettered_and_its_batch_applied(
+    runtime: Any, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    """Not only a DecodeError: any exception from decoding sets the record aside with the reason."""
+    from schemas import decode_event as real
+    from services.common import runtime as runtime_module
+
+    bad = b'{"poison": true}'
+
+    def decode_event(raw: Any) -> Any:
+        if raw == bad:
+            raise error
+        return real(raw)
+
+    monkeypatch.setattr(runtime_module, "decode_event", decode_event)
+    values = [encode_event(_report_n(1)), bad, encode_event(_report_n(2))]
+    await asyncio.wait_for(runtime.process_batch([_Message(v, i) for i, v in enumerate(values)]), timeout=10)
+    assert _applied(runtime) == 2
+    [(kind, reason)] = runtime.letters
+    assert kind == "decode" and reason.startswith(f"undecodable record: {type(error).__name__}")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OverflowError("date value out of range"),
+        OSError(75, "Value too large for defined data type"),
+        TimeoutError("timed out"),
+        ConnectionResetError("reset"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_whatever_a_handler_raises_the_record_is_dead_lettered_not_retried_for_ever(
+    runtime: Any, error: Exception
+) -> None:
+    """Only the database's own outage (OperationalError, InterfaceError) is waited out: anything else a handler
+    raises on a record would be raised again at every retry, holding up every later record for ever."""
+    real = runtime.bus.handlers[ev.IncidentReported]
+
+    def handler(event: Any, uow: Any) -> None:
+        if event.incident_id == "GL-B2":
+            raise error
+        real(event, uow)
+
+    runtime.bus.handlers[ev.IncidentReported] = handler
+    values = [encode_event(_report_n(n)) for n in range(1, 5)]
+    await asyncio.wait_for(runtime.process_batch([_Message(v, i) for i, v in enumerate(values)]), timeout=15)
+    assert _applied(runtime) == 3
+    [(kind, reason)] = runtime.letters
+    assert kind == "error" and type(error).__name__ in reason
