@@ -36,7 +36,7 @@ def decode_event(raw: bytes | str | None) -> Event:
     # dicts of a parse first; anything else is looked at step by step below, to say why it is refused
     try:
         event: Event = EVENT_ADAPTER.validate_json(raw)
-    except Exception:  # a ValidationError, or whatever a validator raised (an OverflowError of a date): see below
+    except Exception:  # a ValidationError, or whatever else a validator raised (an OverflowError, say): see below
         pass
     else:
         if event.schema_version == SCHEMA_VERSION and event.model_fields_set >= _ON_THE_WIRE:
@@ -71,7 +71,7 @@ def _step_by_step(raw: bytes | str) -> Event:
         event: Event = EVENT_ADAPTER.validate_python(data)
     except ValidationError as exc:
         problems += [f"{'.'.join(str(p) for p in err['loc'][1:]) or '(root)'}: {err['msg']}" for err in exc.errors()]
-    except Exception as exc:  # not a ValidationError: a validator's own failure (a date out of range: OverflowError)
+    except Exception as exc:  # not a ValidationError: a validator's own failure (an OverflowError, a TypeError)
         problems.append(f"{type(exc).__name__}: {exc}")
     if problems:
         raise DecodeError(f"invalid {kind}: {'; '.join(problems)}")
