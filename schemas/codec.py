@@ -1,4 +1,5 @@
-"""Bytes on the wire ⇄ events. Anything that is not a valid current event raises DecodeError with a reason."""
+"""Bytes on the wire ⇄ events. Anything that is not a valid current event raises DecodeError with a reason —
+whatever went wrong in decoding it (an OverflowError, a TypeError, a RecursionError: never anything else)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def decode_event(raw: bytes | str | None) -> Event:
     # dicts of a parse first; anything else is looked at step by step below, to say why it is refused
     try:
         event: Event = EVENT_ADAPTER.validate_json(raw)
-    except ValidationError:
+    except Exception:  # a ValidationError, or whatever else a validator raised (an OverflowError, say): see below
         pass
     else:
         if event.schema_version == SCHEMA_VERSION and event.model_fields_set >= _ON_THE_WIRE:
@@ -44,6 +45,15 @@ def decode_event(raw: bytes | str | None) -> Event:
 
 
 def _decode_or_say_why(raw: bytes | str) -> Event:
+    try:
+        return _step_by_step(raw)
+    except DecodeError:
+        raise
+    except Exception as exc:  # never anything but a DecodeError: the consumer sets the record aside with it
+        raise DecodeError(f"undecodable record: {type(exc).__name__}: {exc}") from None
+
+
+def _step_by_step(raw: bytes | str) -> Event:
     try:
         data: Any = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -61,6 +71,8 @@ def _decode_or_say_why(raw: bytes | str) -> Event:
         event: Event = EVENT_ADAPTER.validate_python(data)
     except ValidationError as exc:
         problems += [f"{'.'.join(str(p) for p in err['loc'][1:]) or '(root)'}: {err['msg']}" for err in exc.errors()]
+    except Exception as exc:  # not a ValidationError: a validator's own failure (an OverflowError, a TypeError)
+        problems.append(f"{type(exc).__name__}: {exc}")
     if problems:
         raise DecodeError(f"invalid {kind}: {'; '.join(problems)}")
     return event

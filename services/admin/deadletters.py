@@ -3,12 +3,16 @@
 python -m services.admin deadletters list [--limit N] [--since ISO] [--json]
 python -m services.admin deadletters replay (--offset N ... | --all) [--dry-run]
 
-A dead letter (see ``services.common.kafka.dead_letter_record``) carries the original record — its source topic,
-partition, offset, key and value (UTF-8 text, or base64 for a binary value) — and why it could not be processed.
-A replay sends that key and value again to the same partition of the source topic, with a header
-``replayed_from`` naming the dead letter's offset (and ``replayed_at``), so that the fixed consumer processes it
-again. Consumers are idempotent on event id: replaying a record that was in fact applied changes nothing, and a
-record that is still bad is dead-lettered again, at a new offset, with its reason.
+A dead letter (see ``services.common.kafka.dead_letter_record``) names the original record — its source topic,
+partition and offset, its size and SHA-256 — says why it could not be processed, and carries its key and value
+(UTF-8 text, or base64 for a binary value): whole when the record is small, as events are, else an
+excerpt (``value_truncated``), so that a dead letter always fits on its topic. A replay sends that key and value
+again to the same partition of the source topic — for an excerpt, the original read back from the source topic
+at its offset, checked against the size and hash — with a header ``replayed_from`` naming the dead letter's offset
+(and ``replayed_at``), so that the fixed consumer processes it again. Consumers are idempotent on event id:
+replaying a record that was in fact applied changes nothing, and a record that is still bad is dead-lettered
+again, at a new offset, with its reason. Dead letters written before sizes were kept (the whole record, always)
+are read and replayed as before.
 
 The dead-letter topic has one partition: a dead letter is named by its offset there (``#12``).
 """
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Protocol
@@ -39,6 +45,11 @@ with warnings.catch_warnings():
 REPLAYED_FROM = "replayed_from"
 """Header on a replayed record: the offset of the dead letter it came from."""
 REPLAYED_AT = "replayed_at"
+
+Original = tuple[bytes | None, bytes | None]
+"""A record's (key, value) as read back from its source topic."""
+Fetch = Callable[[str, int, int], Original | None]
+"""Reads the record at (topic, partition, offset); None once the topic no longer holds it."""
 
 
 class SelectionError(ValueError):
@@ -62,6 +73,11 @@ class DeadLetter:
     value_encoding: str = "utf-8"
     problem: str | None = None
     """Why the dead letter itself cannot be read (it is then listed, never replayed)."""
+    value_bytes: int | None = None
+    """The original value's size (None: no value, or a dead letter written before sizes were kept)."""
+    value_sha256: str | None = None
+    truncated: bool = False
+    """The dead letter holds an excerpt of the value or the key only: a replay reads the original from its source."""
 
     @classmethod
     def from_record(cls, offset: int, raw: bytes | None) -> DeadLetter:
@@ -100,6 +116,9 @@ class DeadLetter:
                 key=None if body.get("key") is None else str(body["key"]),
                 value=None if body.get("value") is None else str(body["value"]),
                 value_encoding=str(body.get("value_encoding") or "utf-8"),
+                value_bytes=None if body.get("value_bytes") is None else int(body["value_bytes"]),
+                value_sha256=None if body.get("value_sha256") is None else str(body["value_sha256"]),
+                truncated=bool(body.get("value_truncated")) or bool(body.get("key_truncated")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             return unreadable(f"not a dead letter: {type(exc).__name__}: {exc}")
@@ -114,8 +133,8 @@ class DeadLetter:
     def original_key(self) -> bytes | None:
         return None if self.key is None else self.key.encode()
 
-    def original_value(self) -> bytes | None:
-        """The value exactly as the consumer received it."""
+    def excerpt(self) -> bytes | None:
+        """The value as the dead letter holds it: the whole original, or its first bytes (see ``truncated``)."""
         if self.value is None:
             return None
         if self.value_encoding == "base64":
@@ -125,24 +144,48 @@ class DeadLetter:
                 raise ValueError(f"dead letter #{self.offset}: value is not valid base64 ({exc})") from None
         return self.value.encode()
 
+    def original_value(self) -> bytes | None:
+        """The value exactly as the consumer received it; a ValueError if the dead letter holds an excerpt only."""
+        if self.truncated:
+            raise ValueError(
+                f"dead letter #{self.offset} holds an excerpt of the record only ({self.value_bytes} bytes): "
+                f"the original is on {self.source}"
+            )
+        return self.excerpt()
+
+    def is_original(self, value: bytes | None) -> bool:
+        """Whether ``value`` is the record this dead letter was written for, by its size and hash (when kept)."""
+        if value is None:
+            return self.value_bytes is None and self.value_sha256 is None
+        if self.value_bytes is not None and len(value) != self.value_bytes:
+            return False
+        return self.value_sha256 is None or hashlib.sha256(value).hexdigest() == self.value_sha256
+
     def preview(self, width: int = 60) -> str:
-        """The original value on one short line: text as is, a binary value as its size and first bytes in hex."""
+        """The value on one short line: text as is, a binary value as its size and first bytes in hex; a value
+        the dead letter holds an excerpt of is marked with its size."""
         if self.problem is not None:
             return "-"
         if self.value is None:
             return "(no value)"
+        size = self._size()
         if self.value_encoding == "base64":
             try:
-                raw = self.original_value() or b""
+                raw = self.excerpt() or b""
             except ValueError:
                 return "(unreadable base64)"
             head = raw[: max(1, (width - 20) // 3)].hex(" ")
-            return _shorten(f"<{len(raw)} bytes> {head}{' …' if len(raw) * 3 > len(head) + 1 else ''}", width)
+            total = len(raw) if size is None else size
+            return _shorten(f"<{total} bytes> {head}{' …' if total * 3 > len(head) + 1 else ''}", width)
+        if self.truncated:
+            return _shorten(f"<{size} bytes> {' '.join(self.value.split())}".rstrip(), width)
         return _shorten(" ".join(self.value.split()), width)
 
     def _size(self) -> int | None:
+        if self.value_bytes is not None:
+            return self.value_bytes
         try:
-            value = self.original_value()
+            value = self.excerpt()
         except ValueError:
             return None
         return None if value is None else len(value)
@@ -160,6 +203,8 @@ class DeadLetter:
             "value_preview": self.preview(),
             "value_bytes": self._size(),
             "value_encoding": self.value_encoding,
+            "value_sha256": self.value_sha256,
+            "truncated": self.truncated,
             "problem": self.problem,
         }
 
@@ -254,9 +299,15 @@ class Replay:
 
 
 def plan_replay(
-    letters: Sequence[DeadLetter], *, existing_topics: set[str], dead_letter_topic: str, now: datetime | None = None
+    letters: Sequence[DeadLetter],
+    *,
+    existing_topics: set[str],
+    dead_letter_topic: str,
+    now: datetime | None = None,
+    fetch: Fetch | None = None,
 ) -> tuple[list[Replay], list[tuple[DeadLetter, str]]]:
-    """What to send for each dead letter, and the ones that cannot be replayed with the reason."""
+    """What to send for each dead letter, and the ones that cannot be replayed with the reason. A dead letter that
+    holds an excerpt only is replayed with the original, read by ``fetch`` from its source topic."""
     at = (now or datetime.now(UTC)).isoformat().encode()
     plan: list[Replay] = []
     skipped: list[tuple[DeadLetter, str]] = []
@@ -271,7 +322,7 @@ def plan_replay(
             skipped.append((d, f"source topic {d.source_topic} does not exist"))
             continue
         try:
-            value = d.original_value()
+            key, value = _original(d, fetch)
         except ValueError as exc:
             skipped.append((d, str(exc)))
             continue
@@ -279,8 +330,23 @@ def plan_replay(
             skipped.append((d, "the record had no value"))
             continue
         headers = [(REPLAYED_FROM, str(d.offset).encode()), (REPLAYED_AT, at)]
-        plan.append(Replay(d, d.source_topic, d.source_partition, d.original_key(), value, headers))
+        plan.append(Replay(d, d.source_topic, d.source_partition, key, value, headers))
     return plan, skipped
+
+
+def _original(d: DeadLetter, fetch: Fetch | None) -> Original:
+    """The dead-lettered record's key and value: from the dead letter, or from its source if it holds an excerpt."""
+    if not d.truncated:
+        return d.original_key(), d.original_value()
+    if fetch is None:
+        raise ValueError(f"the dead letter holds an excerpt only; the original is on {d.source}")
+    found = fetch(d.source_topic, d.source_partition, d.source_offset)
+    if found is None:
+        raise ValueError(f"the dead letter holds an excerpt only, and {d.source} is no longer on its topic")
+    key, value = found
+    if not d.is_original(value):
+        raise ValueError(f"the record at {d.source} is not the one dead-lettered (size or sha256 differs)")
+    return key, value
 
 
 class _Sender(Protocol):
@@ -350,11 +416,56 @@ def read_dead_letters(
         consumer.close()
 
 
+@contextmanager
+def source_reader(bootstrap: str, timeout_s: float = 30.0) -> Iterator[Fetch]:
+    """Reads single records back from their source topics (the originals of dead letters holding excerpts)."""
+    import time
+
+    made: list[KafkaConsumer] = []  # connected at the first record asked for: most replays need none
+
+    def fetch(topic: str, partition: int, offset: int) -> Original | None:
+        if not made:
+            made.append(
+                KafkaConsumer(
+                    bootstrap_servers=bootstrap.split(","),
+                    client_id="gridloop-admin-deadletters",
+                    group_id=None,
+                    enable_auto_commit=False,
+                    request_timeout_ms=int(timeout_s * 1000) + 5000,
+                    **ServiceSettings().kafka_client_options(),  # the administrator's credentials, where asked
+                )
+            )
+        consumer = made[0]
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        first = int(consumer.beginning_offsets([tp])[tp])
+        end = int(consumer.end_offsets([tp])[tp])
+        if not first <= offset < end:
+            return None
+        consumer.seek(tp, offset)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                for record in batch:
+                    # a compacted topic may have dropped it: the first record read back is then a later one
+                    return (record.key, record.value) if record.offset == offset else None
+            if consumer.position(tp) >= end:
+                return None
+        raise TimeoutError(f"could not read {topic}[{partition}]@{offset} within {timeout_s:.0f} s")
+
+    try:
+        yield fetch
+    finally:
+        for consumer in made:
+            consumer.close()
+
+
 def replay(bootstrap: str, plan: Sequence[Replay]) -> list[tuple[Replay, int]]:
     producer = KafkaProducer(
         bootstrap_servers=bootstrap.split(","),
         client_id="gridloop-admin-replay",
         acks="all",
+        max_request_size=2 * 1024 * 1024,  # the original may be as large as its topic takes; the broker decides
         **ServiceSettings().kafka_client_options(),
     )
     try:
@@ -412,7 +523,14 @@ def replay_command(
     except SelectionError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    plan, skipped = plan_replay(chosen, existing_topics=list_topics(bootstrap), dead_letter_topic=DEADLETTER.name)
+    try:
+        with source_reader(bootstrap) as fetch:
+            plan, skipped = plan_replay(
+                chosen, existing_topics=list_topics(bootstrap), dead_letter_topic=DEADLETTER.name, fetch=fetch
+            )
+    except (KafkaError, TimeoutError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     for d, why in skipped:
         typer.echo(f"skipped #{d.offset}: {why}", err=True)
     if dry_run:

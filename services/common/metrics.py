@@ -54,6 +54,13 @@ DEAD_LETTERS = Counter(
 )
 DEAD_LETTER_KINDS = ("decode", "poison", "error")
 """Kinds of dead letter the runtime writes: undecodable record, record that can never apply, handler bug."""
+DEAD_LETTERS_UNSENDABLE = Counter(
+    "gridloop_dead_letters_unsendable_total",
+    "Dead letters refused as too large: sent again without the record (reduced), or not at all (lost; the record "
+    "stays on its source topic only).",
+    ["service", "outcome"],
+)
+UNSENDABLE_OUTCOMES = ("reduced", "lost")
 HANDLE_SECONDS = Histogram(
     "gridloop_handle_seconds",
     "Time to apply one event in its unit of work.",
@@ -209,6 +216,8 @@ def instrument(api: Any, service: str) -> None:
     _service = service
     for kind in DEAD_LETTER_KINDS:
         DEAD_LETTERS.labels(service, kind)
+    for outcome in UNSENDABLE_OUTCOMES:
+        DEAD_LETTERS_UNSENDABLE.labels(service, outcome)
     DUPLICATES_SKIPPED.labels(service)
     OUTBOX_PUBLISHED.labels(service)
     OUTBOX_PENDING.labels(service)

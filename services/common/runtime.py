@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from aiokafka.errors import KafkaError as _KafkaError
 from fastapi import Depends
 from sqlalchemy.exc import InterfaceError, OperationalError
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception_type, retry_if_not_exception_type, wait_exponential
 
 from schemas import DecodeError, Event, decode_event, utcnow
 from schemas.topics import CATALOG, Topic, consumer_group, used_by
@@ -37,7 +37,7 @@ from .bus import Handler, MessageBus, Preload
 from .changes import Changes
 from .db import UnitOfWork, create_tables, make_engine
 from .errors import PoisonMessage
-from .kafka import OutboxRelay, Publisher, send_dead_letter
+from .kafka import TOO_LARGE, OutboxRelay, Publisher, send_dead_letter
 from .retention import Pruned, Pruner, mark_horizons
 from .settings import ServiceSettings
 
@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gridloop")
 
 _TRANSIENT = (OperationalError, InterfaceError)
-"""A database that cannot be reached (or is locked) now: retried. Any other database error is a bug in the
-handler or the data (an IntegrityError, say): retried, it would stop the stream for ever; it is dead-lettered."""
+"""A database that cannot be reached (or is locked) now: retried. Anything else a handler raises — another
+database error (an IntegrityError, say), an OverflowError, even an OSError — is a bug in the handler or the data:
+retried, it would stop the stream for ever; it is dead-lettered."""
 
 
 class Runtime:
@@ -228,6 +229,9 @@ class Runtime:
         except DecodeError as exc:
             await self.dead_letter(message, exc.reason, kind="decode")
             return None
+        except Exception as exc:  # whatever a record does in decoding, the stream goes on without it
+            await self.dead_letter(message, f"undecodable record: {type(exc).__name__}: {exc}", kind="decode")
+            return None
         self._metric(metrics.EVENTS_CONSUMED, message.topic, event.type).inc()
         return event
 
@@ -290,9 +294,9 @@ class Runtime:
     async def _apply_batch(self, events: Sequence[Event]) -> list[Event]:
         try:
             return self.bus.handle_batch(events)
-        except _RETRYABLE as exc:
+        except _TRANSIENT as exc:
             log.warning("database unavailable (%s); retrying", exc)
-        async for attempt in _forever("database"):
+        async for attempt in _forever("database", _TRANSIENT):
             with attempt:
                 return self.bus.handle_batch(events)
         raise AssertionError("unreachable")
@@ -302,12 +306,12 @@ class Runtime:
         started = time.perf_counter()
         try:  # the common case first, without the retry machinery's cost per message
             emitted = self.bus.handle(event)
-        except _RETRYABLE as exc:
+        except _TRANSIENT as exc:
             log.warning("database unavailable (%s); retrying", exc)
         else:
             self._metric(metrics.HANDLE_SECONDS, event.type).observe(time.perf_counter() - started)
             return emitted
-        async for attempt in _forever("database"):
+        async for attempt in _forever("database", _TRANSIENT):
             with attempt:
                 started = time.perf_counter()
                 emitted = self.bus.handle(event)
@@ -362,20 +366,42 @@ class Runtime:
         return Pruned(outbox=outbox, marks=marks)
 
     async def dead_letter(self, message: Any, reason: str, *, kind: str) -> None:
+        """Send ``message`` to the dead-letter topic with ``reason``, retrying while the broker is unreachable.
+
+        A dead letter the producer or the broker refuses as too large is never retried (it would be refused for
+        ever, and every later record would wait behind it): it is sent again without any of the record — where
+        it is, its size and hash, the reason — and if even that is refused, it is logged and counted as lost.
+        The record itself stays on its source topic either way."""
         metrics.DEAD_LETTERS.labels(self.name, kind).inc()
+        fields: dict[str, Any] = {
+            "service": self.name,
+            "reason": reason,
+            "source_topic": message.topic,
+            "partition": message.partition,
+            "offset": message.offset,
+            "key": message.key,
+            "value": message.value,
+        }
         await self.ensure_publisher()
+        try:
+            await self._send_dead_letter(fields)
+            return
+        except TOO_LARGE as exc:
+            refused = exc
+        where = f"{message.topic}[{message.partition}]@{message.offset}"
+        try:
+            await self._send_dead_letter({**fields, "minimal": True})
+        except TOO_LARGE as exc:
+            metrics.DEAD_LETTERS_UNSENDABLE.labels(self.name, "lost").inc()
+            log.error("dead letter of %s not sent, refused as too large (%s): %s", where, exc, reason)
+        else:
+            metrics.DEAD_LETTERS_UNSENDABLE.labels(self.name, "reduced").inc()
+            log.error("dead letter of %s refused as too large (%s); sent without the record", where, refused)
+
+    async def _send_dead_letter(self, fields: dict[str, Any]) -> None:
         async for attempt in _forever("dead-letter topic"):
             with attempt:
-                await send_dead_letter(
-                    self.publisher,
-                    service=self.name,
-                    reason=reason,
-                    source_topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    key=message.key,
-                    value=message.value,
-                )
+                await send_dead_letter(self.publisher, **fields)
 
     # -- running ---------------------------------------------------------------------------------------
 
@@ -464,9 +490,11 @@ def _require_free_port(host: str, port: int, service: str) -> None:
 
 
 _RETRYABLE = (*_TRANSIENT, OSError, ConnectionError, asyncio.TimeoutError, _KafkaError)
+"""A broker or a database that cannot be reached now: retried, except a record refused as too large (TOO_LARGE,
+Kafka errors too), which would be refused for ever."""
 
 
-def _forever(what: str) -> AsyncRetrying:
+def _forever(what: str, retryable: tuple[type[BaseException], ...] = _RETRYABLE) -> AsyncRetrying:
     def _log(state: Any) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
@@ -475,7 +503,7 @@ def _forever(what: str) -> AsyncRetrying:
         )
 
     return AsyncRetrying(
-        retry=retry_if_exception_type(_RETRYABLE),
+        retry=retry_if_exception_type(retryable) & retry_if_not_exception_type(TOO_LARGE),
         wait=wait_exponential(multiplier=0.2, max=5),
         before_sleep=_log,
         reraise=True,

@@ -1,10 +1,11 @@
-"""Dead letters over the real broker, with intake and dispatch running: every kind of record that cannot be
-processed lands on the dead-letter topic with its reason and origin while the pipeline goes on, the admin tool
-lists them, and a replay sends the original bytes back to their source — dead-lettered again while still bad,
-applied once the fix is in."""
+"""Dead letters over the real broker, with intake, dispatch and handling running: every kind of record that cannot
+be processed lands on the dead-letter topic with its reason and origin while the pipeline goes on — a record too
+large to carry whole with an excerpt, its size and hash — the admin tool lists them, and a replay sends the
+original bytes back to their source — dead-lettered again while still bad, applied once the fix is in."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -94,8 +95,22 @@ class Loop:
         )
         assert r.status_code == 202, r.text
         incident_id = str(r.json()["incident_id"])
-        read_until(self.topic(WORKORDERS), lambda v: v["incident_id"] == incident_id)
+        read_raw(self.topic(WORKORDERS), lambda r: _incident_of(r.value) == incident_id)  # past records not JSON
         return incident_id
+
+    def handling_has_work_order(self, incident_id: str, timeout: float = 60) -> None:
+        """handling took the incident's work order off workorders.dispatched: nothing there holds it up."""
+        center = httpx.Client(base_url=self.url("handling"), headers=Tokens.bearer(self.tokens.ops_center), timeout=10)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                orders = center.get("/work-orders", params={"limit": 500}).json()
+                if any(o["incident_id"] == incident_id for o in orders):
+                    return
+                time.sleep(0.2)
+        finally:
+            center.close()
+        raise AssertionError(f"handling never got the work order of {incident_id}")
 
     def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "GRIDLOOP_TOPIC_NAMESPACE": self.ns, "GRIDLOOP_KAFKA_BOOTSTRAP": BOOTSTRAP}
@@ -117,8 +132,15 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
     var = tmp_path_factory.mktemp("deadletters")
     env = service_env(ns, var, base_port=28300)
     tokens = Tokens(var)
-    with running(env, var, services=["intake", "dispatch"]):
+    with running(env, var, services=["intake", "dispatch", "handling"]):
         yield Loop(ns, env, tokens)
+
+
+def _incident_of(value: bytes | None) -> str | None:
+    try:
+        return str(orjson.loads(value or b"")["incident_id"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def read_raw(topic: str, predicate: Callable[[Any], bool], timeout: float = 60) -> Any:
@@ -176,6 +198,12 @@ def _missing_fields() -> bytes:
     return orjson.dumps(data)
 
 
+def _overflowing_timestamp() -> bytes:
+    data = json.loads(encode_event(_report_event("DLQ-OVERFLOW")))
+    data["occurred_at"] = "0001-01-01T00:00:00+14:00"  # before year 1 in UTC: an OverflowError in decoding
+    return orjson.dumps(data)
+
+
 BINARY = b"\xff\xfe\x00\x80gridloop\xc3\x28 not UTF-8"
 
 KINDS: dict[str, tuple[Topic, Callable[[], bytes], list[str]]] = {
@@ -196,6 +224,7 @@ KINDS: dict[str, tuple[Topic, Callable[[], bytes], list[str]]] = {
         ["UnknownIncident", "no work order DLQ-GHOST-1 for incident DLQ-GHOST"],
     ),
     "non-UTF-8 binary": (INCIDENTS_REPORTED, lambda: BINARY, ["malformed JSON"]),
+    "overflowing timestamp": (INCIDENTS_REPORTED, _overflowing_timestamp, ["invalid IncidentReported"]),
 }
 
 
@@ -309,3 +338,57 @@ def test_a_replayed_record_is_applied_once_the_fix_is_in(loop: Loop) -> None:
     ]
     assert [d.offset for d in mine] == [letter["dlq_offset"]], [(d.service, d.source, d.reason) for d in mine]
     center.close()
+
+
+HUGE: dict[str, bytes] = {
+    "800 KB of binary": bytes(range(256)) * 3200,
+    # valid UTF-8, each byte escaped as \u0001 in JSON: 1.08 MB once wrapped whole in a dead letter
+    "180 KB of 0x01": b"\x01" * 180 * 1024,
+}
+
+
+@pytest.mark.parametrize("kind", list(HUGE))
+def test_a_record_too_large_to_dead_letter_whole_keeps_an_excerpt_and_later_work_orders_go_on(
+    loop: Loop, kind: str
+) -> None:
+    """Wrapped whole, the dead letter was over the producer's 1 MiB: refused, retried for ever, and every later
+    work order waited behind it."""
+    value = HUGE[kind]
+    key = f"dlq-huge-{uuid.uuid4().hex[:6]}".encode()
+    partition, offset = loop.produce(WORKORDERS, key, value)
+
+    letter = loop.dead_letter_of(WORKORDERS, partition, offset, timeout=30)
+    assert letter["service"] == "handling" and "malformed JSON" in letter["reason"]
+    assert (letter["value_bytes"], letter["value_sha256"]) == (len(value), hashlib.sha256(value).hexdigest())
+    assert letter["value_truncated"] and letter["key"] == key.decode()
+    excerpt = dl.DeadLetter.from_record(letter["dlq_offset"], orjson.dumps(letter)).excerpt()
+    assert excerpt and value.startswith(excerpt)
+
+    loop.handling_has_work_order(loop.good_report_is_dispatched())
+
+
+def test_a_dead_letter_holding_an_excerpt_is_listed_and_replayed_with_the_original_from_its_source(
+    loop: Loop,
+) -> None:
+    value = HUGE["800 KB of binary"]
+    key = f"dlq-huge-replay-{uuid.uuid4().hex[:6]}".encode()
+    partition, offset = loop.produce(WORKORDERS, key, value)
+    first = loop.dead_letter_of(WORKORDERS, partition, offset, timeout=30)
+
+    listed = loop.admin("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [row] = [r for r in json.loads(listed.stdout) if r["offset"] == first["dlq_offset"]]
+    assert row["truncated"] and row["value_bytes"] == len(value)
+    assert row["value_preview"].startswith(f"<{len(value)} bytes> 00 01 02")
+
+    done = loop.admin("replay", "--offset", str(first["dlq_offset"]))
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert f"{len(value)} bytes" in done.stdout and "replayed 1 of 1 dead letters, 0 skipped" in done.stdout
+    marker = str(first["dlq_offset"]).encode()
+    again = read_raw(
+        loop.topic(WORKORDERS),
+        lambda r: r.key == key and (dl.REPLAYED_FROM, marker) in [(k, v) for k, v in r.headers or []],
+    )
+    assert again.value == value and again.partition == partition
+    second = loop.dead_letter_of(WORKORDERS, partition, again.offset, timeout=30)
+    assert second["value_sha256"] == first["value_sha256"] and second["dlq_offset"] > first["dlq_offset"]

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 from typer.testing import CliRunner
 
 from services.admin import deadletters as dl
 from services.admin.__main__ import cli
-from services.common.kafka import dead_letter_record
+from services.common.kafka import EXCERPT_BYTES, REASON_KEPT, dead_letter_record
 
 T0 = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
 TOPIC = "gridloop.incidents.reported"
@@ -224,6 +226,8 @@ def test_json_lists_every_field() -> None:
         "value_preview": "{this is not json",
         "value_bytes": 17,
         "value_encoding": "utf-8",
+        "value_sha256": hashlib.sha256(b"{this is not json").hexdigest(),
+        "truncated": False,
         "problem": None,
     }
 
@@ -298,3 +302,137 @@ def test_cli_says_what_is_wrong_with_the_broker_or_topic(monkeypatch: pytest.Mon
     for args in (["list"], ["replay", "--all"]):
         out = CliRunner().invoke(cli, ["deadletters", *args])
         assert out.exit_code == 1 and "error: no topic gridloop.deadletter" in out.output
+
+
+# -- records too large to carry whole --------------------------------------------------------------------
+
+PRODUCER_MAX = 1024 * 1024
+"""aiokafka's default max_request_size: a dead letter bigger than this is refused before it leaves."""
+
+
+def _record_size(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> int:
+    return len(key) + len(value) + sum(len(k) + len(v) for k, v in headers)
+
+
+HUGE: dict[str, tuple[bytes, bytes]] = {
+    "800 KB of binary": (b"GL-HUGE", bytes(range(256)) * 3200),
+    "180 KB of 0x01 (JSON escaping makes it 1 MB)": (b"GL-HUGE", b"\x01" * 180 * 1024),
+    "900 KB of text": (b"GL-HUGE", ("路边暴露垃圾" * 50_000).encode()),
+    "a 600 KB key": (b"k" * 600 * 1024, b"{not json"),
+}
+
+
+@pytest.mark.parametrize("kind", list(HUGE))
+def test_a_dead_letter_always_fits_and_keeps_an_excerpt_the_size_and_hash_of_a_huge_record(kind: str) -> None:
+    key, value = HUGE[kind]
+    dl_key, raw, headers = dead_letter_record(
+        service="handling",
+        reason="malformed JSON: " + "x" * 100_000,  # a reason may be long too
+        source_topic=TOPIC,
+        partition=1,
+        offset=99,
+        key=key,
+        value=value,
+        failed_at=T0,
+    )
+    assert _record_size(dl_key, raw, headers) < 128 * 1024 < PRODUCER_MAX
+    body = orjson.loads(raw)
+    assert (body["value_bytes"], body["value_sha256"]) == (len(value), hashlib.sha256(value).hexdigest())
+    d = dl.DeadLetter.from_record(8, raw)
+    assert d.problem is None and d.truncated and d.source == f"{TOPIC}[1]@99"
+    assert (d.value_bytes, d.value_sha256) == (len(value), hashlib.sha256(value).hexdigest())
+    assert d.reason.startswith("malformed JSON: xxx") and len(d.reason) <= REASON_KEPT
+    excerpt = d.excerpt() or b""
+    assert value.startswith(excerpt) and 0 < len(excerpt) <= EXCERPT_BYTES
+    assert d.as_dict()["value_bytes"] == len(value)
+    with pytest.raises(ValueError, match="excerpt"):
+        d.original_value()  # never taken for the whole record
+
+
+def test_a_record_up_to_the_bound_is_kept_whole_with_its_size_and_hash() -> None:
+    value = b"x" * EXCERPT_BYTES
+    d = letter(1, value)
+    assert not d.truncated and d.original_value() == value
+    assert (d.value_bytes, d.value_sha256) == (len(value), hashlib.sha256(value).hexdigest())
+    assert letter(2, value + b"y").truncated
+
+
+def test_a_dead_letter_written_before_sizes_were_kept_is_still_read_and_replayed() -> None:
+    old = orjson.dumps(
+        {
+            "reason": "malformed JSON: unexpected character",
+            "service": "dispatch",
+            "source_topic": TOPIC,
+            "partition": 0,
+            "offset": 12,
+            "key": "GL-OLD",
+            "value": "{old",
+            "value_encoding": "utf-8",
+            "failed_at": T0.isoformat(),
+        }
+    )
+    d = dl.DeadLetter.from_record(3, old)
+    assert d.problem is None and not d.truncated and d.original_value() == b"{old"
+    assert d.as_dict()["value_bytes"] == 4 and d.value_sha256 is None
+    [replay], skipped = dl.plan_replay([d], existing_topics={TOPIC}, dead_letter_topic=DLQ)
+    assert skipped == [] and replay.value == b"{old" and replay.key == b"GL-OLD"
+
+
+def test_a_dead_letter_holding_an_excerpt_is_replayed_from_the_original_on_its_source_topic() -> None:
+    key, value = HUGE["800 KB of binary"]
+    big = letter(4, value, key=key)
+    small = letter(5)
+    asked: list[tuple[str, int, int]] = []
+
+    def fetch(topic: str, partition: int, offset: int) -> tuple[bytes | None, bytes | None] | None:
+        asked.append((topic, partition, offset))
+        return key, value
+
+    plan, skipped = dl.plan_replay([big, small], existing_topics={TOPIC}, dead_letter_topic=DLQ, fetch=fetch)
+    assert skipped == [] and asked == [(TOPIC, 3, 44)]  # only the excerpt is looked up
+    assert [(r.key, r.value, r.partition) for r in plan] == [
+        (key, value, 3),
+        (small.original_key(), b"{this is not json", 3),
+    ]
+    assert dl.describe_replay(plan[0]).endswith(f"{len(value)} bytes  (was: {big.reason})")
+
+
+def test_an_excerpt_whose_original_is_gone_or_differs_is_skipped_with_the_reason() -> None:
+    key, value = HUGE["800 KB of binary"]
+    letters = [letter(o, value, key=key) for o in (1, 2, 3)]
+    found: dict[int, tuple[bytes | None, bytes | None] | None] = {
+        41: None,  # past the topic's retention, or compacted away
+        42: (key, value[:-1] + b"!"),  # another record: the hash says so
+        43: (key, value),
+    }
+    plan, skipped = dl.plan_replay(
+        letters,
+        existing_topics={TOPIC},
+        dead_letter_topic=DLQ,
+        fetch=lambda topic, partition, offset: found[offset],
+    )
+    assert [r.letter.offset for r in plan] == [3]
+    reasons = {d.offset: why for d, why in skipped}
+    assert "no longer on" in reasons[1] and f"{TOPIC}[3]@41" in reasons[1]
+    assert "sha256" in reasons[2]
+    without, skipped = dl.plan_replay(letters[2:], existing_topics={TOPIC}, dead_letter_topic=DLQ)
+    assert without == [] and "excerpt" in skipped[0][1]
+
+
+def test_a_minimal_dead_letter_names_the_record_and_why_without_any_of_it() -> None:
+    key, value = HUGE["800 KB of binary"]
+    _, raw, _ = dead_letter_record(
+        service="handling",
+        reason="r" * 5000,
+        source_topic=TOPIC,
+        partition=1,
+        offset=7,
+        key=key,
+        value=value,
+        minimal=True,
+    )
+    assert len(raw) < 1024
+    d = dl.DeadLetter.from_record(1, raw)
+    assert d.truncated and d.key is None and d.excerpt() == b"" and d.value_bytes == len(value)
+    assert d.value_sha256 == hashlib.sha256(value).hexdigest() and d.reason.startswith("rrr")
+    assert d.preview().startswith(f"<{len(value)} bytes")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -468,3 +470,173 @@ async def test_the_operations_center_fetches_bigger_batches_than_the_loop(tmp_pa
         fetched[name] = consumer._fetch_min_bytes
         await consumer.stop()
     assert fetched == {"dispatch": 1, "intake": 1, "opscenter": 256 * 1024}
+
+
+class _SizeLimitedPublisher:
+    """A publisher whose producer refuses, as aiokafka does, any record bigger than ``limit`` bytes."""
+
+    started = True
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sent: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
+        self.refused = 0
+
+    async def send_all(self, records: Any) -> None:
+        from aiokafka.errors import MessageSizeTooLargeError
+
+        for topic, key, value, headers in records:
+            size = len(key or b"") + len(value) + sum(len(k) + len(v) for k, v in headers)
+            if size > self.limit:
+                self.refused += 1
+                raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized")
+            self.sent.append((topic, key, value, headers))
+
+
+def _plain_runtime(tmp_path: Path) -> Any:
+    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105, batch_linger_s=0))
+    rt.init_db()
+    return rt
+
+
+def _unsendable(rt: Any, outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "gridloop_dead_letters_unsendable_total", {"service": rt.name, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def test_a_huge_record_is_dead_lettered_within_the_producer_s_limit(tmp_path: Path) -> None:
+    """~800 KB of binary on workorders.dispatched: a dead letter wrapping it whole was refused by the producer
+    (1 MiB at most), the refusal was taken for an outage and retried for ever, and every later record waited."""
+    rt = _plain_runtime(tmp_path)
+    rt.publisher = _SizeLimitedPublisher(limit=1024 * 1024)
+    huge = _Message(bytes(range(256)) * 3200, 5)
+    await asyncio.wait_for(rt.process(huge), timeout=10)
+    [(topic, _key, value, _headers)] = rt.publisher.sent
+    body = json.loads(value)
+    assert topic.endswith(".deadletter") and "malformed JSON" in body["reason"]
+    assert (body["offset"], body["value_bytes"]) == (5, len(huge.value))
+    assert body["value_sha256"] == hashlib.sha256(huge.value).hexdigest()
+
+
+async def test_a_dead_letter_refused_as_too_large_is_sent_again_without_the_record_never_retried(
+    tmp_path: Path,
+) -> None:
+    rt = _plain_runtime(tmp_path)
+    rt.publisher = _SizeLimitedPublisher(limit=2048)  # a dead-letter topic that takes small records only
+    before = _unsendable(rt, "reduced"), _unsendable(rt, "lost")
+    await asyncio.wait_for(rt.dead_letter(_Message(b"{" + b"x" * 10_000, 3), "malformed JSON", kind="decode"), 10)
+    assert rt.publisher.refused == 1
+    [(_topic, _key, value, _headers)] = rt.publisher.sent
+    body = json.loads(value)
+    assert body["value"] == "" and body["key"] is None and body["value_truncated"] and body["value_bytes"] == 10_001
+    assert body["reason"] == "malformed JSON" and body["offset"] == 3
+    assert (_unsendable(rt, "reduced"), _unsendable(rt, "lost")) == (before[0] + 1, before[1])
+
+
+async def test_a_dead_letter_refused_even_without_the_record_is_counted_lost_and_the_stream_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = _plain_runtime(tmp_path)
+    rt.publisher = _SizeLimitedPublisher(limit=10)
+    lost = _unsendable(rt, "lost")
+    with caplog.at_level(logging.ERROR, logger="gridloop"):
+        await asyncio.wait_for(rt.dead_letter(_Message(b"{", 11), "malformed JSON", kind="decode"), timeout=10)
+    assert rt.publisher.refused == 2 and rt.publisher.sent == []
+    assert _unsendable(rt, "lost") == lost + 1
+    assert any("gridloop.incidents.reported[0]@11" in r.getMessage() for r in caplog.records)
+
+
+def _overflowing_report() -> bytes:
+    data = json.loads(encode_event(_report_n(99)))
+    data["occurred_at"] = "0001-01-01T00:00:00+14:00"  # before year 1 once turned to UTC
+    return json.dumps(data).encode()
+
+
+def _applied(runtime: Any) -> int:
+    with UnitOfWork(runtime.engine) as uow:
+        return len(uow.session.exec(select(ProcessedEvent)).all())
+
+
+async def test_a_timestamp_that_overflows_is_dead_lettered_and_the_rest_of_its_batch_applied(runtime: Any) -> None:
+    """Decoding it raised OverflowError, not a DecodeError: the agent crashed, faust restarted it, the batch came
+    again and crashed it again, and the six valid reports of the same burst never got a case."""
+    values = [encode_event(_report_n(n)) for n in range(6)]
+    values.insert(3, _overflowing_report())
+    await asyncio.wait_for(runtime.process_batch([_Message(v, i) for i, v in enumerate(values)]), timeout=10)
+    assert _applied(runtime) == 6
+    [(kind, reason)] = runtime.letters
+    assert kind == "decode" and reason.startswith("invalid IncidentReported")
+    await asyncio.wait_for(runtime.process(_Message(_overflowing_report(), 9)), timeout=10)  # alone, the same
+    assert [k for k, _ in runtime.letters] == ["decode", "decode"]
+
+
+async def test_the_consumer_goes_on_after_a_record_that_overflows(runtime: Any) -> None:
+    agent = runtime.app.agents["dispatch-consumer"]
+    async with agent.test_context() as ctx:
+        for n in range(3):
+            await asyncio.wait_for(ctx.put(encode_event(_report_n(n))), timeout=10)
+        await asyncio.wait_for(ctx.put(_overflowing_report()), timeout=10)
+        for n in range(3, 6):
+            await asyncio.wait_for(ctx.put(encode_event(_report_n(n))), timeout=10)
+    assert _applied(runtime) == 6 and [k for k, _ in runtime.letters] == ["decode"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RecursionError("maximum recursion depth exceeded"), MemoryError(), SystemError("bad argument")],
+    ids=lambda e: type(e).__name__,
+)
+async def test_whatever_decoding_raises_the_record_is_dead_lettered_and_its_batch_applied(
+    runtime: Any, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    """Not only a DecodeError: any exception from decoding sets the record aside with the reason."""
+    from schemas import decode_event as real
+    from services.common import runtime as runtime_module
+
+    bad = b'{"poison": true}'
+
+    def decode_event(raw: Any) -> Any:
+        if raw == bad:
+            raise error
+        return real(raw)
+
+    monkeypatch.setattr(runtime_module, "decode_event", decode_event)
+    values = [encode_event(_report_n(1)), bad, encode_event(_report_n(2))]
+    await asyncio.wait_for(runtime.process_batch([_Message(v, i) for i, v in enumerate(values)]), timeout=10)
+    assert _applied(runtime) == 2
+    [(kind, reason)] = runtime.letters
+    assert kind == "decode" and reason.startswith(f"undecodable record: {type(error).__name__}")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OverflowError("date value out of range"),
+        OSError(75, "Value too large for defined data type"),
+        TimeoutError("timed out"),
+        ConnectionResetError("reset"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_whatever_a_handler_raises_the_record_is_dead_lettered_not_retried_for_ever(
+    runtime: Any, error: Exception
+) -> None:
+    """Only the database's own outage (OperationalError, InterfaceError) is waited out: anything else a handler
+    raises on a record would be raised again at every retry, holding up every later record for ever."""
+    real = runtime.bus.handlers[ev.IncidentReported]
+
+    def handler(event: Any, uow: Any) -> None:
+        if event.incident_id == "GL-B2":
+            raise error
+        real(event, uow)
+
+    runtime.bus.handlers[ev.IncidentReported] = handler
+    values = [encode_event(_report_n(n)) for n in range(1, 5)]
+    await asyncio.wait_for(runtime.process_batch([_Message(v, i) for i, v in enumerate(values)]), timeout=15)
+    assert _applied(runtime) == 3
+    [(kind, reason)] = runtime.letters
+    assert kind == "error" and type(error).__name__ in reason

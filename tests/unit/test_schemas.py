@@ -173,6 +173,53 @@ def test_a_whole_valid_event_of_another_schema_version_is_refused_for_its_versio
     assert info.value.reason == "unknown schema_version 2 (this build reads 1)"
 
 
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+def test_a_timestamp_that_overflows_is_refused_with_a_reason(when: str) -> None:
+    """Turned to UTC it leaves the calendar: an OverflowError, not a ValidationError, which went past the consumer's
+    handling of refused records and crashed it."""
+    data = json.loads(schemas.encode_event(_report()))
+    data["occurred_at"] = when
+    with pytest.raises(schemas.DecodeError) as info:
+        schemas.decode_event(json.dumps(data).encode())
+    assert info.value.reason.startswith("invalid IncidentReported: ")
+
+
+class _FailingAdapter:
+    """An event adapter whose validation raises ``error`` (what some validator might raise on some input)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def validate_json(self, raw: Any) -> Any:
+        raise self.error
+
+    def validate_python(self, data: Any) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OverflowError("date value out of range"),
+        TypeError("can't compare offset-naive and offset-aware datetimes"),
+        RecursionError("maximum recursion depth exceeded"),
+        OSError(75, "Value too large for defined data type"),
+        ZeroDivisionError("division by zero"),
+        KeyError("lat"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_whatever_decoding_raises_is_a_decode_error_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    from schemas import codec
+
+    monkeypatch.setattr(codec, "EVENT_ADAPTER", _FailingAdapter(error))
+    with pytest.raises(schemas.DecodeError) as info:
+        schemas.decode_event(schemas.encode_event(_report()))
+    assert info.value.reason == f"invalid IncidentReported: {type(error).__name__}: {error}"
+
+
 def _samples() -> list[dict[str, Any]]:
     """Events of several shapes (nested location and actor, lists, timestamps), as dicts of their JSON."""
     from services.bench.raw import sample_events
