@@ -108,7 +108,8 @@ class Event(Frozen):
     event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=64)
     incident_id: Annotated[str, Field(min_length=1, max_length=64)]
     type: str
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Annotated[int, Field(strict=True)] = SCHEMA_VERSION
+    """A JSON integer: a version written as a string ("1") is another envelope, refused."""
     occurred_at: AwareDatetime = Field(default_factory=utcnow)
     actor: Actor
     correlation_id: Annotated[str, Field(min_length=1, max_length=64)]

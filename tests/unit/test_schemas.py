@@ -302,6 +302,18 @@ def test_the_quick_decode_accepts_and_refuses_as_the_step_by_step_one(raw: bytes
     assert _outcome(schemas.decode_event, raw) == _outcome(_decode_or_say_why, raw)
 
 
+@pytest.mark.parametrize("version", ['"1"', "1.0", "true"])
+def test_a_schema_version_that_is_not_the_integer_is_refused_by_both_decoders(version: str) -> None:
+    """The quick decode once took ``"schema_version": "1"`` (coerced to 1) where the step-by-step one refused it."""
+    from schemas.codec import _decode_or_say_why
+
+    raw = schemas.encode_event(_report()).replace(b'"schema_version":1', b'"schema_version":' + version.encode())
+    assert raw != schemas.encode_event(_report())
+    for decode in (schemas.decode_event, _decode_or_say_why):
+        with pytest.raises(schemas.DecodeError, match="schema_version"):
+            decode(raw)
+
+
 def test_following_keeps_incident_and_correlation() -> None:
     report = _report()
     filed = ev.IncidentFiled.following(
