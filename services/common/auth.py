@@ -11,6 +11,7 @@ default ``var/db/auth.sqlite``).
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import threading
 import time
@@ -32,6 +33,12 @@ from .db import as_utc, create_missing, make_engine
 from .errors import Forbidden, GridloopError
 
 TOKEN_PREFIX = "glt_"
+SUBJECT_MAX = 64
+"""A subject is written as the actor of every transition and as a report's reporter: at most this long."""
+SUBJECT = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{SUBJECT_MAX - 1}}}$")
+"""What a subject may be: an ASCII letter or digit, then letters, digits and ``_ . : @ -``, as ids are written
+(``w-gh01-1``, ``zhang@city_ops``, ``sensor-gh03-water-7``). Every event's actor id and a report's reporter_id
+take it as it is: nothing is stripped, nothing is too long."""
 
 
 class Role(StrEnum):
@@ -45,6 +52,23 @@ class Role(StrEnum):
 
 class Unauthenticated(GridloopError):
     """No token, an unknown one, or a revoked one: answered 401."""
+
+
+def check_subject(subject: str) -> str:
+    """``subject`` if a token may be issued for it; ValueError saying why not."""
+    if not subject:
+        raise ValueError("a subject is required: the person's or system's id, e.g. w-gh01-1")
+    if len(subject) > SUBJECT_MAX:
+        raise ValueError(
+            f"a subject is at most {SUBJECT_MAX} characters (it is every event's actor id), "
+            f"not {len(subject)}: {subject[:20]!r}…"
+        )
+    if not SUBJECT.match(subject):
+        raise ValueError(
+            f"a subject is an id of ASCII letters, digits and _ . : @ - (starting with a letter or digit), "
+            f"not {subject!r}"
+        )
+    return subject
 
 
 class AuthToken(SQLModel, table=True):
@@ -97,7 +121,7 @@ class TokenStore:
     def __init__(self, engine: Engine, cache_s: float = 2.0) -> None:
         self.engine = engine
         self.cache_s = cache_s
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._cache: dict[str, tuple[float, Principal | None, str]] = {}
         self._lock = threading.Lock()
         create_missing(engine, [AuthToken.__table__])  # type: ignore[attr-defined]
 
@@ -111,6 +135,9 @@ class TokenStore:
         self, role: Role, subject: str, *, department: str | None = None, grids: tuple[str, ...] = (), name: str = ""
     ) -> tuple[str, AuthToken]:
         """A new token: the secret is returned once and only its hash is kept."""
+        check_subject(subject)
+        if len(name) > 100:
+            raise ValueError(f"a token's name is at most 100 characters, not {len(name)}")
         if role is Role.DEPARTMENT:
             if department not in DEPARTMENTS:
                 raise ValueError(f"department staff need a known department, not {department!r}")
@@ -155,28 +182,44 @@ class TokenStore:
             return list(s.exec(select(AuthToken).order_by(col(AuthToken.created_at))).all())
 
     def check(self, token: str) -> Principal | None:
+        """The principal ``token`` stands for, or None (unknown, revoked, unusable)."""
+        try:
+            return self.authenticate(token)
+        except Unauthenticated:
+            return None
+
+    def authenticate(self, token: str) -> Principal:
+        """The principal ``token`` stands for; Unauthenticated with the reason when it stands for none."""
         key = hash_token(token)
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
-            if hit and now - hit[0] < self.cache_s:
-                return hit[1]
+        if hit is None or now - hit[0] >= self.cache_s:
+            hit = (now, *self._read(key))
+            with self._lock:
+                if len(self._cache) > 10_000:
+                    self._cache.clear()
+                self._cache[key] = hit
+        _, principal, reason = hit
+        if principal is None:
+            raise Unauthenticated(reason)
+        return principal
+
+    def _read(self, key: str) -> tuple[Principal | None, str]:
         with Session(self.engine) as s:
             row = s.exec(select(AuthToken).where(AuthToken.token_hash == key)).first()
-        principal = None
-        if row is not None and row.revoked_at is None:
-            principal = Principal(
-                token_id=row.token_id,
-                role=Role(row.role),
-                subject=row.subject,
-                department=row.department,
-                grids=tuple(g for g in row.grids.split() if g),
-            )
-        with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[key] = (now, principal)
-        return principal
+        if row is None or row.revoked_at is not None:
+            return None, "unknown or revoked token"
+        if not SUBJECT.match(row.subject):  # issued before subjects were checked: no event could carry it
+            return None, f"this token's subject {row.subject[:20]!r} is not a valid id: ask for a new token"
+        principal = Principal(
+            token_id=row.token_id,
+            role=Role(row.role),
+            subject=row.subject,
+            department=row.department,
+            grids=tuple(g for g in row.grids.split() if g),
+        )
+        return principal, ""
 
 
 def _principal(store: TokenStore, authorization: str | None, api_key: str | None) -> Principal:
@@ -190,10 +233,7 @@ def _principal(store: TokenStore, authorization: str | None, api_key: str | None
         token = api_key
     if not token:
         raise Unauthenticated("a token is required: Authorization: Bearer <token>")
-    principal = store.check(token)
-    if principal is None:
-        raise Unauthenticated("unknown or revoked token")
-    return principal
+    return store.authenticate(token)
 
 
 Authorization = Annotated[str | None, Header(description="Bearer <token>")]
@@ -221,6 +261,7 @@ __all__ = [
     "TokenStore",
     "Unauthenticated",
     "as_utc",
+    "check_subject",
     "hash_token",
     "require",
 ]
