@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
 
@@ -29,7 +29,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from schemas import Actor, ActorKind, utcnow
 from schemas.reference import DEPARTMENTS, GRIDS, grid_of_worker
 
-from .db import as_utc, create_missing, make_engine
+from .db import add_missing_columns, as_utc, create_missing, make_engine
 from .errors import Forbidden, GridloopError
 
 TOKEN_PREFIX = "glt_"
@@ -39,6 +39,12 @@ SUBJECT = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{SUBJECT_MAX - 1}}}$")
 """What a subject may be: an ASCII letter or digit, then letters, digits and ``_ . : @ -``, as ids are written
 (``w-gh01-1``, ``zhang@city_ops``, ``sensor-gh03-water-7``). Every event's actor id and a report's reporter_id
 take it as it is: nothing is stripped, nothing is too long."""
+DEFAULT_LIFETIME = timedelta(days=90)
+"""How long a token is good for unless its issuer says otherwise."""
+MAX_LIFETIME = timedelta(days=366)
+"""The longest a token may be issued for; only a sensor's may never expire (a device in the field)."""
+_SPAN = re.compile(r"^(\d{1,6})([dhm]?)$")
+_UNITS = {"d": "days", "": "days", "h": "hours", "m": "minutes"}
 
 
 class Role(StrEnum):
@@ -71,6 +77,32 @@ def check_subject(subject: str) -> str:
     return subject
 
 
+def parse_span(text: str) -> timedelta | None:
+    """A lifetime as the admin CLI takes it: ``30d`` or ``30`` (days), ``12h``, ``15m``; ``never`` is None."""
+    value = text.strip().lower()
+    if value == "never":
+        return None
+    match = _SPAN.match(value)
+    if match is None:
+        raise ValueError(f"a span is a whole number of days (30 or 30d), hours (12h) or minutes (15m), not {text!r}")
+    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+
+
+def _check_lifetime(role: Role, lifetime: timedelta | None) -> None:
+    if lifetime is None:
+        if role is not Role.SENSOR:
+            raise ValueError("only a sensor's token may never expire; give the others a lifetime (e.g. 90d)")
+    elif not timedelta(0) < lifetime <= MAX_LIFETIME:
+        raise ValueError(f"a token lives more than nothing and at most {MAX_LIFETIME.days} days, not {lifetime}")
+
+
+class _Same:
+    """``rotate``'s default lifetime: as long as the token it replaces was given."""
+
+
+SAME_LIFETIME = _Same()
+
+
 class AuthToken(SQLModel, table=True):
     __tablename__ = "auth_token"
 
@@ -85,6 +117,22 @@ class AuthToken(SQLModel, table=True):
     name: str = Field(default="", max_length=100)
     created_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
     revoked_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    expires_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    """From then on the token is refused (401 "token expired"). None: never (a sensor's, or one issued before
+    tokens expired; the column is added to a token store made earlier)."""
+
+    @property
+    def lifetime(self) -> timedelta | None:
+        return None if self.expires_at is None else as_utc(self.expires_at) - as_utc(self.created_at)
+
+    def state(self, now: datetime) -> str:
+        """How ``tokens list`` shows it: revoked, expired, or until when it is good."""
+        if self.revoked_at is not None:
+            return f"revoked {as_utc(self.revoked_at):%Y-%m-%d %H:%M}"
+        if self.expires_at is None:
+            return "active, never expires"
+        expires = as_utc(self.expires_at)
+        return f"expired {expires:%Y-%m-%d %H:%M}" if expires <= now else f"active, expires {expires:%Y-%m-%d %H:%M}"
 
 
 class Principal(BaseModel):
@@ -116,14 +164,19 @@ def hash_token(token: str) -> str:
 
 
 class TokenStore:
-    """Issues, lists, revokes and checks tokens. Checks are cached briefly so revocation lands within seconds."""
+    """Issues, lists, rotates, revokes and checks tokens. Checks are cached briefly so revocation lands within
+    seconds; expiry is looked at on every check."""
 
-    def __init__(self, engine: Engine, cache_s: float = 2.0) -> None:
+    def __init__(self, engine: Engine, cache_s: float = 2.0, clock: Callable[[], datetime] = utcnow) -> None:
         self.engine = engine
         self.cache_s = cache_s
-        self._cache: dict[str, tuple[float, Principal | None, str]] = {}
+        self.clock = clock
+        self._cache: dict[str, tuple[float, Principal | None, str, float | None]] = {}
+        """token hash → (when read, principal or None, why None, when it expires as a POSIX timestamp)"""
         self._lock = threading.Lock()
-        create_missing(engine, [AuthToken.__table__])  # type: ignore[attr-defined]
+        table: sa.Table = AuthToken.__table__  # type: ignore[attr-defined]
+        create_missing(engine, [table])
+        add_missing_columns(engine, [table])  # expires_at, in a token store made before tokens expired
 
     @classmethod
     def from_env(cls) -> TokenStore:
@@ -132,10 +185,67 @@ class TokenStore:
         return cls(make_engine(ServiceSettings().auth_database_url))
 
     def issue(
-        self, role: Role, subject: str, *, department: str | None = None, grids: tuple[str, ...] = (), name: str = ""
+        self,
+        role: Role,
+        subject: str,
+        *,
+        department: str | None = None,
+        grids: tuple[str, ...] = (),
+        name: str = "",
+        expires_in: timedelta | None = DEFAULT_LIFETIME,
     ) -> tuple[str, AuthToken]:
-        """A new token: the secret is returned once and only its hash is kept."""
+        """A new token good for ``expires_in`` (None: for ever, a sensor's only): the secret is returned once and
+        only its hash is kept."""
+        secret, row = self._new(role, subject, department, grids, name, expires_in)
+        with Session(self.engine, expire_on_commit=False) as s:
+            s.add(row)
+            s.commit()
+        return secret, row
+
+    def rotate(
+        self, token_id: str, *, expires_in: timedelta | _Same | None = SAME_LIFETIME, grace: timedelta = timedelta(0)
+    ) -> tuple[str, AuthToken]:
+        """A new secret for the same principal (role, subject, department, grids, name), good for as long as the
+        old one was given unless ``expires_in`` says otherwise. The old token is revoked, or, with a ``grace``,
+        expires that much later (while its holder changes over). One transaction: both, or neither."""
+        if not timedelta(0) <= grace <= timedelta(days=30):
+            raise ValueError(f"a grace is at most 30 days, not {grace}")
+        with Session(self.engine, expire_on_commit=False) as s:
+            old = s.get(AuthToken, token_id)
+            now = self.clock()
+            if old is None or old.revoked_at is not None:
+                raise ValueError(f"no active token {token_id}")
+            role = Role(old.role)
+            if isinstance(expires_in, _Same):
+                expires_in = old.lifetime
+                if expires_in is None and role is not Role.SENSOR:  # issued before tokens expired
+                    expires_in = DEFAULT_LIFETIME
+                elif expires_in is not None:
+                    expires_in = min(expires_in, MAX_LIFETIME)
+            grids = tuple(g for g in old.grids.split() if g)
+            secret, row = self._new(role, old.subject, old.department, grids, old.name, expires_in)
+            if grace:
+                ends = now + grace
+                old.expires_at = ends if old.expires_at is None else min(as_utc(old.expires_at), ends)
+            else:
+                old.revoked_at = now
+            s.add(row)
+            s.commit()
+        with self._lock:
+            self._cache.clear()
+        return secret, row
+
+    def _new(
+        self,
+        role: Role,
+        subject: str,
+        department: str | None,
+        grids: tuple[str, ...],
+        name: str,
+        expires_in: timedelta | None,
+    ) -> tuple[str, AuthToken]:
         check_subject(subject)
+        _check_lifetime(role, expires_in)
         if len(name) > 100:
             raise ValueError(f"a token's name is at most 100 characters, not {len(name)}")
         if role is Role.DEPARTMENT:
@@ -152,6 +262,7 @@ class TokenStore:
         elif grids:
             raise ValueError("only grid workers are bound to grid cells")
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = self.clock()
         row = AuthToken(
             token_id=secrets.token_hex(6),
             token_hash=hash_token(secret),
@@ -160,10 +271,9 @@ class TokenStore:
             department=department,
             grids=" ".join(grids),
             name=name,
+            created_at=now,
+            expires_at=None if expires_in is None else now + expires_in,
         )
-        with Session(self.engine, expire_on_commit=False) as s:
-            s.add(row)
-            s.commit()
         return secret, row
 
     def revoke(self, token_id: str) -> bool:
@@ -171,7 +281,7 @@ class TokenStore:
             row = s.get(AuthToken, token_id)
             if row is None or row.revoked_at is not None:
                 return False
-            row.revoked_at = utcnow()
+            row.revoked_at = self.clock()
             s.commit()
         with self._lock:
             self._cache.clear()
@@ -200,18 +310,21 @@ class TokenStore:
                 if len(self._cache) > 10_000:
                     self._cache.clear()
                 self._cache[key] = hit
-        _, principal, reason = hit
+        _, principal, reason, expires = hit
         if principal is None:
             raise Unauthenticated(reason)
+        if expires is not None and self.clock().timestamp() >= expires:
+            when = datetime.fromtimestamp(expires, tz=as_utc(self.clock()).tzinfo)
+            raise Unauthenticated(f"token expired at {when:%Y-%m-%d %H:%M %Z}: ask an administrator for a new one")
         return principal
 
-    def _read(self, key: str) -> tuple[Principal | None, str]:
+    def _read(self, key: str) -> tuple[Principal | None, str, float | None]:
         with Session(self.engine) as s:
             row = s.exec(select(AuthToken).where(AuthToken.token_hash == key)).first()
         if row is None or row.revoked_at is not None:
-            return None, "unknown or revoked token"
+            return None, "unknown or revoked token", None
         if not SUBJECT.match(row.subject):  # issued before subjects were checked: no event could carry it
-            return None, f"this token's subject {row.subject[:20]!r} is not a valid id: ask for a new token"
+            return None, f"this token's subject {row.subject[:20]!r} is not a valid id: ask for a new token", None
         principal = Principal(
             token_id=row.token_id,
             role=Role(row.role),
@@ -219,7 +332,7 @@ class TokenStore:
             department=row.department,
             grids=tuple(g for g in row.grids.split() if g),
         )
-        return principal, ""
+        return principal, "", None if row.expires_at is None else as_utc(row.expires_at).timestamp()
 
 
 def _principal(store: TokenStore, authorization: str | None, api_key: str | None) -> Principal:
@@ -255,6 +368,9 @@ def require(store: TokenStore, *roles: Role) -> Callable[..., Awaitable[Principa
 
 
 __all__ = [
+    "DEFAULT_LIFETIME",
+    "MAX_LIFETIME",
+    "SAME_LIFETIME",
     "AuthToken",
     "Principal",
     "Role",
@@ -263,5 +379,6 @@ __all__ = [
     "as_utc",
     "check_subject",
     "hash_token",
+    "parse_span",
     "require",
 ]

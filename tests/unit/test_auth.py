@@ -4,6 +4,7 @@ renewed, and where a service takes it from."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,20 @@ from typer.testing import CliRunner
 from schemas import Actor, ActorKind
 from schemas import events as ev
 from services.admin.__main__ import cli
-from services.common.auth import AuthToken, Role, TokenStore, Unauthenticated
+from services.common.auth import (
+    DEFAULT_LIFETIME,
+    MAX_LIFETIME,
+    AuthToken,
+    Role,
+    TokenStore,
+    Unauthenticated,
+    hash_token,
+    parse_span,
+)
 from services.common.db import make_engine
 from services.intake.models import ReportCreate
+
+from .conftest import FakeClock
 
 
 @pytest.fixture
@@ -105,3 +117,200 @@ def test_a_token_issued_earlier_for_a_subject_no_event_can_carry_is_refused_with
     with pytest.raises(Unauthenticated, match="not a valid id: ask for a new token"):
         store.authenticate(secret)
     assert store.check(secret) is None
+
+
+# -- expiry --------------------------------------------------------------------------------------------------------
+
+T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def timed(auth_url: str) -> Iterator[tuple[TokenStore, FakeClock]]:
+    clock = FakeClock(T0)
+    engine = make_engine(auth_url)
+    yield TokenStore(engine, clock=clock), clock
+    engine.dispose()
+
+
+def test_a_token_expires_90_days_after_it_is_issued_unless_told(timed: tuple[TokenStore, FakeClock]) -> None:
+    store, clock = timed
+    secret, row = store.issue(Role.OPS_CENTER, "ops-duty")
+    assert row.expires_at == T0 + DEFAULT_LIFETIME == T0 + timedelta(days=90)
+    clock.advance(days=90, seconds=-1)
+    assert store.authenticate(secret).subject == "ops-duty"
+    clock.advance(seconds=1)  # the answer above is cached: expiry is looked at all the same
+    with pytest.raises(Unauthenticated, match="token expired"):
+        store.authenticate(secret)
+    assert store.check(secret) is None
+
+
+def test_a_token_may_live_shorter_or_longer_and_only_a_sensor_for_ever(timed: tuple[TokenStore, FakeClock]) -> None:
+    store, clock = timed
+    _, month = store.issue(Role.OPEN311, "fixmystreet", expires_in=timedelta(days=30))
+    assert month.expires_at == T0 + timedelta(days=30)
+    sensor, row = store.issue(Role.SENSOR, "sensor-gh03-water-7", expires_in=None)
+    assert row.expires_at is None
+    clock.advance(days=3000)
+    assert store.check(sensor) is not None
+    for role, subject in ((Role.OPS_CENTER, "ops-duty"), (Role.GRID_WORKER, "w-gh01-1"), (Role.OPEN311, "app")):
+        with pytest.raises(ValueError, match="only a sensor's token may never expire"):
+            store.issue(role, subject, expires_in=None)
+    for wrong in (timedelta(0), timedelta(days=-1), MAX_LIFETIME + timedelta(days=1)):
+        with pytest.raises(ValueError, match="a token lives"):
+            store.issue(Role.OPS_CENTER, "ops-duty", expires_in=wrong)
+
+
+@pytest.mark.parametrize(
+    ("text", "span"),
+    [
+        ("30d", timedelta(days=30)),
+        ("30", timedelta(days=30)),
+        ("12h", timedelta(hours=12)),
+        ("15m", timedelta(minutes=15)),
+        ("never", None),
+        (" 7D ", timedelta(days=7)),
+    ],
+)
+def test_spans_as_the_cli_takes_them(text: str, span: timedelta | None) -> None:
+    assert parse_span(text) == span
+
+
+@pytest.mark.parametrize("text", ["", "soon", "30 days", "-1d", "1.5d", "30w", "9" * 30])
+def test_spans_the_cli_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="days"):
+        parse_span(text)
+
+
+def test_the_cli_issues_with_an_expiry_and_lists_it(admin: CliRunner) -> None:
+    month = admin.invoke(cli, ["tokens", "issue", "--role", "open311", "--subject", "fixmystreet", "--expires", "30d"])
+    assert month.exit_code == 0, month.output
+    assert "expires " in month.output
+    default = admin.invoke(cli, ["tokens", "issue", "--role", "ops_center", "--subject", "ops-duty", "-q"])
+    assert default.exit_code == 0 and default.output.startswith("glt_")
+    forever = admin.invoke(
+        cli, ["tokens", "issue", "--role", "sensor", "--subject", "sensor-001", "--expires", "never"]
+    )
+    assert forever.exit_code == 0, forever.output
+    refused = admin.invoke(cli, ["tokens", "issue", "--role", "ops_center", "--subject", "desk", "--expires", "never"])
+    assert refused.exit_code != 0 and "only a sensor's token may never expire" in refused.output
+    listed = admin.invoke(cli, ["tokens", "list"]).output.splitlines()
+    assert len(listed) == 3
+    today = datetime.now(UTC)
+    (app,) = (line for line in listed if "fixmystreet" in line)
+    (desk,) = (line for line in listed if "ops-duty" in line)
+    (sensor,) = (line for line in listed if "sensor-001" in line)
+    assert f"expires {today + timedelta(days=30):%Y-%m-%d}" in app
+    assert f"expires {today + timedelta(days=90):%Y-%m-%d}" in desk
+    assert "never expires" in sensor
+
+
+def test_an_expired_token_is_listed_as_expired(admin: CliRunner, auth_url: str) -> None:
+    engine = make_engine(auth_url)
+    store = TokenStore(engine, clock=FakeClock(datetime.now(UTC) - timedelta(days=40)))
+    store.issue(Role.OPS_CENTER, "ops-duty", expires_in=timedelta(days=30))
+    engine.dispose()
+    (line,) = admin.invoke(cli, ["tokens", "list"]).output.splitlines()
+    assert "expired " in line
+
+
+# -- rotation ------------------------------------------------------------------------------------------------------
+
+
+def test_rotating_issues_a_new_secret_with_the_same_binding_and_revokes_the_old(
+    timed: tuple[TokenStore, FakeClock],
+) -> None:
+    store, clock = timed
+    old, row = store.issue(
+        Role.DEPARTMENT, "zhang@city_ops", department="city_ops", name="desk 1", expires_in=timedelta(days=30)
+    )
+    assert store.check(old) is not None
+    clock.advance(days=20)
+    new, fresh = store.rotate(row.token_id)
+    assert new != old and fresh.token_id != row.token_id
+    who = store.authenticate(new)
+    assert (who.role, who.subject, who.department, fresh.name) == (
+        Role.DEPARTMENT,
+        "zhang@city_ops",
+        "city_ops",
+        "desk 1",
+    )
+    assert fresh.expires_at == clock.now + timedelta(days=30)  # as long as the old one was given
+    with pytest.raises(Unauthenticated, match="unknown or revoked"):
+        store.authenticate(old)
+    with pytest.raises(ValueError, match="no active token"):
+        store.rotate(row.token_id)
+    with pytest.raises(ValueError, match="no active token"):
+        store.rotate("nosuchtoken")
+
+
+def test_rotating_with_a_grace_keeps_the_old_secret_a_while(timed: tuple[TokenStore, FakeClock]) -> None:
+    store, clock = timed
+    old, row = store.issue(Role.GRID_WORKER, "w-gh01-1")
+    new, fresh = store.rotate(row.token_id, grace=timedelta(hours=1))
+    assert store.authenticate(old).grids == store.authenticate(new).grids == ("gh01",)
+    clock.advance(hours=1)
+    with pytest.raises(Unauthenticated, match="token expired"):
+        store.authenticate(old)
+    assert store.check(new) is not None
+    assert fresh.expires_at == T0 + timedelta(days=90)
+
+
+def test_rotating_a_sensor_that_never_expires_keeps_it_so_and_a_new_lifetime_may_be_given(
+    timed: tuple[TokenStore, FakeClock],
+) -> None:
+    store, _ = timed
+    _, sensor = store.issue(Role.SENSOR, "sensor-001", expires_in=None)
+    _, rotated = store.rotate(sensor.token_id)
+    assert rotated.expires_at is None
+    _, shorter = store.rotate(rotated.token_id, expires_in=timedelta(days=7))
+    assert shorter.expires_at == T0 + timedelta(days=7)
+
+
+def test_the_cli_rotates(admin: CliRunner, auth_url: str) -> None:
+    issued = admin.invoke(cli, ["tokens", "issue", "--role", "ops_center", "--subject", "ops-duty"])
+    token_id = issued.output.split()[2]
+    old = issued.output.splitlines()[-1]
+    rotated = admin.invoke(cli, ["tokens", "rotate", token_id, "--grace", "10m"])
+    assert rotated.exit_code == 0, rotated.output
+    new = rotated.output.splitlines()[-1]
+    assert new.startswith("glt_") and new != old and f"replaces {token_id}" in rotated.output
+    engine = make_engine(auth_url)
+    store = TokenStore(engine)
+    assert store.check(old) is not None and store.check(new) is not None  # the old one for ten more minutes
+    engine.dispose()
+    again = admin.invoke(cli, ["tokens", "rotate", "nosuchtoken"])
+    assert again.exit_code != 0 and "no active token nosuchtoken" in again.output
+
+
+# -- a token store made by an earlier version ----------------------------------------------------------------------
+
+
+def test_a_token_table_without_expiry_gets_the_column_and_its_tokens_keep_working(auth_url: str) -> None:
+    engine = make_engine(auth_url)
+    with engine.begin() as conn:  # auth_token as deployed before tokens expired
+        conn.execute(
+            sa.text(
+                "CREATE TABLE auth_token (token_id VARCHAR(24) PRIMARY KEY, token_hash VARCHAR(64) UNIQUE NOT NULL, "
+                "role VARCHAR(20) NOT NULL, subject VARCHAR(64) NOT NULL, department VARCHAR(40), "
+                "grids VARCHAR NOT NULL, name VARCHAR(100) NOT NULL, created_at DATETIME NOT NULL, "
+                "revoked_at DATETIME)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO auth_token VALUES ('abc123', :hash, 'ops_center', 'ops-duty', NULL, '', 'old', "
+                "'2025-01-01 00:00:00', NULL)"
+            ),
+            {"hash": hash_token("glt_issued-long-ago")},
+        )
+    store = TokenStore(engine)
+    assert "expires_at" in {c["name"] for c in sa.inspect(engine).get_columns("auth_token")}
+    assert store.authenticate("glt_issued-long-ago").subject == "ops-duty"  # issued without an expiry: none
+    (old,) = store.list()
+    assert old.expires_at is None
+    secret, row = store.issue(Role.OPS_CENTER, "ops-duty")
+    assert row.expires_at is not None and store.check(secret) is not None
+    _, renewed = store.rotate("abc123")  # its replacement expires as any new token does
+    assert renewed.expires_at is not None
+    TokenStore(engine)  # and the next start finds the column there
+    engine.dispose()
