@@ -335,30 +335,35 @@ class TokenStore:
         return principal, "", None if row.expires_at is None else as_utc(row.expires_at).timestamp()
 
 
-def _principal(store: TokenStore, authorization: str | None, api_key: str | None) -> Principal:
-    token = None
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise Unauthenticated("Authorization must be 'Bearer <token>'")
-        token = value.strip()
-    elif api_key:
-        token = api_key
-    if not token:
+TOKEN_IN_URL = (
+    "a token goes in the Authorization header (Authorization: Bearer <token>), never in the URL, where proxies and "
+    "servers log it: ?api_key= is refused"
+)
+
+
+def _principal(store: TokenStore, authorization: str | None) -> Principal:
+    if not authorization:
         raise Unauthenticated("a token is required: Authorization: Bearer <token>")
-    return store.authenticate(token)
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthenticated("Authorization must be 'Bearer <token>'")
+    return store.authenticate(value.strip())
 
 
 Authorization = Annotated[str | None, Header(description="Bearer <token>")]
 ApiKey = Annotated[str | None, Query(include_in_schema=False)]
+"""Read only to be refused: a token in the URL is written to every access log it passes."""
 
 
 def require(store: TokenStore, *roles: Role) -> Callable[..., Awaitable[Principal]]:
-    """A FastAPI dependency resolving the caller from ``Authorization: Bearer …`` (or ``api_key``) and admitting
-    only the given roles (401 without a valid token, 403 for any other valid principal)."""
+    """A FastAPI dependency resolving the caller from ``Authorization: Bearer …`` and admitting only the given
+    roles (401 without a valid token, 403 for any other valid principal). A token is taken from that header only:
+    a request with ``?api_key=`` is refused (401), whatever else it carries."""
 
     async def check(authorization: Authorization = None, api_key: ApiKey = None) -> Principal:
-        principal = _principal(store, authorization, api_key)
+        if api_key is not None:
+            raise Unauthenticated(TOKEN_IN_URL)
+        principal = _principal(store, authorization)
         if principal.role not in roles:
             allowed = ", ".join(r.value for r in roles)
             raise Forbidden(f"a {principal.role.value} may not do this (allowed: {allowed})")
@@ -371,6 +376,7 @@ __all__ = [
     "DEFAULT_LIFETIME",
     "MAX_LIFETIME",
     "SAME_LIFETIME",
+    "TOKEN_IN_URL",
     "AuthToken",
     "Principal",
     "Role",

@@ -7,9 +7,11 @@ dispatched, handled, verified, closed. The incident id is the ``service_request_
 
 Where the spec leaves room, gridloop chooses:
 
-- ``api_key`` is required to post (form field, or ``?api_key=``): a token of role ``open311`` issued with
-  ``python -m services.admin tokens issue --role open311 --subject <app-name>``. Missing, unknown, revoked or
-  another role's token: 403. Reading needs no key. ``jurisdiction_id`` is ignored (one jurisdiction).
+- ``api_key`` is required to post, as a field of the posted form where the spec puts it: a token of role
+  ``open311`` issued with ``python -m services.admin tokens issue --role open311 --subject <app-name>``. Missing,
+  unknown, revoked, expired or another role's token: 403. In the URL (``?api_key=``) it is refused (403) without
+  reading the form: proxies and servers log URLs. Reading needs no key. ``jurisdiction_id`` is ignored (one
+  jurisdiction).
 - Location: ``lat`` and ``long`` are required. gridloop places an incident in its grid cell by coordinates and has
   no geocoder, so ``address_string`` or ``address_id`` alone is refused (400); ``address_string`` given with
   coordinates is kept as the incident's address. A point outside Gaohang's grid cells is accepted and then
@@ -47,7 +49,7 @@ from pydantic import HttpUrl, TypeAdapter, ValidationError
 
 from schemas.events import Source
 from schemas.reference import CATEGORIES
-from services.common.auth import Principal, Role
+from services.common.auth import Principal, Role, Unauthenticated
 from services.common.db import UnitOfWork
 from services.common.runtime import Runtime
 
@@ -178,8 +180,10 @@ def build_router(runtime: Runtime) -> APIRouter:
     async def create_request(request: Request, fmt: Fmt) -> Response:
         """POST Service Request: report an incident (api_key of an open311 client required)."""
         f = parse_format(fmt)
+        if "api_key" in request.query_params:
+            raise Open311Error(403, "the api_key goes in the posted form, never in the URL (where it is logged)")
         form = await _form(request)
-        who = _client(runtime, form, request)
+        who = _client(runtime, form)
         service = catalog.category(_one(form, "service_code") or _missing("service_code"))
         with runtime.uow() as uow:
             cmd, account_id = _report(form, who, service.code, uow)
@@ -320,13 +324,19 @@ def _missing(name: str) -> NoReturn:
     raise bad_request(f"{name} is required")
 
 
-def _client(runtime: Runtime, form: dict[str, list[str]], request: Request) -> Principal:
-    key = _one(form, "api_key") or request.query_params.get("api_key", "").strip()
+def _client(runtime: Runtime, form: dict[str, list[str]]) -> Principal:
+    key = _one(form, "api_key")
     if not key:
         raise Open311Error(403, "api_key is required to post a service request; a gridloop administrator issues it")
-    who = runtime.auth.check(key)
-    if who is None:
-        raise Open311Error(403, "invalid api_key: unknown or revoked")
+    try:
+        who = runtime.auth.authenticate(key)
+    except Unauthenticated as exc:
+        reason = str(exc)
+        if reason.startswith("token expired"):
+            raise Open311Error(403, "api_key " + reason.removeprefix("token ")) from None
+        if reason == "unknown or revoked token":
+            reason = "unknown or revoked"
+        raise Open311Error(403, f"invalid api_key: {reason}") from None
     if who.role is not Role.OPEN311:
         raise Open311Error(403, "this api_key is not an Open311 client's key")
     return who

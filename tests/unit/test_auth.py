@@ -7,23 +7,28 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
+from fastapi import Depends
 from sqlmodel import Session, col
 from typer.testing import CliRunner
 
 from schemas import Actor, ActorKind
 from schemas import events as ev
 from services.admin.__main__ import cli
+from services.common.api import create_api
 from services.common.auth import (
     DEFAULT_LIFETIME,
     MAX_LIFETIME,
     AuthToken,
+    Principal,
     Role,
     TokenStore,
     Unauthenticated,
     hash_token,
     parse_span,
+    require,
 )
 from services.common.db import make_engine
 from services.intake.models import ReportCreate
@@ -314,3 +319,30 @@ def test_a_token_table_without_expiry_gets_the_column_and_its_tokens_keep_workin
     assert renewed.expires_at is not None
     TokenStore(engine)  # and the next start finds the column there
     engine.dispose()
+
+
+# -- where a service takes a token from ------------------------------------------------------------------------------
+
+
+async def test_a_token_is_taken_from_the_authorization_header_only(store: TokenStore) -> None:
+    api = create_api("authtest", title="t")
+
+    @api.get("/mine")
+    async def mine(who: Principal = Depends(require(store, Role.OPS_CENTER))) -> dict[str, str]:
+        return {"subject": who.subject}
+
+    secret, _ = store.issue(Role.OPS_CENTER, "ops-duty")
+    expired, _ = store.issue(Role.OPS_CENTER, "ops-night", expires_in=timedelta(minutes=1))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://t") as client:
+        r = await client.get("/mine", headers={"Authorization": f"Bearer {secret}"})
+        assert r.json() == {"subject": "ops-duty"}
+        in_url = "a token goes in the Authorization header (Authorization: Bearer <token>), never in the URL"
+        for query in ({"api_key": secret}, {"api_key": "glt_forged"}, {"api_key": ""}):
+            r = await client.get("/mine", params=query)
+            assert (r.status_code, r.headers["www-authenticate"]) == (401, "Bearer")
+            assert r.json()["error"].startswith(in_url)
+        r = await client.get("/mine", params={"api_key": secret}, headers={"Authorization": f"Bearer {secret}"})
+        assert r.status_code == 401 and r.json()["error"].startswith(in_url)
+        store.clock = lambda: datetime.now(UTC) + timedelta(minutes=2)
+        r = await client.get("/mine", headers={"Authorization": f"Bearer {expired}"})
+        assert r.status_code == 401 and r.json()["error"].startswith("token expired")

@@ -530,7 +530,22 @@ async def test_keys_other_than_a_live_open311_key_are_refused(gw: Gateway, fmt: 
     assert errors(await gw.post(fmt, api_key=secret, description="another")) == [
         (403, "invalid api_key: unknown or revoked")
     ]
+    expired, _ = gw.runtime.auth.issue(Role.OPEN311, "short-lived-app", expires_in=timedelta(minutes=1))
+    gw.runtime.auth.clock = lambda: datetime.now(UTC) + timedelta(minutes=2)
+    assert errors(await gw.post(fmt, api_key=expired, description="late"))[0][1].startswith("api_key expired")
+
+
+@pytest.mark.parametrize("fmt", ["json", "xml"])
+async def test_the_api_key_is_taken_from_the_form_only_never_from_the_url(gw: Gateway, fmt: str) -> None:
+    """The spec puts api_key in the POST's form; in the URL it lands in every proxy's and server's log."""
+    in_url = "the api_key goes in the posted form, never in the URL (where it is logged)"
     r = await gw.client.post(f"{V2}/requests.{fmt}?api_key={gw.key}", data={"service_code": "flooding", **SPOT})
+    assert errors(r) == [(403, in_url)]
+    data = {"api_key": gw.key, "service_code": "flooding", **SPOT}
+    r = await gw.client.post(f"{V2}/requests.{fmt}?api_key={gw.key}", data=data)
+    assert errors(r) == [(403, in_url)]
+    assert gw.outbox() == []
+    r = await gw.client.post(f"{V2}/requests.{fmt}", data=data, headers={"Authorization": "Bearer nothing"})
     assert errors(r) == [(400, "attribute[water_depth_cm] is required: 积水大约有多深？ About how deep is the water?")]
 
 
