@@ -9,14 +9,16 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
 
 from . import metrics
 from .auth import Unauthenticated
 from .changes import MAX_WAIT_S
+from .edge import Door
 from .errors import Forbidden, NotFound, Rejected, Unavailable
+from .settings import ServiceSettings
 
 RETRY_AFTER_S = "5"
 """Seconds a client is asked to wait before retrying a 503."""
@@ -54,6 +56,7 @@ _ERRORS: dict[str, str] = {
     "403": "the caller may not do this",
     "404": "not found, or not visible to the caller",
     "409": "not allowed in the current state",
+    "413": "the request body is over the limit (GRIDLOOP_BODY_LIMIT_BYTES): refused before it was read",
     "422": "invalid request: each problem with its field",
     "503": "database unavailable: nothing was recorded; retry later",
 }
@@ -67,10 +70,10 @@ _FASTAPI_422 = "#/components/schemas/HTTPValidationError"
 def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
     """Declare, once for every route, the errors create_api's handlers answer, as they answer them.
 
-    A route behind a token may answer 401, 403, 422 and 503 (and 400 for a body that cannot be parsed) besides
-    what it declares itself (404, 409); each is ``ErrorReply``. FastAPI's own 422 schema, which these APIs never
-    send, is replaced everywhere. Routes that answer in another format (Open311's) declare their own and are left
-    as they are."""
+    A route behind a token may answer 401, 403, 422 and 503 (and 400 and 413 for a body that cannot be parsed or
+    is too large) besides what it declares itself (404, 409); each is ``ErrorReply``. FastAPI's own 422 schema,
+    which these APIs never send, is replaced everywhere. Routes that answer in another format (Open311's) declare
+    their own and are left as they are."""
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     reply = ErrorReply.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(reply.pop("$defs", {}))
@@ -83,7 +86,7 @@ def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
             responses: dict[str, Any] = op["responses"]
             params = op.get("parameters", [])
             if any(p.get("in") == "header" and p.get("name", "").lower() == "authorization" for p in params):
-                for status in ("401", "403", "422", "503", *(("400",) if "requestBody" in op else ())):
+                for status in ("401", "403", "422", "503", *(("400", "413") if "requestBody" in op else ())):
                     responses.setdefault(status, {"description": _ERRORS[status]})
                 for status, answer in responses.items():
                     if status in _ERRORS:
@@ -100,7 +103,25 @@ def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def create_api(service: str, *, title: str, description: str = "", version: str = "1.0.0") -> FastAPI:
+def settings_for(service: str) -> ServiceSettings:
+    """``service``'s settings as the environment gives them (``GRIDLOOP_<SERVICE>_<NAME>`` included)."""
+    kind = create_model(f"{service.title()}ApiSettings", __base__=ServiceSettings)
+    kind.SERVICE = service
+    return kind()
+
+
+def create_api(
+    service: str,
+    *,
+    title: str,
+    description: str = "",
+    version: str = "1.0.0",
+    settings: ServiceSettings | None = None,
+) -> FastAPI:
+    """A service's API with what every one shares: the door (a body over the limit is refused before it is read
+    and before any token is looked at), health, metrics, and errors answered as JSON reasons. The door's settings
+    are ``settings``, or the environment's for ``service``."""
+    s = settings if settings is not None else settings_for(service)
     api = FastAPI(title=title, description=description, version=version)
 
     def openapi() -> dict[str, Any]:
@@ -158,5 +179,6 @@ def create_api(service: str, *, title: str, description: str = "", version: str 
         return {"status": "ok", "service": service}
 
     api.mount("/metrics", make_asgi_app())
-    metrics.instrument(api, service)
+    api.add_middleware(Door, body_limit=s.body_limit_bytes)
+    metrics.instrument(api, service)  # added last, so outermost: the door's refusals are counted too
     return api

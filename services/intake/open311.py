@@ -288,16 +288,17 @@ def build_router(runtime: Runtime) -> APIRouter:
 async def _form(request: Request) -> dict[str, list[str]]:
     """The posted fields (name → values), decoded as UTF-8 whatever the client escaped."""
     mime = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > _BODY_LIMIT:
+        raise _too_large()  # before a byte of it is read
     pairs: list[tuple[str, str]] = []
-    if mime == "multipart/form-data":
+    if mime == "multipart/form-data":  # one streamed (chunked) is bounded by the API's own body limit
         for name, value in (await request.form()).multi_items():
             if not isinstance(value, str):
                 raise bad_request(f"{name}: files are not taken; give media_url, a link to the picture")
             pairs.append((name, value))
     elif mime in ("application/x-www-form-urlencoded", ""):
-        body = await request.body()
-        if len(body) > _BODY_LIMIT:
-            raise bad_request(f"the request body is larger than {_BODY_LIMIT // 1024} KiB")
+        body = await _body(request)
         try:
             pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict", max_num_fields=500)
         except ValueError:  # UnicodeDecodeError too
@@ -310,6 +311,22 @@ async def _form(request: Request) -> dict[str, list[str]]:
             raise bad_request(f"{name[:60]} holds control characters")
         form.setdefault(name, []).append(value.strip())
     return form
+
+
+async def _body(request: Request) -> bytes:
+    """The posted body, read no further than the limit."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > _BODY_LIMIT:
+            raise _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large() -> Open311Error:
+    return Open311Error(413, f"the form is larger than {_BODY_LIMIT // 1024} KiB")
 
 
 def _one(form: dict[str, list[str]], name: str) -> str | None:
