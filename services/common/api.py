@@ -18,7 +18,7 @@ from .auth import Unauthenticated
 from .changes import MAX_WAIT_S
 from .edge import Door
 from .errors import Forbidden, NotFound, Rejected, Unavailable
-from .settings import ServiceSettings
+from .settings import ServiceSettings, rate_limits
 
 RETRY_AFTER_S = "5"
 """Seconds a client is asked to wait before retrying a 503."""
@@ -58,10 +58,12 @@ _ERRORS: dict[str, str] = {
     "409": "not allowed in the current state",
     "413": "the request body is over the limit (GRIDLOOP_BODY_LIMIT_BYTES): refused before it was read",
     "422": "invalid request: each problem with its field",
+    "429": "too many requests with this token or from this address: come back after Retry-After seconds",
     "503": "database unavailable: nothing was recorded; retry later",
 }
 _HEADERS: dict[str, dict[str, Any]] = {
     "401": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+    "429": {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}},
     "503": {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}},
 }
 _FASTAPI_422 = "#/components/schemas/HTTPValidationError"
@@ -70,8 +72,8 @@ _FASTAPI_422 = "#/components/schemas/HTTPValidationError"
 def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
     """Declare, once for every route, the errors create_api's handlers answer, as they answer them.
 
-    A route behind a token may answer 401, 403, 422 and 503 (and 400 and 413 for a body that cannot be parsed or
-    is too large) besides what it declares itself (404, 409); each is ``ErrorReply``. FastAPI's own 422 schema,
+    A route behind a token may answer 401, 403, 422, 429 and 503 (and 400 and 413 for a body that cannot be parsed
+    or is too large) besides what it declares itself (404, 409); each is ``ErrorReply``. FastAPI's own 422 schema,
     which these APIs never send, is replaced everywhere. Routes that answer in another format (Open311's) declare
     their own and are left as they are."""
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
@@ -86,7 +88,7 @@ def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
             responses: dict[str, Any] = op["responses"]
             params = op.get("parameters", [])
             if any(p.get("in") == "header" and p.get("name", "").lower() == "authorization" for p in params):
-                for status in ("401", "403", "422", "503", *(("400", "413") if "requestBody" in op else ())):
+                for status in ("401", "403", "422", "429", "503", *(("400", "413") if "requestBody" in op else ())):
                     responses.setdefault(status, {"description": _ERRORS[status]})
                 for status, answer in responses.items():
                     if status in _ERRORS:
@@ -118,9 +120,9 @@ def create_api(
     version: str = "1.0.0",
     settings: ServiceSettings | None = None,
 ) -> FastAPI:
-    """A service's API with what every one shares: the door (a body over the limit is refused before it is read
-    and before any token is looked at), health, metrics, and errors answered as JSON reasons. The door's settings
-    are ``settings``, or the environment's for ``service``."""
+    """A service's API with what every one shares: the door (rate limits per token and per address; a body over
+    the limit refused before it is read; both before any token is looked at), health, metrics, and errors answered
+    as JSON reasons. The door's settings are ``settings``, or the environment's for ``service``."""
     s = settings if settings is not None else settings_for(service)
     api = FastAPI(title=title, description=description, version=version)
 
@@ -179,6 +181,11 @@ def create_api(
         return {"status": "ok", "service": service}
 
     api.mount("/metrics", make_asgi_app())
-    api.add_middleware(Door, body_limit=s.body_limit_bytes)
+    api.add_middleware(
+        Door,
+        body_limit=s.body_limit_bytes,
+        per_token=rate_limits(s.rate_limit_per_token),
+        per_address=rate_limits(s.rate_limit_per_address),
+    )
     metrics.instrument(api, service)  # added last, so outermost: the door's refusals are counted too
     return api

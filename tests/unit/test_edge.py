@@ -1,10 +1,12 @@
 """The door of every service's API (create_api): a body over the limit is refused before it is read and before the
-caller's token is looked at."""
+caller's token is looked at; a token, and an address, that ask too often are told to come back later."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -12,10 +14,12 @@ import pytest
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
-from services.common.api import create_api
+from services.common import edge
+from services.common.api import create_api, settings_for
 from services.common.auth import Principal, Role, TokenStore, require
 from services.common.db import make_engine
-from services.common.settings import ServiceSettings
+from services.common.edge import WindowCounts
+from services.common.settings import ServiceSettings, rate_limits
 
 LIMIT = 64 * 1024
 FIFTY_MB = 50 * 1024 * 1024
@@ -149,3 +153,101 @@ def test_the_limit_is_a_setting() -> None:
     assert ServiceSettings().body_limit_bytes == 1024 * 1024
     with pytest.raises(ValueError, match="body_limit_bytes"):
         ServiceSettings(body_limit_bytes=0)
+
+
+# -- rate limits ---------------------------------------------------------------------------------------------------
+
+
+def _client(api: FastAPI, address: str = "127.0.0.1") -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=api, client=(address, 40000)), base_url="http://edge")
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_a_token_that_asks_too_often_is_told_when_to_come_back(store: TokenStore) -> None:
+    api = make_api(store, rate_limit_per_token="3/minute", rate_limit_per_address="")
+    busy, other = (store.issue(Role.OPS_CENTER, f"ops-{n}")[0] for n in (1, 2))
+    async with _client(api) as client:
+        for _ in range(3):
+            assert (await client.post("/notes", json={"text": "x"}, headers=_bearer(busy))).status_code == 202
+        r = await client.post("/notes", json={"text": "x"}, headers=_bearer(busy))
+        assert r.status_code == 429
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert r.json()["error"].startswith("too many requests with this token: at most 3 per 1 minute; retry in")
+        r = await client.post("/notes", json={"text": "x"}, headers={"Authorization": f"bearer   {busy} "})
+        assert r.status_code == 429  # the same token, however the header is written
+        assert (await client.post("/notes", json={"text": "x"}, headers=_bearer(other))).status_code == 202
+        for _ in range(5):  # no token: nothing to hold to a token's rate (and no address limit here)
+            assert (await client.post("/notes", json={"text": "x"})).status_code == 401
+
+
+async def test_an_address_that_asks_too_often_is_refused_whatever_tokens_it_sends(store: TokenStore) -> None:
+    api = make_api(store, rate_limit_per_token="", rate_limit_per_address="5/minute")
+    async with _client(api) as client, _client(api, "10.0.0.2") as neighbour:
+        for n in range(5):
+            r = await client.post("/notes", json={"text": "x"}, headers=_bearer(f"glt_forged-{n}"))
+            assert r.status_code == 401
+        r = await client.post("/notes", json={"text": "x"}, headers=_bearer("glt_forged-6"))
+        assert r.status_code == 429 and "retry-after" in r.headers
+        assert r.json()["error"].startswith("too many requests from this address: at most 5 per 1 minute")
+        assert (await client.get("/nowhere")).status_code == 429
+        assert (await neighbour.post("/notes", json={"text": "x"})).status_code == 401
+        for _ in range(10):  # what watches the service is never held
+            assert (await client.get("/health")).status_code == 200
+            assert (await client.get("/metrics/")).status_code == 200
+
+
+async def test_429_is_documented_with_its_retry_after(store: TokenStore) -> None:
+    api = make_api(store)
+    async with _client(api) as client:
+        spec = (await client.get("/openapi.json")).json()
+    answer = spec["paths"]["/notes"]["post"]["responses"]["429"]
+    assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorReply"}
+    assert "Retry-After" in answer["headers"]
+
+
+async def test_the_limits_are_settings_and_empty_ones_hold_nobody(store: TokenStore) -> None:
+    defaults = ServiceSettings()
+    assert (defaults.rate_limit_per_token, defaults.rate_limit_per_address) == ("6000/minute", "12000/minute")
+    assert ServiceSettings(rate_limit_per_token="10/second;600/minute").rate_limit_per_token
+    with pytest.raises(ValueError, match="rate_limit_per_address"):
+        ServiceSettings(rate_limit_per_address="lots")
+    api = make_api(store, rate_limit_per_token="", rate_limit_per_address="")
+    token = store.issue(Role.OPS_CENTER, "ops-duty")[0]
+    async with _client(api) as client:
+        for _ in range(200):
+            assert (await client.post("/notes", json={"text": "x"}, headers=_bearer(token))).status_code == 202
+
+
+def test_the_counts_of_windows_that_are_over_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spray of forged tokens leaves one count each: they go once their window is over, no thread needed."""
+    now = [1_000_000.0]
+    monkeypatch.setattr(edge, "time", SimpleNamespace(time=lambda: now[0]))
+    counts = WindowCounts(sweep_s=5)
+    for n in range(1000):
+        assert counts.incr(f"token/{n}", 60) == 1
+    assert counts.incr("token/7", 60) == 2 and counts.get("token/7") == 2
+    assert counts.get_expiry("token/7") == now[0] + 60
+    now[0] += 61
+    assert counts.get("token/7") == 0 and len(counts) == 1000
+    assert counts.incr("address/127.0.0.1", 60) == 1  # the first count past a sweep's time sweeps
+    assert len(counts) == 1
+
+
+def test_the_benchmark_and_the_chaos_run_are_never_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """They drive each service hundreds of times a second with a few tokens from one address."""
+    from services.bench.harness import Options as BenchOptions
+    from services.bench.harness import service_env
+    from services.chaos.runner import Chaos
+    from services.chaos.runner import Options as ChaosOptions
+
+    chaos = Chaos(ChaosOptions(var_dir=tmp_path / "chaos"), io.StringIO())
+    for env in (service_env("bench1", tmp_path, BenchOptions()), chaos._service_env()):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        settings = settings_for("intake")
+        for limit in (settings.rate_limit_per_token, settings.rate_limit_per_address):
+            assert all(item.amount / item.get_expiry() >= 10_000 for item in rate_limits(limit)), limit
+            assert rate_limits(limit)  # held to a limit still: its cost is in what they measure
