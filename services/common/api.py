@@ -12,11 +12,12 @@ from prometheus_client import make_asgi_app
 from pydantic import BaseModel, create_model
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
 
 from . import metrics
 from .auth import Unauthenticated
 from .changes import MAX_WAIT_S
-from .edge import Door
+from .edge import Door, SecurityHeaders
 from .errors import Forbidden, NotFound, Rejected, Unavailable
 from .settings import ServiceSettings, rate_limits
 
@@ -112,6 +113,14 @@ def settings_for(service: str) -> ServiceSettings:
     return kind()
 
 
+class _Api(FastAPI):
+    """FastAPI with the security headers outermost: around its error handling, so a 500 carries them too."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        docs = (self.docs_url, self.redoc_url, self.swagger_ui_oauth2_redirect_url if self.docs_url else None)
+        return SecurityHeaders(super().build_middleware_stack(), docs=[p for p in docs if p])
+
+
 def create_api(
     service: str,
     *,
@@ -121,10 +130,18 @@ def create_api(
     settings: ServiceSettings | None = None,
 ) -> FastAPI:
     """A service's API with what every one shares: the door (rate limits per token and per address; a body over
-    the limit refused before it is read; both before any token is looked at), health, metrics, and errors answered
-    as JSON reasons. The door's settings are ``settings``, or the environment's for ``service``."""
+    the limit refused before it is read; both before any token is looked at), security headers on every answer,
+    health, metrics, errors answered as JSON reasons, and the docs pages unless switched off. Its settings are
+    ``settings``, or the environment's for ``service``."""
     s = settings if settings is not None else settings_for(service)
-    api = FastAPI(title=title, description=description, version=version)
+    docs = s.docs_enabled
+    api = _Api(
+        title=title,
+        description=description,
+        version=version,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+    )
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:

@@ -1,5 +1,5 @@
 """The door of every service's API, before any route, token check or body parsing: how often a caller asks, and
-the size of what it sends.
+the size of what it sends; and the security headers on every answer.
 
 Rate limits: each request counts once against its bearer token (by hash) and once against its client address, in
 fixed windows (the ``limits`` package's strategy, its counts in this process's memory); more than a limit allows is
@@ -9,6 +9,12 @@ service must not be shut out by a busy client. Each instance of a service counts
 Bodies: a request whose ``Content-Length`` is over the limit is answered 413 at once, its body never read; one
 streamed without a length (chunked) is counted as it is read and refused as soon as it passes the limit. The answer
 closes the connection, so the server does not go on reading what the client still sends.
+
+Security headers: every answer, a refusal or a failure too, says that nothing of it runs but scripts and styles
+from the service itself (no inline script or style, no other origin: the operations center's dashboard is built
+so), that it is never framed, never sniffed for another type, and sends no referrer. FastAPI's docs pages (Swagger
+UI, ReDoc) are the exception: they load their scripts and styles from a CDN and start them with inline code, so
+they alone are allowed that CDN and inline code, and ``GRIDLOOP_DOCS_ENABLED=false`` removes them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,46 @@ from limits.storage import Storage
 from limits.strategies import FixedWindowRateLimiter
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+"""The Content Security Policy of every answer but the docs pages'."""
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+    "img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
+    "font-src 'self' https://fonts.gstatic.com; worker-src 'self' blob:; connect-src 'self'; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+"""The docs pages': FastAPI's Swagger UI and ReDoc pages load from jsDelivr and start with inline code."""
+_OTHERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY"))
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"content-security-policy", CSP.encode()), *_OTHERS)
+DOCS_HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"content-security-policy", DOCS_CSP.encode()), *_OTHERS)
+
+
+class SecurityHeaders:
+    """ASGI middleware: the security headers on every answer (``DOCS_HEADERS`` on the ``docs`` pages). Meant to be
+    outermost, around the error handling too, so that a failure's answer carries them as well."""
+
+    def __init__(self, app: ASGIApp, *, docs: Sequence[str] = ()) -> None:
+        self.app = app
+        self.docs = frozenset(docs)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        added = DOCS_HEADERS if scope["path"] in self.docs else SECURITY_HEADERS
+
+        async def secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *added]
+            await send(message)
+
+        await self.app(scope, receive, secured)
+
 
 UNHELD = ("/health", "/metrics")
 """Paths never held to a rate: what watches the service."""
@@ -211,4 +257,15 @@ async def _answer(send: Send, status: int, body: bytes, *headers: tuple[bytes, b
     await send({"type": "http.response.body", "body": body})
 
 
-__all__ = ["UNHELD", "BodyTooLarge", "Door", "WindowCounts", "too_large"]
+__all__ = [
+    "CSP",
+    "DOCS_CSP",
+    "DOCS_HEADERS",
+    "SECURITY_HEADERS",
+    "UNHELD",
+    "BodyTooLarge",
+    "Door",
+    "SecurityHeaders",
+    "WindowCounts",
+    "too_large",
+]

@@ -111,6 +111,10 @@ class ServiceSettings(BaseSettings):
     rate_limit_per_address: str = "12000/minute"
     """How often one client address may call a service (whatever tokens it sends, none included); empty: no
     limit. Behind a proxy every client has the proxy's address (the services take no forwarded-for header)."""
+    docs_enabled: bool = True
+    """Serve the API's docs pages (``/docs``, ``/redoc``). They load Swagger UI and ReDoc from a CDN and start
+    them with inline code, the one thing a strict Content Security Policy forbids: they alone are allowed it. Off
+    where nobody reads them (a deployment open to the town); ``/openapi.json`` stays either way."""
     log_level: str = "info"
     instance: str = ""
     """Distinguishes two instances of one service in one consumer group (they share the database)."""

@@ -1,4 +1,5 @@
-"""The door of the running services, over real sockets: bodies over the limit are refused before they are read."""
+"""The door of the running services, over real sockets: bodies over the limit are refused before they are read, and
+every answer carries the security headers."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import select
 import socket
 import time
 
+import httpx
 import psutil  # type: ignore[import-untyped]
 import pytest
 
+from services.common.edge import SECURITY_HEADERS
 from tests.e2e.conftest import Town
 
 pytestmark = pytest.mark.kafka
@@ -94,3 +97,20 @@ def test_four_anonymous_50_mb_posts_leave_intakes_memory_as_it_was(town: Town) -
             _answer(sock, timeout=5)
     grown = intake.memory_info().rss - before
     assert grown < 20 * 1024 * 1024, f"intake grew by {grown / 2**20:.0f} MB"
+
+
+SERVICES = ("intake", "handling", "verification", "opscenter", "dispatch")
+
+
+def test_every_service_answers_with_the_security_headers(town: Town) -> None:
+    wanted = [(name.decode(), value.decode()) for name, value in SECURITY_HEADERS]
+    missing = []
+    for service in SERVICES:
+        base = f"http://127.0.0.1:{town.port[f'GRIDLOOP_{service.upper()}_HTTP_PORT']}"
+        spec = httpx.get(f"{base}/openapi.json", timeout=10)
+        guarded = next(p for p, item in spec.json()["paths"].items() if "{" not in p and "get" in item and p != "/")
+        for path in ("/health", "/metrics", "/openapi.json", "/no-such-thing", guarded):
+            r = httpx.get(base + path, timeout=10)
+            if [(name, r.headers.get(name)) for name, _ in wanted] != wanted:
+                missing.append(f"{service} {path} {r.status_code}: {dict(r.headers)}")
+    assert not missing, "\n".join(missing)

@@ -251,3 +251,71 @@ def test_the_benchmark_and_the_chaos_run_are_never_held(tmp_path: Path, monkeypa
         for limit in (settings.rate_limit_per_token, settings.rate_limit_per_address):
             assert all(item.amount / item.get_expiry() >= 10_000 for item in rate_limits(limit)), limit
             assert rate_limits(limit)  # held to a limit still: its cost is in what they measure
+
+
+# -- security headers and the docs ---------------------------------------------------------------------------------
+
+STRICT = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+def _secured(r: httpx.Response, csp: str = STRICT) -> bool:
+    h = r.headers
+    return (h.get("content-security-policy"), h.get("x-content-type-options"), h.get("referrer-policy")) == (
+        csp,
+        "nosniff",
+        "no-referrer",
+    ) and h.get("x-frame-options") == "DENY"
+
+
+async def test_every_answer_carries_the_security_headers(store: TokenStore) -> None:
+    api = make_api(store, rate_limit_per_address="40/minute", body_limit_bytes=LIMIT)
+
+    @api.get("/broken")
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    token = store.issue(Role.OPS_CENTER, "ops-duty")[0]
+    transport = httpx.ASGITransport(app=api, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+        answers = {
+            "202": await client.post("/notes", json={"text": "x"}, headers=_bearer(token)),
+            "401": await client.post("/notes", json={"text": "x"}),
+            "422": await client.post("/notes", json={"text": 1}, headers=_bearer(token)),
+            "404": await client.get("/nowhere"),
+            "405": await client.get("/notes"),
+            "413": await client.post("/notes", content=b"x" * (LIMIT + 1), headers={"content-type": "text/plain"}),
+            "500": await client.get("/broken"),
+            "health": await client.get("/health"),
+            "metrics": await client.get("/metrics/"),
+            "openapi": await client.get("/openapi.json"),
+        }
+        for _ in range(40):
+            answers["429"] = await client.get("/nowhere")
+            if answers["429"].status_code == 429:
+                break
+    assert (answers["500"].status_code, answers["429"].status_code) == (500, 429)
+    unsecured = sorted(name for name, r in answers.items() if not _secured(r))
+    assert not unsecured, {name: dict(answers[name].headers) for name in unsecured}
+
+
+async def test_only_the_docs_pages_may_run_their_inline_scripts_from_their_cdn(store: TokenStore) -> None:
+    async with _client(make_api(store)) as client:
+        docs, redoc, spec = [await client.get(p) for p in ("/docs", "/redoc", "/openapi.json")]
+    assert docs.status_code == redoc.status_code == spec.status_code == 200
+    assert _secured(spec)
+    for page in (docs, redoc):
+        csp = page.headers["content-security-policy"]
+        assert "https://cdn.jsdelivr.net" in csp and "frame-ancestors 'none'" in csp and "object-src 'none'" in csp
+        assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "DENY"
+
+
+async def test_the_docs_can_be_switched_off(store: TokenStore) -> None:
+    async with _client(make_api(store, docs_enabled=False)) as client:
+        for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+            r = await client.get(path)
+            assert r.status_code == 404 and _secured(r), path
+        assert (await client.get("/openapi.json")).status_code == 200  # the document stays: clients read it
+    assert ServiceSettings().docs_enabled
