@@ -1,10 +1,10 @@
-"""Who is calling: bearer tokens issued by an administrator, stored hashed, revocable.
+"""Who is calling: bearer tokens issued by an administrator, stored hashed, expiring, rotatable, revocable.
 
 Principals are grid workers (bound to their grid cells), department staff (bound to one department), the
 operations center, administrators, sensors and Open311 client applications. Every API asks for a principal
-(``Authorization: Bearer <token>``) except /health and /metrics; each route says which roles may call it, and
-the rules (a department sees only its own work orders, a worker verifies only in its own grid) use the
-principal's binding. The token store is one database all services read (``GRIDLOOP_AUTH_DATABASE_URL``,
+(``Authorization: Bearer <token>``, in that header only) except /health and /metrics; each route says which roles
+may call it, and the rules (a department sees only its own work orders, a worker verifies only in its own grid)
+use the principal's binding. The token store is one database all services read (``GRIDLOOP_AUTH_DATABASE_URL``,
 default ``var/db/auth.sqlite``).
 """
 
@@ -57,7 +57,7 @@ class Role(StrEnum):
 
 
 class Unauthenticated(GridloopError):
-    """No token, an unknown one, or a revoked one: answered 401."""
+    """No token, an unknown, revoked or expired one, or one in the URL: answered 401 with the reason."""
 
 
 def check_subject(subject: str) -> str:
