@@ -176,10 +176,13 @@ class Door:
             await self.app(scope, receive, send)
             return
         length: bytes | None = None
+        streamed = False
         authorization: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 length = value
+            elif name == b"transfer-encoding":
+                streamed = True
             elif name == b"authorization":
                 authorization = value
         if self.limiter is not None and not scope["path"].startswith(UNHELD):
@@ -188,11 +191,11 @@ class Door:
                 reason, retry_after = held
                 await _answer(send, 429, orjson.dumps({"error": reason}), (b"retry-after", str(retry_after).encode()))
                 return
-        if length is None:
-            await self._counted(scope, receive, send)
-        elif length.isdigit() and int(length) > self.body_limit:
+        if length is not None and length.isdigit() and int(length) > self.body_limit:
             await self._refuse(send)
-        else:  # the server reads no more than the declared length: only the declaration needs looking at
+        elif streamed and length is None:
+            await self._counted(scope, receive, send)
+        else:  # no body, or no more than its declared length is read: only the declaration needs looking at
             await self.app(scope, receive, send)
 
     def _held(
