@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import psutil  # type: ignore[import-untyped]
 
 from schemas.topics import CATALOG, LIFECYCLE
-from services.common.settings import REPO_ROOT
+from services.common.settings import LOAD_RATE_LIMITS, REPO_ROOT
 from services.supervisor import Service, ServiceGroup, check_addresses, select_services
 
 from . import stats
@@ -184,6 +184,7 @@ def service_env(ns: str, var_dir: Path, options: Options) -> dict[str, str]:
         "GRIDLOOP_LOG_LEVEL": "warning",
         # every report is its own incident: no two random points of the town are merged as duplicates
         "GRIDLOOP_DISPATCH_MERGE_DISTANCE_M": "0",
+        **LOAD_RATE_LIMITS,
     }
     for name, offset in PORT_OFFSETS.items():
         env[f"GRIDLOOP_{name.upper()}_HTTP_PORT"] = str(options.base_port + offset)

@@ -23,7 +23,7 @@ import orjson
 
 from schemas.topics import DEADLETTER, LIFECYCLE
 from services.common.admin import create_topics
-from services.common.settings import REPO_ROOT
+from services.common.settings import LOAD_RATE_LIMITS, REPO_ROOT
 
 from .audit import AuditResult, LogEvent, ServiceState, audit_log, check_states
 from .cluster import SERVICE_NAMES, Broker, Fleet, GroupView, Instance, Probe, describe_parts
@@ -221,6 +221,7 @@ class Chaos:
             "GRIDLOOP_LOG_LEVEL": "warning",
             "GRIDLOOP_TIME_SCALE": str(self.o.time_scale),
             "GRIDLOOP_DISPATCH_ESCALATE_AFTER_HOURS": str(self.o.escalate_after_hours),
+            **LOAD_RATE_LIMITS,
             # faust reads these from the environment: a member that stops heartbeating (SIGKILL) is out of its
             # group after `session` seconds, so the other instance of the pair takes its partitions soon
             "BROKER_SESSION_TIMEOUT": str(session),

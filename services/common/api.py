@@ -9,14 +9,17 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
 
 from . import metrics
 from .auth import Unauthenticated
 from .changes import MAX_WAIT_S
+from .edge import Door, SecurityHeaders
 from .errors import Forbidden, NotFound, Rejected, Unavailable
+from .settings import ServiceSettings, rate_limits
 
 RETRY_AFTER_S = "5"
 """Seconds a client is asked to wait before retrying a 503."""
@@ -54,11 +57,14 @@ _ERRORS: dict[str, str] = {
     "403": "the caller may not do this",
     "404": "not found, or not visible to the caller",
     "409": "not allowed in the current state",
+    "413": "the request body is over the limit (GRIDLOOP_BODY_LIMIT_BYTES): refused before it was read",
     "422": "invalid request: each problem with its field",
+    "429": "too many requests with this token or from this address: come back after Retry-After seconds",
     "503": "database unavailable: nothing was recorded; retry later",
 }
 _HEADERS: dict[str, dict[str, Any]] = {
     "401": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+    "429": {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}},
     "503": {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}},
 }
 _FASTAPI_422 = "#/components/schemas/HTTPValidationError"
@@ -67,10 +73,10 @@ _FASTAPI_422 = "#/components/schemas/HTTPValidationError"
 def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
     """Declare, once for every route, the errors create_api's handlers answer, as they answer them.
 
-    A route behind a token may answer 401, 403, 422 and 503 (and 400 for a body that cannot be parsed) besides
-    what it declares itself (404, 409); each is ``ErrorReply``. FastAPI's own 422 schema, which these APIs never
-    send, is replaced everywhere. Routes that answer in another format (Open311's) declare their own and are left
-    as they are."""
+    A route behind a token may answer 401, 403, 422, 429 and 503 (and 400 and 413 for a body that cannot be parsed
+    or is too large) besides what it declares itself (404, 409); each is ``ErrorReply``. FastAPI's own 422 schema,
+    which these APIs never send, is replaced everywhere. Routes that answer in another format (Open311's) declare
+    their own and are left as they are."""
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     reply = ErrorReply.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(reply.pop("$defs", {}))
@@ -83,7 +89,7 @@ def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
             responses: dict[str, Any] = op["responses"]
             params = op.get("parameters", [])
             if any(p.get("in") == "header" and p.get("name", "").lower() == "authorization" for p in params):
-                for status in ("401", "403", "422", "503", *(("400",) if "requestBody" in op else ())):
+                for status in ("401", "403", "422", "429", "503", *(("400", "413") if "requestBody" in op else ())):
                     responses.setdefault(status, {"description": _ERRORS[status]})
                 for status, answer in responses.items():
                     if status in _ERRORS:
@@ -100,8 +106,42 @@ def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def create_api(service: str, *, title: str, description: str = "", version: str = "1.0.0") -> FastAPI:
-    api = FastAPI(title=title, description=description, version=version)
+def settings_for(service: str) -> ServiceSettings:
+    """``service``'s settings as the environment gives them (``GRIDLOOP_<SERVICE>_<NAME>`` included)."""
+    kind = create_model(f"{service.title()}ApiSettings", __base__=ServiceSettings)
+    kind.SERVICE = service
+    return kind()
+
+
+class _Api(FastAPI):
+    """FastAPI with the security headers outermost: around its error handling, so a 500 carries them too."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        docs = (self.docs_url, self.redoc_url, self.swagger_ui_oauth2_redirect_url if self.docs_url else None)
+        return SecurityHeaders(super().build_middleware_stack(), docs=[p for p in docs if p])
+
+
+def create_api(
+    service: str,
+    *,
+    title: str,
+    description: str = "",
+    version: str = "1.0.0",
+    settings: ServiceSettings | None = None,
+) -> FastAPI:
+    """A service's API with what every one shares: the door (rate limits per token and per address; a body over
+    the limit refused before it is read; both before any token is looked at), security headers on every answer,
+    health, metrics, errors answered as JSON reasons, and the docs pages unless switched off. Its settings are
+    ``settings``, or the environment's for ``service``."""
+    s = settings if settings is not None else settings_for(service)
+    docs = s.docs_enabled
+    api = _Api(
+        title=title,
+        description=description,
+        version=version,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+    )
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:
@@ -158,5 +198,11 @@ def create_api(service: str, *, title: str, description: str = "", version: str 
         return {"status": "ok", "service": service}
 
     api.mount("/metrics", make_asgi_app())
-    metrics.instrument(api, service)
+    api.add_middleware(
+        Door,
+        body_limit=s.body_limit_bytes,
+        per_token=rate_limits(s.rate_limit_per_token),
+        per_address=rate_limits(s.rate_limit_per_address),
+    )
+    metrics.instrument(api, service)  # added last, so outermost: the door's refusals are counted too
     return api

@@ -81,7 +81,7 @@ def make_engine(url: str) -> Engine:
 def create_tables(engine: Engine, tables: Iterable[sa.Table]) -> None:
     tables = tuple(tables)
     create_missing(engine, (*SHARED_TABLES, *tables))
-    _add_missing_columns(engine, (*SHARED_TABLES, *tables))
+    add_missing_columns(engine, (*SHARED_TABLES, *tables))
     for table in (*SHARED_TABLES, *tables):  # and the indexes a later version added (create_all skips existing
         for index in table.indexes:  # tables)
             _create_index(engine, table, index)
@@ -105,7 +105,7 @@ def _create_index(engine: Engine, table: sa.Table, index: sa.Index) -> None:
             raise
 
 
-def _add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> None:
+def add_missing_columns(engine: Engine, tables: Iterable[sa.Table]) -> None:
     """Bring a table made by an earlier version up to date: add the nullable columns it lacks.
 
     Only additive, nullable columns are handled (the outbox's lease, say); two instances starting together on
@@ -394,6 +394,7 @@ __all__ = [
     "ProcessedEvent",
     "Record",
     "UnitOfWork",
+    "add_missing_columns",
     "as_utc",
     "columns_by_key",
     "create_missing",

@@ -9,10 +9,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from limits import RateLimitItem, parse_many
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+LOAD_RATE_LIMITS = {
+    "GRIDLOOP_RATE_LIMIT_PER_TOKEN": "1000000/minute",
+    "GRIDLOOP_RATE_LIMIT_PER_ADDRESS": "1000000/minute",
+}
+"""The rate limits of the services a benchmark or a chaos run starts: they drive each service hundreds of times a
+second with a handful of tokens from one address, far past what a person is allowed. Limits that high hold nobody,
+yet every request is still counted: what they measure includes the cost of the limits."""
+
+
+def rate_limits(text: str) -> list[RateLimitItem]:
+    """The limits a rate setting names (``100/second;6000/minute``); none for an empty one."""
+    if not text.strip():
+        return []
+    try:
+        items = parse_many(text)
+    except ValueError:
+        items = []
+    if not items or any(item.amount < 1 for item in items):
+        raise ValueError(
+            f"a rate limit is COUNT/UNIT (second, minute, hour, day), several joined by ';', or empty; not {text!r}"
+        )
+    return items
 
 
 class ServiceSettings(BaseSettings):
@@ -72,9 +97,33 @@ class ServiceSettings(BaseSettings):
     wait up to 5 ms to take it back from the consumer thread, each time."""
     event_loop: Literal["uvloop", "aio"] = "uvloop"
     """The asyncio loop the worker (consumer, producer and API) runs on: uvloop, or the standard library's."""
+    body_limit_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    """The largest request body an API takes: one declared larger is refused (413) before a byte of it is read,
+    one streamed (chunked) as soon as it passes this; both before the caller's token is looked at. 1 MiB: the
+    largest request the APIs take, a batch of 100 handled work orders, is some 700 KB when each result holds 2000
+    characters of Chinese (3 bytes each in UTF-8, more only when a client escapes every character)."""
+    rate_limit_per_token: str = "6000/minute"
+    """How often one token may call a service, in the ``limits`` package's notation (``100/second;6000/minute``);
+    empty: no limit. More is answered 429 with ``Retry-After``. 6000 a minute (100 a second) is far more than any
+    person or device asks (the simulation's busiest desk asks a few hundred a minute): it holds a client run amok,
+    never a working one. The benchmark and the chaos run drive a service hundreds of times a second with a few
+    tokens from one address: they set both limits high for the services they start."""
+    rate_limit_per_address: str = "12000/minute"
+    """How often one client address may call a service (whatever tokens it sends, none included); empty: no
+    limit. Behind a proxy every client has the proxy's address (the services take no forwarded-for header)."""
+    docs_enabled: bool = True
+    """Serve the API's docs pages (``/docs``, ``/redoc``). They load Swagger UI and ReDoc from a CDN and start
+    them with inline code, the one thing a strict Content Security Policy forbids: they alone are allowed it. Off
+    where nobody reads them (a deployment open to the town); ``/openapi.json`` stays either way."""
     log_level: str = "info"
     instance: str = ""
     """Distinguishes two instances of one service in one consumer group (they share the database)."""
+
+    @field_validator("rate_limit_per_token", "rate_limit_per_address")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        rate_limits(value)  # says what is wrong with it
+        return value.strip()
 
     @model_validator(mode="before")
     @classmethod

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from schemas import aware_utc
 from services.common.auth import Unauthenticated
 from services.common.db import as_utc
+from services.common.edge import BodyTooLarge
 from services.common.errors import Forbidden, NotFound, Rejected, Unavailable
 
 log = logging.getLogger("gridloop.open311")
@@ -209,6 +210,8 @@ def as_error(exc: Exception) -> tuple[int, list[tuple[int, str]]] | None:
             return 400, [(503, str(exc) or "service unavailable; retry later")]
         case OperationalError():
             return 400, [(503, "database unavailable: nothing was recorded; retry later")]
+        case BodyTooLarge(detail=detail):  # a multipart form streamed past the API's body limit
+            return 413, [(413, str(detail))]
         case HTTPException(status_code=status, detail=detail):
             status = status if status in (403, 404) else 400
             return status, [(status, str(detail))]

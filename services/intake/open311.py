@@ -7,9 +7,11 @@ dispatched, handled, verified, closed. The incident id is the ``service_request_
 
 Where the spec leaves room, gridloop chooses:
 
-- ``api_key`` is required to post (form field, or ``?api_key=``): a token of role ``open311`` issued with
-  ``python -m services.admin tokens issue --role open311 --subject <app-name>``. Missing, unknown, revoked or
-  another role's token: 403. Reading needs no key. ``jurisdiction_id`` is ignored (one jurisdiction).
+- ``api_key`` is required to post, as a field of the posted form where the spec puts it: a token of role
+  ``open311`` issued with ``python -m services.admin tokens issue --role open311 --subject <app-name>``. Missing,
+  unknown, revoked, expired or another role's token: 403. In the URL (``?api_key=``) it is refused (403) without
+  reading the form: proxies and servers log URLs. Reading needs no key. ``jurisdiction_id`` is ignored (one
+  jurisdiction).
 - Location: ``lat`` and ``long`` are required. gridloop places an incident in its grid cell by coordinates and has
   no geocoder, so ``address_string`` or ``address_id`` alone is refused (400); ``address_string`` given with
   coordinates is kept as the incident's address. A point outside Gaohang's grid cells is accepted and then
@@ -51,7 +53,7 @@ from pydantic import HttpUrl, TypeAdapter, ValidationError
 
 from schemas.events import Source
 from schemas.reference import CATEGORIES
-from services.common.auth import Principal, Role
+from services.common.auth import Principal, Role, Unauthenticated
 from services.common.db import UnitOfWork
 from services.common.runtime import Runtime
 
@@ -182,8 +184,10 @@ def build_router(runtime: Runtime) -> APIRouter:
     async def create_request(request: Request, fmt: Fmt) -> Response:
         """POST Service Request: report an incident (api_key of an open311 client required)."""
         f = parse_format(fmt)
+        if "api_key" in request.query_params:
+            raise Open311Error(403, "the api_key goes in the posted form, never in the URL (where it is logged)")
         form = await _form(request)
-        who = _client(runtime, form, request)
+        who = _client(runtime, form)
         service = catalog.category(_one(form, "service_code") or _missing("service_code"))
         with runtime.uow() as uow:
             cmd, account_id = _report(form, who, service.code, uow)
@@ -288,16 +292,17 @@ def build_router(runtime: Runtime) -> APIRouter:
 async def _form(request: Request) -> dict[str, list[str]]:
     """The posted fields (name → values), decoded as UTF-8 whatever the client escaped."""
     mime = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > _BODY_LIMIT:
+        raise _too_large()  # before a byte of it is read
     pairs: list[tuple[str, str]] = []
-    if mime == "multipart/form-data":
+    if mime == "multipart/form-data":  # one streamed (chunked) is bounded by the API's own body limit
         for name, value in (await request.form()).multi_items():
             if not isinstance(value, str):
                 raise bad_request(f"{name}: files are not taken; give media_url, a link to the picture")
             pairs.append((name, value))
     elif mime in ("application/x-www-form-urlencoded", ""):
-        body = await request.body()
-        if len(body) > _BODY_LIMIT:
-            raise bad_request(f"the request body is larger than {_BODY_LIMIT // 1024} KiB")
+        body = await _body(request)
         try:
             pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict", max_num_fields=500)
         except ValueError:  # UnicodeDecodeError too
@@ -312,6 +317,22 @@ async def _form(request: Request) -> dict[str, list[str]]:
     return form
 
 
+async def _body(request: Request) -> bytes:
+    """The posted body, read no further than the limit."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > _BODY_LIMIT:
+            raise _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large() -> Open311Error:
+    return Open311Error(413, f"the form is larger than {_BODY_LIMIT // 1024} KiB")
+
+
 def _one(form: dict[str, list[str]], name: str) -> str | None:
     """A single-valued field; empty means absent, as the spec's optional arguments say."""
     values = list(dict.fromkeys(v for v in form.get(name, []) if v))
@@ -324,13 +345,19 @@ def _missing(name: str) -> NoReturn:
     raise bad_request(f"{name} is required")
 
 
-def _client(runtime: Runtime, form: dict[str, list[str]], request: Request) -> Principal:
-    key = _one(form, "api_key") or request.query_params.get("api_key", "").strip()
+def _client(runtime: Runtime, form: dict[str, list[str]]) -> Principal:
+    key = _one(form, "api_key")
     if not key:
         raise Open311Error(403, "api_key is required to post a service request; a gridloop administrator issues it")
-    who = runtime.auth.check(key)
-    if who is None:
-        raise Open311Error(403, "invalid api_key: unknown or revoked")
+    try:
+        who = runtime.auth.authenticate(key)
+    except Unauthenticated as exc:
+        reason = str(exc)
+        if reason.startswith("token expired"):
+            raise Open311Error(403, "api_key " + reason.removeprefix("token ")) from None
+        if reason == "unknown or revoked token":
+            reason = "unknown or revoked"
+        raise Open311Error(403, f"invalid api_key: {reason}") from None
     if who.role is not Role.OPEN311:
         raise Open311Error(403, "this api_key is not an Open311 client's key")
     return who

@@ -1,14 +1,14 @@
 """Who may do what, on every route of every service, over the running town.
 
 The routes come from each service's own OpenAPI document, so a new route is covered as soon as it exists: every
-one must refuse a request without a valid token (none, forged, revoked, malformed) with 401, and every one must
-have a rule below saying who may call it — a route without one fails the matrix. For each rule every other
-principal of the town (grid workers of this grid and another, every department's staff, the operations center, an
-administrator, a sensor, an Open311 application) is refused and never served: with 403 where its role may not call
-the route, and with 404 where it may but the item is not its own (another office's work order, another grid's
-task), word for word the answer to an id that names nothing, so that the refusal tells neither that the item
-exists nor whose it is. The principal the route is for is served (the positive control). Lists that several
-principals may read show each of them only their own department's or grid's data.
+one must refuse a request without a valid token (none, forged, revoked, expired, malformed, or a valid one in the
+URL) with 401, and every one must have a rule below saying who may call it — a route without one fails the matrix.
+For each rule every other principal of the town (grid workers of this grid and another, every department's staff,
+the operations center, an administrator, a sensor, an Open311 application) is refused and never served: with 403
+where its role may not call the route, and with 404 where it may but the item is not its own (another office's
+work order, another grid's task), word for word the answer to an id that names nothing, so that the refusal tells
+neither that the item exists nor whose it is. The principal the route is for is served (the positive control).
+Lists that several principals may read show each of them only their own department's or grid's data.
 
 Real ids are used: the incidents, work orders, verification tasks and the extension request below are made first,
 through the public APIs. Requests that change state are made by wrong principals first, the positive control last.
@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from schemas.reference import DEPARTMENTS
-from services.common.auth import Role
+from services.common.auth import Role, TokenStore
 from tests.e2e.conftest import Town
 
 pytestmark = pytest.mark.kafka
@@ -107,6 +107,7 @@ class World:
     """Name → token of everyone who may knock."""
     store: Any
     revoked: dict[str, str] = field(default_factory=dict)
+    expired: dict[str, str] = field(default_factory=dict)
 
     def revoked_like(self, name: str) -> str:
         """A token bound exactly as ``name``'s, revoked (never used before: no service has it cached)."""
@@ -119,6 +120,18 @@ class World:
             assert self.store.revoke(row.token_id)
             self.revoked[name] = secret
         return self.revoked[name]
+
+    def expired_like(self, name: str) -> str:
+        """A token bound exactly as ``name``'s, past its expiry (issued a week ago for a day)."""
+        if name not in self.expired:
+            who = self.store.check(self.principals[name])
+            assert who is not None, name
+            issued = TokenStore(self.store.engine, clock=lambda: datetime.now(UTC) - timedelta(days=7))
+            secret, _ = issued.issue(
+                who.role, who.subject, department=who.department, grids=who.grids, expires_in=timedelta(days=1)
+            )
+            self.expired[name] = secret
+        return self.expired[name]
 
 
 def _wait(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
@@ -415,15 +428,22 @@ def _anonymous(r: httpx.Response, params: dict[str, str]) -> str:
     return text
 
 
-def _says_why(r: httpx.Response, rule: Rule | None) -> bool:
-    """A refusal gives its reason: ``{"error": …}``, or GeoReport v2's ``[{"code", "description"}]`` on Open311."""
+WHY = {"expired": "expired", "?api_ke": "Authorization header"}
+"""What the reason says, by the start of what was tried."""
+
+
+def _says_why(r: httpx.Response, rule: Rule | None, says: str | None = None) -> bool:
+    """A refusal gives its reason: ``{"error": …}``, or GeoReport v2's ``[{"code", "description"}]`` on Open311;
+    one that ``says`` something."""
     try:
         body = r.json()
     except ValueError:
         return False
     if rule is not None and rule.form:
-        return isinstance(body, list) and bool(body) and "description" in body[0]
-    return isinstance(body, dict) and bool(body.get("error"))
+        reason = str(body[0].get("description", "")) if isinstance(body, list) and body else ""
+    else:
+        reason = str(body.get("error") or "") if isinstance(body, dict) else ""
+    return bool(reason) and (says is None or says in reason)
 
 
 # -- the tests ---------------------------------------------------------------------------------------------------
@@ -442,16 +462,18 @@ def test_every_route_refuses_a_caller_without_a_valid_token(town: Town, world: W
             ("no token", {}),
             ("forged token", {"token": forged}),
             (f"revoked token of {right}", {"token": world.revoked_like(right)}),
+            (f"expired token of {right}", {"token": world.expired_like(right)}),
         ]
         if rule is None or not rule.form:
             tries += [
                 ("forged ?api_key", {"query_key": forged}),
+                (f"?api_key of {right}", {"query_key": world.principals[right]}),
                 ("Basic credentials", {"header": "Basic YWRtaW46YWRtaW4="}),
                 ("Bearer without token", {"header": "Bearer"}),
             ]
         for who, how in tries:
             r = matrix.ask(route, rule, **how)
-            matrix.expect(route, who, str(want), r, r.status_code == want and _says_why(r, rule))
+            matrix.expect(route, who, str(want), r, r.status_code == want and _says_why(r, rule, WHY.get(who[:7])))
     summary = Matrix.failures_of(matrix.outcomes[start:])
     assert not summary, summary
 

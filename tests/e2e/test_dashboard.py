@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
+from services.common.edge import SECURITY_HEADERS
 from tests.e2e.conftest import Town
 from tests.kafka_support import PORT_OFFSET
 
@@ -63,7 +64,8 @@ def chromium() -> str:
 
 def run_chromium(url: str, *, dump_dom: bool = False, screenshot: Path | None = None, budget_ms: int = 4000) -> str:
     """Load ``url`` once, let ``budget_ms`` of virtual time pass (network waits do not count), and return the DOM
-    (``dump_dom``) or write a 1400×1000 screenshot."""
+    (``dump_dom``) or write a 1400×1000 screenshot. Whatever the page did that its Content Security Policy blocked
+    (the browser says so on its console) fails the test."""
     with tempfile.TemporaryDirectory(prefix="gridloop-chromium-") as profile:
         args = [
             chromium(),
@@ -80,6 +82,8 @@ def run_chromium(url: str, *, dump_dom: bool = False, screenshot: Path | None = 
             f"--user-data-dir={profile}",
             f"--virtual-time-budget={budget_ms}",
             "--window-size=1400,1000",
+            "--enable-logging=stderr",  # the page's console, CSP violations included
+            "--v=0",
         ]
         args += ["--dump-dom"] if dump_dom else [f"--screenshot={screenshot}"]
         proc = subprocess.Popen(
@@ -96,6 +100,8 @@ def run_chromium(url: str, *, dump_dom: bool = False, screenshot: Path | None = 
     assert proc.returncode == 0, f"chromium exited with {proc.returncode}:\n{log[-3000:]}"
     if dump_dom:
         assert "<body" in out, f"chromium dumped no DOM for {url}:\n{log[-3000:]}"
+    blocked = [line for line in log.splitlines() if "Content Security Policy" in line]
+    assert not blocked, f"{url} did what its Content Security Policy forbids:\n" + "\n".join(blocked[:10])
     return out
 
 
@@ -311,6 +317,9 @@ def test_dashboard_shows_what_the_api_says(town: Town) -> None:
     wait_until("opscenter to show the reported incidents", caught_up)
 
     dom, api = render_stable(f"{OPSCENTER}/{fragment}", lambda: snapshot(ops))
+    for path in ("/", "/static/dashboard.js", "/static/vendor/leaflet.css", "/api/kpis"):  # as run_chromium saw them
+        headers = ops.get(path).headers
+        assert [(n, headers.get(n.decode(), "").encode()) for n, _ in SECURITY_HEADERS] == list(SECURITY_HEADERS), path
 
     assert body(dom).attrs.get("data-state") == "live", body(dom).attrs
     assert not banner_shown(dom), dom.by_id("error-banner").text()
@@ -387,7 +396,8 @@ Api = Callable[[str, int, str | None], tuple[int, Any]]
 
 
 class _Page(BaseHTTPRequestHandler):
-    """Serves the dashboard's static files like opscenter; /api/* is answered by the server's ``api``."""
+    """Serves the dashboard's static files like opscenter, with its security headers; /api/* is answered by the
+    server's ``api``."""
 
     server: _Server
 
@@ -396,6 +406,8 @@ class _Page(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, ctype: str) -> None:
         self.send_response(status)
+        for name, value in SECURITY_HEADERS:  # as the services send them
+            self.send_header(name.decode(), value.decode())
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
@@ -577,6 +589,33 @@ def test_api_failing_after_a_good_refresh_keeps_the_last_figures() -> None:
     assert_figures_match(figures(dom), answers["/api/kpis"]["total"]["current"], "kept figures")
     assert [m.attrs["data-incident"] for m in markers(dom)] == ["GL20240101-ABCDEF12"]
     assert dom.by_id("updated-at").text() != DASH
+
+
+def test_the_dashboard_runs_under_the_services_content_security_policy() -> None:
+    """No inline script or style in the page, nothing its script does that a strict policy blocks (run_chromium
+    fails on any violation the browser reports), and the policy is strict: no 'unsafe-inline', no other origin."""
+    chromium()
+    csp = dict(SECURITY_HEADERS)[b"content-security-policy"].decode()
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["script-src"] == directives["style-src"] == "'self'"
+    assert directives["frame-ancestors"] == directives["object-src"] == directives["base-uri"] == "'none'"
+    page = parse((STATIC / "index.html").read_text(encoding="utf-8"))
+    inline = [
+        f"<{n.tag} {' '.join(sorted(n.attrs))}>"
+        for n in page.iter()
+        if (n.tag == "script" and ("src" not in n.attrs or n.text().strip()))
+        or n.tag == "style"
+        or "style" in n.attrs
+        or any(a.startswith("on") for a in n.attrs)
+        or any(v.strip().lower().startswith("javascript:") for v in n.attrs.values())
+    ]
+    assert not inline, f"index.html holds what the policy blocks: {inline}"
+    answers = _fake_api()
+    with page_server(lambda path, n, authorization: (200, answers[path])) as server:
+        dom = parse(run_chromium(f"http://127.0.0.1:{server.server_port}/#token=glt_test-token", dump_dom=True))
+    assert body(dom).attrs.get("data-state") == "live"
+    bars = dom.by_id("backlog-table").all(lambda n: n.tag == "i" and "open" in n.classes())
+    assert bars and all(n.attrs.get("style", "").startswith("width: ") for n in bars)
 
 
 def test_token_from_the_address_is_sent_as_bearer() -> None:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import httpx
+import orjson
 import pytest
 import sqlalchemy as sa
 from fastapi import Depends
@@ -32,6 +33,7 @@ from services.intake.api import build_api
 from services.intake.models import TABLES, IntakeIncident, ReportCreate
 
 from .conftest import FakeClock
+from .test_edge import post
 
 T0 = datetime(2026, 11, 24, 0, 15, tzinfo=UTC)
 """08:15 in Shanghai."""
@@ -117,8 +119,11 @@ def read(r: httpx.Response, fmt: str) -> Any:
 
 
 class Gateway:
-    def __init__(self, client: httpx.AsyncClient, runtime: FakeRuntime, engine: Engine, key: str) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, runtime: FakeRuntime, engine: Engine, key: str, api: Any = None
+    ) -> None:
         self.client, self.runtime, self.engine, self.key = client, runtime, engine, key
+        self.api = api
         self.clock = runtime.clock
         self.bus = MessageBus(runtime.uow, handlers.HANDLERS)
 
@@ -176,9 +181,9 @@ async def gw(tmp_path: Any, make_db: Callable[[tuple[sa.Table, ...]], Engine]) -
     engine = make_db(TABLES)
     auth = TokenStore(make_engine(f"sqlite:///{tmp_path / 'auth.sqlite'}"))
     runtime = FakeRuntime(engine, FakeClock(T0), auth)
-    transport = httpx.ASGITransport(app=build_api(cast(Runtime, runtime)))
-    async with httpx.AsyncClient(transport=transport, base_url="http://intake.test") as client:
-        yield Gateway(client, runtime, engine, auth.issue(Role.OPEN311, "fixmystreet")[0])
+    api = build_api(cast(Runtime, runtime))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://intake.test") as client:
+        yield Gateway(client, runtime, engine, auth.issue(Role.OPEN311, "fixmystreet")[0], api)
     auth.engine.dispose()
 
 
@@ -549,8 +554,51 @@ async def test_keys_other_than_a_live_open311_key_are_refused(gw: Gateway, fmt: 
     assert errors(await gw.post(fmt, api_key=secret, description="another")) == [
         (403, "invalid api_key: unknown or revoked")
     ]
+    expired, _ = gw.runtime.auth.issue(Role.OPEN311, "short-lived-app", expires_in=timedelta(minutes=1))
+    gw.runtime.auth.clock = lambda: datetime.now(UTC) + timedelta(minutes=2)
+    assert errors(await gw.post(fmt, api_key=expired, description="late"))[0][1].startswith("api_key expired")
+
+
+@pytest.mark.parametrize("fmt", ["json", "xml"])
+async def test_the_api_key_is_taken_from_the_form_only_never_from_the_url(gw: Gateway, fmt: str) -> None:
+    """The spec puts api_key in the POST's form; in the URL it lands in every proxy's and server's log."""
+    in_url = "the api_key goes in the posted form, never in the URL (where it is logged)"
     r = await gw.client.post(f"{V2}/requests.{fmt}?api_key={gw.key}", data={"service_code": "flooding", **SPOT})
+    assert errors(r) == [(403, in_url)]
+    data = {"api_key": gw.key, "service_code": "flooding", **SPOT}
+    r = await gw.client.post(f"{V2}/requests.{fmt}?api_key={gw.key}", data=data)
+    assert errors(r) == [(403, in_url)]
+    assert gw.outbox() == []
+    r = await gw.client.post(f"{V2}/requests.{fmt}", data=data, headers={"Authorization": "Bearer nothing"})
     assert errors(r) == [(400, "attribute[water_depth_cm] is required: 积水大约有多深？ About how deep is the water?")]
+
+
+@pytest.mark.parametrize("mime", [b"application/x-www-form-urlencoded", b"multipart/form-data; boundary=x"])
+async def test_a_form_over_256_kib_is_refused_before_it_is_read(gw: Gateway, mime: bytes) -> None:
+    """The gateway read the whole form, then looked at its size."""
+    declared = [(b"content-length", str(300 * 1024).encode())]
+    exchange = await post(gw.api, declared, [b"api_key=x"], path=f"{V2}/requests.json", content_type=mime)
+    assert exchange.status == 413 and exchange.reads == 0
+    assert orjson.loads(exchange.body) == [{"code": 413, "description": "the form is larger than 256 KiB"}]
+    assert gw.outbox() == []
+
+
+async def test_a_streamed_form_is_refused_once_it_passes_256_kib(gw: Gateway) -> None:
+    chunk = b"description=" + b"x" * (32 * 1024 - 12)
+    mime = b"application/x-www-form-urlencoded"
+    exchange = await post(gw.api, [(b"transfer-encoding", b"chunked")], [chunk] * 20, f"{V2}/requests.xml", mime)
+    assert exchange.status == 413 and exchange.reads == 9  # 8 chunks are 256 KiB: the 9th is one too many
+    assert ET.fromstring(exchange.body).findtext("error/description") == "the form is larger than 256 KiB"
+
+
+async def test_a_streamed_multipart_form_is_refused_once_it_passes_the_apis_body_limit(gw: Gateway) -> None:
+    mime = b"multipart/form-data; boundary=x"
+    head = b'--x\r\nContent-Disposition: form-data; name="description"\r\n\r\n'
+    chunks = [head, *[b"x" * 64 * 1024] * 40]
+    exchange = await post(gw.api, [(b"transfer-encoding", b"chunked")], chunks, f"{V2}/requests.json", mime)
+    assert exchange.status == 413 and exchange.reads == 17  # the head and 16 chunks are a little over 1 MiB
+    [error] = orjson.loads(exchange.body)
+    assert error["code"] == 413 and error["description"].startswith("the request body is larger than 1024 KiB")
 
 
 async def test_every_problem_is_listed_at_once(gw: Gateway) -> None:

@@ -10,6 +10,9 @@
  *
  * Where the API asks for a token, open the page as /#token=<token>: it is kept for the tab (sessionStorage),
  * taken out of the address bar, and sent as "Authorization: Bearer <token>" (never in a URL).
+ *
+ * The page runs under the services' Content Security Policy: scripts and styles from this origin only, nothing
+ * inline. Styles that depend on the figures are set through element.style, never as a style attribute.
  */
 (function () {
   "use strict";
@@ -52,6 +55,8 @@
         if (v === null || v === undefined || v === false) return;
         if (k === "text") el.textContent = v;
         else if (k === "className") el.className = v;
+        // set through the CSSOM: a style attribute is inline style, which the page's CSP refuses
+        else if (k === "style") Object.keys(v).forEach(function (p) { el.style[p] = v[p]; });
         else el.setAttribute(k, v === true ? "" : String(v));
       });
     }
@@ -309,8 +314,8 @@
       openTotal += r.open;
       overdueTotal += r.overdue;
       var bar = h("div", { className: "bar" },
-        h("i", { className: "open", style: "width:" + (100 * r.open / max).toFixed(1) + "%" }),
-        h("i", { className: "overdue", style: "width:" + (100 * r.overdue / max).toFixed(1) + "%" }));
+        h("i", { className: "open", style: { width: (100 * r.open / max).toFixed(1) + "%" } }),
+        h("i", { className: "overdue", style: { width: (100 * r.overdue / max).toFixed(1) + "%" } }));
       var cr = kpis ? rate[r.department_code] : undefined;
       frag.appendChild(h("tr", { "data-department": r.department_code },
         h("td", null, h("div", { className: "dept-name" }, r.name_zh, h("small", { text: r.name_en })), bar),
