@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from schemas.topics import CATALOG, DEADLETTER, LIFECYCLE, SERVICES, VERIFICATION, consumed_by, produced_by
+from schemas.topics import (
+    CATALOG,
+    DEADLETTER,
+    LIFECYCLE,
+    SERVICES,
+    VERIFICATION,
+    consumed_by,
+    consumer_group,
+    produced_by,
+)
 from services.common import acls
 from services.common.acls import Grant, grants, kafka_acls_commands, principal
 
@@ -25,7 +34,7 @@ def granted(service: str, resource: str, operation: str) -> set[str]:
 def test_a_service_writes_only_what_it_produces_and_reads_only_what_it_consumes(service: str) -> None:
     assert granted(service, "TOPIC", "WRITE") == {t.name for t in produced_by(service)}
     assert granted(service, "TOPIC", "READ") == {t.name for t in consumed_by(service)}
-    assert granted(service, "GROUP", "READ") == {f"gridloop-{service}"}
+    assert granted(service, "GROUP", "READ") == {consumer_group(service)}
 
 
 def test_only_dispatch_and_verification_may_write_the_verification_topic() -> None:
@@ -42,7 +51,7 @@ def test_only_opscenter_describes_other_groups_and_topics_for_the_lag_it_reports
     describers = {g.principal for g in grants() if g.operation == "DESCRIBE"}
     assert describers == {"User:opscenter"}
     groups = granted("opscenter", "GROUP", "DESCRIBE") | granted("opscenter", "GROUP", "READ")
-    assert groups == {f"gridloop-{s}" for s in SERVICES}
+    assert groups == {consumer_group(s) for s in SERVICES}
     topics = {g.name for g in grants() if g.principal == "User:opscenter" and g.resource == "TOPIC"}
     assert topics == {t.name for s in SERVICES for t in consumed_by(s)} | {DEADLETTER.name}
 
