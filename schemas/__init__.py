@@ -16,9 +16,34 @@ from ._base import (
 from .codec import DecodeError, decode_event, encode_event
 from .events import *  # noqa: F403
 from .events import EVENT_TYPES, TERMINAL_EVENTS, AnyEvent
+from .reference import GAOHANG, Town
+from .status import (
+    CASE_OPEN,
+    INCIDENT_FINAL,
+    ORDER_ACTIVE,
+    ORDER_LIVE,
+    STATUS_AFTER,
+    DeliveryStatus,
+    ExtensionStatus,
+    IncidentStatus,
+    VerificationStatus,
+    WorkOrderStatus,
+)
 from .topics import CATALOG, Topic, topics_for
 
 __all__ = [
+    "CASE_OPEN",
+    "GAOHANG",
+    "INCIDENT_FINAL",
+    "ORDER_ACTIVE",
+    "ORDER_LIVE",
+    "STATUS_AFTER",
+    "DeliveryStatus",
+    "ExtensionStatus",
+    "IncidentStatus",
+    "Town",
+    "VerificationStatus",
+    "WorkOrderStatus",
     "EARLIEST",
     "LATEST",
     "RANGE",

@@ -7,7 +7,9 @@ responsible for each task; categories name the incidents those tasks are about.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,19 +242,57 @@ def _grids() -> dict[str, Grid]:
 GRIDS: dict[str, Grid] = _grids()
 
 
+@dataclass(frozen=True)
+class Town:
+    """One town's reference data, handed to the rules as a value: its offices, its incident categories, its grid
+    cells and its operations center. A rule asks the town it is given, never a module for a town by name."""
+
+    code: str
+    name_zh: str
+    name_en: str
+    departments: Mapping[str, Department]
+    categories: Mapping[str, Category]
+    grids: Mapping[str, Grid]
+    ops_center: str = OPS_CENTER
+    """The code of the department that is the operations center (城运中心): escalations go to it."""
+
+    def grid_at(self, lat: float, lon: float) -> Grid | None:
+        """The grid cell a location falls in, or None outside the town."""
+        for grid in self.grids.values():
+            if grid.contains(lat, lon):
+                return grid
+        return None
+
+    def grid_of_worker(self, worker_id: str) -> Grid | None:
+        for grid in self.grids.values():
+            if worker_id in grid.workers:
+                return grid
+        return None
+
+    @property
+    def public_categories(self) -> frozenset[str]:
+        """The categories whose incidents the public reads (Open311)."""
+        return frozenset(code for code, c in self.categories.items() if c.public)
+
+
+GAOHANG = Town(
+    "gaohang",
+    "高行镇",
+    "Gaohang",
+    MappingProxyType(DEPARTMENTS),
+    MappingProxyType(CATEGORIES),
+    MappingProxyType(GRIDS),
+)
+"""The town gridloop runs for unless told otherwise."""
+
+
 def grid_at(lat: float, lon: float) -> Grid | None:
-    """The grid cell a location falls in, or None outside the town."""
-    for grid in GRIDS.values():
-        if grid.contains(lat, lon):
-            return grid
-    return None
+    """The grid cell of :data:`GAOHANG` a location falls in (a rule asks the town it is given)."""
+    return GAOHANG.grid_at(lat, lon)
 
 
 def grid_of_worker(worker_id: str) -> Grid | None:
-    for grid in GRIDS.values():
-        if worker_id in grid.workers:
-            return grid
-    return None
+    return GAOHANG.grid_of_worker(worker_id)
 
 
 def distance_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:

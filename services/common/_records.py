@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -20,6 +22,38 @@ from sqlmodel import SQLModel
 
 class Record(SimpleNamespace):
     """One row: its columns as attributes. Change them in place; the unit of work writes what changed."""
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Rows(Generic[T]):
+    """A table read and written as rows of a typed ``kind``: a plain (not slotted) dataclass of a service's domain
+    whose fields are the table's columns, every one of them. A service's store names its tables so; the records
+    it hands out are then of that type, with every timestamp aware (SQLite hands back naive ones)."""
+
+    model: type[SQLModel]
+    kind: type[T]
+
+    @property
+    def table(self) -> sa.Table:
+        return self.model.__table__  # type: ignore[attr-defined,no-any-return]
+
+
+Mapped = Rows[Any] | type[SQLModel]
+"""A table as a store names it: typed rows, or the model alone (its rows are then of :class:`Record`)."""
+
+
+def _table(mapped: Mapped) -> sa.Table:
+    if isinstance(mapped, Rows):
+        return mapped.table
+    return mapped.__table__  # type: ignore[attr-defined,no-any-return]
+
+
+@functools.cache
+def _datetimes(table: sa.Table) -> tuple[str, ...]:
+    return tuple(c.name for c in table.columns if isinstance(c.type, sa.DateTime))
 
 
 @functools.cache
@@ -41,21 +75,26 @@ def _defaults(table: sa.Table) -> dict[str, Any]:
 class _Table:
     """What one unit of work read, added and grouped of one table."""
 
-    def __init__(self, table: sa.Table) -> None:
+    def __init__(self, table: sa.Table, kind: type[Any]) -> None:
         self.table = table
+        self.kind = kind
+        self.datetimes = _datetimes(table)
         (self.key,) = (c.name for c in table.primary_key.columns)
-        self.rows: dict[Any, Record] = {}
+        self.rows: dict[Any, Any] = {}
         self.as_read: dict[Any, dict[str, Any]] = {}
-        self.new: list[Record] = []
+        self.new: list[Any] = []
         self.absent: set[Any] = set()
-        self.groups: dict[str, dict[Any, list[Record]]] = {}
+        self.groups: dict[str, dict[Any, list[Any]]] = {}
 
-    def keep(self, values: dict[str, Any]) -> Record:
+    def keep(self, values: dict[str, Any]) -> Any:
         """The record of a row just read (the one already kept, if this unit read or added it before)."""
         key = values[self.key]
         record = self.rows.get(key)
         if record is None:
-            record = self.rows[key] = Record(**values)
+            for name in self.datetimes:
+                if (value := values[name]) is not None and value.tzinfo is None:
+                    values[name] = value.replace(tzinfo=UTC)
+            record = self.rows[key] = self.kind(**values)
             self.as_read[key] = values
         return record
 
@@ -79,14 +118,14 @@ class RecordStore:
     def __init__(self) -> None:
         self._tables: dict[sa.Table, _Table] = {}
 
-    def _of(self, model: type[SQLModel]) -> _Table:
-        table: sa.Table = model.__table__  # type: ignore[attr-defined]
+    def _of(self, model: Mapped) -> _Table:
+        table = _table(model)
         state = self._tables.get(table)
         if state is None:
-            state = self._tables[table] = _Table(table)
+            state = self._tables[table] = _Table(table, model.kind if isinstance(model, Rows) else Record)
         return state
 
-    def fetch(self, connection: Connection, model: type[SQLModel], keys: Iterable[Any]) -> None:
+    def fetch(self, connection: Connection, model: Mapped, keys: Iterable[Any]) -> None:
         """Read the rows with these keys (those not read yet) in one statement; a key with no row is absent."""
         state = self._of(model)
         wanted = set(keys) - state.rows.keys() - state.absent
@@ -98,7 +137,7 @@ class RecordStore:
             wanted.discard(row[state.key])
         state.absent |= wanted
 
-    def fetch_by(self, connection: Connection, model: type[SQLModel], column: str, keys: Iterable[Any]) -> None:
+    def fetch_by(self, connection: Connection, model: Mapped, column: str, keys: Iterable[Any]) -> None:
         """Read every row whose ``column`` holds one of ``keys`` (those not asked for yet) in one statement."""
         state = self._of(model)
         groups = state.groups.setdefault(column, {})
@@ -113,32 +152,30 @@ class RecordStore:
             if (value := getattr(record, column)) in wanted:
                 groups[value].append(record)
 
-    def where(
-        self, connection: Connection, model: type[SQLModel], statement: Any, params: dict[str, Any]
-    ) -> list[Record]:
+    def where(self, connection: Connection, model: Mapped, statement: Any, params: dict[str, Any]) -> list[Any]:
         """The records of the rows a select of the whole table returns (those already kept as they are now)."""
         state = self._of(model)
         return [state.keep(dict(row)) for row in connection.execute(statement, params).mappings()]
 
-    def inserted(self, model: type[SQLModel]) -> list[Record]:
+    def inserted(self, model: Mapped) -> list[Any]:
         return list(self._of(model).new)
 
-    def none_by(self, model: type[SQLModel], column: str, key: Any) -> None:
+    def none_by(self, model: Mapped, column: str, key: Any) -> None:
         self._of(model).groups.setdefault(column, {}).setdefault(key, [])
 
-    def get(self, connection: Connection, model: type[SQLModel], key: Any) -> Record | None:
+    def get(self, connection: Connection, model: Mapped, key: Any) -> Any:
         state = self._of(model)
         if key not in state.rows and key not in state.absent:
             self.fetch(connection, model, (key,))
         return state.rows.get(key)
 
-    def by(self, connection: Connection, model: type[SQLModel], column: str, key: Any) -> list[Record]:
+    def by(self, connection: Connection, model: Mapped, column: str, key: Any) -> list[Any]:
         self.fetch_by(connection, model, column, (key,))
         return list(self._of(model).groups[column][key])
 
-    def insert(self, model: type[SQLModel], values: dict[str, Any]) -> Record:
+    def insert(self, model: Mapped, values: dict[str, Any]) -> Any:
         state = self._of(model)
-        record = Record(**{**_defaults(state.table), **values})
+        record = state.kind(**{**_defaults(state.table), **values})
         key = getattr(record, state.key)
         if key in state.rows:
             raise ValueError(f"{state.table.name} {key!r} is already there")
@@ -162,4 +199,4 @@ class RecordStore:
                 state.new = []
 
 
-__all__ = ["Record", "RecordStore"]
+__all__ = ["Mapped", "Record", "RecordStore", "Rows"]

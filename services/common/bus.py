@@ -1,10 +1,15 @@
-"""The message bus: route a decoded event to its handler inside a unit of work, exactly once per event id."""
+"""The message bus: every change goes through it, in a unit of work it commits.
+
+An event is routed to its handler exactly once per event id (a redelivery is claimed already and skipped); a
+command (a person's action through an API, a timer's look at deadlines) runs its handler once. Either way the
+bus opens the unit of work, the handler loads, decides and saves into it, and the bus commits: a handler never
+commits, and what it emitted is published from the outbox only once the commit holds."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from schemas import Event
 
@@ -12,6 +17,8 @@ from . import metrics
 from .db import UnitOfWork
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Handler = Callable[[Any, UnitOfWork], None]
 Preload = Callable[[Sequence[Event], UnitOfWork], None]
@@ -66,3 +73,17 @@ class MessageBus:
                 self.handlers[type(event)](event, uow)
             uow.commit()
             return list(uow.emitted)
+
+    def execute(self, handler: Callable[..., T], *args: Any) -> tuple[T, list[Event]]:
+        """A command: ``handler(*args, uow)`` in a unit of work, committed if it returns (nothing is if it
+        raises). Returns what the handler returned and the events it emitted."""
+        uow = self.uow_factory()
+        with uow:
+            result = handler(*args, uow)
+            uow.commit()
+            return result, list(uow.emitted)
+
+    def query(self, handler: Callable[..., T], *args: Any) -> T:
+        """A read: ``handler(*args, uow)`` in a unit of work that is never committed."""
+        with self.uow_factory() as uow:
+            return handler(*args, uow)

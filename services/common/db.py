@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar, overload
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -22,9 +22,10 @@ from sqlmodel import Field, Session, SQLModel
 
 from schemas import EARLIEST, LATEST, Event, encode_event, topics_for, utcnow
 
-from ._records import Record, RecordStore
+from ._records import Mapped, Record, RecordStore, Rows
 
 Clock = Callable[[], datetime]
+T = TypeVar("T")
 
 
 class ProcessedEvent(SQLModel, table=True):
@@ -299,41 +300,61 @@ class UnitOfWork:
 
     # -- records: rows as plain attributes, for a path that reads and changes many rows per batch (see _records)
 
-    def fetch(self, model: type[SQLModel], keys: Iterable[Any]) -> None:
+    def fetch(self, model: Mapped, keys: Iterable[Any]) -> None:
         """Read the rows of ``model`` with these primary keys as records, in one statement, for :meth:`record`."""
         self._records.fetch(self.connection, model, keys)
 
-    def fetch_by(self, model: type[SQLModel], column: str, keys: Iterable[Any]) -> None:
+    def fetch_by(self, model: Mapped, column: str, keys: Iterable[Any]) -> None:
         """Read the rows of ``model`` whose ``column`` (one that never changes) holds one of ``keys`` as records,
         in one statement, for :meth:`records_by`."""
         self._records.fetch_by(self.connection, model, column, keys)
 
-    def record(self, model: type[SQLModel], key: Any) -> Record | None:
+    @overload
+    def record(self, model: Rows[T], key: Any) -> T | None: ...
+    @overload
+    def record(self, model: type[SQLModel], key: Any) -> Record | None: ...
+    def record(self, model: Mapped, key: Any) -> Any:
         """The row of ``model`` with this primary key as a record (read now unless :meth:`fetch` did), or None.
         Change its attributes in place: the commit writes the columns that changed."""
         return self._records.get(self.connection, model, key)
 
-    def records_by(self, model: type[SQLModel], column: str, key: Any) -> list[Record]:
+    @overload
+    def records_by(self, model: Rows[T], column: str, key: Any) -> list[T]: ...
+    @overload
+    def records_by(self, model: type[SQLModel], column: str, key: Any) -> list[Record]: ...
+    def records_by(self, model: Mapped, column: str, key: Any) -> list[Any]:
         """The rows of ``model`` whose ``column`` holds ``key``, as records (with those :meth:`insert` added)."""
         return self._records.by(self.connection, model, column, key)
 
+    @overload
+    def records_where(self, model: Rows[T], statement: Any, params: dict[str, Any] | None = None) -> list[T]: ...
+    @overload
     def records_where(
         self, model: type[SQLModel], statement: Any, params: dict[str, Any] | None = None
-    ) -> list[Record]:
+    ) -> list[Record]: ...
+    def records_where(self, model: Mapped, statement: Any, params: dict[str, Any] | None = None) -> list[Any]:
         """The rows a select of ``model``'s whole table returns, as records; a row this unit holds already is
         answered as it stands in memory (the select reads the table, where this unit's changes are not yet)."""
         return self._records.where(self.connection, model, statement, params or {})
 
-    def inserted(self, model: type[SQLModel]) -> list[Record]:
+    @overload
+    def inserted(self, model: Rows[T]) -> list[T]: ...
+    @overload
+    def inserted(self, model: type[SQLModel]) -> list[Record]: ...
+    def inserted(self, model: Mapped) -> list[Any]:
         """The records of ``model`` this unit inserted, not written yet (a select does not see them)."""
         return self._records.inserted(model)
 
-    def none_by(self, model: type[SQLModel], column: str, key: Any) -> None:
+    def none_by(self, model: Mapped, column: str, key: Any) -> None:
         """Tell :meth:`records_by` that no row of ``model`` has ``key`` in ``column`` yet (their parent was just
         inserted in this unit), so it answers from what :meth:`insert` adds without reading the table."""
         self._records.none_by(model, column, key)
 
-    def insert(self, model: type[SQLModel], **values: Any) -> Record:
+    @overload
+    def insert(self, model: Rows[T], **values: Any) -> T: ...
+    @overload
+    def insert(self, model: type[SQLModel], **values: Any) -> Record: ...
+    def insert(self, model: Mapped, **values: Any) -> Any:
         """A new row of ``model`` as a record (columns not given take their defaults), written at the commit."""
         return self._records.insert(model, values)
 
@@ -390,9 +411,11 @@ __all__ = [
     "SHARED_TABLES",
     "Clock",
     "IntegrityError",
+    "Mapped",
     "OutboxRecord",
     "ProcessedEvent",
     "Record",
+    "Rows",
     "UnitOfWork",
     "add_missing_columns",
     "as_utc",

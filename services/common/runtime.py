@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import faust
 import sqlalchemy as sa
@@ -27,7 +27,7 @@ from fastapi import Depends
 from sqlalchemy.exc import InterfaceError, OperationalError
 from tenacity import AsyncRetrying, retry_if_exception_type, retry_if_not_exception_type, wait_exponential
 
-from schemas import DecodeError, Event, decode_event, utcnow
+from schemas import GAOHANG, DecodeError, Event, Town, decode_event, utcnow
 from schemas.topics import CATALOG, Topic, consumer_group, used_by
 
 from . import metrics
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 log = logging.getLogger("gridloop")
+T = TypeVar("T")
 
 _TRANSIENT = (OperationalError, InterfaceError)
 """A database that cannot be reached (or is locked) now: retried. Anything else a handler raises — another
@@ -66,8 +67,11 @@ class Runtime:
         *,
         consumes: Iterable[Topic] = (),
         preload: Preload | None = None,
+        town: Town = GAOHANG,
     ) -> None:
         self.settings = settings
+        self.town = town
+        """The town this service runs for: its rules were given the same value."""
         self.name = settings.service
         self.engine = make_engine(settings.database_url)
         self.tables = tuple(tables)
@@ -318,6 +322,18 @@ class Runtime:
                 self._metric(metrics.HANDLE_SECONDS, event.type).observe(time.perf_counter() - started)
                 return emitted
         raise AssertionError("unreachable")
+
+    async def command(self, handler: Callable[..., T], *args: Any) -> T:
+        """Run a command through the bus (``handler(*args, uow)``, committed) and publish what it emitted: what
+        an API route or a timer calls to change anything."""
+        result, emitted = self.bus.execute(handler, *args)
+        if emitted:
+            await self.flush_outbox()
+        return result
+
+    def query(self, handler: Callable[..., T], *args: Any) -> T:
+        """A read through the bus: ``handler(*args, uow)`` in a unit of work never committed."""
+        return self.bus.query(handler, *args)
 
     async def flush_outbox(self, *, expected: bool = True) -> None:
         """Publish the outbox now, waiting at most ``flush_wait_s``. ``expected``: records were just committed
