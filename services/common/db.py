@@ -162,6 +162,11 @@ def _claim_statements(dialect: str) -> tuple[Any, Any]:
     return one, one.returning(_PROCESSED.c.event_id)
 
 
+def timestamp() -> sa.DateTime:
+    """The column type of every timestamp a service stores: with its time zone (all are UTC)."""
+    return sa.DateTime(timezone=True)
+
+
 def as_utc(value: datetime) -> datetime:
     """SQLite hands back naive datetimes: read them as the UTC they were stored as."""
     from datetime import UTC
@@ -424,4 +429,5 @@ __all__ = [
     "create_tables",
     "insert_unless_taken",
     "make_engine",
+    "timestamp",
 ]

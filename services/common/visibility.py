@@ -22,11 +22,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from schemas import ActorKind
 from schemas.events import Source
 from schemas.reference import CATEGORIES
 
-from .auth import Principal
+from .auth import Principal, Role
 from .errors import NotFound
 
 CITIZEN_SOURCES: frozenset[str] = frozenset({Source.HOTLINE_12345.value, Source.OPEN311.value})
@@ -59,6 +61,36 @@ def actor(who: Principal, actor_kind: str, actor_id: str) -> str | None:
     return None
 
 
+def sees_incident(who: Principal, reporter_id: str, grid_id: str | None, departments: Iterable[str]) -> bool:
+    """Whether ``who`` may see an incident: the center and administrators every one; a department those it holds
+    (or held) a work order of; a grid worker those of their grids and those they reported; anyone else (a
+    hotline desk, a sensor, an Open311 application) those it reported."""
+    if who.sees_everything:
+        return True
+    if who.role is Role.DEPARTMENT:
+        return who.department in departments
+    if who.role is Role.GRID_WORKER:
+        return reporter_id == who.subject or grid_id in who.grids
+    return reporter_id == who.subject
+
+
+def sees_work_order(who: Principal, department_code: str) -> bool:
+    """Whether ``who`` may see a work order: department staff only their own office's; the readers of every
+    department's queue (the center, administrators) all of them."""
+    return who.role is not Role.DEPARTMENT or who.department == department_code
+
+
+def verifier_grids(who: Principal) -> tuple[str, ...] | None:
+    """The grid cells whose verification tasks ``who`` sees and decides: a grid worker's own; None: every grid
+    (the center and administrators, who act on a named worker's behalf)."""
+    return who.grids if who.role is Role.GRID_WORKER else None
+
+
+def sees_task(grids: Iterable[str] | None, grid_id: str) -> bool:
+    """Whether a caller with :func:`verifier_grids` ``grids`` sees a verification task of ``grid_id``."""
+    return grids is None or grid_id in grids
+
+
 def unseen(what: str, ident: str) -> NotFound:
     """The refusal of an ``ident`` the caller may not see, the same as for one that does not exist."""
     return NotFound(f"no {what} {ident}")
@@ -83,5 +115,9 @@ __all__ = [
     "publicly_listed",
     "reporter",
     "sees_contacts",
+    "sees_incident",
+    "sees_task",
+    "sees_work_order",
     "unseen",
+    "verifier_grids",
 ]
