@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from schemas import ActorKind
 from schemas.events import Source
@@ -61,7 +61,7 @@ def actor(who: Principal, actor_kind: str, actor_id: str) -> str | None:
     return None
 
 
-def sees_incident(who: Principal, reporter_id: str, grid_id: str | None, departments: Iterable[str]) -> bool:
+def sees_incident(who: Principal, reporter_id: str, grid_id: str | None, departments: Collection[str]) -> bool:
     """Whether ``who`` may see an incident: the center and administrators every one; a department those it holds
     (or held) a work order of; a grid worker those of their grids and those they reported; anyone else (a
     hotline desk, a sensor, an Open311 application) those it reported."""
