@@ -13,6 +13,7 @@ from ._base import (
     aware_utc,
     utcnow,
 )
+from .clock import Moment
 from .codec import DecodeError, decode_event, encode_event
 from .events import *  # noqa: F403
 from .events import EVENT_TYPES, TERMINAL_EVENTS, AnyEvent
@@ -57,6 +58,7 @@ __all__ = [
     "EVENT_TYPES",
     "Event",
     "Location",
+    "Moment",
     "TERMINAL_EVENTS",
     "Topic",
     "aware_utc",

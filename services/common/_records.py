@@ -175,7 +175,10 @@ class RecordStore:
 
     def insert(self, model: Mapped, values: dict[str, Any]) -> Any:
         state = self._of(model)
-        record = state.kind(**{**_defaults(state.table), **values})
+        return self.add(model, state.kind(**{**_defaults(state.table), **values}))
+
+    def add(self, model: Mapped, record: Any) -> Any:
+        state = self._of(model)
         key = getattr(record, state.key)
         if key in state.rows:
             raise ValueError(f"{state.table.name} {key!r} is already there")

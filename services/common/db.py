@@ -20,7 +20,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel
 
-from schemas import EARLIEST, LATEST, Event, encode_event, topics_for, utcnow
+from schemas import Event, encode_event, topics_for, utcnow
+from schemas.clock import Moment
 
 from ._records import Mapped, Record, RecordStore, Rows
 
@@ -254,26 +255,21 @@ class UnitOfWork:
     def now(self) -> datetime:
         return self.clock()
 
+    def moment(self) -> Moment:
+        """Now, with the configured time scale: what a rule is given to decide at and count deadlines from."""
+        return Moment(self.now(), self.time_scale)
+
     def business_hours(self, hours: float) -> timedelta:
-        """A span of business time, as wall-clock time under the configured time scale (at most timedelta.max,
-        a span never reached, when a tiny scale makes it longer)."""
-        try:
-            return timedelta(hours=hours) / self.time_scale
-        except OverflowError:
-            return timedelta.max
+        """A span of business time as wall-clock time under the configured time scale (see schemas.Moment)."""
+        return Moment(self.now(), self.time_scale).business_hours(hours)
 
     def due_in(self, hours: float) -> datetime:
-        """The deadline ``hours`` of business time from now, at most schemas.LATEST: an event must carry it, and
-        a time scale may be tiny enough to put it past the range or the calendar."""
-        now = self.now()
-        span = self.business_hours(hours)
-        return now + span if span < LATEST - now else LATEST
+        """The deadline ``hours`` of business time from now, at most schemas.LATEST."""
+        return self.moment().due_in(hours)
 
     def business_hours_ago(self, hours: float) -> datetime:
-        """The moment ``hours`` of business time ago, no earlier than schemas.EARLIEST (see :meth:`due_in`)."""
-        now = self.now()
-        span = self.business_hours(hours)
-        return now - span if span < now - EARLIEST else EARLIEST
+        """The moment ``hours`` of business time ago, no earlier than schemas.EARLIEST."""
+        return self.moment().hours_ago(hours)
 
     def claim(self, event: Event) -> bool:
         """Mark ``event`` as processed; False if it already was (a redelivery).
@@ -362,6 +358,11 @@ class UnitOfWork:
     def insert(self, model: Mapped, **values: Any) -> Any:
         """A new row of ``model`` as a record (columns not given take their defaults), written at the commit."""
         return self._records.insert(model, values)
+
+    def add(self, model: Rows[T], row: T) -> T:
+        """A new row of ``model``, made by the domain (every column a field of ``row``), written at the commit;
+        later changes to ``row`` in this unit are written with it."""
+        return self._records.add(model, row)  # type: ignore[no-any-return]
 
     def emit(self, event: Event) -> None:
         """Queue ``event`` for publishing; it is sent only once the transaction commits.
