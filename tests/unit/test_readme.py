@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import pytest
 
@@ -37,3 +38,33 @@ def test_every_setting_is_documented(service: str) -> None:
         )
     ]
     assert not missing, f"README.md does not document {service}'s settings: {missing}"
+
+
+def _mermaid_edges() -> set[tuple[str, str]]:
+    """The ``a --> b`` (and ``a --> b --> c``) edges of the README's architecture diagram, by node id."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```mermaid", 1)[1].split("```", 1)[0]
+    edges: set[tuple[str, str]] = set()
+    for line in block.splitlines():
+        nodes = [part.strip().split("[", 1)[0].split("(", 1)[0] for part in line.split("-->")]
+        edges.update((a, b) for a, b in itertools.pairwise(nodes) if a and b and " " not in a + b)
+    return edges
+
+
+def test_the_architecture_diagram_draws_who_writes_and_who_reads_every_topic() -> None:
+    from schemas.topics import CATALOG, DEADLETTER
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```mermaid", 1)[1].split("```", 1)[0]
+    ids = {
+        line.strip().split("[[", 1)[1].rstrip("]"): line.strip().split("[[", 1)[0]
+        for line in block.splitlines()
+        if "[[" in line
+    }
+    edges = _mermaid_edges()
+    for topic in CATALOG:
+        if topic is DEADLETTER:
+            continue
+        node = ids[topic.suffix]
+        assert {a for a, b in edges if b == node} == set(topic.producers), topic.suffix
+        assert {b for a, b in edges if a == node} == set(topic.consumers), topic.suffix
