@@ -29,22 +29,11 @@ import orjson
 
 from schemas.reference import CATEGORIES, DEPARTMENTS, GRIDS
 
-from .stats import StepOutcome, stage_latencies_ms
+from .stats import TIMED_EVENTS, StepOutcome, stage_latencies_ms
 
 log = logging.getLogger(__name__)
 
 TERMINAL = frozenset({"IncidentClosed", "IncidentMerged", "IncidentRejected"})
-TIMED = frozenset(
-    {
-        "IncidentReported",
-        "WorkOrderDispatched",
-        "WorkOrderAccepted",
-        "WorkOrderHandled",
-        "VerificationRequested",
-        "VerificationPassed",
-        "IncidentClosed",
-    }
-)
 HANDLED: dict[str, Any] = {"result": "已处置", "evidence_urls": ["https://evidence.example/after.jpg"]}
 """What a desk reports of each work order it handles."""
 SMALL_CATEGORIES = tuple(c for c in CATEGORIES.values() if not c.big)
@@ -379,22 +368,37 @@ class Driver:
     async def _department(self, code: str) -> None:
         token = self.tokens.departments[code]
         params: dict[str, Any] = {"department": code, "status": "dispatched", "limit": 50}
+        queue = ("handling", "/work-orders", "work_order_id")
+        await self._serve(queue, params, token, self._seen_orders, self._work, self._work_many)
+
+    async def _serve(
+        self,
+        queue: tuple[str, str, str],
+        params: dict[str, Any],
+        token: str,
+        seen: _Seen,
+        act: Callable[[str, str], Coroutine[Any, Any, None]],
+        act_many: Callable[[list[str], str], Coroutine[Any, Any, None]],
+    ) -> None:
+        """Look at a queue (service, path, the id field of its items) until the run ends; act on each item not
+        seen before, all of one answer in one request (``batch_actions``) or one at a time."""
+        service, path, id_field = queue
         if self.long_poll_s:
             params["wait"] = self.long_poll_s
         wait = self.poll_s
         while self._running:
             listed = found = 0
-            r = await self._call("handling", "GET", "/work-orders", token, (200,), params=params)
+            r = await self._call(service, "GET", path, token, (200,), params=params)
             if r is not None:
-                orders = orjson.loads(r.content)
-                listed = len(orders)
-                new = [o["work_order_id"] for o in orders if self._seen_orders.add(o["work_order_id"])]
+                items = orjson.loads(r.content)
+                listed = len(items)
+                new = [i[id_field] for i in items if seen.add(i[id_field])]
                 found = len(new)
                 if new and self.batch_actions:
-                    self._spawn(self._work_many(new, token))
+                    self._spawn(act_many(new, token))
                 elif new:
-                    for work_order_id in new:
-                        self._spawn(self._work(work_order_id, token))
+                    for item_id in new:
+                        self._spawn(act(item_id, token))
             wait = self._next_wait(wait, found, listed, r is None)
             if wait:
                 await asyncio.sleep(wait)
@@ -445,25 +449,8 @@ class Driver:
     async def _verifier(self, grid_code: str) -> None:
         token = self.tokens.verifiers[grid_code]
         params: dict[str, Any] = {"status": "pending", "limit": 50}
-        if self.long_poll_s:
-            params["wait"] = self.long_poll_s
-        wait = self.poll_s
-        while self._running:
-            listed = found = 0
-            r = await self._call("verification", "GET", "/verifications", token, (200,), params=params)
-            if r is not None:
-                tasks = orjson.loads(r.content)
-                listed = len(tasks)
-                new = [t["verification_id"] for t in tasks if self._seen_tasks.add(t["verification_id"])]
-                found = len(new)
-                if new and self.batch_actions:
-                    self._spawn(self._pass_many(new, token))
-                elif new:
-                    for verification_id in new:
-                        self._spawn(self._pass(verification_id, token))
-            wait = self._next_wait(wait, found, listed, r is None)
-            if wait:
-                await asyncio.sleep(wait)
+        queue = ("verification", "/verifications", "verification_id")
+        await self._serve(queue, params, token, self._seen_tasks, self._pass, self._pass_many)
 
     async def _pass(self, verification_id: str, token: str) -> None:
         await self._call(
@@ -498,7 +485,7 @@ class Driver:
             kind, incident_id = data["type"], data["incident_id"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return
-        if kind not in TIMED and kind not in TERMINAL:
+        if kind not in TIMED_EVENTS and kind not in TERMINAL:
             return
         at = datetime.fromisoformat(data["occurred_at"]).timestamp()
         if kind == "IncidentClosed":

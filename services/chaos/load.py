@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -22,7 +23,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -333,16 +334,40 @@ def _parse(value: Any) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
-class Desks:
+class _Crew:
+    """People who act on the items of a queue, each item by one of them at a time, at most ``parallel`` at once."""
+
+    def __init__(self, caller: Caller, ledger: Ledger, seed: int, parallel: int) -> None:
+        self.caller, self.ledger, self.seed = caller, ledger, seed
+        self.busy: set[str] = set()
+        """Items someone is acting on: never two actions on one item at once (the action discards its key)."""
+        self.sem = asyncio.Semaphore(parallel)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def take(self, key: str, act: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Start ``act()`` on the item ``key`` unless someone is acting on it already."""
+        if key in self.busy:
+            return
+        self.busy.add(key)
+        task = asyncio.create_task(act())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def pause(self, stop: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), POLL_S)
+
+    def cancel(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+
+class Desks(_Crew):
     """Every department's staff: one look at all queues, then each order taken by its own department at once."""
 
     def __init__(self, caller: Caller, ledger: Ledger, seed: int, escalate_after_s: float, parallel: int = 12) -> None:
-        self.caller, self.ledger, self.seed = caller, ledger, seed
+        super().__init__(caller, ledger, seed, parallel)
         self.escalate_after_s = escalate_after_s
-        self.busy: set[str] = set()
-        """Work orders someone is acting on: never two actions on one order at once."""
-        self.sem = asyncio.Semaphore(parallel)
-        self.tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         cycle = 0
@@ -352,16 +377,9 @@ class Desks:
             for status in statuses:
                 for order in await self._queue(status):
                     key = str(order["work_order_id"])
-                    if key in self.busy:
-                        continue
-                    self.busy.add(key)
-                    task = asyncio.create_task(self._act(order, key))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL_S)
-        for task in list(self.tasks):
-            task.cancel()
+                    self.take(key, functools.partial(self._act, order, key))
+            await self.pause(stop)
+        self.cancel()
 
     async def _queue(self, status: str) -> list[dict[str, Any]]:
         return await _all_pages(self.caller, "handling", "/work-orders", {"status": status}, "poll work orders")
@@ -419,29 +437,18 @@ class Desks:
         )
 
 
-class Verifiers:
+class Verifiers(_Crew):
     """The grid workers asked to verify (核查): each pending task is decided by the worker it names."""
 
     def __init__(self, caller: Caller, ledger: Ledger, seed: int, parallel: int = 8) -> None:
-        self.caller, self.ledger, self.seed = caller, ledger, seed
-        self.busy: set[str] = set()
-        self.sem = asyncio.Semaphore(parallel)
-        self.tasks: set[asyncio.Task[None]] = set()
+        super().__init__(caller, ledger, seed, parallel)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             for task in await self._pending():
-                vid = str(task["verification_id"])
-                if vid in self.busy:
-                    continue
-                self.busy.add(vid)
-                t = asyncio.create_task(self._decide(task))
-                self.tasks.add(t)
-                t.add_done_callback(self.tasks.discard)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL_S)
-        for t in list(self.tasks):
-            t.cancel()
+                self.take(str(task["verification_id"]), functools.partial(self._decide, task))
+            await self.pause(stop)
+        self.cancel()
 
     async def _pending(self) -> list[dict[str, Any]]:
         return await _all_pages(

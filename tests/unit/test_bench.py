@@ -42,6 +42,19 @@ def test_summarize() -> None:
     assert stats.summarize([]) == {"n": 0, "p50": None, "p95": None, "p99": None, "max": None}
 
 
+def test_the_timed_events_are_the_lifecycle_points_the_stages_are_measured_between() -> None:
+    points = {
+        "IncidentReported",
+        "WorkOrderDispatched",
+        "WorkOrderAccepted",
+        "WorkOrderHandled",
+        "VerificationRequested",
+        "VerificationPassed",
+        "IncidentClosed",
+    }
+    assert points == stats.TIMED_EVENTS
+
+
 def test_stage_latencies_use_only_known_points() -> None:
     times = {"sent": 100.0, "IncidentReported": 100.01, "WorkOrderDispatched": 100.05, "IncidentClosed": 101.0}
     lat = stats.stage_latencies_ms(times)
@@ -389,6 +402,48 @@ def test_a_desk_accepts_what_it_found_in_one_request_then_handles_all_it_took() 
     assert calls[0][1] == {"work_order_ids": ["a", "b", "c"]}
     assert [i["work_order_id"] for i in calls[1][1]["items"]] == ["a", "b"]
     assert (d.counters.conflicts, d.counters.errors) == (1, 1)
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_a_queue_is_served_once_per_item_in_one_request_or_one_at_a_time(batch: bool) -> None:
+    """A desk acts on each work order it finds once, however often a poll lists it; with batch actions all of one
+    answer go in one request."""
+    import asyncio
+
+    from services.bench.driver import Reply
+
+    d = Driver({}, Tokens({}, {"g1": "v-token"}, {"d1": "d-token"}), "127.0.0.1:1", "t", batch_actions=batch)
+    d.poll_s = d.idle_poll_s = 0.0
+    answers = [["a", "b"], ["a", "b", "c"]]
+    polls: list[tuple[str, str, str, dict[str, Any]]] = []
+    acted: list[Any] = []
+
+    async def call(service: str, method: str, path: str, token: str, ok: Any, **kw: Any) -> Reply:
+        polls.append((service, path, token, dict(kw["params"])))
+        if len(polls) == len(answers):
+            d._running = False
+        return Reply(200, orjson.dumps([{"work_order_id": i} for i in answers[len(polls) - 1]]))
+
+    async def one(item: str, token: str) -> None:
+        acted.append((item, token))
+
+    async def many(items: list[str], token: str) -> None:
+        acted.append((items, token))
+
+    async def serve() -> None:
+        d._running = True
+        d._call = call  # type: ignore[method-assign]
+        d._work, d._work_many = one, many  # type: ignore[method-assign]
+        await d._department("d1")
+        await asyncio.sleep(0)  # the spawned actions run
+
+    asyncio.run(serve())
+    params = {"department": "d1", "status": "dispatched", "limit": 50, "wait": d.long_poll_s}
+    assert polls == [("handling", "/work-orders", "d-token", params)] * 2
+    if batch:
+        assert acted == [(["a", "b"], "d-token"), (["c"], "d-token")]
+    else:
+        assert acted == [("a", "d-token"), ("b", "d-token"), ("c", "d-token")]
 
 
 def test_desks_long_poll_again_at_once_after_an_empty_answer_and_pause_after_work_in_hand() -> None:
