@@ -424,11 +424,11 @@ def test_a_queue_is_served_once_per_item_in_one_request_or_one_at_a_time(batch: 
             d._running = False
         return Reply(200, orjson.dumps([{"work_order_id": i} for i in answers[len(polls) - 1]]))
 
-    async def one(item: str, token: str) -> None:
-        acted.append((item, token))
+    async def one(work_order_id: str, token: str) -> None:
+        acted.append((work_order_id, token))
 
-    async def many(items: list[str], token: str) -> None:
-        acted.append((items, token))
+    async def many(work_order_ids: list[str], token: str) -> None:
+        acted.append((work_order_ids, token))
 
     async def serve() -> None:
         d._running = True
