@@ -590,3 +590,64 @@ def test_sigterm_stops_a_run_through_its_clean_up() -> None:
     )
     assert "services stopped" in proc.stdout, proc.stderr
     assert "KeyboardInterrupt" in proc.stderr
+
+
+# -- the command line ----------------------------------------------------------------------------------------
+
+
+class _Started(Exception):
+    """Raised by a stand-in run: the options it was given are what the test looks at."""
+
+
+@pytest.mark.parametrize("command", ["run", "soak"])
+def test_the_command_line_hands_its_options_to_the_run(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from services.bench import __main__ as cli
+    from services.bench.harness import Options
+
+    given: list[Options] = []
+
+    class Started:
+        def __init__(self, options: Options, *rest: Any) -> None:
+            given.append(options)
+
+        def run(self) -> None:
+            raise _Started
+
+        run_soak = run
+
+    monkeypatch.setattr(cli, "Bench", Started)
+    monkeypatch.setattr(cli, "Soak", Started)
+    monkeypatch.delenv("GRIDLOOP_KAFKA_BOOTSTRAP", raising=False)  # the option's default, not the test broker
+    runner = CliRunner()
+    assert isinstance(runner.invoke(cli.app, [command]).exception, _Started)
+    shared = ["--poll-s", "0.5", "--idle-poll-s", "2", "--long-poll-s", "0", "--no-batch-actions", "--base-port"]
+    shared += ["9100", "--bootstrap", "b:1", "--profile", "intake", "--profile", "dispatch", "--keep-db"]
+    shared += ["--keep-topics"]
+    own = ["--rates", "4,2", "--no-half"] if command == "run" else ["--minutes", "2"]
+    assert isinstance(runner.invoke(cli.app, [command, *own, *shared]).exception, _Started)
+    default, chosen = given
+    loop = [
+        "poll_s",
+        "idle_poll_s",
+        "long_poll_s",
+        "batch_actions",
+        "base_port",
+        "bootstrap",
+        "profile",
+        "keep_db",
+        "keep_topics",
+    ]
+    assert [getattr(default, name) for name in loop] == [getattr(Options(), name) for name in loop]
+    expected = (0.5, 2.0, 0.0, False, 9100, "b:1", ("intake", "dispatch"), True, True)
+    assert tuple(getattr(chosen, name) for name in loop) == expected
+    if command == "run":
+        assert (default.rates, default.half_step, chosen.rates, chosen.half_step) == (
+            Options().rates,
+            True,
+            (2, 4),
+            False,
+        )
+    else:
+        assert (chosen.raw_s, chosen.refine) == (0.0, 1)
