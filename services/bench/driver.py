@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from schemas.reference import CATEGORIES, DEPARTMENTS, GRIDS
+from schemas import GAOHANG, Town
 
 from .stats import TIMED_EVENTS, StepOutcome, stage_latencies_ms
 
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 TERMINAL = frozenset({"IncidentClosed", "IncidentMerged", "IncidentRejected"})
 HANDLED: dict[str, Any] = {"result": "已处置", "evidence_urls": ["https://evidence.example/after.jpg"]}
 """What a desk reports of each work order it handles."""
-SMALL_CATEGORIES = tuple(c for c in CATEGORIES.values() if not c.big)
 """Categories that go round the loop once with one department (a big one engages several at once)."""
 
 
@@ -82,17 +81,17 @@ class Tokens:
     departments: dict[str, str]
 
 
-def issue_tokens(auth_database_url: str) -> Tokens:
+def issue_tokens(auth_database_url: str, town: Town = GAOHANG) -> Tokens:
     from services.common.auth import Role, TokenStore
     from services.common.db import make_engine
 
     store = TokenStore(make_engine(auth_database_url))
     reporters, verifiers = {}, {}
-    for code, grid in GRIDS.items():
+    for code, grid in town.grids.items():
         reporter, verifier = grid.workers[0], grid.workers[-1]
         reporters[code] = (reporter, store.issue(Role.GRID_WORKER, reporter)[0])
         verifiers[code] = store.issue(Role.GRID_WORKER, verifier)[0]
-    departments = {d: store.issue(Role.DEPARTMENT, f"bench-{d}", department=d)[0] for d in DEPARTMENTS}
+    departments = {d: store.issue(Role.DEPARTMENT, f"bench-{d}", department=d)[0] for d in town.departments}
     return Tokens(reporters, verifiers, departments)
 
 
@@ -135,6 +134,7 @@ class Driver:
         max_in_flight: int = 1000,
         attempts: int = 3,
         seed: int = 7,
+        town: Town = GAOHANG,
     ) -> None:
         self.urls = dict(urls)
         self.tokens = tokens
@@ -148,6 +148,9 @@ class Driver:
         self.batch_actions = batch_actions
         """Desks and workers ask the API to hold an empty answer this long (0: they poll, backing off)."""
         self.rng = random.Random(seed)
+        self.town = town
+        self._small_categories = tuple(c for c in town.categories.values() if not c.big)
+        """The categories of the reports: the small ones (a big one engages several departments at once)."""
         self.counters = Counters()
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -202,9 +205,9 @@ class Driver:
         self._consumer = consumer
         self._running = True
         self._loops.append(asyncio.create_task(self._read_lifecycle(), name="lifecycle"))
-        for code in DEPARTMENTS:
+        for code in self.town.departments:
             self._loops.append(asyncio.create_task(self._department(code), name=f"desk-{code}"))
-        for code in GRIDS:
+        for code in self.town.grids:
             self._loops.append(asyncio.create_task(self._verifier(code), name=f"verifier-{code}"))
 
     async def stop(self) -> None:
@@ -279,9 +282,9 @@ class Driver:
     # -- reporters ----------------------------------------------------------------------------------------
 
     def _report_body(self) -> tuple[str, dict[str, Any]]:
-        grid_code = self.rng.choice(list(GRIDS))
-        grid = GRIDS[grid_code]
-        category = self.rng.choice(SMALL_CATEGORIES)
+        grid_code = self.rng.choice(list(self.town.grids))
+        grid = self.town.grids[grid_code]
+        category = self.rng.choice(self._small_categories)
         self.sequence += 1
         margin = 1e-5
         body = {

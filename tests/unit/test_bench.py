@@ -446,6 +446,21 @@ def test_a_queue_is_served_once_per_item_in_one_request_or_one_at_a_time(batch: 
         assert acted == [("a", "d-token"), ("b", "d-token"), ("c", "d-token")]
 
 
+def test_the_driver_reports_in_the_town_it_is_given_small_incidents_only() -> None:
+    from schemas import GAOHANG, Town
+
+    grid = next(iter(GAOHANG.grids.values()))
+    big = next(c for c in GAOHANG.categories.values() if c.big)
+    small = next(c for c in GAOHANG.categories.values() if not c.big)
+    categories = {big.code: big, small.code: small}
+    town = Town("t", "测试镇", "Test", GAOHANG.departments, categories, {grid.code: grid})
+    d = Driver({}, Tokens({grid.code: ("w", "token")}, {}, {}), "127.0.0.1:1", "t", town=town)
+    for _ in range(20):
+        grid_code, body = d._report_body()
+        assert (grid_code, body["category_code"], body["reporter_id"]) == (grid.code, small.code, "w")
+        assert grid.contains(body["lat"], body["lon"])
+
+
 def test_desks_long_poll_again_at_once_after_an_empty_answer_and_pause_after_work_in_hand() -> None:
     d = Driver({}, Tokens({}, {}, {}), "127.0.0.1:1", "t", poll_s=0.2, idle_poll_s=1.0, long_poll_s=10)
     assert d._next_wait(0.2, found=0, listed=0, failed=False) == 0.0  # the wait ran out: ask again
