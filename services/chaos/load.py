@@ -32,8 +32,9 @@ from typing import Any
 import httpx
 import orjson
 
+from schemas import GAOHANG, Town
 from schemas.events import TERMINAL_EVENTS
-from schemas.reference import CATEGORIES, DEPARTMENTS, GRIDS, OPS_CENTER, Grid
+from schemas.reference import Grid
 from services.common.auth import Role, TokenStore
 from services.common.db import make_engine
 
@@ -82,11 +83,11 @@ def _inside(grid: Grid, rng: random.Random) -> tuple[float, float]:
     )
 
 
-def plan_reports(n: int, seed: int) -> list[PlannedReport]:
+def plan_reports(n: int, seed: int, town: Town = GAOHANG) -> list[PlannedReport]:
     """``n`` reports: most filed and worked, some rejected, some merged into an open twin, some fixed on the spot."""
     rng = random.Random(f"chaos/{seed}")
-    grids = list(GRIDS.values())
-    categories = sorted(CATEGORIES)
+    grids = list(town.grids.values())
+    categories = sorted(town.categories)
     plans: list[PlannedReport] = []
     recent: list[tuple[str, float, float, Grid]] = []
     for i in range(n):
@@ -138,12 +139,12 @@ class Tokens:
     """Grid worker id, ``staff@<department>`` or ``ops`` → bearer token."""
 
     @classmethod
-    def issue(cls, var_dir: Path) -> Tokens:
+    def issue(cls, var_dir: Path, town: Town = GAOHANG) -> Tokens:
         store = TokenStore(make_engine(f"sqlite:///{var_dir / 'db' / 'auth.sqlite'}"))
-        tokens = {w: store.issue(Role.GRID_WORKER, w)[0] for g in GRIDS.values() for w in g.workers}
-        for d in DEPARTMENTS:
+        tokens = {w: store.issue(Role.GRID_WORKER, w)[0] for g in town.grids.values() for w in g.workers}
+        for d in town.departments:
             tokens[f"staff@{d}"] = store.issue(Role.DEPARTMENT, f"staff@{d}", department=d)[0]
-        tokens["ops"] = store.issue(Role.OPS_CENTER, f"duty@{OPS_CENTER}")[0]
+        tokens["ops"] = store.issue(Role.OPS_CENTER, f"duty@{town.ops_center}")[0]
         return cls(tokens)
 
     def header(self, subject: str) -> dict[str, str]:
@@ -365,9 +366,19 @@ class _Crew:
 class Desks(_Crew):
     """Every department's staff: one look at all queues, then each order taken by its own department at once."""
 
-    def __init__(self, caller: Caller, ledger: Ledger, seed: int, escalate_after_s: float, parallel: int = 12) -> None:
+    def __init__(
+        self,
+        caller: Caller,
+        ledger: Ledger,
+        seed: int,
+        escalate_after_s: float,
+        parallel: int = 12,
+        town: Town = GAOHANG,
+    ) -> None:
         super().__init__(caller, ledger, seed, parallel)
         self.escalate_after_s = escalate_after_s
+        self.ops_center = town.ops_center
+        """The operations center's code: its desk never sends a work order back (退回)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         cycle = 0
@@ -417,7 +428,7 @@ class Desks(_Crew):
         if status == "dispatched":
             if (
                 int(order.get("attempt") or 1) == 1
-                and dept != OPS_CENTER
+                and dept != self.ops_center
                 and _chance(self.seed, "return", wo) < RETURN_SHARE
             ):
                 await self._post(order, "return", {"reason": "经核实不属于本部门职责范围，请重新派遣"})

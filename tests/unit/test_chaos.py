@@ -374,6 +374,17 @@ def test_an_item_is_acted_on_by_one_at_a_time_and_cancelled_when_the_load_stops(
     asyncio.run(scenario())
 
 
+def test_the_report_plan_reports_in_the_town_it_is_given() -> None:
+    from schemas import GAOHANG, Town
+
+    grid = next(iter(GAOHANG.grids.values()))
+    category = next(iter(GAOHANG.categories.values()))
+    town = Town("t", "测试镇", "Test", GAOHANG.departments, {category.code: category}, {grid.code: grid})
+    plans = plan_reports(200, seed=3, town=town)
+    assert {p.body["category_code"] for p in plans} == {category.code, "abandoned_spaceship"}
+    assert {p.body["address"].split(" chaos")[0] for p in plans} == {grid.name_zh}
+
+
 def test_the_report_plan_is_deterministic_and_mixed() -> None:
     plans = plan_reports(400, seed=3)
     assert plans == plan_reports(400, seed=3)
