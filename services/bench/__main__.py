@@ -5,10 +5,14 @@ The last line printed is the result as one JSON object; everything before it is 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_type_hints
 
 import typer
 from rich.console import Console
@@ -49,6 +53,46 @@ KeepDb = Annotated[bool, typer.Option(help="Keep the services' SQLite databases 
 KeepTopics = Annotated[bool, typer.Option(help="Keep the run's topics on the broker (deleted after the run).")]
 
 
+@dataclass(frozen=True)
+class Loop:
+    """The options ``run`` and ``soak`` share: how desks and grid workers work, where the services and the broker
+    are, what is profiled and kept."""
+
+    poll_s: PollS = 0.2
+    idle_poll_s: IdlePollS = 1.0
+    long_poll_s: LongPollS = 10.0
+    batch_actions: BatchActions = True
+    base_port: BasePort = DEFAULT_BASE_PORT
+    bootstrap: Bootstrap = "127.0.0.1:9092"
+    profile: Profile = None
+    keep_db: KeepDb = False
+    keep_topics: KeepTopics = False
+
+    def options(self, **rest: Any) -> Options:
+        """The run's :class:`Options`: these and ``rest``."""
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Options(**values | {"profile": tuple(self.profile or ())}, **rest)
+
+
+def with_loop_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with the options of :class:`Loop` in place of its parameter ``loop`` (typer reads them from
+    the signature); it is called with them gathered into one ``Loop``."""
+    hints = get_type_hints(Loop, include_extras=True)
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    shared = [inspect.Parameter(f.name, keyword, default=f.default, annotation=hints[f.name]) for f in fields(Loop)]
+    signature = inspect.signature(command, eval_str=True)
+    params: list[inspect.Parameter] = []
+    for param in signature.parameters.values():
+        params += shared if param.name == "loop" else [param.replace(kind=keyword)]
+
+    @functools.wraps(command)
+    def gathered(**kwargs: Any) -> None:
+        command(loop=Loop(**{f.name: kwargs.pop(f.name) for f in fields(Loop)}), **kwargs)
+
+    gathered.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return gathered
+
+
 def _rates(text: str) -> tuple[float, ...]:
     rates = tuple(sorted({float(r) for r in text.replace(" ", "").split(",") if r}))
     if not rates or rates[0] <= 0:
@@ -69,6 +113,7 @@ def main() -> None:
 
 
 @app.command()
+@with_loop_options
 def run(
     rates: Annotated[str, typer.Option(help="Offered rates to climb (incidents/s), comma-separated.")] = ",".join(
         f"{r:g}" for r in DEFAULT_RATES
@@ -79,35 +124,13 @@ def run(
     raw_count: Annotated[int, typer.Option(min=0, help="Produce exactly this many raw records instead.")] = 0,
     smoke: Annotated[bool, typer.Option(help="Tiny steps, to try the benchmark in about a minute.")] = False,
     half: Annotated[bool, typer.Option(help="End with a step at half the maximum (for the latency figures).")] = True,
-    poll_s: PollS = 0.2,
-    idle_poll_s: IdlePollS = 1.0,
-    long_poll_s: LongPollS = 10.0,
-    batch_actions: BatchActions = True,
-    base_port: BasePort = DEFAULT_BASE_PORT,
-    bootstrap: Bootstrap = "127.0.0.1:9092",
-    profile: Profile = None,
-    keep_db: KeepDb = False,
-    keep_topics: KeepTopics = False,
+    loop: Loop = Loop(),
     out: Annotated[Path | None, typer.Option(help="Where run directories go (default var/bench).")] = None,
 ) -> None:
     """Measure the raw limit, climb the offered rates until the loop no longer keeps up, then measure latency at
     half the maximum. Prints tables, then the summary as one JSON line."""
-    options = Options(
-        rates=_rates(rates),
-        step_s=step_s,
-        refine=refine,
-        raw_s=raw_s,
-        raw_count=raw_count,
-        poll_s=poll_s,
-        idle_poll_s=idle_poll_s,
-        long_poll_s=long_poll_s,
-        batch_actions=batch_actions,
-        base_port=base_port,
-        bootstrap=bootstrap,
-        profile=tuple(profile or ()),
-        keep_db=keep_db,
-        keep_topics=keep_topics,
-        half_step=half,
+    options = loop.options(
+        rates=_rates(rates), step_s=step_s, refine=refine, raw_s=raw_s, raw_count=raw_count, half_step=half
     )
     if out is not None:
         options.out_root = out
@@ -125,37 +148,18 @@ def run(
 
 
 @app.command()
+@with_loop_options
 def soak(
     minutes: Annotated[float, typer.Option(min=1.0, help="How long to run at the soak rate.")] = 30.0,
     rate: Annotated[
         float | None, typer.Option(min=0.1, help="Incidents/s; default half the maximum of a quick ramp.")
     ] = None,
     ramp_step_s: Annotated[float, typer.Option(min=2.0, help="Seconds per step of the quick ramp.")] = 10.0,
-    poll_s: PollS = 0.2,
-    idle_poll_s: IdlePollS = 1.0,
-    long_poll_s: LongPollS = 10.0,
-    batch_actions: BatchActions = True,
-    base_port: BasePort = DEFAULT_BASE_PORT,
-    bootstrap: Bootstrap = "127.0.0.1:9092",
-    profile: Profile = None,
-    keep_db: KeepDb = False,
-    keep_topics: KeepTopics = False,
+    loop: Loop = Loop(),
 ) -> None:
     """Run at half the maximum rate (or --rate) for --minutes; report RSS growth per service (first vs last five
     minutes). Prints tables, then the summary as one JSON line."""
-    options = Options(
-        poll_s=poll_s,
-        idle_poll_s=idle_poll_s,
-        long_poll_s=long_poll_s,
-        batch_actions=batch_actions,
-        base_port=base_port,
-        bootstrap=bootstrap,
-        profile=tuple(profile or ()),
-        keep_db=keep_db,
-        keep_topics=keep_topics,
-        raw_s=0.0,
-        refine=1,
-    )
+    options = loop.options(raw_s=0.0, refine=1)
     result = Soak(options, minutes, rate, ramp_step_s).run_soak()
     from .report import print_soak
 

@@ -27,27 +27,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from schemas.reference import CATEGORIES, DEPARTMENTS, GRIDS
+from schemas import GAOHANG, Town
 
-from .stats import StepOutcome, stage_latencies_ms
+from .stats import TIMED_EVENTS, StepOutcome, stage_latencies_ms
 
 log = logging.getLogger(__name__)
 
 TERMINAL = frozenset({"IncidentClosed", "IncidentMerged", "IncidentRejected"})
-TIMED = frozenset(
-    {
-        "IncidentReported",
-        "WorkOrderDispatched",
-        "WorkOrderAccepted",
-        "WorkOrderHandled",
-        "VerificationRequested",
-        "VerificationPassed",
-        "IncidentClosed",
-    }
-)
 HANDLED: dict[str, Any] = {"result": "已处置", "evidence_urls": ["https://evidence.example/after.jpg"]}
 """What a desk reports of each work order it handles."""
-SMALL_CATEGORIES = tuple(c for c in CATEGORIES.values() if not c.big)
 """Categories that go round the loop once with one department (a big one engages several at once)."""
 
 
@@ -93,17 +81,17 @@ class Tokens:
     departments: dict[str, str]
 
 
-def issue_tokens(auth_database_url: str) -> Tokens:
+def issue_tokens(auth_database_url: str, town: Town = GAOHANG) -> Tokens:
     from services.common.auth import Role, TokenStore
     from services.common.db import make_engine
 
     store = TokenStore(make_engine(auth_database_url))
     reporters, verifiers = {}, {}
-    for code, grid in GRIDS.items():
+    for code, grid in town.grids.items():
         reporter, verifier = grid.workers[0], grid.workers[-1]
         reporters[code] = (reporter, store.issue(Role.GRID_WORKER, reporter)[0])
         verifiers[code] = store.issue(Role.GRID_WORKER, verifier)[0]
-    departments = {d: store.issue(Role.DEPARTMENT, f"bench-{d}", department=d)[0] for d in DEPARTMENTS}
+    departments = {d: store.issue(Role.DEPARTMENT, f"bench-{d}", department=d)[0] for d in town.departments}
     return Tokens(reporters, verifiers, departments)
 
 
@@ -146,6 +134,7 @@ class Driver:
         max_in_flight: int = 1000,
         attempts: int = 3,
         seed: int = 7,
+        town: Town = GAOHANG,
     ) -> None:
         self.urls = dict(urls)
         self.tokens = tokens
@@ -159,6 +148,9 @@ class Driver:
         self.batch_actions = batch_actions
         """Desks and workers ask the API to hold an empty answer this long (0: they poll, backing off)."""
         self.rng = random.Random(seed)
+        self.town = town
+        self._small_categories = tuple(c for c in town.categories.values() if not c.big)
+        """The categories of the reports: the small ones (a big one engages several departments at once)."""
         self.counters = Counters()
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -213,9 +205,9 @@ class Driver:
         self._consumer = consumer
         self._running = True
         self._loops.append(asyncio.create_task(self._read_lifecycle(), name="lifecycle"))
-        for code in DEPARTMENTS:
+        for code in self.town.departments:
             self._loops.append(asyncio.create_task(self._department(code), name=f"desk-{code}"))
-        for code in GRIDS:
+        for code in self.town.grids:
             self._loops.append(asyncio.create_task(self._verifier(code), name=f"verifier-{code}"))
 
     async def stop(self) -> None:
@@ -290,9 +282,9 @@ class Driver:
     # -- reporters ----------------------------------------------------------------------------------------
 
     def _report_body(self) -> tuple[str, dict[str, Any]]:
-        grid_code = self.rng.choice(list(GRIDS))
-        grid = GRIDS[grid_code]
-        category = self.rng.choice(SMALL_CATEGORIES)
+        grid_code = self.rng.choice(list(self.town.grids))
+        grid = self.town.grids[grid_code]
+        category = self.rng.choice(self._small_categories)
         self.sequence += 1
         margin = 1e-5
         body = {
@@ -379,22 +371,37 @@ class Driver:
     async def _department(self, code: str) -> None:
         token = self.tokens.departments[code]
         params: dict[str, Any] = {"department": code, "status": "dispatched", "limit": 50}
+        queue = ("handling", "/work-orders", "work_order_id")
+        await self._serve(queue, params, token, self._seen_orders, self._work, self._work_many)
+
+    async def _serve(
+        self,
+        queue: tuple[str, str, str],
+        params: dict[str, Any],
+        token: str,
+        seen: _Seen,
+        act: Callable[[str, str], Coroutine[Any, Any, None]],
+        act_many: Callable[[list[str], str], Coroutine[Any, Any, None]],
+    ) -> None:
+        """Look at a queue (service, path, the id field of its items) until the run ends; act on each item not
+        seen before, all of one answer in one request (``batch_actions``) or one at a time."""
+        service, path, id_field = queue
         if self.long_poll_s:
             params["wait"] = self.long_poll_s
         wait = self.poll_s
         while self._running:
             listed = found = 0
-            r = await self._call("handling", "GET", "/work-orders", token, (200,), params=params)
+            r = await self._call(service, "GET", path, token, (200,), params=params)
             if r is not None:
-                orders = orjson.loads(r.content)
-                listed = len(orders)
-                new = [o["work_order_id"] for o in orders if self._seen_orders.add(o["work_order_id"])]
+                items = orjson.loads(r.content)
+                listed = len(items)
+                new = [i[id_field] for i in items if seen.add(i[id_field])]
                 found = len(new)
                 if new and self.batch_actions:
-                    self._spawn(self._work_many(new, token))
+                    self._spawn(act_many(new, token))
                 elif new:
-                    for work_order_id in new:
-                        self._spawn(self._work(work_order_id, token))
+                    for item_id in new:
+                        self._spawn(act(item_id, token))
             wait = self._next_wait(wait, found, listed, r is None)
             if wait:
                 await asyncio.sleep(wait)
@@ -445,25 +452,8 @@ class Driver:
     async def _verifier(self, grid_code: str) -> None:
         token = self.tokens.verifiers[grid_code]
         params: dict[str, Any] = {"status": "pending", "limit": 50}
-        if self.long_poll_s:
-            params["wait"] = self.long_poll_s
-        wait = self.poll_s
-        while self._running:
-            listed = found = 0
-            r = await self._call("verification", "GET", "/verifications", token, (200,), params=params)
-            if r is not None:
-                tasks = orjson.loads(r.content)
-                listed = len(tasks)
-                new = [t["verification_id"] for t in tasks if self._seen_tasks.add(t["verification_id"])]
-                found = len(new)
-                if new and self.batch_actions:
-                    self._spawn(self._pass_many(new, token))
-                elif new:
-                    for verification_id in new:
-                        self._spawn(self._pass(verification_id, token))
-            wait = self._next_wait(wait, found, listed, r is None)
-            if wait:
-                await asyncio.sleep(wait)
+        queue = ("verification", "/verifications", "verification_id")
+        await self._serve(queue, params, token, self._seen_tasks, self._pass, self._pass_many)
 
     async def _pass(self, verification_id: str, token: str) -> None:
         await self._call(
@@ -498,7 +488,7 @@ class Driver:
             kind, incident_id = data["type"], data["incident_id"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return
-        if kind not in TIMED and kind not in TERMINAL:
+        if kind not in TIMED_EVENTS and kind not in TERMINAL:
             return
         at = datetime.fromisoformat(data["occurred_at"]).timestamp()
         if kind == "IncidentClosed":

@@ -409,19 +409,28 @@ class Bench:
     # -- the whole run ----------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        return self.dropping_topics(self._run)
+
+    def dropping_topics(self, body: Callable[[], _T]) -> _T:
+        """``body()``; the run's topics are dropped when it ends, an interrupted run's too."""
         try:
-            return self._run()
-        finally:  # an interrupted run too
+            return body()
+        finally:
             self.drop_topics()
 
-    def _run(self) -> RunResult:
-        o = self.options
+    def begin(self) -> list[str]:
+        """Warn if other gridloop processes share the machine (their lines are returned), then :meth:`prepare`."""
         busy = busy_processes()
         if busy:
             self.log("[yellow]other gridloop services or tests are running; figures will be low:[/yellow]")
             for line in busy:
                 self.log(f"  {line}")
         self.prepare()
+        return busy
+
+    def _run(self) -> RunResult:
+        o = self.options
+        busy = self.begin()
         raws: list[RawResult] = []
 
         def measure() -> None:
@@ -597,19 +606,11 @@ class Soak(Bench):
         self.ramp_step_s = ramp_step_s
 
     def run_soak(self) -> SoakResult:
-        try:
-            return self._run_soak()
-        finally:
-            self.drop_topics()
+        return self.dropping_topics(self._run_soak)
 
     def _run_soak(self) -> SoakResult:
         o = self.options
-        busy = busy_processes()
-        if busy:
-            self.log("[yellow]other gridloop services or tests are running; figures will be low:[/yellow]")
-            for line in busy:
-                self.log(f"  {line}")
-        self.prepare()
+        busy = self.begin()
         with services_running(self.env, self.var_dir / "logs", o, self.out_dir) as group:
             monitor = self.start_monitor(group)
             try:

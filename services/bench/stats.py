@@ -54,6 +54,8 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("end_to_end", "sent", "IncidentClosed"),
 )
 """The latencies measured per incident. The department and grid-worker stages include the actors' poll delay."""
+TIMED_EVENTS = frozenset(point for _, start, end in STAGES for point in (start, end) if point != "sent")
+"""The lifecycle event types whose times the stages are measured between."""
 
 LOOP_EVENTS: tuple[str, ...] = (
     "IncidentReported",

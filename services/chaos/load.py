@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -22,7 +23,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,8 +32,9 @@ from typing import Any
 import httpx
 import orjson
 
+from schemas import GAOHANG, Town
 from schemas.events import TERMINAL_EVENTS
-from schemas.reference import CATEGORIES, DEPARTMENTS, GRIDS, OPS_CENTER, Grid
+from schemas.reference import Grid
 from services.common.auth import Role, TokenStore
 from services.common.db import make_engine
 
@@ -81,11 +83,11 @@ def _inside(grid: Grid, rng: random.Random) -> tuple[float, float]:
     )
 
 
-def plan_reports(n: int, seed: int) -> list[PlannedReport]:
+def plan_reports(n: int, seed: int, town: Town = GAOHANG) -> list[PlannedReport]:
     """``n`` reports: most filed and worked, some rejected, some merged into an open twin, some fixed on the spot."""
     rng = random.Random(f"chaos/{seed}")
-    grids = list(GRIDS.values())
-    categories = sorted(CATEGORIES)
+    grids = list(town.grids.values())
+    categories = sorted(town.categories)
     plans: list[PlannedReport] = []
     recent: list[tuple[str, float, float, Grid]] = []
     for i in range(n):
@@ -137,12 +139,12 @@ class Tokens:
     """Grid worker id, ``staff@<department>`` or ``ops`` → bearer token."""
 
     @classmethod
-    def issue(cls, var_dir: Path) -> Tokens:
+    def issue(cls, var_dir: Path, town: Town = GAOHANG) -> Tokens:
         store = TokenStore(make_engine(f"sqlite:///{var_dir / 'db' / 'auth.sqlite'}"))
-        tokens = {w: store.issue(Role.GRID_WORKER, w)[0] for g in GRIDS.values() for w in g.workers}
-        for d in DEPARTMENTS:
+        tokens = {w: store.issue(Role.GRID_WORKER, w)[0] for g in town.grids.values() for w in g.workers}
+        for d in town.departments:
             tokens[f"staff@{d}"] = store.issue(Role.DEPARTMENT, f"staff@{d}", department=d)[0]
-        tokens["ops"] = store.issue(Role.OPS_CENTER, f"duty@{OPS_CENTER}")[0]
+        tokens["ops"] = store.issue(Role.OPS_CENTER, f"duty@{town.ops_center}")[0]
         return cls(tokens)
 
     def header(self, subject: str) -> dict[str, str]:
@@ -333,16 +335,50 @@ def _parse(value: Any) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
-class Desks:
-    """Every department's staff: one look at all queues, then each order taken by its own department at once."""
+class _Crew:
+    """People who act on the items of a queue, each item by one of them at a time, at most ``parallel`` at once."""
 
-    def __init__(self, caller: Caller, ledger: Ledger, seed: int, escalate_after_s: float, parallel: int = 12) -> None:
+    def __init__(self, caller: Caller, ledger: Ledger, seed: int, parallel: int) -> None:
         self.caller, self.ledger, self.seed = caller, ledger, seed
-        self.escalate_after_s = escalate_after_s
         self.busy: set[str] = set()
-        """Work orders someone is acting on: never two actions on one order at once."""
+        """Items someone is acting on: never two actions on one item at once (the action discards its key)."""
         self.sem = asyncio.Semaphore(parallel)
         self.tasks: set[asyncio.Task[None]] = set()
+
+    def take(self, key: str, act: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Start ``act()`` on the item ``key`` unless someone is acting on it already."""
+        if key in self.busy:
+            return
+        self.busy.add(key)
+        task = asyncio.create_task(act())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def pause(self, stop: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), POLL_S)
+
+    def cancel(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+
+class Desks(_Crew):
+    """Every department's staff: one look at all queues, then each order taken by its own department at once."""
+
+    def __init__(
+        self,
+        caller: Caller,
+        ledger: Ledger,
+        seed: int,
+        escalate_after_s: float,
+        parallel: int = 12,
+        town: Town = GAOHANG,
+    ) -> None:
+        super().__init__(caller, ledger, seed, parallel)
+        self.escalate_after_s = escalate_after_s
+        self.ops_center = town.ops_center
+        """The operations center's code: its desk never sends a work order back (退回)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         cycle = 0
@@ -352,16 +388,9 @@ class Desks:
             for status in statuses:
                 for order in await self._queue(status):
                     key = str(order["work_order_id"])
-                    if key in self.busy:
-                        continue
-                    self.busy.add(key)
-                    task = asyncio.create_task(self._act(order, key))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL_S)
-        for task in list(self.tasks):
-            task.cancel()
+                    self.take(key, functools.partial(self._act, order, key))
+            await self.pause(stop)
+        self.cancel()
 
     async def _queue(self, status: str) -> list[dict[str, Any]]:
         return await _all_pages(self.caller, "handling", "/work-orders", {"status": status}, "poll work orders")
@@ -399,7 +428,7 @@ class Desks:
         if status == "dispatched":
             if (
                 int(order.get("attempt") or 1) == 1
-                and dept != OPS_CENTER
+                and dept != self.ops_center
                 and _chance(self.seed, "return", wo) < RETURN_SHARE
             ):
                 await self._post(order, "return", {"reason": "经核实不属于本部门职责范围，请重新派遣"})
@@ -419,29 +448,18 @@ class Desks:
         )
 
 
-class Verifiers:
+class Verifiers(_Crew):
     """The grid workers asked to verify (核查): each pending task is decided by the worker it names."""
 
     def __init__(self, caller: Caller, ledger: Ledger, seed: int, parallel: int = 8) -> None:
-        self.caller, self.ledger, self.seed = caller, ledger, seed
-        self.busy: set[str] = set()
-        self.sem = asyncio.Semaphore(parallel)
-        self.tasks: set[asyncio.Task[None]] = set()
+        super().__init__(caller, ledger, seed, parallel)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             for task in await self._pending():
-                vid = str(task["verification_id"])
-                if vid in self.busy:
-                    continue
-                self.busy.add(vid)
-                t = asyncio.create_task(self._decide(task))
-                self.tasks.add(t)
-                t.add_done_callback(self.tasks.discard)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL_S)
-        for t in list(self.tasks):
-            t.cancel()
+                self.take(str(task["verification_id"]), functools.partial(self._decide, task))
+            await self.pause(stop)
+        self.cancel()
 
     async def _pending(self) -> list[dict[str, Any]]:
         return await _all_pages(

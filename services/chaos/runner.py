@@ -330,8 +330,7 @@ class Chaos:
                             break
                     await asyncio.sleep(0.5)
                 else:
-                    record.note = "survivor did not take the partitions over"
-                    self.failures.append(f"{inst.label}: {record.note}")
+                    self.fail(inst.label, record, "survivor did not take the partitions over")
             await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t_kill)))
             record.down_s = time.monotonic() - t_kill
             t_restart = time.monotonic()
@@ -340,6 +339,11 @@ class Chaos:
             return record
         finally:
             probe.close()
+
+    def fail(self, who: str, record: KillRecord, note: str) -> None:
+        """A kill whose aftermath went wrong: the note on its record, and a failure of the run."""
+        record.note = note
+        self.failures.append(f"{who}: {note}")
 
     async def _recover(
         self, inst: Instance, record: KillRecord, probe: Probe, t_restart: float, lag_before: int | None
@@ -352,8 +356,7 @@ class Chaos:
                     break
                 await asyncio.sleep(0.3)
         if record.health_s is None:
-            record.note = f"/health did not answer within {self.o.recovery_timeout_s:.0f} s"
-            self.failures.append(f"{inst.label}: {record.note}")
+            self.fail(inst.label, record, f"/health did not answer within {self.o.recovery_timeout_s:.0f} s")
             return
         progress_at_health = self.terminal()
         slack = max(20, lag_before or 0)
@@ -374,8 +377,7 @@ class Chaos:
                     break
             await asyncio.sleep(0.5)
         if record.recovery_s is None:
-            record.note = f"not recovered within {self.o.recovery_timeout_s:.0f} s (lag {last_lag})"
-            self.failures.append(f"{inst.label}: {record.note}")
+            self.fail(inst.label, record, f"not recovered within {self.o.recovery_timeout_s:.0f} s (lag {last_lag})")
         self.say(
             f"  {inst.label} restarted: /health after {record.health_s:.1f} s, back in its group after "
             f"{_s(record.rejoin_s)}, recovered after {_s(record.recovery_s)}"
@@ -418,8 +420,7 @@ class Chaos:
         finally:
             probe.close()
         if pending:
-            record.note = "not recovered: " + "; ".join(f"{s}: {why}" for s, why in pending.items())
-            self.failures.append(f"broker: {record.note}")
+            self.fail("broker", record, "not recovered: " + "; ".join(f"{s}: {why}" for s, why in pending.items()))
         else:
             record.recovery_s = time.monotonic() - t_restart
         self.say(f"  every consumer group working again after {_s(record.recovery_s)} {record.note}")

@@ -42,6 +42,19 @@ def test_summarize() -> None:
     assert stats.summarize([]) == {"n": 0, "p50": None, "p95": None, "p99": None, "max": None}
 
 
+def test_the_timed_events_are_the_lifecycle_points_the_stages_are_measured_between() -> None:
+    points = {
+        "IncidentReported",
+        "WorkOrderDispatched",
+        "WorkOrderAccepted",
+        "WorkOrderHandled",
+        "VerificationRequested",
+        "VerificationPassed",
+        "IncidentClosed",
+    }
+    assert points == stats.TIMED_EVENTS
+
+
 def test_stage_latencies_use_only_known_points() -> None:
     times = {"sent": 100.0, "IncidentReported": 100.01, "WorkOrderDispatched": 100.05, "IncidentClosed": 101.0}
     lat = stats.stage_latencies_ms(times)
@@ -391,6 +404,63 @@ def test_a_desk_accepts_what_it_found_in_one_request_then_handles_all_it_took() 
     assert (d.counters.conflicts, d.counters.errors) == (1, 1)
 
 
+@pytest.mark.parametrize("batch", [True, False])
+def test_a_queue_is_served_once_per_item_in_one_request_or_one_at_a_time(batch: bool) -> None:
+    """A desk acts on each work order it finds once, however often a poll lists it; with batch actions all of one
+    answer go in one request."""
+    import asyncio
+
+    from services.bench.driver import Reply
+
+    d = Driver({}, Tokens({}, {"g1": "v-token"}, {"d1": "d-token"}), "127.0.0.1:1", "t", batch_actions=batch)
+    d.poll_s = d.idle_poll_s = 0.0
+    answers = [["a", "b"], ["a", "b", "c"]]
+    polls: list[tuple[str, str, str, dict[str, Any]]] = []
+    acted: list[Any] = []
+
+    async def call(service: str, method: str, path: str, token: str, ok: Any, **kw: Any) -> Reply:
+        polls.append((service, path, token, dict(kw["params"])))
+        if len(polls) == len(answers):
+            d._running = False
+        return Reply(200, orjson.dumps([{"work_order_id": i} for i in answers[len(polls) - 1]]))
+
+    async def one(work_order_id: str, token: str) -> None:
+        acted.append((work_order_id, token))
+
+    async def many(work_order_ids: list[str], token: str) -> None:
+        acted.append((work_order_ids, token))
+
+    async def serve() -> None:
+        d._running = True
+        d._call = call  # type: ignore[method-assign]
+        d._work, d._work_many = one, many  # type: ignore[method-assign]
+        await d._department("d1")
+        await asyncio.sleep(0)  # the spawned actions run
+
+    asyncio.run(serve())
+    params = {"department": "d1", "status": "dispatched", "limit": 50, "wait": d.long_poll_s}
+    assert polls == [("handling", "/work-orders", "d-token", params)] * 2
+    if batch:
+        assert acted == [(["a", "b"], "d-token"), (["c"], "d-token")]
+    else:
+        assert acted == [("a", "d-token"), ("b", "d-token"), ("c", "d-token")]
+
+
+def test_the_driver_reports_in_the_town_it_is_given_small_incidents_only() -> None:
+    from schemas import GAOHANG, Town
+
+    grid = next(iter(GAOHANG.grids.values()))
+    big = next(c for c in GAOHANG.categories.values() if c.big)
+    small = next(c for c in GAOHANG.categories.values() if not c.big)
+    categories = {big.code: big, small.code: small}
+    town = Town("t", "测试镇", "Test", GAOHANG.departments, categories, {grid.code: grid})
+    d = Driver({}, Tokens({grid.code: ("w", "token")}, {}, {}), "127.0.0.1:1", "t", town=town)
+    for _ in range(20):
+        grid_code, body = d._report_body()
+        assert (grid_code, body["category_code"], body["reporter_id"]) == (grid.code, small.code, "w")
+        assert grid.contains(body["lat"], body["lon"])
+
+
 def test_desks_long_poll_again_at_once_after_an_empty_answer_and_pause_after_work_in_hand() -> None:
     d = Driver({}, Tokens({}, {}, {}), "127.0.0.1:1", "t", poll_s=0.2, idle_poll_s=1.0, long_poll_s=10)
     assert d._next_wait(0.2, found=0, listed=0, failed=False) == 0.0  # the wait ran out: ask again
@@ -535,3 +605,64 @@ def test_sigterm_stops_a_run_through_its_clean_up() -> None:
     )
     assert "services stopped" in proc.stdout, proc.stderr
     assert "KeyboardInterrupt" in proc.stderr
+
+
+# -- the command line ----------------------------------------------------------------------------------------
+
+
+class _Started(Exception):
+    """Raised by a stand-in run: the options it was given are what the test looks at."""
+
+
+@pytest.mark.parametrize("command", ["run", "soak"])
+def test_the_command_line_hands_its_options_to_the_run(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from services.bench import __main__ as cli
+    from services.bench.harness import Options
+
+    given: list[Options] = []
+
+    class Started:
+        def __init__(self, options: Options, *rest: Any) -> None:
+            given.append(options)
+
+        def run(self) -> None:
+            raise _Started
+
+        run_soak = run
+
+    monkeypatch.setattr(cli, "Bench", Started)
+    monkeypatch.setattr(cli, "Soak", Started)
+    monkeypatch.delenv("GRIDLOOP_KAFKA_BOOTSTRAP", raising=False)  # the option's default, not the test broker
+    runner = CliRunner()
+    assert isinstance(runner.invoke(cli.app, [command]).exception, _Started)
+    shared = ["--poll-s", "0.5", "--idle-poll-s", "2", "--long-poll-s", "0", "--no-batch-actions", "--base-port"]
+    shared += ["9100", "--bootstrap", "b:1", "--profile", "intake", "--profile", "dispatch", "--keep-db"]
+    shared += ["--keep-topics"]
+    own = ["--rates", "4,2", "--no-half"] if command == "run" else ["--minutes", "2"]
+    assert isinstance(runner.invoke(cli.app, [command, *own, *shared]).exception, _Started)
+    default, chosen = given
+    loop = [
+        "poll_s",
+        "idle_poll_s",
+        "long_poll_s",
+        "batch_actions",
+        "base_port",
+        "bootstrap",
+        "profile",
+        "keep_db",
+        "keep_topics",
+    ]
+    assert [getattr(default, name) for name in loop] == [getattr(Options(), name) for name in loop]
+    expected = (0.5, 2.0, 0.0, False, 9100, "b:1", ("intake", "dispatch"), True, True)
+    assert tuple(getattr(chosen, name) for name in loop) == expected
+    if command == "run":
+        assert (default.rates, default.half_step, chosen.rates, chosen.half_step) == (
+            Options().rates,
+            True,
+            (2, 4),
+            False,
+        )
+    else:
+        assert (chosen.raw_s, chosen.refine) == (0.0, 1)

@@ -18,7 +18,7 @@ from schemas import Actor, ActorKind, Event, Location, encode_event
 from schemas import events as ev
 from services.chaos.audit import LogEvent, ServiceState, audit_log, check_states, find_duplicates, transition_key
 from services.chaos.cluster import _URL_PORT, _assignment_pairs, describe_parts
-from services.chaos.load import plan_reports
+from services.chaos.load import Verifiers, plan_reports
 from services.common.bus import MessageBus
 from services.common.db import OutboxRecord, UnitOfWork
 from services.common.errors import Rejected
@@ -334,6 +334,55 @@ def test_service_states_that_missed_an_event_or_kept_an_outbox_row_disagree() ->
 
 
 # -- the plan ----------------------------------------------------------------------------------------------------
+
+
+def test_an_item_is_acted_on_by_one_at_a_time_and_cancelled_when_the_load_stops() -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        crew = Verifiers(None, None, 7)  # type: ignore[arg-type]
+        started: list[str] = []
+        release = asyncio.Event()
+
+        async def act(key: str) -> None:
+            started.append(key)
+            try:
+                await release.wait()
+            finally:
+                crew.busy.discard(key)
+
+        crew.take("v1", lambda: act("v1"))
+        crew.take("v1", lambda: act("v1"))  # listed again while someone acts on it
+        crew.take("v2", lambda: act("v2"))
+        await asyncio.sleep(0)
+        assert started == ["v1", "v2"] and crew.busy == {"v1", "v2"}
+        release.set()
+        await asyncio.sleep(0)
+        assert crew.busy == set()
+        crew.take("v1", lambda: act("v1"))  # free again: a later poll may take it (a rework's new task)
+        release.clear()
+        await asyncio.sleep(0)
+        assert started == ["v1", "v2", "v1"]
+        stop = asyncio.Event()
+        stop.set()
+        await crew.pause(stop)
+        running = set(crew.tasks)
+        crew.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        assert running and all(t.cancelled() for t in running) and crew.busy == set()
+
+    asyncio.run(scenario())
+
+
+def test_the_report_plan_reports_in_the_town_it_is_given() -> None:
+    from schemas import GAOHANG, Town
+
+    grid = next(iter(GAOHANG.grids.values()))
+    category = next(iter(GAOHANG.categories.values()))
+    town = Town("t", "测试镇", "Test", GAOHANG.departments, {category.code: category}, {grid.code: grid})
+    plans = plan_reports(200, seed=3, town=town)
+    assert {p.body["category_code"] for p in plans} == {category.code, "abandoned_spaceship"}
+    assert {p.body["address"].split(" chaos")[0] for p in plans} == {grid.name_zh}
 
 
 def test_the_report_plan_is_deterministic_and_mixed() -> None:
