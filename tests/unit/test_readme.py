@@ -37,3 +37,12 @@ def test_every_setting_is_documented(service: str) -> None:
         )
     ]
     assert not missing, f"README.md does not document {service}'s settings: {missing}"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_tuning_knob_is_documented_under_its_nested_name(service: str) -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    tuning = _settings_class(service).model_fields["tuning"].annotation
+    assert tuning is not None
+    missing = [name for name in tuning.model_fields if f"`GRIDLOOP_TUNING__{name.upper()}`" not in readme]
+    assert not missing, f"README.md does not document {service}'s tuning: {missing}"
