@@ -284,7 +284,7 @@ class Bench:
     def raw(self) -> RawResult:
         o = self.options
         if not o.raw_count:
-            # a broker just started (its JIT cold) carries ~35 % fewer hops than a warm one: measure it warm
+            # a broker just started (its JIT cold) carries far fewer hops than a warm one (docs/performance.md)
             self.log(f"raw Kafka limit: warming the broker up for {RAW_WARMUP_S:g} s (not measured)")
             measure_raw(o.bootstrap, f"{self.ns}.{RAW_TOPIC_SUFFIX}-warmup", seconds=RAW_WARMUP_S)
         self.log(f"raw Kafka limit: producing for {o.raw_s:g} s" if not o.raw_count else f"raw: {o.raw_count} records")

@@ -149,7 +149,7 @@ async def _produce(bootstrap: str, topic: str, seconds: float, count: int, windo
         client_id="gridloop-bench-raw",
         acks="all",
         enable_idempotence=True,
-        linger_ms=ServiceSettings().kafka_linger_ms,  # GRIDLOOP_KAFKA_LINGER_MS, as the services read it
+        linger_ms=ServiceSettings().tuning.kafka_linger_ms,  # GRIDLOOP_TUNING__KAFKA_LINGER_MS, as the services read it
         request_timeout_ms=15000,
     )
     await producer.start()

@@ -81,8 +81,8 @@ class WindowCounts(Storage):
 
     limits' own MemoryStorage keeps them the same way but starts a timer thread, 10 ms long, whenever it counts and
     finds none running: a service answering a few hundred requests a second started a hundred threads a second, and
-    each took the interpreter lock from the loop. This storage keeps the package's rate limiting (the limits'
-    notation, the fixed-window strategy) without that cost."""
+    each took the interpreter lock from the loop (docs/performance.md). This storage keeps the package's rate
+    limiting (the limits' notation, the fixed-window strategy) without that cost."""
 
     STORAGE_SCHEME = None
 

@@ -1,16 +1,19 @@
 """Settings shared by every service, from the environment (prefix ``GRIDLOOP_``) with safe local defaults.
 
 A service-specific value can be given as ``GRIDLOOP_<SERVICE>_<NAME>`` (e.g. ``GRIDLOOP_INTAKE_HTTP_PORT``)
-or, in a container running one service, plainly as ``GRIDLOOP_<NAME>``.
+or, in a container running one service, plainly as ``GRIDLOOP_<NAME>``. The tuning knobs are one nested group,
+``GRIDLOOP_TUNING__<NAME>`` (or ``GRIDLOOP_<SERVICE>_TUNING__<NAME>``); see :class:`Tuning`.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from limits import RateLimitItem, parse_many
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,8 +43,64 @@ def rate_limits(text: str) -> list[RateLimitItem]:
     return items
 
 
+class Tuning(BaseModel):
+    """What the pipeline costs, never what it does: knobs for the benchmark, left at their defaults elsewhere.
+
+    Each default was measured (docs/performance.md says with what and when); a service whose consumer differs (a
+    read model) overrides them in a subclass of its own. Given as ``GRIDLOOP_TUNING__<NAME>``, or for one service
+    ``GRIDLOOP_<SERVICE>_TUNING__<NAME>``. The names of the release before (``GRIDLOOP_BATCH_MAX`` ...) are still
+    read, with a warning, for one release: see :data:`RENAMED`."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    batch_max: int = Field(default=500, ge=1, le=10_000)
+    """At most this many consumed records (those already delivered, never waited for) are applied in one
+    transaction and flushed with one send: bigger batches cost less per record and hold the loop longer."""
+    batch_linger_s: float = Field(default=0.02, ge=0, le=5)
+    """How long a consumer waits for more records when none is waiting (0: apply at once): records come from
+    another service a batch at a time, and the rest of a burst then joins the same transaction."""
+    fetch_min_bytes: int = Field(default=1, ge=1, le=64 * 1024 * 1024)
+    """How much the consumer's fetch asks the broker to gather (1: answer as soon as one record is there);
+    more means fewer fetches, each a request and a hand-over between threads."""
+    fetch_max_wait_ms: int = Field(default=1500, ge=0, le=60_000)
+    """How long the broker may hold that fetch to gather ``fetch_min_bytes``: with a minimum of 1 only an idle
+    stream ever waits this long."""
+    kafka_linger_ms: int = Field(default=0, ge=0, le=1000)
+    """How long the publisher holds a record for more to send with it (0: at once): the outbox hands the producer
+    a whole batch at a time, so records go out together all the same."""
+    switch_interval_s: float = Field(default=0.001, gt=0, le=0.1)
+    """How long a thread may keep the GIL while another waits for it (Python's default 0.005): the loop thread
+    lets go of it on every database call and must take it back from faust's consumer thread."""
+    event_loop: Literal["uvloop", "aio"] = "uvloop"
+    """The asyncio loop the worker (consumer, producer and API) runs on: uvloop costs less per callback than the
+    standard library's (``aio``)."""
+
+
+RENAMED = {f"GRIDLOOP_{name.upper()}": f"GRIDLOOP_TUNING__{name.upper()}" for name in Tuning.model_fields}
+"""The tuning variables of the release before, and their names now. Still read for this release, each with a
+``FutureWarning``; a value given under the new name wins. To be removed in the next release."""
+
+
+def _tuning_given(value: Any) -> dict[str, Any]:
+    """The tuning values a source gave (a dict from the environment, or a :class:`Tuning` passed in), as a dict of
+    what was set: what was not set takes the service's own defaults."""
+    if value is None:
+        return {}
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_unset=True)
+    if isinstance(value, dict):
+        return dict(value)
+    return value  # type: ignore[no-any-return]  # left for validation to refuse with its reason
+
+
+def _renamed(old: str, new: str) -> None:
+    warnings.warn(f"{old} is now {new}: the old name is read for this release only", FutureWarning, stacklevel=2)
+
+
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GRIDLOOP_", extra="ignore", case_sensitive=False)
+    model_config = SettingsConfigDict(
+        env_prefix="GRIDLOOP_", extra="ignore", case_sensitive=False, env_nested_delimiter="__"
+    )
 
     SERVICE: ClassVar[str] = "service"
     DEFAULT_HTTP_PORT: ClassVar[int] = 8100
@@ -63,21 +122,8 @@ class ServiceSettings(BaseSettings):
     time_scale: float = Field(default=1.0, gt=0)
     """How many times faster than the wall clock deadlines run (3600: one business hour per second)."""
     outbox_interval_s: float = Field(default=0.5, gt=0)
-    kafka_linger_ms: int = Field(default=0, ge=0, le=1000)
-    """How long the publisher holds a record for more to send with it. 0: sent at once; the outbox hands the
-    producer a whole batch at a time, so records go out together all the same."""
-    batch_max: int = Field(default=500, ge=1, le=10_000)
-    """At most this many consumed records (those already delivered, never waited for) are applied in one
-    transaction and flushed with one send."""
-    batch_linger_s: float = Field(default=0.02, ge=0, le=5)
-    """How long a consumer waits for more records when none is waiting (0: apply at once). 20 ms: records come
-    from another service a batch at a time, and the rest of a burst is applied in the same transaction instead
-    of one or two records each. The read models (intake's view, opscenter) wait longer to batch more."""
-    fetch_min_bytes: int = Field(default=1, ge=1, le=64 * 1024 * 1024)
-    """How much the consumer's fetch asks the broker to wait for (1: answer as soon as one record is there)."""
-    fetch_max_wait_ms: int = Field(default=1500, ge=0, le=60_000)
-    """How long the broker may hold the consumer's fetch to gather ``fetch_min_bytes``. With the default minimum
-    only an idle stream waits this long; a read model sets both to fetch less often, in bigger batches."""
+    tuning: Tuning = Field(default_factory=Tuning)
+    """Knobs that change what the pipeline costs, never what it does (see :class:`Tuning`)."""
     retention_interval_s: float = Field(default=3600.0, gt=0)
     """How often published outbox records and idempotency marks past redelivery are pruned."""
     outbox_keep_s: float = Field(default=86_400.0, ge=0)
@@ -90,13 +136,6 @@ class ServiceSettings(BaseSettings):
     topic_partitions: int | None = Field(default=None, ge=1, le=1000)
     """Partitions of each topic of the loop (not the dead-letter topic) when it is created; unset: the catalog's
     count (2). A topic that exists keeps its count: records keyed to a partition stay there."""
-    switch_interval_s: float = Field(default=0.001, gt=0, le=0.1)
-    """How long the interpreter lets a thread hold the GIL while another waits for it (Python's default is
-    5 ms). A worker runs two: the loop that applies records and answers the API, and faust's consumer thread
-    fetching from the broker. The loop thread lets go of the GIL on every database call; with 5 ms it could then
-    wait up to 5 ms to take it back from the consumer thread, each time."""
-    event_loop: Literal["uvloop", "aio"] = "uvloop"
-    """The asyncio loop the worker (consumer, producer and API) runs on: uvloop, or the standard library's."""
     body_limit_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     """The largest request body an API takes: one declared larger is refused (413) before a byte of it is read,
     one streamed (chunked) as soon as it passes this; both before the caller's token is looked at. 1 MiB: the
@@ -128,14 +167,32 @@ class ServiceSettings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _service_specific(cls, data: Any) -> Any:
-        import os
-
         if not isinstance(data, dict):
             return data
         prefix = f"GRIDLOOP_{cls.SERVICE.upper()}_"
+        tuning = _tuning_given(data.get("tuning"))
+        own: dict[str, Any] = {}
+        legacy: dict[str, Any] = {}
         for key, value in os.environ.items():
-            if key.upper().startswith(prefix):
-                data[key[len(prefix) :].lower()] = value  # the service's own setting wins over the shared one
+            upper = key.upper()
+            if upper in RENAMED:  # the shared tuning variable of the release before
+                legacy.setdefault(upper[len("GRIDLOOP_") :].lower(), value)
+                _renamed(upper, RENAMED[upper])
+            elif upper.startswith(prefix):
+                name = key[len(prefix) :].lower()
+                if name.startswith("tuning__"):
+                    own[name[len("tuning__") :]] = value
+                else:
+                    data[name] = value  # the service's own setting wins over the shared one
+        for name in Tuning.model_fields:
+            if name in data:  # the old name: given as an argument, or for this service in the environment
+                legacy[name] = data.pop(name)
+                if f"{prefix}{name.upper()}" in os.environ:
+                    _renamed(f"{prefix}{name.upper()}", f"{prefix}TUNING__{name.upper()}")
+                else:
+                    _renamed(f"the setting {name}", f"tuning.{name}")
+        if tuning or own or legacy:
+            data["tuning"] = {**legacy, **tuning, **own}
         return data
 
     @model_validator(mode="after")

@@ -24,7 +24,7 @@ from schemas import Actor, ActorKind, Event, Location, decode_event
 from schemas import events as ev
 from services.common.bus import MessageBus
 from services.common.db import SHARED_TABLES, OutboxRecord, ProcessedEvent, UnitOfWork, create_tables, make_engine
-from services.common.kafka import OutboxRelay
+from services.common.outbox import OutboxRelay
 from services.dispatch import handlers
 from services.dispatch.models import TABLES
 from services.dispatch.settings import DispatchSettings

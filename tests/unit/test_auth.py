@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from schemas import Actor, ActorKind
 from schemas import events as ev
 from services.admin.__main__ import cli
-from services.common.api import create_api
 from services.common.auth import (
     DEFAULT_LIFETIME,
     MAX_LIFETIME,
@@ -31,6 +30,7 @@ from services.common.auth import (
     require,
 )
 from services.common.db import make_engine
+from services.common.http import create_api
 from services.intake.models import ReportCreate
 
 from .conftest import FakeClock

@@ -15,10 +15,10 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
 from services.common import edge
-from services.common.api import create_api, settings_for
 from services.common.auth import Principal, Role, TokenStore, require
 from services.common.db import make_engine
 from services.common.edge import WindowCounts
+from services.common.http import create_api, settings_for
 from services.common.settings import ServiceSettings, rate_limits
 
 LIMIT = 64 * 1024

@@ -22,10 +22,11 @@ from sqlalchemy.engine import Engine
 from schemas import Actor, Event, Location, encode_event
 from schemas import events as ev
 from services.common import metrics
-from services.common.api import create_api
 from services.common.bus import MessageBus
 from services.common.db import UnitOfWork, create_tables, make_engine
-from services.common.kafka import OutboxRelay, Publisher
+from services.common.http import create_api
+from services.common.kafka import Publisher
+from services.common.outbox import OutboxRelay
 from services.handling.models import TABLES as HANDLING_TABLES
 from services.handling.models import HandlingWorkOrder, OrderStatus
 from services.opscenter import metrics as ops_metrics

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from schemas import Actor, ActorKind, Location, decode_event
 from schemas import events as ev
 from services.common.db import UnitOfWork, create_tables, make_engine
-from services.common.kafka import OutboxRelay
+from services.common.outbox import OutboxRelay
 
 from .conftest import FakeClock
 

@@ -68,3 +68,12 @@ def test_the_architecture_diagram_draws_who_writes_and_who_reads_every_topic() -
         node = ids[topic.suffix]
         assert {a for a, b in edges if b == node} == set(topic.producers), topic.suffix
         assert {b for a, b in edges if a == node} == set(topic.consumers), topic.suffix
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_tuning_knob_is_documented_under_its_nested_name(service: str) -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    tuning = _settings_class(service).model_fields["tuning"].annotation
+    assert tuning is not None
+    missing = [name for name in tuning.model_fields if f"`GRIDLOOP_TUNING__{name.upper()}`" not in readme]
+    assert not missing, f"README.md does not document {service}'s tuning: {missing}"

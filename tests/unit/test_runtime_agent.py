@@ -15,6 +15,7 @@ from sqlmodel import select
 from schemas import Actor, Location, encode_event
 from schemas import events as ev
 from services.common.db import OutboxRecord, ProcessedEvent, UnitOfWork
+from services.common.settings import Tuning
 from services.dispatch.app import build
 from services.dispatch.settings import DispatchSettings
 
@@ -22,7 +23,7 @@ from services.dispatch.settings import DispatchSettings
 @pytest.fixture
 def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     # no linger: a test context closes as soon as its records are handed over
-    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105, batch_linger_s=0))
+    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105, tuning=Tuning(batch_linger_s=0)))
     rt.init_db()
     letters: list[tuple[str, str]] = []
     flushes: list[int] = []
@@ -236,7 +237,7 @@ def test_worker_runs_on_the_event_loop_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str | None, loop_type: str
 ) -> None:
     # faust reads --loop when it is first imported, long before a service starts its worker: the option alone left
-    # every service on the standard library's loop whatever GRIDLOOP_EVENT_LOOP said
+    # every service on the standard library's loop whatever GRIDLOOP_TUNING__EVENT_LOOP said
     made: list[str] = []
 
     def main() -> None:  # what the worker's loop will be: made here as faust's worker makes it
@@ -244,7 +245,7 @@ def test_worker_runs_on_the_event_loop_asked(
         made.append(f"{type(loop).__module__}.{type(loop).__qualname__}")
         loop.close()
 
-    _start_worker_with(tmp_path, monkeypatch, "GRIDLOOP_EVENT_LOOP", setting, main)
+    _start_worker_with(tmp_path, monkeypatch, "GRIDLOOP_TUNING__EVENT_LOOP", setting, main)
     assert made == [loop_type]
 
 
@@ -258,7 +259,11 @@ def test_worker_starts_with_the_switch_interval_asked(
 
     seen: list[float] = []
     _start_worker_with(
-        tmp_path, monkeypatch, "GRIDLOOP_SWITCH_INTERVAL_S", setting, lambda: seen.append(sys.getswitchinterval())
+        tmp_path,
+        monkeypatch,
+        "GRIDLOOP_TUNING__SWITCH_INTERVAL_S",
+        setting,
+        lambda: seen.append(sys.getswitchinterval()),
     )
     assert seen == [pytest.approx(interval)]
 
@@ -286,12 +291,12 @@ def _start_worker_with(
 ) -> None:
     """A dispatch worker built with ``variable`` set to ``value`` (None: unset), started up to ``main`` as
     :func:`_start_worker` does, without freezing the start-up objects."""
-    from services.common import runtime as runtime_module
+    from services.common import process
 
     if value is not None:
         monkeypatch.setenv(variable, value)
     rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105))
-    monkeypatch.setattr(runtime_module, "_freeze_startup_objects", lambda: None)
+    monkeypatch.setattr(process, "_freeze_startup_objects", lambda: None)
     _start_worker(rt, monkeypatch, main)
 
 
@@ -300,11 +305,10 @@ def _start_worker(rt: Any, monkeypatch: pytest.MonkeyPatch, main: Any) -> None:
     command line and the event loop policy it sets are put back afterwards."""
     import sys
 
-    from services.common import admin
-    from services.common import runtime as runtime_module
+    from services.common import admin, process
 
     monkeypatch.setattr(admin, "wait_for_topics", lambda *a, **k: None)
-    monkeypatch.setattr(runtime_module, "_require_free_port", lambda *a: None)
+    monkeypatch.setattr(process, "_require_free_port", lambda *a: None)
     monkeypatch.setattr(rt.app, "main", main)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     saved, interval = asyncio.get_event_loop_policy(), sys.getswitchinterval()
@@ -322,7 +326,7 @@ async def test_the_publisher_lingers_as_configured(
     import services.common.kafka as kafka
 
     if linger is not None:
-        monkeypatch.setenv("GRIDLOOP_KAFKA_LINGER_MS", linger)
+        monkeypatch.setenv("GRIDLOOP_TUNING__KAFKA_LINGER_MS", linger)
     made: list[dict[str, Any]] = []
 
     class Producer:
@@ -347,7 +351,7 @@ async def test_a_lingering_consumer_applies_what_arrives_meanwhile_in_the_same_b
     Without the linger the two are applied apart."""
     batches: dict[float, list[int]] = {}
     for linger in (0.0, 0.5):
-        rt = build(DispatchSettings(var_dir=tmp_path / str(linger), batch_linger_s=linger))
+        rt = build(DispatchSettings(var_dir=tmp_path / str(linger), tuning=Tuning(batch_linger_s=linger)))
         rt.init_db()
         seen = batches[linger] = []
         done = asyncio.Event()
@@ -372,7 +376,7 @@ async def test_a_consumer_whose_flow_stops_applies_the_batch_it_holds(
     """At a shutdown or a rebalance faust suspends the flow: records still queued are skipped (they come again
     later), and the worker waits for every record handed to the agent to be acked. A batch held for more must
     then be applied with what it has; waiting for a record that never comes hung the worker's shutdown."""
-    rt = build(DispatchSettings(var_dir=tmp_path, batch_linger_s=0.5))
+    rt = build(DispatchSettings(var_dir=tmp_path, tuning=Tuning(batch_linger_s=0.5)))
     rt.init_db()
     seen: list[int] = []
     applied = asyncio.Event()
@@ -414,7 +418,7 @@ def test_the_loop_s_consumers_linger_for_the_rest_of_a_burst(tmp_path: Path) -> 
     from services.verification.settings import VerificationSettings
 
     lingers = {
-        s.service: s.batch_linger_s
+        s.service: s.tuning.batch_linger_s
         for s in (
             DispatchSettings(var_dir=tmp_path),
             HandlingSettings(var_dir=tmp_path),
@@ -423,7 +427,7 @@ def test_the_loop_s_consumers_linger_for_the_rest_of_a_burst(tmp_path: Path) -> 
         )
     }
     assert lingers == {"dispatch": 0.02, "handling": 0.02, "verification": 0.02, "intake": 0.25}
-    assert IntakeSettings(var_dir=tmp_path).batch_max == 64  # its batches hold up the reports it answers
+    assert IntakeSettings(var_dir=tmp_path).tuning.batch_max == 64  # its batches hold up the reports it answers
 
 
 def test_an_instance_of_several_rechecks_its_held_long_polls(tmp_path: Path) -> None:
@@ -438,7 +442,9 @@ def _worker_consumer(rt: Any) -> Any:
     return consumer._new_consumer_thread()._create_worker_consumer(rt.app.transport)
 
 
-@pytest.mark.parametrize(("env", "expected"), [({}, (1, 1500)), ({"GRIDLOOP_FETCH_MIN_BYTES": "65536"}, (65536, 1500))])
+@pytest.mark.parametrize(
+    ("env", "expected"), [({}, (1, 1500)), ({"GRIDLOOP_TUNING__FETCH_MIN_BYTES": "65536"}, (65536, 1500))]
+)
 async def test_the_worker_consumer_fetches_as_configured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: tuple[int, int]
 ) -> None:
@@ -494,7 +500,7 @@ class _SizeLimitedPublisher:
 
 
 def _plain_runtime(tmp_path: Path) -> Any:
-    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105, batch_linger_s=0))
+    rt = build(DispatchSettings(var_dir=tmp_path, http_port=18105, tuning=Tuning(batch_linger_s=0)))
     rt.init_db()
     return rt
 
@@ -595,7 +601,7 @@ async def test_whatever_decoding_raises_the_record_is_dead_lettered_and_its_batc
 ) -> None:
     """Not only a DecodeError: any exception from decoding sets the record aside with the reason."""
     from schemas import decode_event as real
-    from services.common import runtime as runtime_module
+    from services.common import consumer
 
     bad = b'{"poison": true}'
 
@@ -604,7 +610,7 @@ async def test_whatever_decoding_raises_the_record_is_dead_lettered_and_its_batc
             raise error
         return real(raw)
 
-    monkeypatch.setattr(runtime_module, "decode_event", decode_event)
+    monkeypatch.setattr(consumer, "decode_event", decode_event)
     values = [encode_event(_report_n(1)), bad, encode_event(_report_n(2))]
     await asyncio.wait_for(runtime.process_batch([_Message(v, i) for i, v in enumerate(values)]), timeout=10)
     assert _applied(runtime) == 2
