@@ -30,14 +30,12 @@ def build_api(runtime: Runtime) -> FastAPI:
         responses={404: {"description": "no such case"}},
     )
     async def case(incident_id: str, who: Principal = Center) -> CasePublic:
-        with runtime.uow() as uow:
-            return handlers.get_case(incident_id, uow)
+        return runtime.query(handlers.get_case, incident_id)
 
     @api.get("/extensions", response_model=list[WorkOrderPublic], tags=["extensions"])
     async def extensions(who: Principal = Center) -> list[WorkOrderPublic]:
         """Work orders whose department asked for more time (延期), waiting for a decision."""
-        with runtime.uow() as uow:
-            return handlers.pending_extensions(uow)
+        return runtime.query(handlers.pending_extensions)
 
     @api.post(
         "/work-orders/{work_order_id}/extension",
@@ -52,9 +50,9 @@ def build_api(runtime: Runtime) -> FastAPI:
         if body.actor_id not in (None, who.subject):
             raise Forbidden(f"you are {who.subject}; the body names {body.actor_id}")
         actor = Actor(kind=ActorKind.OPS_CENTER, id=who.subject, department="ops_center")
-        with runtime.uow() as uow:
-            event = handlers.decide_extension(work_order_id, body.grant, body.new_deadline, body.reason, actor, uow)
-        await runtime.flush_outbox()
+        event = await runtime.command(
+            handlers.decide_extension, work_order_id, body.grant, body.new_deadline, body.reason, actor
+        )
         return {"work_order_id": work_order_id, "decision": event.type}
 
     return api
