@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
 
 from schemas import Actor, ActorKind
@@ -13,6 +15,8 @@ from services.common.runtime import Runtime
 from . import handlers
 from .models import CasePublic, ExtensionDecision, WorkOrderPublic
 
+_NO_SUCH_CASE: dict[int | str, dict[str, Any]] = {404: {"description": "no such case"}}
+
 
 def build_api(runtime: Runtime) -> FastAPI:
     Center = runtime.allow(Role.OPS_CENTER, Role.ADMIN)
@@ -23,12 +27,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         description="立案 and 派遣: cases, their work orders, and the operations center's extension decisions.",
     )
 
-    @api.get(
-        "/cases/{incident_id}",
-        response_model=CasePublic,
-        tags=["cases"],
-        responses={404: {"description": "no such case"}},
-    )
+    @api.get("/cases/{incident_id}", response_model=CasePublic, tags=["cases"], responses=_NO_SUCH_CASE)
     async def case(incident_id: str, who: Principal = Center) -> CasePublic:
         return runtime.query(handlers.get_case, incident_id)
 

@@ -23,7 +23,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from schemas import (
     CASE_OPEN,
@@ -42,6 +42,8 @@ from schemas import (
 )
 from schemas import events as ev
 from schemas.reference import distance_m
+
+E = TypeVar("E", bound=Event)
 
 DISPATCH = Actor.system("dispatch")
 WATCHDOG = Actor.system("dispatch-watchdog")
@@ -245,10 +247,10 @@ def file_incident(
         into, distance = dup
         case.status, case.merged_into, case.closed_at = IncidentStatus.MERGED, into.incident_id, moment.now
         into.duplicates += 1
-        merged = ev.IncidentMerged.following(
+        merged = _follow(
+            ev.IncidentMerged,
             report,
-            DISPATCH,
-            occurred_at=moment.now,
+            moment,
             into_incident_id=into.incident_id,
             distance_m=round(distance, 1),
             category_code=report.category_code,
@@ -258,10 +260,10 @@ def file_incident(
     case.filed_at = moment.now
     decision = Decision(
         [
-            ev.IncidentFiled.following(
+            _follow(
+                ev.IncidentFiled,
                 report,
-                DISPATCH,
-                occurred_at=moment.now,
+                moment,
                 category_code=category.code,
                 grid_id=case.grid_id,
                 priority=category.priority,
@@ -312,10 +314,10 @@ def reroute_work_order(
         else "no other department can take it"
     )
     decision.events.append(
-        ev.IncidentEscalated.following(
+        _follow(
+            ev.IncidentEscalated,
             returned,
-            DISPATCH,
-            occurred_at=moment.now,
+            moment,
             reason_code=ev.EscalationReason.REPEATED_RETURNS if candidates else ev.EscalationReason.NO_DEPARTMENT,
             reason=f"{reason}; last: {returned.department_code}: {returned.reason}"[:1000],
             work_order_id=order.work_order_id,
@@ -363,10 +365,10 @@ def close_incident(case: Case, orders: Sequence[WorkOrder], passed: ev.Verificat
         if o.status == WorkOrderStatus.HANDLED:
             o.status = WorkOrderStatus.CLOSED
     case.status, case.closed_at = IncidentStatus.CLOSED, moment.now
-    closed = ev.IncidentClosed.following(
+    closed = _follow(
+        ev.IncidentClosed,
         passed,
-        DISPATCH,
-        occurred_at=moment.now,
+        moment,
         category_code=case.category_code,
         grid_id=case.grid_id,
         departments=sorted({o.department_code for o in orders if o.status == WorkOrderStatus.CLOSED}),
@@ -398,10 +400,10 @@ def rework_incident(
         order.deadline = moment.due_in(category.deadline_hours)
         order.reminded_at = order.escalated_at = None
         decision.events.append(
-            ev.IncidentReworked.following(
+            _follow(
+                ev.IncidentReworked,
                 failed,
-                DISPATCH,
-                occurred_at=moment.now,
+                moment,
                 work_order_id=order.work_order_id,
                 department_code=order.department_code,
                 rework_count=case.rework_count,
@@ -517,10 +519,10 @@ def _dispatch(
     decision.orders.append(order)
     case.status = IncidentStatus.DISPATCHED
     decision.events.append(
-        ev.WorkOrderDispatched.following(
+        _follow(
+            ev.WorkOrderDispatched,
             cause,
-            DISPATCH,
-            occurred_at=moment.now,
+            moment,
             work_order_id=order.work_order_id,
             department_code=department,
             role=role,
@@ -563,10 +565,10 @@ def _request_verification(
         if person not in handled_by:
             handled_by.append(person)
     decision.events.append(
-        ev.VerificationRequested.following(
+        _follow(
+            ev.VerificationRequested,
             cause,
-            DISPATCH,
-            occurred_at=moment.now,
+            moment,
             verification_id=f"{case.incident_id}-v{case.verification_round}",
             grid_id=case.grid_id,
             worker_id=verifier(case, handled_by, town),
@@ -585,9 +587,12 @@ def _request_verification(
 def _reject(case: Case, cause: Event, code: ev.RejectReason, reason: str, moment: Moment) -> Decision:
     """不予立案: the case is kept, rejected, with the reason."""
     case.status, case.closed_at = IncidentStatus.REJECTED, moment.now
-    return Decision(
-        [ev.IncidentRejected.following(cause, DISPATCH, occurred_at=moment.now, reason_code=code, reason=reason)]
-    )
+    return Decision([_follow(ev.IncidentRejected, cause, moment, reason_code=code, reason=reason)])
+
+
+def _follow(kind: type[E], cause: Event, moment: Moment, **fields: Any) -> E:
+    """The event ``kind`` dispatch emits now, following ``cause``."""
+    return kind.following(cause, DISPATCH, occurred_at=moment.now, **fields)
 
 
 def _expect_verification(case: Case) -> None:

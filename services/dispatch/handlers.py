@@ -63,12 +63,10 @@ def file_incident(report: ev.IncidentReported, uow: UnitOfWork, policy: Policy, 
 def reroute_work_order(returned: ev.WorkOrderReturned, uow: UnitOfWork, policy: Policy, town: Town = GAOHANG) -> None:
     """退回: the next candidate department takes the work; after repeated returns, the operations center."""
     store = DispatchStore(uow)
-    case = store.case(returned.incident_id)
+    case, orders = store.case_with_orders(returned.incident_id)
     order = store.order(returned.work_order_id, returned.incident_id)
     with _as_service_errors():
-        decision = domain.reroute_work_order(
-            case, store.orders_of(case.incident_id), order, returned, town, policy, store.moment()
-        )
+        decision = domain.reroute_work_order(case, orders, order, returned, town, policy, store.moment())
     _save(store, decision, uow)
 
 
@@ -83,30 +81,28 @@ def record_extension_request(req: ev.ExtensionRequested, uow: UnitOfWork, policy
 def request_verification(handled: ev.WorkOrderHandled, uow: UnitOfWork, policy: Policy, town: Town = GAOHANG) -> None:
     """处置 done: once every live work order of the case is handled, the grid worker verifies (核查)."""
     store = DispatchStore(uow)
-    case = store.case(handled.incident_id)
+    case, orders = store.case_with_orders(handled.incident_id)
     order = store.order(handled.work_order_id, handled.incident_id)
     with _as_service_errors():
-        decision = domain.handle_work_order(
-            case, store.orders_of(case.incident_id), order, handled, town, store.moment()
-        )
+        decision = domain.handle_work_order(case, orders, order, handled, town, store.moment())
     _save(store, decision, uow)
 
 
 def close_incident(passed: ev.VerificationPassed, uow: UnitOfWork, policy: Policy, town: Town = GAOHANG) -> None:
     """核查 passed → 结案."""
     store = DispatchStore(uow)
-    case = store.case(passed.incident_id)
+    case, orders = store.case_with_orders(passed.incident_id)
     with _as_service_errors():
-        decision = domain.close_incident(case, store.orders_of(case.incident_id), passed, store.moment())
+        decision = domain.close_incident(case, orders, passed, store.moment())
     _save(store, decision, uow)
 
 
 def rework_incident(failed: ev.VerificationFailed, uow: UnitOfWork, policy: Policy, town: Town = GAOHANG) -> None:
     """核查 failed → 返工."""
     store = DispatchStore(uow)
-    case = store.case(failed.incident_id)
+    case, orders = store.case_with_orders(failed.incident_id)
     with _as_service_errors():
-        decision = domain.rework_incident(case, store.orders_of(case.incident_id), failed, town, store.moment())
+        decision = domain.rework_incident(case, orders, failed, town, store.moment())
     _save(store, decision, uow)
 
 

@@ -98,6 +98,10 @@ class DispatchStore:
             raise UnknownIncident(f"no case for incident {incident_id}")
         return case
 
+    def case_with_orders(self, incident_id: str) -> tuple[Case, list[WorkOrder]]:
+        """The case of an incident an event names, and its work orders, oldest first."""
+        return self.case(incident_id), self.orders_of(incident_id)
+
     def add_case(self, case: Case) -> None:
         """A new case: written at the commit. It has no work orders yet, so asking for them reads nothing."""
         self.uow.add(CASES, case)
