@@ -17,7 +17,4 @@ def register_watchdog(runtime: Runtime, policy: DispatchSettings) -> None:
 
     @runtime.timer(policy.watchdog_interval_s)
     async def watchdog() -> None:
-        with runtime.uow() as uow:
-            emitted = handlers.watch_deadlines(uow, policy)
-        if emitted:
-            await runtime.flush_outbox()
+        await runtime.command(handlers.watch_deadlines, policy)

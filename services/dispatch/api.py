@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
 
 from schemas import Actor, ActorKind
@@ -13,6 +15,8 @@ from services.common.runtime import Runtime
 from . import handlers
 from .models import CasePublic, ExtensionDecision, WorkOrderPublic
 
+_NO_SUCH_CASE: dict[int | str, dict[str, Any]] = {404: {"description": "no such case"}}
+
 
 def build_api(runtime: Runtime) -> FastAPI:
     Center = runtime.allow(Role.OPS_CENTER, Role.ADMIN)
@@ -23,21 +27,14 @@ def build_api(runtime: Runtime) -> FastAPI:
         description="立案 and 派遣: cases, their work orders, and the operations center's extension decisions.",
     )
 
-    @api.get(
-        "/cases/{incident_id}",
-        response_model=CasePublic,
-        tags=["cases"],
-        responses={404: {"description": "no such case"}},
-    )
+    @api.get("/cases/{incident_id}", response_model=CasePublic, tags=["cases"], responses=_NO_SUCH_CASE)
     async def case(incident_id: str, who: Principal = Center) -> CasePublic:
-        with runtime.uow() as uow:
-            return handlers.get_case(incident_id, uow)
+        return runtime.query(handlers.get_case, incident_id)
 
     @api.get("/extensions", response_model=list[WorkOrderPublic], tags=["extensions"])
     async def extensions(who: Principal = Center) -> list[WorkOrderPublic]:
         """Work orders whose department asked for more time (延期), waiting for a decision."""
-        with runtime.uow() as uow:
-            return handlers.pending_extensions(uow)
+        return runtime.query(handlers.pending_extensions)
 
     @api.post(
         "/work-orders/{work_order_id}/extension",
@@ -52,9 +49,9 @@ def build_api(runtime: Runtime) -> FastAPI:
         if body.actor_id not in (None, who.subject):
             raise Forbidden(f"you are {who.subject}; the body names {body.actor_id}")
         actor = Actor(kind=ActorKind.OPS_CENTER, id=who.subject, department="ops_center")
-        with runtime.uow() as uow:
-            event = handlers.decide_extension(work_order_id, body.grant, body.new_deadline, body.reason, actor, uow)
-        await runtime.flush_outbox()
+        event = await runtime.command(
+            handlers.decide_extension, work_order_id, body.grant, body.new_deadline, body.reason, actor
+        )
         return {"work_order_id": work_order_id, "decision": event.type}
 
     return api

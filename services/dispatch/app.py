@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from schemas import GAOHANG, Town
 from services.common.runtime import Runtime
 
 from . import handlers
@@ -11,9 +12,9 @@ from .models import TABLES
 from .settings import DispatchSettings
 
 
-def build(settings: DispatchSettings | None = None) -> Runtime:
+def build(settings: DispatchSettings | None = None, town: Town = GAOHANG) -> Runtime:
     settings = settings or DispatchSettings()
-    runtime = Runtime(settings, TABLES, handlers.bind(settings), consumes=CONSUMES, preload=PRELOAD)
+    runtime = Runtime(settings, TABLES, handlers.bind(settings, town), consumes=CONSUMES, preload=PRELOAD, town=town)
     register_watchdog(runtime, settings)
     runtime.serve(build_api(runtime))
     return runtime

@@ -11,32 +11,7 @@ from sqlmodel import Field as SqlField
 from sqlmodel import SQLModel
 
 from schemas import AwareDatetime
-
-
-def _ts() -> sa.DateTime:
-    return sa.DateTime(timezone=True)
-
-
-class CaseStatus:
-    FILED = "filed"
-    DISPATCHED = "dispatched"
-    VERIFYING = "verifying"
-    CLOSED = "closed"
-    REJECTED = "rejected"
-    MERGED = "merged"
-    OPEN = (FILED, DISPATCHED, VERIFYING)
-
-
-class OrderStatus:
-    DISPATCHED = "dispatched"
-    ACCEPTED = "accepted"
-    RETURNED = "returned"
-    HANDLED = "handled"
-    REWORK = "rework"
-    CLOSED = "closed"
-    ACTIVE = (DISPATCHED, ACCEPTED, REWORK)
-    """Work the department still owes: the watchdog watches these."""
-    LIVE = (DISPATCHED, ACCEPTED, REWORK, HANDLED)
+from services.common.db import timestamp
 
 
 class DispatchCase(SQLModel, table=True):
@@ -51,6 +26,7 @@ class DispatchCase(SQLModel, table=True):
     incident_id: str = SqlField(primary_key=True, max_length=64)
     correlation_id: str = SqlField(max_length=64)
     status: str = SqlField(max_length=20, index=True)
+    """An IncidentStatus."""
     category_code: str = SqlField(max_length=40, index=True)
     grid_id: str | None = SqlField(default=None, max_length=40)
     lat: float
@@ -69,9 +45,9 @@ class DispatchCase(SQLModel, table=True):
     return_count: int = 0
     rework_count: int = 0
     verification_round: int = 0
-    reported_at: datetime = SqlField(sa_type=_ts(), index=True)
-    filed_at: datetime | None = SqlField(default=None, sa_type=_ts())
-    closed_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    reported_at: datetime = SqlField(sa_type=timestamp(), index=True)
+    filed_at: datetime | None = SqlField(default=None, sa_type=timestamp())
+    closed_at: datetime | None = SqlField(default=None, sa_type=timestamp())
 
 
 class DispatchWorkOrder(SQLModel, table=True):
@@ -82,8 +58,8 @@ class DispatchWorkOrder(SQLModel, table=True):
         sa.Index(
             "ix_dispatch_work_order_extension_pending",
             "extension_requested_until",
-            sqlite_where=sa.text("extension_requested_until IS NOT NULL"),
-            postgresql_where=sa.text("extension_requested_until IS NOT NULL"),
+            sqlite_where=sa.column("extension_requested_until").is_not(None),
+            postgresql_where=sa.column("extension_requested_until").is_not(None),
         ),
     )
 
@@ -93,15 +69,16 @@ class DispatchWorkOrder(SQLModel, table=True):
     role: str = SqlField(max_length=10)
     attempt: int = 1
     status: str = SqlField(max_length=20, index=True)
-    deadline: datetime = SqlField(sa_type=_ts(), index=True)
-    dispatched_at: datetime = SqlField(sa_type=_ts())
-    accepted_at: datetime | None = SqlField(default=None, sa_type=_ts())
-    handled_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    """A WorkOrderStatus."""
+    deadline: datetime = SqlField(sa_type=timestamp(), index=True)
+    dispatched_at: datetime = SqlField(sa_type=timestamp())
+    accepted_at: datetime | None = SqlField(default=None, sa_type=timestamp())
+    handled_at: datetime | None = SqlField(default=None, sa_type=timestamp())
     handled_by: str | None = SqlField(default=None, max_length=130)
     """Who handled it (the staff member, and whom they acted for), space-separated: they never verify it."""
-    reminded_at: datetime | None = SqlField(default=None, sa_type=_ts())
-    escalated_at: datetime | None = SqlField(default=None, sa_type=_ts())
-    extension_requested_until: datetime | None = SqlField(default=None, sa_type=_ts())
+    reminded_at: datetime | None = SqlField(default=None, sa_type=timestamp())
+    escalated_at: datetime | None = SqlField(default=None, sa_type=timestamp())
+    extension_requested_until: datetime | None = SqlField(default=None, sa_type=timestamp())
     extension_reason: str = SqlField(default="", max_length=1000)
 
 

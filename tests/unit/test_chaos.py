@@ -25,6 +25,7 @@ from services.common.errors import Rejected
 from services.dispatch import handlers as dispatch
 from services.dispatch.models import TABLES as DISPATCH_TABLES
 from services.dispatch.settings import DispatchSettings
+from services.dispatch.store import DispatchStore
 from services.handling import handlers as handling
 from services.handling.models import TABLES as HANDLING_TABLES
 from services.handling.models import AcceptWorkOrder, HandleWorkOrder, RequestExtension, ReturnWorkOrder
@@ -414,24 +415,19 @@ def test_two_watchdogs_over_one_database_remind_a_late_order_once(
     clock.advance(hours=30)
 
     emitted_by_a: list[Event] = []
-    real_case = dispatch._case
+    real_late_orders = DispatchStore.late_orders
 
-    def case_while_a_runs(u: UnitOfWork, incident_id: str) -> Any:
-        monkeypatch.setattr(dispatch, "_case", real_case)
-        with uow() as a:
-            dispatch.watch_deadlines(a, policy)
-            emitted_by_a.extend(a.emitted)
-        return real_case(u, incident_id)
+    def late_orders_while_a_runs(store: DispatchStore, now: datetime) -> Any:
+        seen = real_late_orders(store, now)
+        monkeypatch.setattr(DispatchStore, "late_orders", real_late_orders)
+        emitted_by_a.extend(bus.execute(dispatch.watch_deadlines, policy)[1])
+        return seen
 
-    monkeypatch.setattr(dispatch, "_case", case_while_a_runs)
-    with uow() as b:
-        dispatch.watch_deadlines(b, policy)
-        emitted_by_b = list(b.emitted)
+    monkeypatch.setattr(DispatchStore, "late_orders", late_orders_while_a_runs)
+    _, emitted_by_b = bus.execute(dispatch.watch_deadlines, policy)
     assert sorted(e.type for e in emitted_by_a) == ["IncidentEscalated", "OverdueReminded"]
     assert emitted_by_b == []
-    with uow() as again:  # and neither reminds it again later
-        dispatch.watch_deadlines(again, policy)
-        assert again.emitted == []
+    assert bus.execute(dispatch.watch_deadlines, policy) == (0, [])  # and neither reminds it again later
 
 
 @pytest.mark.parametrize(

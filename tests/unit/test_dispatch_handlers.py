@@ -1,4 +1,5 @@
-"""dispatch's rules, applied through the message bus on a real SQLite database, no broker."""
+"""dispatch's handlers and store through the message bus on a real SQLite database, no broker: what is loaded and
+saved, read and written at once, across units of work and batches. The rules alone: test_dispatch_domain.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 from fastapi import Depends
 from sqlalchemy.engine import Engine
 
-from schemas import LATEST, Actor, ActorKind, Event, Location
+from schemas import GAOHANG, LATEST, Actor, ActorKind, Event, Location
 from schemas import events as ev
 from services.common.auth import Role, TokenStore, require
 from services.common.bus import MessageBus
@@ -23,9 +24,11 @@ from services.common.db import UnitOfWork, make_engine
 from services.common.errors import NotFound, Rejected, UnknownIncident
 from services.common.runtime import Runtime
 from services.dispatch import handlers
+from services.dispatch.agents import PRELOAD
 from services.dispatch.api import build_api
-from services.dispatch.models import TABLES, DispatchWorkOrder
+from services.dispatch.models import TABLES
 from services.dispatch.settings import DispatchSettings
+from services.dispatch.store import DispatchStore
 
 from .conftest import FakeClock
 
@@ -74,6 +77,13 @@ class Loop:
         )
         return self.bus.handle(event)
 
+    def command(self, handler: Callable[..., Any], *args: Any) -> tuple[Any, list[Event]]:
+        """Run a command (the watchdog, the operations center's decision) as the API and the timer do."""
+        return self.bus.execute(handler, *args)
+
+    def watch(self) -> list[Event]:
+        return self.command(handlers.watch_deadlines, self.policy)[1]
+
     def verify(self, req: ev.VerificationRequested, passed: bool, note: str = "ok") -> list[Event]:
         actor = Actor(kind=ActorKind.GRID_WORKER, id=req.worker_id)
         cls = ev.VerificationPassed if passed else ev.VerificationFailed
@@ -104,18 +114,6 @@ def test_report_is_filed_and_dispatched_to_the_lead_department(loop: Loop, clock
     assert order.correlation_id == order.incident_id and order.actor.id == "dispatch"
 
 
-@pytest.mark.parametrize(
-    ("category", "at", "code"),
-    [
-        ("no_such_thing", IN_GH01, ev.RejectReason.UNKNOWN_CATEGORY),
-        ("exposed_garbage", (31.10, 121.50), ev.RejectReason.OUTSIDE_GRIDS),
-    ],
-)
-def test_rejected_reports(loop: Loop, category: str, at: tuple[float, float], code: ev.RejectReason) -> None:
-    rejected = only(loop.report(category, at), ev.IncidentRejected)
-    assert rejected.reason_code is code and rejected.reason
-
-
 def test_nearby_report_of_same_category_is_merged(loop: Loop, clock: FakeClock) -> None:
     first = only(loop.report("illegal_parking", (31.2800, 121.5700)), ev.IncidentFiled)
     clock.advance(minutes=30)
@@ -128,42 +126,6 @@ def test_nearby_report_of_same_category_is_merged(loop: Loop, clock: FakeClock) 
     # outside the time window it is new as well
     clock.advance(hours=25)
     assert only(loop.report("illegal_parking", (31.2800, 121.5700)), ev.IncidentFiled)
-
-
-@pytest.mark.parametrize(
-    ("bearing", "metres", "merged"),
-    [(90, 49.0, True), (90, 51.0, False), (0, 49.5, True), (45, 49.5, True), (135, 50.5, False)],
-)
-def test_the_merge_distance_holds_in_every_direction(loop: Loop, bearing: float, metres: float, merged: bool) -> None:
-    """The candidates are first narrowed to a box around the report: it must not cut off a case in reach."""
-    import math
-
-    from schemas.reference import distance_m
-
-    lat0, lon0 = 31.2800, 121.5700
-    first = only(loop.report("illegal_parking", (lat0, lon0)), ev.IncidentFiled)
-    r = 6_371_000.0
-    dlat = math.degrees(metres * math.cos(math.radians(bearing)) / r)
-    dlon = math.degrees(metres * math.sin(math.radians(bearing)) / (r * math.cos(math.radians(lat0))))
-    at = (lat0 + dlat, lon0 + dlon)
-    assert abs(distance_m(lat0, lon0, *at) - metres) < 0.5
-    out = loop.report("illegal_parking", at)
-    if merged:
-        assert only(out, ev.IncidentMerged).into_incident_id == first.incident_id
-    else:
-        assert only(out, ev.IncidentFiled)
-
-
-def test_big_incident_engages_every_department_with_the_ops_center_coordinating(loop: Loop) -> None:
-    out = loop.report("safety_hazard")
-    assert only(out, ev.IncidentFiled).big
-    orders = [e for e in out if isinstance(e, ev.WorkOrderDispatched)]
-    assert [o.department_code for o in orders] == ["work_safety", "public_safety", "planning"]
-    assert [o.role for o in orders] == [ev.WorkOrderRole.LEAD, ev.WorkOrderRole.SUPPORT, ev.WorkOrderRole.SUPPORT]
-    assert {o.coordinator for o in orders} == {"ops_center"}
-    # a major-severity report of an ordinary category is big too
-    out = loop.report("illegal_construction", severity="major")
-    assert len([e for e in out if isinstance(e, ev.WorkOrderDispatched)]) == 2
 
 
 def test_filing_a_report_reads_no_work_orders(loop: Loop) -> None:
@@ -195,13 +157,6 @@ def test_straight_close_on_time(loop: Loop, clock: FakeClock) -> None:
     assert closed.deadline == order.deadline
 
 
-def test_late_close_is_not_on_time(loop: Loop, clock: FakeClock) -> None:
-    order = only(loop.report(), ev.WorkOrderDispatched)
-    clock.advance(hours=30)
-    req = only(loop.dept(ev.WorkOrderHandled, order, result="cleaned"), ev.VerificationRequested)
-    assert not only(loop.verify(req, passed=True), ev.IncidentClosed).on_time
-
-
 def test_failed_verification_sends_the_work_back(loop: Loop, clock: FakeClock) -> None:
     order = only(loop.report(), ev.WorkOrderDispatched)
     req = only(loop.dept(ev.WorkOrderHandled, order, result="cleaned"), ev.VerificationRequested)
@@ -227,22 +182,6 @@ def test_return_reroutes_then_escalates_after_repeated_returns(loop: Loop) -> No
     assert third.department_code == "ops_center" and third.attempt == 3
 
 
-def test_return_with_no_candidate_left_goes_to_the_ops_center(loop: Loop) -> None:
-    order = only(loop.report("garbage_sorting"), ev.WorkOrderDispatched)  # one department only
-    out = loop.dept(ev.WorkOrderReturned, order, reason="wrong")
-    assert only(out, ev.IncidentEscalated).reason_code is ev.EscalationReason.NO_DEPARTMENT
-    assert only(out, ev.WorkOrderDispatched).department_code == "ops_center"
-
-
-def test_handled_on_the_spot_goes_straight_to_verification(loop: Loop) -> None:
-    out = loop.report(handled_on_spot=True, evidence_urls=["https://example.org/after.jpg"])
-    assert [e.type for e in out] == ["IncidentFiled", "VerificationRequested"]
-    req = only(out, ev.VerificationRequested)
-    assert [str(u) for u in req.evidence_urls] == ["https://example.org/after.jpg"]
-    closed = only(loop.verify(req, passed=True), ev.IncidentClosed)
-    assert closed.handled_on_spot and closed.on_time and closed.departments == []
-
-
 def test_a_verification_names_the_reporter_and_whoever_did_the_work(loop: Loop) -> None:
     """So that neither verifies it: the reporter who fixed it on the spot, the department staff who handled it."""
     spot = only(loop.report(handled_on_spot=True, evidence_urls=["https://e.org/a.jpg"]), ev.VerificationRequested)
@@ -262,46 +201,19 @@ def test_a_verification_names_the_reporter_and_whoever_did_the_work(loop: Loop) 
     assert (spot.reporter_id, spot.handled_by, spot.worker_id) == ("w-gh01-2", ["w-gh01-2"], "w-gh01-1")
 
 
-def test_on_the_spot_fix_that_fails_verification_is_dispatched(loop: Loop) -> None:
-    req = only(loop.report(handled_on_spot=True, evidence_urls=["https://e.org/a.jpg"]), ev.VerificationRequested)
-    assert only(loop.verify(req, passed=False, note="not fixed"), ev.WorkOrderDispatched).department_code == "city_ops"
-
-
 def test_watchdog_reminds_then_escalates_once(loop: Loop, clock: FakeClock) -> None:
     order = only(loop.report(), ev.WorkOrderDispatched)
 
-    def watch() -> list[Event]:
-        with loop.uow() as uow:
-            handlers.watch_deadlines(uow, loop.policy)
-            return uow.emitted
-
-    assert watch() == []
+    assert loop.watch() == []
     clock.advance(hours=25)
-    reminded = only(watch(), ev.OverdueReminded)
+    reminded = only(loop.watch(), ev.OverdueReminded)
     assert reminded.work_order_id == order.work_order_id and reminded.overdue_s == pytest.approx(3600)
-    assert watch() == []  # once
+    assert loop.watch() == []  # once: the mark is stored
     clock.advance(hours=24)
-    escalated = only(watch(), ev.IncidentEscalated)
+    escalated = only(loop.watch(), ev.IncidentEscalated)
     assert escalated.reason_code is ev.EscalationReason.OVERDUE and escalated.to == "ops_center"
-    assert watch() == []
-
-
-def test_time_scale_shrinks_deadlines(make_db: Callable[[tuple[sa.Table, ...]], Engine], clock: FakeClock) -> None:
-    engine = make_db(TABLES)
-    bus = MessageBus(lambda: UnitOfWork(engine, clock=clock, time_scale=3600), handlers.bind(DispatchSettings()))
-    report = ev.IncidentReported(
-        incident_id="X",
-        actor=WORKER,
-        correlation_id="X",
-        source="grid_worker",
-        category_code="flooding",
-        location=Location(lat=IN_GH01[0], lon=IN_GH01[1]),
-        description="d",
-        reporter_id="w",
-        client_report_id="r",
-    )
-    orders = [e for e in bus.handle(report) if isinstance(e, ev.WorkOrderDispatched)]
-    assert {o.deadline for o in orders} == {clock() + timedelta(seconds=4)}  # 4 business hours
+    assert loop.watch() == []
+    assert loop.command(handlers.watch_deadlines, loop.policy) == (0, [])
 
 
 @pytest.mark.parametrize("time_scale", [1e-5, 1e-9, 1e-12])
@@ -317,8 +229,7 @@ def test_a_time_scale_that_puts_deadlines_past_the_range_sets_them_at_its_end(
     rework = only(loop.verify(req, passed=False, note="still dirty"), ev.IncidentReworked)
     assert rework.deadline == LATEST
     clock.advance(days=400)
-    with loop.uow() as uow:
-        assert handlers.watch_deadlines(uow, loop.policy) == 0
+    assert loop.watch() == []
     req = only(loop.dept(ev.WorkOrderHandled, rework, result="cleaned again"), ev.VerificationRequested)
     closed = only(loop.verify(req, passed=True), ev.IncidentClosed)
     assert closed.on_time and closed.deadline == LATEST
@@ -329,9 +240,7 @@ def test_a_deadline_stored_past_the_range_closes_on_time_at_the_ranges_end(loop:
     order = only(loop.report(), ev.WorkOrderDispatched)
     req = only(loop.dept(ev.WorkOrderHandled, order, result="cleaned"), ev.VerificationRequested)
     with loop.uow() as uow:
-        stored = uow.record(DispatchWorkOrder, order.work_order_id)
-        assert stored is not None
-        stored.deadline = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+        DispatchStore(uow).order(order.work_order_id, order.incident_id).deadline = datetime(9999, 12, 31, tzinfo=UTC)
         uow.commit()
     closed = only(loop.verify(req, passed=True), ev.IncidentClosed)
     assert closed.on_time and closed.deadline == LATEST
@@ -339,43 +248,48 @@ def test_a_deadline_stored_past_the_range_closes_on_time_at_the_ranges_end(loop:
 
 def test_extension_granted_moves_the_deadline_and_rearms_the_watchdog(loop: Loop, clock: FakeClock) -> None:
     order = only(loop.report(), ev.WorkOrderDispatched)
-    with loop.uow() as uow, pytest.raises(Rejected, match="no pending extension"):
-        handlers.decide_extension(order.work_order_id, True, None, "", OPS, uow)
+    with pytest.raises(Rejected, match="no pending extension"):
+        loop.command(handlers.decide_extension, order.work_order_id, True, None, "", OPS)
     asked = order.deadline + timedelta(hours=48)
     loop.dept(ev.ExtensionRequested, order, requested_deadline=asked, reason="need a permit")
-    with loop.uow() as uow:
-        granted = handlers.decide_extension(order.work_order_id, True, None, "", OPS, uow)
+    granted, emitted = loop.command(handlers.decide_extension, order.work_order_id, True, None, "", OPS)
     assert isinstance(granted, ev.ExtensionGranted) and granted.new_deadline == asked
-    assert granted.actor == OPS
-    clock.advance(hours=30)
+    assert granted.actor == OPS and emitted == [granted]
     with loop.uow() as uow:
-        handlers.watch_deadlines(uow, loop.policy)
-        assert uow.emitted == []
-    with loop.uow() as uow, pytest.raises(NotFound):
-        handlers.decide_extension("nope", True, None, "", OPS, uow)
+        assert handlers.get_case(order.incident_id, uow).work_orders[0].deadline == asked
+    assert loop.bus.query(handlers.pending_extensions) == []  # decided: no longer pending
+    clock.advance(hours=30)
+    assert loop.watch() == []
+    with pytest.raises(NotFound):
+        loop.command(handlers.decide_extension, "nope", True, None, "", OPS)
 
 
 def test_extension_refused(loop: Loop) -> None:
     order = only(loop.report(), ev.WorkOrderDispatched)
     loop.dept(ev.ExtensionRequested, order, requested_deadline=order.deadline + timedelta(hours=1), reason="r")
     with loop.uow() as uow:
-        refused = handlers.decide_extension(order.work_order_id, False, None, "do it now", OPS, uow)
+        [pending] = handlers.pending_extensions(uow)
+    assert (pending.work_order_id, pending.extension_reason) == (order.work_order_id, "r")
+    refused, _ = loop.command(handlers.decide_extension, order.work_order_id, False, None, "do it now", OPS)
     assert isinstance(refused, ev.ExtensionRefused) and refused.reason == "do it now"
     with loop.uow() as uow:
         assert handlers.get_case(order.incident_id, uow).work_orders[0].deadline == order.deadline
 
 
 class CenterRuntime:
-    """What dispatch's API uses of its Runtime: the loop's units of work, tokens, the outbox."""
+    """What dispatch's API uses of its Runtime: the loop's bus for commands and reads, tokens."""
 
     def __init__(self, loop: Loop, auth: TokenStore) -> None:
-        self.uow, self.auth = loop.uow, auth
+        self.bus, self.auth = loop.bus, auth
 
     def allow(self, *roles: Role) -> Any:
         return Depends(require(self.auth, *roles))
 
-    async def flush_outbox(self) -> None:
-        pass
+    async def command(self, handler: Callable[..., Any], *args: Any) -> Any:
+        return self.bus.execute(handler, *args)[0]
+
+    def query(self, handler: Callable[..., Any], *args: Any) -> Any:
+        return self.bus.query(handler, *args)
 
 
 def decide_over_http(loop: Loop, tmp_path: Path, work_order_id: str, body: dict[str, Any]) -> httpx.Response:
@@ -428,9 +342,7 @@ def test_a_deadline_asked_for_before_the_range_was_checked_is_granted_only_to_a_
     loop.dept(ev.ExtensionRequested, order, requested_deadline=order.deadline + timedelta(hours=1), reason="r")
     far = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)  # in the database from before
     with loop.uow() as uow:
-        stored = uow.record(DispatchWorkOrder, order.work_order_id)
-        assert stored is not None
-        stored.extension_requested_until = far
+        DispatchStore(uow).order(order.work_order_id, order.incident_id).extension_requested_until = far
         uow.commit()
     r = decide_over_http(loop, tmp_path, order.work_order_id, {"grant": True})
     assert r.status_code == 409, r.text
@@ -551,7 +463,58 @@ def test_a_history_applied_in_batches_ends_as_applied_one_at_a_time(
 
     for size in (2, 3, 5, len(applied)):
         engine = make_db(TABLES)
-        bus = MessageBus(functools.partial(UnitOfWork, engine, clock=clock), handlers.bind(policy), handlers.preload)
+        bus = MessageBus(functools.partial(UnitOfWork, engine, clock=clock), handlers.bind(policy), PRELOAD)
         for i in range(0, len(applied), size):
             bus.handle_batch(applied[i : i + size])
         assert _dispatch_state(engine) == expected, size
+
+
+def test_a_batch_reads_its_cases_and_work_orders_in_three_queries(
+    make_db: Callable[[tuple[sa.Table, ...]], Engine], clock: FakeClock
+) -> None:
+    """The preload reads what the batch's handlers then ask for one by one: they read nothing more."""
+    loop = Loop(make_db(TABLES), clock, DispatchSettings())
+    garbage = only(loop.report("exposed_garbage"), ev.WorkOrderDispatched)
+    flooding = [e for e in loop.report("flooding") if isinstance(e, ev.WorkOrderDispatched)]
+    staff = Actor(kind=ActorKind.DEPARTMENT, id="staff")
+    batch: list[Event] = [
+        ev.WorkOrderAccepted.following(
+            garbage, staff, work_order_id=garbage.work_order_id, department_code=garbage.department_code
+        ),
+        *(
+            ev.WorkOrderHandled.following(o, staff, work_order_id=o.work_order_id, department_code="x", result="r")
+            for o in (garbage, *flooding)
+        ),
+    ]
+    statements: list[str] = []
+    sa.event.listen(loop.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    bus = MessageBus(loop.uow, handlers.bind(loop.policy), PRELOAD)
+    emitted = bus.handle_batch(batch)
+    assert [e.type for e in emitted] == ["VerificationRequested", "VerificationRequested"]
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(selects) == 3, "\n".join(selects)
+
+
+def test_the_merge_candidates_are_the_stored_ones_in_the_box_and_those_added_in_this_unit(loop: Loop) -> None:
+    from services.dispatch import domain
+
+    first = only(loop.report("illegal_parking", (31.2800, 121.5700)), ev.IncidentFiled)
+    loop.report("illegal_parking", (31.3000, 121.6000))  # far: outside the box
+    loop.report("exposed_garbage", (31.2800, 121.5700))  # another category
+    with loop.uow() as uow:
+        store = DispatchStore(uow)
+        here = ev.IncidentReported.following(
+            first,
+            WORKER,
+            source="grid_worker",
+            category_code="illegal_parking",
+            location=Location(lat=31.2800, lon=121.5700),
+            description="d",
+            reporter_id="w",
+            client_report_id="x",
+        )
+        pending = domain.open_case(here.model_copy(update={"incident_id": "NEW"}), GAOHANG)
+        store.add_case(pending)
+        search = domain.merge_search(pending, GAOHANG, loop.policy, store.moment())
+        assert search is not None
+        assert sorted(c.incident_id for c in store.merge_candidates(search)) == [first.incident_id, "NEW"]
