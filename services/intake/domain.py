@@ -20,7 +20,6 @@ Pure: no database, no unit of work; the rows are plain dataclasses whose fields 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -83,30 +82,18 @@ class Transition:
 class Report(Protocol):
     """A report as a client sends it (``models.ReportCreate``)."""
 
-    @property
-    def source(self) -> ev.Source: ...
-    @property
-    def reporter_id(self) -> str: ...
-    @property
-    def client_report_id(self) -> str: ...
-    @property
-    def category_code(self) -> str: ...
-    @property
-    def lat(self) -> float: ...
-    @property
-    def lon(self) -> float: ...
-    @property
-    def address(self) -> str: ...
-    @property
-    def description(self) -> str: ...
-    @property
-    def photo_urls(self) -> Sequence[HttpUrl]: ...
-    @property
-    def severity(self) -> ev.Severity: ...
-    @property
-    def handled_on_spot(self) -> bool: ...
-    @property
-    def evidence_urls(self) -> Sequence[HttpUrl]: ...
+    source: ev.Source
+    reporter_id: str
+    client_report_id: str
+    category_code: str
+    lat: float
+    lon: float
+    address: str
+    description: str
+    photo_urls: list[HttpUrl]
+    severity: ev.Severity
+    handled_on_spot: bool
+    evidence_urls: list[HttpUrl]
 
 
 # -- who reports as whom -------------------------------------------------------------------------------------------

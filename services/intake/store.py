@@ -92,17 +92,9 @@ class IntakeStore:
 
     def add_transition(self, t: Transition) -> None:
         """A line of a timeline: appended (nothing in the unit reads it back), its id the database's."""
-        self.uow.append(
-            IntakeTransition,
-            incident_id=t.incident_id,
-            event_id=t.event_id,
-            type=t.type,
-            occurred_at=t.occurred_at,
-            actor_kind=t.actor_kind,
-            actor_id=t.actor_id,
-            on_behalf_of=t.on_behalf_of,
-            detail=t.detail,
-        )
+        values = vars(t).copy()
+        del values["id"]
+        self.uow.append(IntakeTransition, **values)
 
     # -- reads for intake's API
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,7 +21,7 @@ WORKER = Actor(kind=ActorKind.GRID_WORKER, id="w-gh01-1")
 SYSTEM = Actor.system("dispatch")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Sent:
     """A report as a client sends it (the shape of models.ReportCreate)."""
 
@@ -34,13 +33,14 @@ class Sent:
     client_report_id: str = "r-1"
     source: ev.Source = ev.Source.GRID_WORKER
     address: str = ""
-    photo_urls: Sequence[HttpUrl] = field(default_factory=list)
+    photo_urls: list[HttpUrl] = field(default_factory=list)
     severity: ev.Severity = ev.Severity.NORMAL
     handled_on_spot: bool = False
-    evidence_urls: Sequence[HttpUrl] = field(default_factory=list)
+    evidence_urls: list[HttpUrl] = field(default_factory=list)
 
 
-def _reported(report: Sent = Sent(), by: Actor | None = None, at: datetime = T0) -> ev.IncidentReported:
+def _reported(report: Sent | None = None, by: Actor | None = None, at: datetime = T0) -> ev.IncidentReported:
+    report = report or Sent()
     return domain.report_incident(report, domain.reporting_actor(report, by), at)
 
 
