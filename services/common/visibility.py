@@ -96,9 +96,10 @@ def unseen(what: str, ident: str) -> NotFound:
     return NotFound(f"no {what} {ident}")
 
 
-def publicly_listed(category_code: str) -> bool:
-    """Whether the public reads incidents of this category."""
-    return category_code in PUBLIC_CATEGORIES
+def publicly_listed(category_code: str, public: Collection[str] = PUBLIC_CATEGORIES) -> bool:
+    """Whether the public reads incidents of this category, of a town whose public categories are ``public``
+    (``Town.public_categories``; by default the default town's)."""
+    return category_code in public
 
 
 def public_words(source: str) -> bool:

@@ -12,24 +12,20 @@ handling results, verification notes, escalations).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlmodel import col, select
-
-from schemas.reference import grid_at
+from schemas import INCIDENT_FINAL, IncidentStatus, Town
 from services.common import visibility
-from services.common.db import UnitOfWork, as_utc
+from services.common.db import UnitOfWork
 
 from . import _open311_catalog as catalog
 from ._open311_wire import w3c
-from .models import IntakeIncident, IntakeTransition
+from .domain import Incident, Transition, departments_of
+from .store import LIMIT, IntakeStore
 
-LIMIT = 1000
-"""The most requests (or updates) one query returns, as the spec's default query limit."""
-
-CLOSED = ("closed", "rejected", "merged")
+CLOSED = INCIDENT_FINAL
 """gridloop's final statuses: Open311 "closed". Every other status is "open"."""
 
 LABELS = {
@@ -91,53 +87,32 @@ def public_status(status: str) -> str:
     return "closed" if status in CLOSED else "open"
 
 
-def transition_text(t: IntakeTransition) -> str:
+def transition_text(t: Transition) -> str:
     """An update's description: the step's label, never its detail (which may be the words of staff)."""
     return LABELS.get(t.type, t.type)
 
 
-def status_note(row: IntakeIncident) -> str:
+def status_note(row: Incident, town: Town) -> str:
     """Why a request is as it is, in a fixed phrase; a rejection outside the town's grid cells says so (gridloop's
     own finding from the request's public coordinates, not anyone's words)."""
     note = STATUS_NOTES.get(row.status, row.status)
-    if row.status == "rejected" and grid_at(row.lat, row.lon) is None:
+    if row.status == IncidentStatus.REJECTED and town.grid_at(row.lat, row.lon) is None:
         return f"{note}: {OUTSIDE_GRIDS}"
     return note
 
 
-def _chunks(ids: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
-    for i in range(0, len(ids), size):
-        yield ids[i : i + size]
-
-
-def _timelines(uow: UnitOfWork, ids: Sequence[str], until: datetime | None = None) -> list[IntakeTransition]:
-    found: list[IntakeTransition] = []
-    for chunk in _chunks(list(dict.fromkeys(ids))):
-        q = select(IntakeTransition).where(col(IntakeTransition.incident_id).in_(chunk))
-        if until is not None:
-            q = q.where(col(IntakeTransition.occurred_at) <= until.astimezone(UTC))
-        found.extend(uow.session.exec(q).all())
-    found.sort(key=lambda t: (as_utc(t.occurred_at), t.id or 0))
-    return found
-
-
-_PUBLIC = col(IntakeIncident.category_code).in_(sorted(visibility.PUBLIC_CATEGORIES))
-"""The public's incidents: those of a public category."""
-
-
-def _request(row: IntakeIncident) -> dict[str, Any]:
-    departments = [d for d in row.departments.split() if d]
+def _request(row: Incident, town: Town) -> dict[str, Any]:
     words = visibility.public_words(row.source)
     photos = row.photo_urls.split() if words else []
-    updated = row.closed_at if row.status == "closed" and row.closed_at else row.updated_at
+    updated = row.closed_at if row.status == IncidentStatus.CLOSED and row.closed_at else row.updated_at
     return {
         "service_request_id": row.incident_id,
         "status": public_status(row.status),
-        "status_notes": status_note(row),
+        "status_notes": status_note(row, town),
         "service_name": catalog.service_name(row.category_code),
         "service_code": row.category_code,
         "description": row.description if words else catalog.service_name(row.category_code),
-        "agency_responsible": catalog.agency(departments),
+        "agency_responsible": catalog.agency(departments_of(row)),
         "service_notice": catalog.service_notice(row.category_code),
         "requested_datetime": w3c(row.reported_at),
         "updated_datetime": w3c(updated),
@@ -151,80 +126,53 @@ def _request(row: IntakeIncident) -> dict[str, Any]:
     }
 
 
-def _public_row(uow: UnitOfWork, service_request_id: str) -> IntakeIncident | None:
-    row = uow.session.get(IntakeIncident, service_request_id)
-    return row if row is not None and visibility.publicly_listed(row.category_code) else None
+def _public_row(service_request_id: str, town: Town, uow: UnitOfWork) -> Incident | None:
+    row = IntakeStore(uow).incident(service_request_id)
+    return row if row is not None and visibility.publicly_listed(row.category_code, town.public_categories) else None
 
 
-def known(uow: UnitOfWork, service_request_id: str) -> bool:
+def known(service_request_id: str, town: Town, uow: UnitOfWork) -> bool:
     """Whether the public knows this request (a token stands for it): it exists and its category is public."""
-    return _public_row(uow, service_request_id) is not None
+    return _public_row(service_request_id, town, uow) is not None
 
 
-def request_by_id(uow: UnitOfWork, service_request_id: str) -> dict[str, Any] | None:
+def request_by_id(service_request_id: str, town: Town, uow: UnitOfWork) -> dict[str, Any] | None:
     """The request, or None when there is none the public may read (unknown and not public alike)."""
-    row = _public_row(uow, service_request_id)
-    return _request(row) if row is not None else None
+    row = _public_row(service_request_id, town, uow)
+    return _request(row, town) if row is not None else None
 
 
-def requests_by_ids(uow: UnitOfWork, ids: Sequence[str]) -> list[dict[str, Any]]:
-    rows: list[IntakeIncident] = []
-    for chunk in _chunks(list(dict.fromkeys(ids))[:LIMIT]):
-        rows.extend(
-            uow.session.exec(
-                select(IntakeIncident).where(col(IntakeIncident.incident_id).in_(chunk)).where(_PUBLIC)
-            ).all()
-        )
-    rows.sort(key=lambda r: (as_utc(r.reported_at), r.incident_id), reverse=True)
-    return [_request(r) for r in rows]
+def requests_by_ids(ids: Sequence[str], town: Town, uow: UnitOfWork) -> list[dict[str, Any]]:
+    """The requests of these ids the public may read (the first :data:`LIMIT`), newest first."""
+    return [_request(r, town) for r in IntakeStore(uow).public_incidents(ids, town.public_categories)]
 
 
 def requests_matching(
-    uow: UnitOfWork, codes: Sequence[str], statuses: set[str], start: datetime, end: datetime | None
+    codes: Sequence[str], statuses: set[str], start: datetime, end: datetime | None, town: Town, uow: UnitOfWork
 ) -> list[dict[str, Any]]:
     """Requests made from ``start`` to ``end`` (inclusive), newest first, at most :data:`LIMIT`."""
-    q = select(IntakeIncident).where(_PUBLIC).where(col(IntakeIncident.reported_at) >= start.astimezone(UTC))
-    if end is not None:
-        q = q.where(col(IntakeIncident.reported_at) <= end.astimezone(UTC))
-    if codes:
-        q = q.where(col(IntakeIncident.category_code).in_(codes))
-    if statuses == {"open"}:
-        q = q.where(col(IntakeIncident.status).not_in(CLOSED))
-    elif statuses == {"closed"}:
-        q = q.where(col(IntakeIncident.status).in_(CLOSED))
-    q = q.order_by(col(IntakeIncident.reported_at).desc(), col(IntakeIncident.incident_id).desc()).limit(LIMIT)
-    return [_request(r) for r in uow.session.exec(q).all()]
+    closed = True if statuses == {"closed"} else False if statuses == {"open"} else None
+    rows = IntakeStore(uow).public_incidents_matching(codes, closed, start, end, town.public_categories)
+    return [_request(r, town) for r in rows]
 
 
-def updates(uow: UnitOfWork, start: datetime, end: datetime | None) -> list[dict[str, Any]]:
+def updates(start: datetime, end: datetime | None, town: Town, uow: UnitOfWork) -> list[dict[str, Any]]:
     """One update per timeline transition from ``start`` to ``end``, oldest first, at most :data:`LIMIT`.
 
     The status is FixMyStreet's (open, investigating, action_scheduled, in_progress, internal_referral, fixed,
     no_further_action, duplicate), found by following each incident's timeline from its report."""
-    q = (
-        select(IntakeTransition)
-        .join(IntakeIncident, col(IntakeIncident.incident_id) == col(IntakeTransition.incident_id))
-        .where(_PUBLIC)
-        .where(col(IntakeTransition.occurred_at) >= start.astimezone(UTC))
-    )
-    if end is not None:
-        q = q.where(col(IntakeTransition.occurred_at) <= end.astimezone(UTC))
-    q = q.order_by(col(IntakeTransition.occurred_at), col(IntakeTransition.id)).limit(LIMIT)
-    wanted = list(uow.session.exec(q).all())
+    store = IntakeStore(uow)
+    wanted = store.public_transitions(start, end, town.public_categories)
     if not wanted:
         return []
     ids = [t.incident_id for t in wanted]
-    media: dict[str, str | None] = {}
-    for chunk in _chunks(list(dict.fromkeys(ids))):
-        for incident_id, photos, source in uow.session.exec(
-            select(IntakeIncident.incident_id, IntakeIncident.photo_urls, IntakeIncident.source).where(
-                col(IntakeIncident.incident_id).in_(chunk)
-            )
-        ).all():
-            media[incident_id] = next(iter(photos.split()), None) if visibility.public_words(source) else None
+    media = {
+        incident_id: next(iter(photos.split()), None) if visibility.public_words(source) else None
+        for incident_id, (photos, source) in store.photos_and_sources(ids).items()
+    }
     status_after: dict[str, str] = {}
     running: dict[str, str] = {}
-    for t in _timelines(uow, ids, until=max(as_utc(t.occurred_at) for t in wanted)):
+    for t in store.timelines(ids, until=max(t.occurred_at for t in wanted)):
         now = running.get(t.incident_id, "open")
         new = UPDATE_STATUS.get(t.type, now)
         if now not in _FINAL_UPDATE or new in _FINAL_UPDATE:
@@ -241,3 +189,20 @@ def updates(uow: UnitOfWork, start: datetime, end: datetime | None) -> list[dict
         }
         for t in wanted
     ]
+
+
+__all__ = [
+    "CLOSED",
+    "LABELS",
+    "LIMIT",
+    "STATUS_NOTES",
+    "UPDATE_STATUS",
+    "known",
+    "public_status",
+    "request_by_id",
+    "requests_by_ids",
+    "requests_matching",
+    "status_note",
+    "transition_text",
+    "updates",
+]

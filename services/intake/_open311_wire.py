@@ -26,7 +26,6 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 
 from schemas import aware_utc
@@ -34,6 +33,8 @@ from services.common.auth import Unauthenticated
 from services.common.db import as_utc
 from services.common.edge import BodyTooLarge
 from services.common.errors import Forbidden, NotFound, Rejected, Unavailable
+
+from .store import DatabaseUnavailable
 
 log = logging.getLogger("gridloop.open311")
 
@@ -208,7 +209,7 @@ def as_error(exc: Exception) -> tuple[int, list[tuple[int, str]]] | None:
             return 400, [(409, str(exc))]
         case Unavailable():
             return 400, [(503, str(exc) or "service unavailable; retry later")]
-        case OperationalError():
+        case DatabaseUnavailable():
             return 400, [(503, "database unavailable: nothing was recorded; retry later")]
         case BodyTooLarge(detail=detail):  # a multipart form streamed past the API's body limit
             return 413, [(413, str(detail))]

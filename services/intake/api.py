@@ -1,7 +1,8 @@
-"""intake's HTTP edge: thin routes that validate, call a handler and answer."""
+"""intake's HTTP edge: thin routes that validate, send a command or a query through the bus and answer."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import FastAPI, Query, Response
@@ -40,11 +41,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         Grid workers report as themselves (source grid_worker), sensors as themselves (source sensor); the
         operations center's hotline desk reports for a 12345 caller (source hotline_12345), recorded as the desk
         on the caller's behalf."""
-        handlers.check_reporter(body, who)
-        with runtime.uow() as uow:
-            accepted = handlers.report_incident(body, uow, who.actor())
-        if not accepted.duplicate:
-            await runtime.flush_outbox()
+        accepted = await runtime.command(partial(handlers.report_incident, by=who.actor()), body)
         response.headers["Location"] = f"/incidents/{accepted.incident_id}"
         return accepted
 
@@ -56,8 +53,7 @@ def build_api(runtime: Runtime) -> FastAPI:
     )
     async def incident(incident_id: str, who: Principal = Reader) -> IncidentPublic:
         """Current status, department(s), deadline and the timeline of every transition."""
-        with runtime.uow() as uow:
-            return handlers.get_incident(incident_id, uow, who)
+        return runtime.query(handlers.get_incident, incident_id, who)
 
     @api.get("/incidents", tags=["incidents"])
     async def incidents(
@@ -67,18 +63,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     ) -> list[dict[str, object]]:
         """Recent incidents the caller may see, newest first, optionally by status."""
-        with runtime.uow() as uow:
-            rows = handlers.list_incidents(uow, status, limit, offset, who)
-            return [
-                {
-                    "incident_id": r.incident_id,
-                    "status": r.status,
-                    "category_code": r.category_code,
-                    "grid_id": r.grid_id,
-                    "reported_at": r.reported_at,
-                }
-                for r in rows
-            ]
+        return [r.model_dump() for r in runtime.query(handlers.list_incidents, status, limit, offset, who)]
 
     api.include_router(open311.build_router(runtime), prefix=open311.PREFIX)
     return api

@@ -11,6 +11,7 @@ from sqlmodel import Field as SqlField
 from sqlmodel import SQLModel
 
 from schemas.events import Severity, Source
+from services.common.db import timestamp
 
 # -- API ---------------------------------------------------------------------------------------------
 
@@ -57,6 +58,16 @@ class ReportAccepted(BaseModel):
     """True when this client_report_id was seen before: the original incident is returned."""
 
 
+class IncidentListed(BaseModel):
+    """An incident as a list shows it."""
+
+    incident_id: str
+    status: str
+    category_code: str
+    grid_id: str | None
+    reported_at: datetime
+
+
 class TransitionPublic(BaseModel):
     event_id: str
     type: str
@@ -99,10 +110,6 @@ class IncidentPublic(BaseModel):
 # -- tables ------------------------------------------------------------------------------------------
 
 
-def _ts() -> sa.DateTime:
-    return sa.DateTime(timezone=True)
-
-
 class IntakeIncident(SQLModel, table=True):
     __tablename__ = "intake_incident"
     __table_args__ = (sa.UniqueConstraint("reporter_id", "client_report_id", name="uq_intake_client_report"),)
@@ -124,18 +131,18 @@ class IntakeIncident(SQLModel, table=True):
     handled_on_spot: bool = False
     evidence_urls: str = SqlField(default="")
     status: str = SqlField(default="reported", max_length=20, index=True)
-    status_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    status_at: datetime | None = SqlField(default=None, sa_type=timestamp())
     """When the event that set ``status`` occurred: an earlier one folded after it (a copy that crossed another
     producer's) goes into the timeline without stepping the status back."""
     grid_id: str | None = SqlField(default=None, max_length=40)
     departments: str = SqlField(default="")
-    deadline: datetime | None = SqlField(default=None, sa_type=_ts())
+    deadline: datetime | None = SqlField(default=None, sa_type=timestamp())
     overdue: bool = False
     escalated: bool = False
     rework_count: int = 0
-    reported_at: datetime = SqlField(sa_type=_ts())
-    updated_at: datetime = SqlField(sa_type=_ts())
-    closed_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    reported_at: datetime = SqlField(sa_type=timestamp())
+    updated_at: datetime = SqlField(sa_type=timestamp())
+    closed_at: datetime | None = SqlField(default=None, sa_type=timestamp())
 
 
 class IntakeTransition(SQLModel, table=True):
@@ -145,7 +152,7 @@ class IntakeTransition(SQLModel, table=True):
     incident_id: str = SqlField(max_length=64, index=True)
     event_id: str = SqlField(max_length=64, unique=True)
     type: str = SqlField(max_length=40)
-    occurred_at: datetime = SqlField(sa_type=_ts())
+    occurred_at: datetime = SqlField(sa_type=timestamp())
     actor_kind: str = SqlField(max_length=20)
     actor_id: str = SqlField(max_length=64)
     on_behalf_of: str | None = SqlField(default=None, max_length=64)

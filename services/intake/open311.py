@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from datetime import datetime
 from typing import Annotated, Any, NoReturn
 from urllib.parse import parse_qsl
 
@@ -51,8 +52,8 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import HttpUrl, TypeAdapter, ValidationError
 
+from schemas import Town
 from schemas.events import Source
-from schemas.reference import CATEGORIES
 from services.common.auth import Principal, Role, Unauthenticated
 from services.common.db import UnitOfWork
 from services.common.runtime import Runtime
@@ -73,7 +74,7 @@ from ._open311_wire import (
     render,
     window,
 )
-from .models import ReportCreate
+from .models import ReportAccepted, ReportCreate
 
 PREFIX = "/open311/v2"
 SPECIFICATION = "http://wiki.open311.org/GeoReport_v2"
@@ -189,12 +190,7 @@ def build_router(runtime: Runtime) -> APIRouter:
         form = await _form(request)
         who = _client(runtime, form)
         service = catalog.category(_one(form, "service_code") or _missing("service_code"))
-        with runtime.uow() as uow:
-            cmd, account_id = _report(form, who, service.code, uow)
-            handlers.check_reporter(cmd, who)
-            accepted = handlers.report_incident(cmd, uow, who.actor())  # a concurrent twin answers as a retry
-        if not accepted.duplicate:
-            await runtime.flush_outbox()
+        accepted, account_id = await runtime.command(_post, form, who, service.code)
         created = {
             "service_request_id": accepted.incident_id,
             "service_notice": catalog.service_notice(service.code),
@@ -217,27 +213,24 @@ def build_router(runtime: Runtime) -> APIRouter:
         """GET Service Requests: by id, or by service, status and requested_datetime (the last 90 days unless told)."""
         f = parse_format(fmt)
         ids = _split(service_request_id)
-        with runtime.uow() as uow:
-            if ids:
-                found = views.requests_by_ids(uow, ids)
-            else:
-                codes = _split(service_code)
-                unknown = [c for c in codes if c not in CATEGORIES]
-                if unknown:
-                    raise bad_request(*(f"unknown service_code {c[:60]!r}" for c in unknown))
-                statuses = set(_split(status))
-                if statuses - {"open", "closed"}:
-                    raise bad_request("status is open, closed or both (comma-separated)")
-                start, end = window(start_date, end_date, uow.now())
-                found = views.requests_matching(uow, codes, statuses, start, end)
+        if ids:
+            found = runtime.query(views.requests_by_ids, ids, runtime.town)
+        else:
+            codes = _split(service_code)
+            unknown = [c for c in codes if c not in runtime.town.categories]
+            if unknown:
+                raise bad_request(*(f"unknown service_code {c[:60]!r}" for c in unknown))
+            statuses = set(_split(status))
+            if statuses - {"open", "closed"}:
+                raise bad_request("status is open, closed or both (comma-separated)")
+            found = runtime.query(_matching, codes, statuses, start_date, end_date, runtime.town)
         return render(f, "service_requests", found)
 
     @router.get("/requests/{service_request_id}.{fmt}", responses=_docs("the service request (one element)"))
     async def get_request(service_request_id: str, fmt: Fmt) -> Response:
         """GET Service Request."""
         f = parse_format(fmt)
-        with runtime.uow() as uow:
-            found = views.request_by_id(uow, service_request_id)
+        found = runtime.query(views.request_by_id, service_request_id, runtime.town)
         if found is None:
             raise Open311Error(404, f"service_request_id {service_request_id[:80]!r} not found")
         return render(f, "service_requests", [found])
@@ -246,8 +239,7 @@ def build_router(runtime: Runtime) -> APIRouter:
     async def token(token: str, fmt: Fmt) -> Response:
         """GET service_request_id from a token. Requests are realtime: a token is the service_request_id."""
         f = parse_format(fmt)
-        with runtime.uow() as uow:
-            known = views.known(uow, token)
+        known = runtime.query(views.known, token, runtime.town)
         if not known:
             raise Open311Error(404, f"token {token[:80]!r} not found")
         return render(f, "service_requests", [{"service_request_id": token, "token": token}])
@@ -260,9 +252,7 @@ def build_router(runtime: Runtime) -> APIRouter:
     ) -> Response:
         """FixMyStreet's extension: one update per transition of any request, in the range (the last 90 days)."""
         f = parse_format(fmt)
-        with runtime.uow() as uow:
-            start, end = window(start_date, end_date, uow.now())
-            found = views.updates(uow, start, end)
+        found = runtime.query(_updates, start_date, end_date, runtime.town)
         return render(f, "service_request_updates", found)
 
     @router.api_route(
@@ -398,8 +388,28 @@ def _attributes(form: dict[str, list[str]]) -> dict[str, list[str]]:
     return given
 
 
-def _report(
+def _post(
     form: dict[str, list[str]], who: Principal, service_code: str, uow: UnitOfWork
+) -> tuple[ReportAccepted, str | None]:
+    """Take the report a posted request stands for; a concurrent twin answers as a retry."""
+    cmd, account_id = _report(form, who, service_code, uow.now())
+    return handlers.report_incident(cmd, uow, by=who.actor()), account_id
+
+
+def _matching(
+    codes: list[str], statuses: set[str], start_date: str | None, end_date: str | None, town: Town, uow: UnitOfWork
+) -> list[dict[str, Any]]:
+    start, end = window(start_date, end_date, uow.now())
+    return views.requests_matching(codes, statuses, start, end, town, uow)
+
+
+def _updates(start_date: str | None, end_date: str | None, town: Town, uow: UnitOfWork) -> list[dict[str, Any]]:
+    start, end = window(start_date, end_date, uow.now())
+    return views.updates(start, end, town, uow)
+
+
+def _report(
+    form: dict[str, list[str]], who: Principal, service_code: str, now: datetime
 ) -> tuple[ReportCreate, str | None]:
     """The incident report a valid request stands for, and the account_id to echo; 400 with every problem."""
     problems: list[str] = []
@@ -428,7 +438,7 @@ def _report(
         )
     if problems:
         raise bad_request(*problems)
-    day = uow.now().astimezone(SHANGHAI).date().isoformat()
+    day = now.astimezone(SHANGHAI).date().isoformat()
     content: list[Any] = [who.subject, [contact[k] for k in ("account_id", "device_id", "email")], day, service_code]
     content += [round(lat, 6), round(lon, 6), address, description, media_url]
     client_report_id = "o311-" + hashlib.sha256(orjson.dumps(content)).hexdigest()[:48]

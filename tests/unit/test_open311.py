@@ -11,7 +11,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import httpx
 import orjson
@@ -23,7 +23,7 @@ from sqlmodel import col, select
 
 from schemas import Actor, ActorKind, Event, Location, decode_event
 from schemas import events as ev
-from schemas.reference import CATEGORIES
+from schemas.reference import CATEGORIES, GAOHANG
 from services.common.auth import Role, TokenStore, require
 from services.common.bus import MessageBus
 from services.common.db import OutboxRecord, UnitOfWork, make_engine
@@ -31,12 +31,14 @@ from services.common.runtime import Runtime
 from services.intake import handlers
 from services.intake.api import build_api
 from services.intake.models import TABLES, IntakeIncident, ReportCreate
+from services.intake.store import IntakeStore
 
 from .conftest import FakeClock
 from .test_edge import post
 
 T0 = datetime(2026, 11, 24, 0, 15, tzinfo=UTC)
 """08:15 in Shanghai."""
+T = TypeVar("T")
 V2 = "/open311/v2"
 SPOT = {"lat": "31.2851", "long": "121.5752"}
 W3C = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+08:00$")
@@ -76,6 +78,8 @@ class FakeRuntime:
 
     def __init__(self, engine: Engine, clock: FakeClock, auth: TokenStore) -> None:
         self.engine, self.clock, self.auth = engine, clock, auth
+        self.town = GAOHANG
+        self.bus = MessageBus(self.uow, handlers.HANDLERS)
         self.flushed = 0
 
     def uow(self) -> UnitOfWork:
@@ -83,6 +87,15 @@ class FakeRuntime:
 
     def allow(self, *roles: Role) -> Any:
         return Depends(require(self.auth, *roles))
+
+    async def command(self, handler: Callable[..., T], *args: Any) -> T:
+        result, emitted = self.bus.execute(handler, *args)
+        if emitted:
+            await self.flush_outbox()
+        return result
+
+    def query(self, handler: Callable[..., T], *args: Any) -> T:
+        return self.bus.query(handler, *args)
 
     async def flush_outbox(self) -> None:
         self.flushed += 1
@@ -356,13 +369,13 @@ async def test_an_identical_request_committed_meanwhile_is_the_same_request(
     gw: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = (await gw.post()).json()[0]["service_request_id"]
-    looked = handlers._find_report
+    looked = IntakeStore.report_of
     misses = [None]
 
     def racing(*args: Any) -> Any:  # the lookup ran before the other request committed
         return misses.pop() if misses else looked(*args)
 
-    monkeypatch.setattr(handlers, "_find_report", racing)
+    monkeypatch.setattr(IntakeStore, "report_of", racing)
     again = await gw.post()
     assert again.status_code == 200 and again.json()[0]["service_request_id"] == first
     assert misses == [] and len(gw.outbox()) == 1
@@ -819,8 +832,7 @@ def staff_report(gw: Gateway, **fields: Any) -> str:
         "client_report_id": f"staff-{len(gw.outbox())}",
     }
     body.update(fields)
-    with gw.runtime.uow() as uow:
-        incident_id = handlers.report_incident(ReportCreate.model_validate(body), uow).incident_id
+    incident_id = gw.bus.execute(handlers.report_incident, ReportCreate.model_validate(body))[0].incident_id
     gw.deliver()
     return incident_id
 
