@@ -39,10 +39,6 @@ def report_incident(cmd: ReportCreate, uow: UnitOfWork, by: Actor | None = None)
         event = domain.report_incident(cmd, actor, now)
         if store.take(domain.incident_of(event)):
             uow.emit(event)
-            # Committed here, not only by the bus after it: a report is durable as soon as it is taken, whoever runs
-            # this in a unit of work of its own (instances racing on PostgreSQL in the integration tests do), and a
-            # twin waiting on the unique index goes on at once. The bus's commit then has nothing left to write.
-            store.commit()
             return ReportAccepted(incident_id=event.incident_id, status=IncidentStatus.REPORTED.value)
         existing = store.report_of(cmd.reporter_id, cmd.client_report_id)
         if existing is not None:

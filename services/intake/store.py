@@ -70,10 +70,6 @@ class IntakeStore:
         insert = insert_unless_taken(_INCIDENT, self.uow.engine.dialect.name)
         return bool(self.uow.connection.execute(insert, vars(incident)).rowcount)
 
-    def commit(self) -> None:
-        """Make what the unit holds durable now (a report taken: see ``handlers.report_incident``)."""
-        self.uow.commit()
-
     def report_of(self, reporter_id: str, client_report_id: str) -> Incident | None:
         """The incident this reporter's client report id names, if any."""
         found = self.uow.records_where(INCIDENTS, _REPORTED_AS, {"reporter": reporter_id, "report": client_report_id})

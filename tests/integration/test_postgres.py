@@ -157,10 +157,11 @@ def test_concurrent_twin_reports_make_one_incident_on_postgres(pg: Engine) -> No
         barrier = threading.Barrier(4)
         answers: list[tuple[str, bool]] = []
 
+        bus = MessageBus(lambda: UnitOfWork(pg), {})
+
         def report() -> None:
-            with UnitOfWork(pg) as uow:
-                barrier.wait()
-                accepted = intake.report_incident(cmd, uow)
+            barrier.wait()
+            accepted, _ = bus.execute(intake.report_incident, cmd)
             answers.append((accepted.incident_id, accepted.duplicate))
 
         threads = [threading.Thread(target=report) for _ in range(4)]
