@@ -34,12 +34,17 @@ from .models import (
 C = TypeVar("C", bound=DepartmentCommand)
 R = TypeVar("R")
 
-_CODE = r"^[a-z0-9_]+$"
+Code = Annotated[str | None, Query(max_length=40, pattern=r"^[a-z0-9_]+$")]
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]
 _ORDER_STATUS = rf"^({'|'.join(WorkOrderStatus)})$"
 _DELIVERY_STATUS = rf"^({'|'.join(DeliveryStatus)})$"
+_UNSEEN: dict[int | str, dict[str, str]] = {
+    404: {"description": "no such work order, or another department's (answered alike)"}
+}
 _ACTION_ERRORS: dict[int | str, dict[str, str]] = {
     403: {"description": "the body names another person or office than the token's"},
-    404: {"description": "no such work order, or another department's (answered alike)"},
+    **_UNSEEN,
     409: {"description": "not allowed in the work order's current state"},
     422: {"description": "invalid request"},
 }
@@ -73,11 +78,11 @@ def build_api(runtime: Runtime) -> FastAPI:
     @api.get("/work-orders", response_model=list[WorkOrderPublic], tags=["work orders"])
     async def work_orders(
         who: Principal = Reader,
-        department: Annotated[str | None, Query(max_length=40, pattern=_CODE)] = None,
+        department: Code = None,
         status: Annotated[str | None, Query(pattern=_ORDER_STATUS)] = None,
         overdue: bool | None = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 100,
-        offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+        limit: Limit = 100,
+        offset: Offset = 0,
         wait: WaitS = 0.0,
     ) -> list[WorkOrderPublic]:
         """A department's queue, earliest deadline first. Department staff see only their own office's.
@@ -91,12 +96,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         read = functools.partial(runtime.query, handlers.list_work_orders, department, status, overdue, limit, offset)
         return await long_poll(runtime.changes, key_for(handlers.WORK_ORDERS, department), wait, read)
 
-    @api.get(
-        "/work-orders/{work_order_id}",
-        response_model=WorkOrderPublic,
-        tags=["work orders"],
-        responses={404: {"description": "no such work order, or another department's (answered alike)"}},
-    )
+    @api.get("/work-orders/{work_order_id}", response_model=WorkOrderPublic, tags=["work orders"], responses=_UNSEEN)
     async def work_order(work_order_id: str, who: Principal = Reader) -> WorkOrderPublic:
         order = runtime.query(handlers.get_work_order, work_order_id)
         if not visibility.sees_work_order(who, order.department_code):
@@ -144,9 +144,9 @@ def build_api(runtime: Runtime) -> FastAPI:
     async def webhook_deliveries(
         who: Principal = Center,
         status: Annotated[str | None, Query(pattern=_DELIVERY_STATUS)] = None,
-        department: Annotated[str | None, Query(max_length=40, pattern=_CODE)] = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 100,
-        offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+        department: Code = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
     ) -> list[WebhookDeliveryPublic]:
         """Pushes to departments' own systems, newest first: pending, delivered, or failed (given up)."""
         return runtime.query(handlers.list_webhook_deliveries, status, department, limit, offset)

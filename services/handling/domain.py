@@ -66,15 +66,15 @@ class WorkOrder:
     status: str
     deadline: datetime
     dispatched_at: datetime
-    accepted_at: datetime | None
-    handled_at: datetime | None
-    rework_count: int
-    last_note: str
+    accepted_at: datetime | None = None
+    handled_at: datetime | None = None
+    rework_count: int = 0
+    last_note: str = ""
     """The latest word from the center: the verifier's 返工 note, or why an extension was refused."""
-    extension_status: str
-    requested_deadline: datetime | None
-    result: str
-    evidence_urls: str
+    extension_status: str = ExtensionStatus.NONE
+    requested_deadline: datetime | None = None
+    result: str = ""
+    evidence_urls: str = ""
     """Space-separated, as stored."""
 
 
@@ -178,14 +178,6 @@ def receive_work_order(dispatched: ev.WorkOrderDispatched) -> WorkOrder:
         status=WorkOrderStatus.DISPATCHED,
         deadline=dispatched.deadline,
         dispatched_at=dispatched.occurred_at,
-        accepted_at=None,
-        handled_at=None,
-        rework_count=0,
-        last_note="",
-        extension_status=ExtensionStatus.NONE,
-        requested_deadline=None,
-        result="",
-        evidence_urls="",
     )
 
 

@@ -19,20 +19,8 @@ from services.common.changes import keys_for
 from services.common.db import UnitOfWork
 from services.common.errors import Forbidden, NotFound, Rejected, UnknownIncident
 
-from . import domain
+from . import domain, models
 from .domain import OrderHead, Step, WebhookJob, WorkOrder
-from .models import (
-    AcceptWorkOrder,
-    AcceptWorkOrders,
-    DepartmentCommand,
-    HandleWorkOrder,
-    HandleWorkOrders,
-    RequestExtension,
-    ReturnWorkOrder,
-    WebhookDeliveryPublic,
-    WorkOrderAction,
-    WorkOrderPublic,
-)
 from .settings import HandlingSettings
 from .store import HandlingStore
 
@@ -119,7 +107,7 @@ Decide = Callable[[OrderHead, Actor, datetime], Step]
 """A rule of :mod:`.domain` deciding a department's action on its work order, its command's words bound."""
 
 
-def _order_for(uow: UnitOfWork, work_order_id: str, cmd: DepartmentCommand) -> tuple[OrderHead, Actor]:
+def _order_for(uow: UnitOfWork, work_order_id: str, cmd: models.DepartmentCommand) -> tuple[OrderHead, Actor]:
     """The order a department acts on: another department's is answered as an unknown one (404, not 403, which
     would tell that it exists and whose it is)."""
     order = HandlingStore(uow).order_head(work_order_id)
@@ -130,9 +118,9 @@ def _order_for(uow: UnitOfWork, work_order_id: str, cmd: DepartmentCommand) -> t
     return order, domain.department_actor(order, cmd.actor_id)
 
 
-def _act(work_order_id: str, cmd: DepartmentCommand, uow: UnitOfWork, decide: Decide) -> str:
-    """One department action: read the order, ask the rule, write it if unchanged since, emit; the new status.
-    A refusal raises before anything is written (as :func:`act_on_each` needs)."""
+def _act(work_order_id: str, cmd: models.DepartmentCommand, uow: UnitOfWork, decide: Decide) -> models.WorkOrderAction:
+    """One department action: read the order, ask the rule, write it if unchanged since, emit. A refusal raises
+    before anything is written (as :func:`act_on_each` needs)."""
     order, actor = _order_for(uow, work_order_id, cmd)
     try:
         step = decide(order, actor, uow.now())
@@ -140,58 +128,49 @@ def _act(work_order_id: str, cmd: DepartmentCommand, uow: UnitOfWork, decide: De
         raise Rejected(str(refused)) from None
     HandlingStore(uow).take(order, step)
     uow.emit(step.event)
-    return step.status
+    return models.WorkOrderAction(work_order_id=work_order_id, status=step.status)
 
 
-def _accept(work_order_id: str, cmd: DepartmentCommand, uow: UnitOfWork) -> str:
+def accept_work_order(work_order_id: str, cmd: models.DepartmentCommand, uow: UnitOfWork) -> models.WorkOrderAction:
+    """签收."""
     return _act(work_order_id, cmd, uow, domain.accept_work_order)
 
 
-def _handle(work_order_id: str, cmd: HandleWorkOrder, uow: UnitOfWork) -> str:
+def return_work_order(work_order_id: str, cmd: models.ReturnWorkOrder, uow: UnitOfWork) -> models.WorkOrderAction:
+    """退回."""
+    return _act(work_order_id, cmd, uow, functools.partial(domain.return_work_order, reason=cmd.reason))
+
+
+def request_extension(work_order_id: str, cmd: models.RequestExtension, uow: UnitOfWork) -> models.WorkOrderAction:
+    """延期."""
+    rule = functools.partial(domain.request_extension, requested_deadline=cmd.requested_deadline, reason=cmd.reason)
+    return _act(work_order_id, cmd, uow, rule)
+
+
+def handle_work_order(work_order_id: str, cmd: models.HandleWorkOrder, uow: UnitOfWork) -> models.WorkOrderAction:
+    """处置."""
     rule = functools.partial(domain.handle_work_order, result=cmd.result, evidence_urls=cmd.evidence_urls)
     return _act(work_order_id, cmd, uow, rule)
 
 
-def accept_work_order(work_order_id: str, cmd: AcceptWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
-    """签收."""
-    return WorkOrderAction(work_order_id=work_order_id, status=_accept(work_order_id, cmd, uow))
-
-
-def return_work_order(work_order_id: str, cmd: ReturnWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
-    """退回."""
-    rule = functools.partial(domain.return_work_order, reason=cmd.reason)
-    return WorkOrderAction(work_order_id=work_order_id, status=_act(work_order_id, cmd, uow, rule))
-
-
-def request_extension(work_order_id: str, cmd: RequestExtension, uow: UnitOfWork) -> WorkOrderAction:
-    """延期."""
-    rule = functools.partial(domain.request_extension, requested_deadline=cmd.requested_deadline, reason=cmd.reason)
-    return WorkOrderAction(work_order_id=work_order_id, status=_act(work_order_id, cmd, uow, rule))
-
-
-def handle_work_order(work_order_id: str, cmd: HandleWorkOrder, uow: UnitOfWork) -> WorkOrderAction:
-    """处置."""
-    return WorkOrderAction(work_order_id=work_order_id, status=_handle(work_order_id, cmd, uow))
-
-
-def accept_work_orders(cmd: AcceptWorkOrders, uow: UnitOfWork) -> BatchOutcome:
+def accept_work_orders(cmd: models.AcceptWorkOrders, uow: UnitOfWork) -> BatchOutcome:
     """批量签收: each order as :func:`accept_work_order` would take it; the refused ones change nothing."""
-    return act_on_each(cmd.work_order_ids, lambda work_order_id: _accept(work_order_id, cmd, uow))
+    return act_on_each(cmd.work_order_ids, lambda work_order_id: accept_work_order(work_order_id, cmd, uow).status)
 
 
-def handle_work_orders(cmd: HandleWorkOrders, uow: UnitOfWork) -> BatchOutcome:
+def handle_work_orders(cmd: models.HandleWorkOrders, uow: UnitOfWork) -> BatchOutcome:
     """批量处置: each item as :func:`handle_work_order` would take it; the refused ones change nothing."""
     items = {item.work_order_id: item for item in cmd.items}
 
     def one(work_order_id: str) -> str:
         item = items[work_order_id]
-        single = HandleWorkOrder.model_construct(
+        single = models.HandleWorkOrder.model_construct(
             actor_id=cmd.actor_id,
             department_code=cmd.department_code,
             result=item.result,
             evidence_urls=item.evidence_urls,
         )
-        return _handle(work_order_id, single, uow)
+        return handle_work_order(work_order_id, single, uow).status
 
     return act_on_each(items, one)
 
@@ -199,9 +178,9 @@ def handle_work_orders(cmd: HandleWorkOrders, uow: UnitOfWork) -> BatchOutcome:
 # -- queries --------------------------------------------------------------------------------------------
 
 
-def work_order_public(order: WorkOrder, now: datetime) -> WorkOrderPublic:
+def work_order_public(order: WorkOrder, now: datetime) -> models.WorkOrderPublic:
     """A work order as the API shows it: its URLs as lists, and whether it is overdue ``now``."""
-    return WorkOrderPublic.model_validate(
+    return models.WorkOrderPublic.model_validate(
         {
             **vars(order),
             "photo_urls": domain.urls(order.photo_urls),
@@ -211,7 +190,7 @@ def work_order_public(order: WorkOrder, now: datetime) -> WorkOrderPublic:
     )
 
 
-def get_work_order(work_order_id: str, uow: UnitOfWork) -> WorkOrderPublic:
+def get_work_order(work_order_id: str, uow: UnitOfWork) -> models.WorkOrderPublic:
     order = HandlingStore(uow).order(work_order_id)
     if order is None:
         raise visibility.unseen("work order", work_order_id)
@@ -225,7 +204,7 @@ def list_work_orders(
     limit: int,
     offset: int,
     uow: UnitOfWork,
-) -> list[WorkOrderPublic]:
+) -> list[models.WorkOrderPublic]:
     """A department's queue: earliest deadline first."""
     now = uow.now()
     return [
@@ -235,10 +214,10 @@ def list_work_orders(
 
 def list_webhook_deliveries(
     status: str | None, department: str | None, limit: int, offset: int, uow: UnitOfWork
-) -> list[WebhookDeliveryPublic]:
+) -> list[models.WebhookDeliveryPublic]:
     """Webhook deliveries, newest first."""
     rows = HandlingStore(uow).deliveries(status, department, limit, offset)
-    return [WebhookDeliveryPublic.model_validate(r, from_attributes=True) for r in rows]
+    return [models.WebhookDeliveryPublic.model_validate(r, from_attributes=True) for r in rows]
 
 
 # -- webhook deliveries --------------------------------------------------------------------------------
