@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 from prometheus_client import Counter
 
 from schemas.topics import INCIDENTS_CLOSED, WORKORDERS
-from services.common.db import UnitOfWork
 from services.common.runtime import Runtime
 
 from . import handlers
-from .handlers import WebhookJob
+from .domain import WebhookJob
 from .settings import HandlingSettings
+
+Command = Callable[..., Awaitable[Any]]
+"""``runtime.command``: runs ``handler(*args, uow)`` through the bus, committed."""
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +56,17 @@ def webhook_client(policy: HandlingSettings, transport: httpx.AsyncBaseTransport
     return httpx.AsyncClient(timeout=policy.webhook_timeout_s, transport=transport)
 
 
-async def deliver_due_webhooks(
-    uow_factory: Callable[[], UnitOfWork], policy: HandlingSettings, client: httpx.AsyncClient
-) -> int:
-    """Send every due delivery once (concurrently) and record each outcome. Returns how many were attempted."""
-    with uow_factory() as uow:
-        jobs = handlers.claim_due_webhooks(uow, policy)
+async def deliver_due_webhooks(command: Command, policy: HandlingSettings, client: httpx.AsyncClient) -> int:
+    """Send every due delivery once (concurrently) and record each outcome. Returns how many were attempted.
+
+    The claim is committed before anything is sent: its lease keeps other ticks and instances off the claimed
+    deliveries while they are on their way."""
+    jobs: list[WebhookJob] = await command(handlers.claim_due_webhooks, policy)
     if not jobs:
         return 0
     errors = await asyncio.gather(*(_post(client, job) for job in jobs))
     for job, error in zip(jobs, errors, strict=True):
-        with uow_factory() as uow:
-            status = handlers.record_webhook_attempt(job.id, error, uow, policy)
+        status = await command(handlers.record_webhook_attempt, job.id, error, policy)
         WEBHOOK_ATTEMPTS.labels("delivered" if error is None else "error").inc()
         if error is not None:
             log.log(
@@ -91,6 +93,6 @@ def register_webhooks(runtime: Runtime, policy: HandlingSettings) -> None:
         if not clients:
             clients.append(webhook_client(policy))
         try:
-            await deliver_due_webhooks(runtime.uow, policy, clients[0])
+            await deliver_due_webhooks(runtime.command, policy, clients[0])
         except Exception:  # the database may be down: the rows stay pending, the next tick tries again
             log.exception("webhook deliverer failed; will retry")

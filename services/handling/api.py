@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Annotated, TypeVar
 
 from fastapi import FastAPI, Query
 
+from schemas import DeliveryStatus, WorkOrderStatus
 from services.common import visibility
 from services.common.api import WaitS, create_api
 from services.common.auth import Principal, Role
@@ -18,11 +21,9 @@ from . import handlers
 from .models import (
     AcceptWorkOrder,
     AcceptWorkOrders,
-    DeliveryStatus,
     DepartmentCommand,
     HandleWorkOrder,
     HandleWorkOrders,
-    OrderStatus,
     RequestExtension,
     ReturnWorkOrder,
     WebhookDeliveryPublic,
@@ -31,13 +32,19 @@ from .models import (
 )
 
 C = TypeVar("C", bound=DepartmentCommand)
+R = TypeVar("R")
 
-_CODE = r"^[a-z0-9_]+$"
-_ORDER_STATUS = rf"^({'|'.join(OrderStatus.ALL)})$"
-_DELIVERY_STATUS = rf"^({'|'.join(DeliveryStatus.ALL)})$"
+Code = Annotated[str | None, Query(max_length=40, pattern=r"^[a-z0-9_]+$")]
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]
+_ORDER_STATUS = rf"^({'|'.join(WorkOrderStatus)})$"
+_DELIVERY_STATUS = rf"^({'|'.join(DeliveryStatus)})$"
+_UNSEEN: dict[int | str, dict[str, str]] = {
+    404: {"description": "no such work order, or another department's (answered alike)"}
+}
 _ACTION_ERRORS: dict[int | str, dict[str, str]] = {
     403: {"description": "the body names another person or office than the token's"},
-    404: {"description": "no such work order, or another department's (answered alike)"},
+    **_UNSEEN,
     409: {"description": "not allowed in the work order's current state"},
     422: {"description": "invalid request"},
 }
@@ -59,15 +66,23 @@ def build_api(runtime: Runtime) -> FastAPI:
         title="gridloop handling",
         description="Departments' work orders: 签收 accept, 退回 return, 延期 ask for more time, 处置 handle.",
     )
+    many = functools.partial(api.post, status_code=202, response_model=BatchOutcome, tags=["work orders"])
+    one = functools.partial(
+        api.post, status_code=202, response_model=WorkOrderAction, tags=["work orders"], responses=_ACTION_ERRORS
+    )
+
+    async def act(handler: Callable[..., R], body: C, who: Principal, *args: str) -> R:
+        """A department's action: as the caller, through the bus (committed, its events published)."""
+        return await runtime.command(handler, *args, _as_caller(body, who))
 
     @api.get("/work-orders", response_model=list[WorkOrderPublic], tags=["work orders"])
     async def work_orders(
         who: Principal = Reader,
-        department: Annotated[str | None, Query(max_length=40, pattern=_CODE)] = None,
+        department: Code = None,
         status: Annotated[str | None, Query(pattern=_ORDER_STATUS)] = None,
         overdue: bool | None = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 100,
-        offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+        limit: Limit = 100,
+        offset: Offset = 0,
         wait: WaitS = 0.0,
     ) -> list[WorkOrderPublic]:
         """A department's queue, earliest deadline first. Department staff see only their own office's.
@@ -78,115 +93,62 @@ def build_api(runtime: Runtime) -> FastAPI:
             if department not in (None, who.department):
                 raise Forbidden(f"{who.subject} works for {who.department}, not {department}")
             department = who.department
-
-        def read() -> list[WorkOrderPublic]:
-            with runtime.uow() as uow:
-                return handlers.list_work_orders(uow, department, status, overdue, limit, offset)
-
+        read = functools.partial(runtime.query, handlers.list_work_orders, department, status, overdue, limit, offset)
         return await long_poll(runtime.changes, key_for(handlers.WORK_ORDERS, department), wait, read)
 
-    @api.get(
-        "/work-orders/{work_order_id}",
-        response_model=WorkOrderPublic,
-        tags=["work orders"],
-        responses={404: {"description": "no such work order, or another department's (answered alike)"}},
-    )
+    @api.get("/work-orders/{work_order_id}", response_model=WorkOrderPublic, tags=["work orders"], responses=_UNSEEN)
     async def work_order(work_order_id: str, who: Principal = Reader) -> WorkOrderPublic:
-        with runtime.uow() as uow:
-            order = handlers.get_work_order(work_order_id, uow)
-        if who.role is Role.DEPARTMENT and order.department_code != who.department:
+        order = runtime.query(handlers.get_work_order, work_order_id)
+        if not visibility.sees_work_order(who, order.department_code):
             raise visibility.unseen("work order", work_order_id)
         return order
 
-    @api.post("/work-orders/accept", status_code=202, response_model=BatchOutcome, tags=["work orders"])
+    @many("/work-orders/accept")
     async def accept_many(body: AcceptWorkOrders, who: Principal = Staff) -> BatchOutcome:
         """批量签收: take several dispatched work orders in one request.
 
         Each is accepted or refused (404, 409, with the reason) as the one-order action would — another office's
         as an unknown one; the refused ones change nothing and the others are taken together."""
-        with runtime.uow() as uow:
-            done = handlers.accept_work_orders(_as_caller(body, who), uow)
-        await runtime.flush_outbox()
-        return done
+        return await act(handlers.accept_work_orders, body, who)
 
-    @api.post("/work-orders/handle", status_code=202, response_model=BatchOutcome, tags=["work orders"])
+    @many("/work-orders/handle")
     async def handle_many(body: HandleWorkOrders, who: Principal = Staff) -> BatchOutcome:
         """批量处置: report several work orders done, each with its own result and evidence.
 
         Each is handled or refused (404, 409, with the reason) as the one-order action would."""
-        with runtime.uow() as uow:
-            done = handlers.handle_work_orders(_as_caller(body, who), uow)
-        await runtime.flush_outbox()
-        return done
+        return await act(handlers.handle_work_orders, body, who)
 
-    @api.post(
-        "/work-orders/{work_order_id}/accept",
-        status_code=202,
-        response_model=WorkOrderAction,
-        tags=["work orders"],
-        responses=_ACTION_ERRORS,
-    )
+    @one("/work-orders/{work_order_id}/accept")
     async def accept(
         work_order_id: str, who: Principal = Staff, body: AcceptWorkOrder | None = None
     ) -> WorkOrderAction:
         """签收: take a dispatched work order."""
-        with runtime.uow() as uow:
-            done = handlers.accept_work_order(work_order_id, _as_caller(body or AcceptWorkOrder(), who), uow)
-        await runtime.flush_outbox()
-        return done
+        return await act(handlers.accept_work_order, body or AcceptWorkOrder(), who, work_order_id)
 
-    @api.post(
-        "/work-orders/{work_order_id}/return",
-        status_code=202,
-        response_model=WorkOrderAction,
-        tags=["work orders"],
-        responses=_ACTION_ERRORS,
-    )
+    @one("/work-orders/{work_order_id}/return")
     async def return_(work_order_id: str, body: ReturnWorkOrder, who: Principal = Staff) -> WorkOrderAction:
         """退回: not this department's work; the center routes it to another."""
-        with runtime.uow() as uow:
-            done = handlers.return_work_order(work_order_id, _as_caller(body, who), uow)
-        await runtime.flush_outbox()
-        return done
+        return await act(handlers.return_work_order, body, who, work_order_id)
 
-    @api.post(
-        "/work-orders/{work_order_id}/extension",
-        status_code=202,
-        response_model=WorkOrderAction,
-        tags=["work orders"],
-        responses=_ACTION_ERRORS,
-    )
+    @one("/work-orders/{work_order_id}/extension")
     async def extension(work_order_id: str, body: RequestExtension, who: Principal = Staff) -> WorkOrderAction:
         """延期: ask the operations center for a later deadline; the decision comes back on the work order."""
-        with runtime.uow() as uow:
-            done = handlers.request_extension(work_order_id, _as_caller(body, who), uow)
-        await runtime.flush_outbox()
-        return done
+        return await act(handlers.request_extension, body, who, work_order_id)
 
-    @api.post(
-        "/work-orders/{work_order_id}/handle",
-        status_code=202,
-        response_model=WorkOrderAction,
-        tags=["work orders"],
-        responses=_ACTION_ERRORS,
-    )
+    @one("/work-orders/{work_order_id}/handle")
     async def handle(work_order_id: str, body: HandleWorkOrder, who: Principal = Staff) -> WorkOrderAction:
         """处置: report the work done, with evidence; the grid worker verifies it."""
-        with runtime.uow() as uow:
-            done = handlers.handle_work_order(work_order_id, _as_caller(body, who), uow)
-        await runtime.flush_outbox()
-        return done
+        return await act(handlers.handle_work_order, body, who, work_order_id)
 
     @api.get("/webhook-deliveries", response_model=list[WebhookDeliveryPublic], tags=["ops"])
     async def webhook_deliveries(
         who: Principal = Center,
         status: Annotated[str | None, Query(pattern=_DELIVERY_STATUS)] = None,
-        department: Annotated[str | None, Query(max_length=40, pattern=_CODE)] = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 100,
-        offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+        department: Code = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
     ) -> list[WebhookDeliveryPublic]:
         """Pushes to departments' own systems, newest first: pending, delivered, or failed (given up)."""
-        with runtime.uow() as uow:
-            return handlers.list_webhook_deliveries(uow, status, department, limit, offset)
+        return runtime.query(handlers.list_webhook_deliveries, status, department, limit, offset)
 
     return api

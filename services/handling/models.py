@@ -10,39 +10,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, mode
 from sqlmodel import Field as SqlField
 from sqlmodel import SQLModel
 
-from schemas import AwareDatetime
+from schemas import AwareDatetime, DeliveryStatus, ExtensionStatus
 from services.common.batch import MAX_BATCH, ItemId, unique
-
-
-def _ts() -> sa.DateTime:
-    return sa.DateTime(timezone=True)
-
-
-class OrderStatus:
-    DISPATCHED = "dispatched"
-    ACCEPTED = "accepted"
-    RETURNED = "returned"
-    HANDLED = "handled"
-    REWORK = "rework"
-    CLOSED = "closed"
-    ALL = (DISPATCHED, ACCEPTED, RETURNED, HANDLED, REWORK, CLOSED)
-    ACTIVE = (DISPATCHED, ACCEPTED, REWORK)
-    """Work the department still owes: these can be overdue."""
-
-
-class ExtensionStatus:
-    NONE = "none"
-    REQUESTED = "requested"
-    GRANTED = "granted"
-    REFUSED = "refused"
-
-
-class DeliveryStatus:
-    PENDING = "pending"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-    ALL = (PENDING, DELIVERED, FAILED)
-
+from services.common.db import timestamp
 
 # -- tables ------------------------------------------------------------------------------------------
 
@@ -72,15 +42,15 @@ class HandlingWorkOrder(SQLModel, table=True):
     priority: int = 3
     attempt: int = 1
     status: str = SqlField(max_length=20, index=True)
-    deadline: datetime = SqlField(sa_type=_ts(), index=True)
-    dispatched_at: datetime = SqlField(sa_type=_ts())
-    accepted_at: datetime | None = SqlField(default=None, sa_type=_ts())
-    handled_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    deadline: datetime = SqlField(sa_type=timestamp(), index=True)
+    dispatched_at: datetime = SqlField(sa_type=timestamp())
+    accepted_at: datetime | None = SqlField(default=None, sa_type=timestamp())
+    handled_at: datetime | None = SqlField(default=None, sa_type=timestamp())
     rework_count: int = 0
     last_note: str = SqlField(default="", max_length=1000)
     """The latest word from the center: the verifier's 返工 note, or why an extension was refused."""
     extension_status: str = SqlField(default=ExtensionStatus.NONE, max_length=10)
-    requested_deadline: datetime | None = SqlField(default=None, sa_type=_ts())
+    requested_deadline: datetime | None = SqlField(default=None, sa_type=timestamp())
     result: str = SqlField(default="", max_length=2000)
     evidence_urls: str = ""
 
@@ -99,11 +69,11 @@ class HandlingWebhookDelivery(SQLModel, table=True):
     payload: str
     """The event as JSON, exactly as published on Kafka."""
     attempts: int = 0
-    next_attempt_at: datetime = SqlField(sa_type=_ts(), index=True)
+    next_attempt_at: datetime = SqlField(sa_type=timestamp(), index=True)
     status: str = SqlField(default=DeliveryStatus.PENDING, max_length=10, index=True)
     last_error: str = SqlField(default="", max_length=1000)
-    created_at: datetime = SqlField(sa_type=_ts())
-    delivered_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    created_at: datetime = SqlField(sa_type=timestamp())
+    delivered_at: datetime | None = SqlField(default=None, sa_type=timestamp())
 
 
 TABLES = (HandlingWorkOrder.__table__, HandlingWebhookDelivery.__table__)  # type: ignore[attr-defined]

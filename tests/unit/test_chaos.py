@@ -462,9 +462,9 @@ def test_two_instances_of_handling_apply_racing_actions_on_one_order_once(
             RequestExtension(requested_deadline=clock() + timedelta(days=3), reason="permit", **staff),
         ),
     }
+    bus = MessageBus(uow, {})  # a command commits through the bus
     if first == "handle":
-        with uow() as u:
-            handling.accept_work_order(wo, AcceptWorkOrder(**staff), u)
+        bus.execute(handling.accept_work_order, wo, AcceptWorkOrder(**staff))
 
     real_order_for = handling._order_for
     emitted_by_a: list[Event] = []
@@ -472,16 +472,15 @@ def test_two_instances_of_handling_apply_racing_actions_on_one_order_once(
     def order_for_while_a_acts(u: UnitOfWork, work_order_id: str, cmd: Any) -> Any:
         read = real_order_for(u, work_order_id, cmd)  # b has read the order…
         monkeypatch.setattr(handling, "_order_for", real_order_for)
-        with uow() as a:  # …when a applies its action and commits
-            fn, a_cmd = commands[first]
-            fn(wo, a_cmd, a)
-            emitted_by_a.extend(a.emitted)
+        fn, a_cmd = commands[first]  # …when a applies its action and commits
+        emitted_by_a.extend(bus.execute(fn, wo, a_cmd)[1])
         return read
 
     monkeypatch.setattr(handling, "_order_for", order_for_while_a_acts)
     fn, cmd = commands[second]
-    with uow() as b, pytest.raises(Rejected, match="changed meanwhile"):
-        fn(wo, cmd, b)
+    b = uow()
+    with pytest.raises(Rejected, match="changed meanwhile"):
+        MessageBus(lambda: b, {}).execute(fn, wo, cmd)
     assert b.emitted == [] and len(emitted_by_a) == 1
     with Session(engine) as s:
         outbox = [r.type for r in s.exec(select(OutboxRecord).order_by(col(OutboxRecord.id))).all()]

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from sqlalchemy.engine import Engine
 
-from schemas import Actor, Event, Location, encode_event
+from schemas import ORDER_ACTIVE, Actor, Event, Location, WorkOrderStatus, encode_event
 from schemas import events as ev
 from services.common import metrics
 from services.common.bus import MessageBus
@@ -28,7 +28,7 @@ from services.common.http import create_api
 from services.common.kafka import Publisher
 from services.common.outbox import OutboxRelay
 from services.handling.models import TABLES as HANDLING_TABLES
-from services.handling.models import HandlingWorkOrder, OrderStatus
+from services.handling.models import HandlingWorkOrder
 from services.opscenter import metrics as ops_metrics
 
 NOW = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
@@ -329,14 +329,14 @@ def work_orders(tmp_path: Path) -> Iterator[Engine]:
     create_tables(engine, HANDLING_TABLES)
     late, early = NOW - timedelta(hours=2), NOW + timedelta(hours=5)
     rows = [
-        _order(1, "city_ops", OrderStatus.DISPATCHED, late),
-        _order(2, "city_ops", OrderStatus.ACCEPTED, early),
-        _order(3, "city_ops", OrderStatus.REWORK, late),
-        _order(4, "city_ops", OrderStatus.HANDLED, late),  # handled: no longer owed
-        _order(5, "city_ops", OrderStatus.CLOSED, late),
-        _order(6, "planning", OrderStatus.ACCEPTED, early),
-        _order(7, "planning", OrderStatus.RETURNED, late),  # returned: the center re-routes it
-        _order(8, "moon_office", OrderStatus.DISPATCHED, late),
+        _order(1, "city_ops", WorkOrderStatus.DISPATCHED, late),
+        _order(2, "city_ops", WorkOrderStatus.ACCEPTED, early),
+        _order(3, "city_ops", WorkOrderStatus.REWORK, late),
+        _order(4, "city_ops", WorkOrderStatus.HANDLED, late),  # handled: no longer owed
+        _order(5, "city_ops", WorkOrderStatus.CLOSED, late),
+        _order(6, "planning", WorkOrderStatus.ACCEPTED, early),
+        _order(7, "planning", WorkOrderStatus.RETURNED, late),  # returned: the center re-routes it
+        _order(8, "moon_office", WorkOrderStatus.DISPATCHED, late),
     ]
     with UnitOfWork(engine) as uow:
         for row in rows:
@@ -349,7 +349,7 @@ def work_orders(tmp_path: Path) -> Iterator[Engine]:
 def test_the_handling_collector_counts_open_and_overdue_work_by_department(work_orders: Engine) -> None:
     registry = CollectorRegistry()
     table = HandlingWorkOrder.__table__  # type: ignore[attr-defined]
-    registry.register(metrics.WorkOrderBacklogCollector(work_orders, table, OrderStatus.ACTIVE, clock=lambda: NOW))
+    registry.register(metrics.WorkOrderBacklogCollector(work_orders, table, ORDER_ACTIVE, clock=lambda: NOW))
 
     def gauge(name: str, department: str) -> float | None:
         return registry.get_sample_value(name, {"department": department})
@@ -369,7 +369,7 @@ def test_the_gauges_follow_the_clock(work_orders: Engine) -> None:
     registry = CollectorRegistry()
     clock = [NOW]
     table = HandlingWorkOrder.__table__  # type: ignore[attr-defined]
-    registry.register(metrics.WorkOrderBacklogCollector(work_orders, table, OrderStatus.ACTIVE, clock=lambda: clock[0]))
+    registry.register(metrics.WorkOrderBacklogCollector(work_orders, table, ORDER_ACTIVE, clock=lambda: clock[0]))
     assert registry.get_sample_value("gridloop_work_orders_overdue", {"department": "planning"}) == 0
     clock[0] = NOW + timedelta(hours=6)
     assert registry.get_sample_value("gridloop_work_orders_overdue", {"department": "planning"}) == 1
@@ -378,10 +378,10 @@ def test_the_gauges_follow_the_clock(work_orders: Engine) -> None:
 
 def test_registering_again_replaces_the_collector(work_orders: Engine, tmp_path: Path) -> None:
     registry = CollectorRegistry()
-    metrics.register_work_order_gauges(work_orders, HandlingWorkOrder, OrderStatus.ACTIVE, registry=registry)
+    metrics.register_work_order_gauges(work_orders, HandlingWorkOrder, ORDER_ACTIVE, registry=registry)
     empty = make_engine(f"sqlite:///{tmp_path / 'empty.sqlite'}")
     create_tables(empty, HANDLING_TABLES)
-    metrics.register_work_order_gauges(empty, HandlingWorkOrder, OrderStatus.ACTIVE, registry=registry)
+    metrics.register_work_order_gauges(empty, HandlingWorkOrder, ORDER_ACTIVE, registry=registry)
     assert registry.get_sample_value("gridloop_work_orders_open", {"department": "city_ops"}) == 0
     empty.dispose()
 
@@ -389,7 +389,7 @@ def test_registering_again_replaces_the_collector(work_orders: Engine, tmp_path:
 def test_an_unreadable_database_reports_nothing_and_does_not_fail_the_scrape(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'no-tables.sqlite'}")
     registry = CollectorRegistry()
-    metrics.register_work_order_gauges(engine, HandlingWorkOrder, OrderStatus.ACTIVE, registry=registry)
+    metrics.register_work_order_gauges(engine, HandlingWorkOrder, ORDER_ACTIVE, registry=registry)
     text = generate_latest(registry).decode()
     assert "gridloop_work_orders_open{" not in text
     engine.dispose()
@@ -529,7 +529,7 @@ async def test_every_metric_passes_promtool(work_orders: Engine) -> None:
     api = create_api("promtooltest", title="t")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://test") as client:
         await client.get("/health")
-    collector = metrics.register_work_order_gauges(work_orders, HandlingWorkOrder, OrderStatus.ACTIVE)
+    collector = metrics.register_work_order_gauges(work_orders, HandlingWorkOrder, ORDER_ACTIVE)
     try:
         exposition = generate_latest()
     finally:

@@ -48,7 +48,7 @@ def _plan(engine: Engine, read: Callable[[UnitOfWork], Any], containing: str = "
 def test_a_departments_queue_is_read_through_the_queue_index(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'handling.sqlite'}")
     create_tables(engine, HANDLING_TABLES)
-    plan = _plan(engine, lambda uow: handling.list_work_orders(uow, "city_ops", "dispatched", None, 50, 0))
+    plan = _plan(engine, lambda uow: handling.list_work_orders("city_ops", "dispatched", None, 50, 0, uow))
     assert "USING INDEX ix_handling_work_order_queue (department_code=? AND status=?)" in plan
 
 
