@@ -29,7 +29,8 @@ from services.common.settings import REPO_ROOT
 
 def emitted_types(service: str) -> set[str]:
     """The event types ``service``'s code builds: every call of an event class (``ev.WorkOrderAccepted(...)``,
-    ``ev.IncidentFiled.following(...)``). Type annotations and ``case ev.X(...)`` patterns are not calls."""
+    ``ev.IncidentFiled.following(...)``) or of a builder given one first (``_follow(ev.IncidentMerged, ...)``).
+    Type annotations, ``isinstance`` and ``case ev.X(...)`` patterns are not calls of one."""
     found: set[str] = set()
     for path in sorted((REPO_ROOT / "services" / service).glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
@@ -41,6 +42,19 @@ def emitted_types(service: str) -> set[str]:
             name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
             if name in EVENT_TYPES:
                 found.add(name)
+            elif (
+                name not in ("isinstance", "issubclass") and node.args
+            ):  # a class handed to a builder: _follow(ev.X, …)
+                first = node.args[0]
+                kind = (
+                    first.attr
+                    if isinstance(first, ast.Attribute)
+                    else first.id
+                    if isinstance(first, ast.Name)
+                    else None
+                )
+                if kind in EVENT_TYPES:
+                    found.add(kind)
     return found
 
 
