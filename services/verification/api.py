@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Annotated, TypeVar
 
-from fastapi import FastAPI, Query
+from fastapi import Depends, FastAPI, Query
 
 from schemas import VerificationStatus
 from services.common import visibility
@@ -36,6 +37,24 @@ _DECISION_ERRORS: dict[int | str, dict[str, str]] = {
     409: {"description": "the verification is already decided"},
     422: {"description": "invalid request"},
 }
+_UNSEEN: dict[int | str, dict[str, str]] = {
+    404: {"description": "no such verification, or one outside the caller's grid cells"}
+}
+
+
+@dataclass(frozen=True)
+class QueueQuery:
+    """Which tasks of a queue, which page, and how long to wait for one: the query string of ``GET /verifications``."""
+
+    worker_id: Annotated[str | None, Query(min_length=1, max_length=64, pattern=_ID)] = None
+    grid_id: Annotated[str | None, Query(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$")] = None
+    status: Annotated[str | None, Query(pattern=_STATUS)] = None
+    limit: Annotated[int, Query(ge=1, le=500)] = 50
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0
+    wait: WaitS = 0.0
+
+
+_ALL = QueueQuery()
 
 
 def _as_caller(body: B, who: Principal) -> tuple[B, handlers.Caller]:
@@ -67,44 +86,31 @@ def build_api(runtime: Runtime, policy: VerifierPolicy = "assigned") -> FastAPI:
         cmd, caller = _as_caller(body, who)
         return await runtime.command(handler, *ids, cmd, caller, rules)
 
-    @api.get("/verifications", response_model=list[VerificationPublic], tags=["verifications"])
+    reads = functools.partial(api.get, tags=["verifications"])
+    decisions = functools.partial(api.post, status_code=202, tags=["verifications"])
+    decided = functools.partial(decisions, response_model=VerificationDecided, responses=_DECISION_ERRORS)
+
+    @reads("/verifications", response_model=list[VerificationPublic])
     async def verifications(
-        who: Principal = Reader,
-        worker_id: Annotated[str | None, Query(min_length=1, max_length=64, pattern=_ID)] = None,
-        grid_id: Annotated[str | None, Query(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$")] = None,
-        status: Annotated[str | None, Query(pattern=_STATUS)] = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
-        wait: WaitS = 0.0,
+        who: Principal = Reader, query: Annotated[QueueQuery, Depends()] = _ALL
     ) -> list[VerificationPublic]:
         """A worker's (or a grid's) verification queue, oldest request first.
 
         With ``wait``, an empty answer waits up to that many seconds for a task to arrive (a long poll)."""
         grids = visibility.verifier_grids(who)
-        read = functools.partial(
-            handlers.list_verifications,
-            worker_id=worker_id,
-            grid_id=grid_id,
-            status=status,
-            limit=limit,
-            offset=offset,
-            grids=grids,
-        )
-        grid = grid_id or (grids[0] if grids is not None and len(grids) == 1 else None)
+        filters = asdict(query)
+        wait = filters.pop("wait")
+        read = functools.partial(handlers.list_verifications, grids=grids, **filters)
+        grid = query.grid_id or (grids[0] if grids is not None and len(grids) == 1 else None)
         return await long_poll(
             runtime.changes, key_for(handlers.VERIFICATIONS, grid), wait, lambda: runtime.query(read)
         )
 
-    @api.get(
-        "/verifications/{verification_id}",
-        response_model=VerificationPublic,
-        tags=["verifications"],
-        responses={404: {"description": "no such verification, or one outside the caller's grid cells"}},
-    )
+    @reads("/verifications/{verification_id}", response_model=VerificationPublic, responses=_UNSEEN)
     async def verification(verification_id: str, who: Principal = Reader) -> VerificationPublic:
         return runtime.query(handlers.get_verification, verification_id, visibility.verifier_grids(who))
 
-    @api.post("/verifications/pass", status_code=202, response_model=BatchOutcome, tags=["verifications"])
+    @decisions("/verifications/pass", response_model=BatchOutcome)
     async def pass_many(body: PassVerifications, who: Principal = Worker) -> BatchOutcome:
         """批量核查通过: pass several verifications in one request.
 
@@ -113,24 +119,12 @@ def build_api(runtime: Runtime, policy: VerifierPolicy = "assigned") -> FastAPI:
         together."""
         return await decide(handlers.pass_verifications, body, who)
 
-    @api.post(
-        "/verifications/{verification_id}/pass",
-        status_code=202,
-        response_model=VerificationDecided,
-        tags=["verifications"],
-        responses=_DECISION_ERRORS,
-    )
+    @decided("/verifications/{verification_id}/pass")
     async def pass_(verification_id: str, body: PassRequest, who: Principal = Worker) -> VerificationDecided:
         """核查通过: the problem is solved; the incident will be closed."""
         return await decide(handlers.pass_verification, body, who, verification_id)
 
-    @api.post(
-        "/verifications/{verification_id}/fail",
-        status_code=202,
-        response_model=VerificationDecided,
-        tags=["verifications"],
-        responses=_DECISION_ERRORS,
-    )
+    @decided("/verifications/{verification_id}/fail")
     async def fail(verification_id: str, body: FailRequest, who: Principal = Worker) -> VerificationDecided:
         """核查不通过: the work goes back to the department (返工) with the note."""
         return await decide(handlers.fail_verification, body, who, verification_id)

@@ -103,8 +103,7 @@ Words = Annotated[list[str], BeforeValidator(_words)]
 
 
 class VerificationPublic(BaseModel):
-    """A task as the API shows it (filled from a task with ``model_validate(task, from_attributes=True)``)."""
-
+    # a task as the API shows it, filled with model_validate(task, from_attributes=True)
     verification_id: str
     incident_id: str
     correlation_id: str
