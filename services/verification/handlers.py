@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Unpack
 
 from schemas import Actor, Event, Town
 from schemas import events as ev
@@ -22,7 +23,7 @@ from services.common.errors import Forbidden, GridloopError, PoisonMessage, Reje
 from . import domain
 from .domain import Refusal, Rules
 from .models import FailRequest, PassRequest, PassVerifications, VerificationDecided, VerificationPublic
-from .store import VerificationStore
+from .store import Queue, VerificationStore
 
 VERIFICATIONS = "verifications"
 """The long-poll key of a grid's verification queue (``verifications:<grid>``)."""
@@ -80,7 +81,7 @@ def _decide(
         raise visibility.unseen("verification", verification_id)  # outside the caller's grids: as unknown
     if refusal := domain.refuse_decision(task, worker_id, caller.grids, rules):
         raise _refuse(refusal)
-    assert worker_id is not None  # the rules refuse nobody
+    assert worker_id is not None  # the rules refuse a decision that names no worker
     outcome = domain.decide(task, worker_id, passed, note, caller.actor, uow.now())
     if not store.record_decision(task):
         raise Rejected(f"verification {verification_id} was decided meanwhile")
@@ -122,21 +123,9 @@ def get_verification(verification_id: str, grids: tuple[str, ...] | None, uow: U
     return VerificationPublic.model_validate(task, from_attributes=True)
 
 
-def list_verifications(
-    uow: UnitOfWork,
-    *,
-    worker_id: str | None = None,
-    grid_id: str | None = None,
-    status: str | None = None,
-    limit: int = 50,
-    offset: int = 0,
-    grids: tuple[str, ...] | None = None,
-) -> list[VerificationPublic]:
+def list_verifications(uow: UnitOfWork, **queue: Unpack[Queue]) -> list[VerificationPublic]:
     """A worker's (or a grid's) queue, oldest request first; ``grids`` limits it to the caller's cells."""
-    tasks = VerificationStore(uow).queue(
-        worker_id=worker_id, grid_id=grid_id, status=status, limit=limit, offset=offset, grids=grids
-    )
-    return [VerificationPublic.model_validate(t, from_attributes=True) for t in tasks]
+    return [VerificationPublic.model_validate(t, from_attributes=True) for t in VerificationStore(uow).queue(**queue)]
 
 
 __all__ = [

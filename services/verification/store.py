@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TypedDict
 
 import sqlalchemy as sa
 
@@ -38,6 +39,17 @@ def _task(row: sa.RowMapping) -> Task:
     if values["decided_at"] is not None:
         values["decided_at"] = as_utc(values["decided_at"])
     return Task(**values)
+
+
+class Queue(TypedDict, total=False):
+    """Which tasks of a queue (each filter given narrows it; ``grids``: only these grids') and which page."""
+
+    worker_id: str | None
+    grid_id: str | None
+    status: str | None
+    limit: int
+    offset: int
+    grids: Iterable[str] | None
 
 
 class VerificationStore:
@@ -89,12 +101,12 @@ class VerificationStore:
     def queue(
         self,
         *,
-        worker_id: str | None,
-        grid_id: str | None,
-        status: str | None,
-        limit: int,
-        offset: int,
-        grids: Iterable[str] | None,
+        worker_id: str | None = None,
+        grid_id: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        grids: Iterable[str] | None = None,
     ) -> list[Task]:
         """A worker's (or a grid's) queue, oldest request first; ``grids`` limits it to the caller's cells.
 
