@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from schemas.topics import VERIFICATION
 
-from .handlers import HANDLERS, preload
+from .handlers import bind, preload
 
 PRELOAD = preload
 
 CONSUMES = (VERIFICATION,)
 
-__all__ = ["CONSUMES", "HANDLERS", "PRELOAD"]
+__all__ = ["CONSUMES", "PRELOAD", "bind"]

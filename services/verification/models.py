@@ -6,22 +6,13 @@ from datetime import datetime
 from typing import Annotated
 
 import sqlalchemy as sa
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from sqlmodel import Field as SqlField
 from sqlmodel import SQLModel
 
+from schemas import VerificationStatus
 from services.common.batch import MAX_BATCH, ItemId, unique
-
-
-def _ts() -> sa.DateTime:
-    return sa.DateTime(timezone=True)
-
-
-class TaskStatus:
-    PENDING = "pending"
-    PASSED = "passed"
-    FAILED = "failed"
-    ALL = (PENDING, PASSED, FAILED)
+from services.common.db import timestamp
 
 
 class VerificationTask(SQLModel, table=True):
@@ -52,9 +43,9 @@ class VerificationTask(SQLModel, table=True):
     work_order_ids: str = SqlField(default="")
     evidence_urls: str = SqlField(default="")
     round: int = 1
-    status: str = SqlField(default=TaskStatus.PENDING, max_length=10, index=True)
-    requested_at: datetime = SqlField(sa_type=_ts(), index=True)
-    decided_at: datetime | None = SqlField(default=None, sa_type=_ts())
+    status: str = SqlField(default=VerificationStatus.PENDING, max_length=10, index=True)
+    requested_at: datetime = SqlField(sa_type=timestamp(), index=True)
+    decided_at: datetime | None = SqlField(default=None, sa_type=timestamp())
     decided_by: str | None = SqlField(default=None, max_length=64)
     """Who decided: the caller's token, never the person it acted for."""
     decided_on_behalf_of: str | None = SqlField(default=None, max_length=64)
@@ -103,7 +94,16 @@ class VerificationDecided(BaseModel):
     status: str
 
 
+def _words(value: object) -> object:
+    """A list stored as space-separated words (work order ids, evidence URLs), read as the list."""
+    return value.split() if isinstance(value, str) else value
+
+
+Words = Annotated[list[str], BeforeValidator(_words)]
+
+
 class VerificationPublic(BaseModel):
+    # a task as the API shows it, filled with model_validate(task, from_attributes=True)
     verification_id: str
     incident_id: str
     correlation_id: str
@@ -114,8 +114,8 @@ class VerificationPublic(BaseModel):
     lon: float
     address: str
     description: str
-    work_order_ids: list[str]
-    evidence_urls: list[str]
+    work_order_ids: Words
+    evidence_urls: Words
     round: int
     status: str
     requested_at: datetime

@@ -1,4 +1,5 @@
-"""verification's rules over a SQLite database, without a broker: tasks, idempotency, pass and fail."""
+"""verification's handlers over a SQLite database, without a broker: what they load and save, what they emit and
+how a refusal of the rules is answered. The rules themselves are tested in ``test_verification_domain``."""
 
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
-from schemas import Actor, ActorKind, Event, Location
+from schemas import GAOHANG, Actor, ActorKind, Event, Location, Town, VerificationStatus
 from schemas import events as ev
+from schemas.reference import Grid
 from services.common.bus import MessageBus
 from services.common.db import UnitOfWork, create_tables, make_engine
 from services.common.errors import Forbidden, NotFound, PoisonMessage, Rejected
 from services.verification import handlers
-from services.verification.agents import HANDLERS, PRELOAD
-from services.verification.models import TABLES, FailRequest, PassRequest, PassVerifications, TaskStatus
-from services.verification.settings import VerifierPolicy
+from services.verification.agents import PRELOAD, bind
+from services.verification.domain import Rules
+from services.verification.handlers import Caller
+from services.verification.models import TABLES, FailRequest, PassRequest, PassVerifications
+from services.verification.store import VerificationStore
 
 T0 = datetime(2024, 5, 6, 9, 0, tzinfo=UTC)
 
@@ -34,7 +38,10 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 
 @pytest.fixture
 def bus(engine: Engine) -> MessageBus:
-    return MessageBus(lambda: UnitOfWork(engine), HANDLERS, PRELOAD)  # as the service has it
+    return MessageBus(lambda: UnitOfWork(engine), bind(GAOHANG), PRELOAD)  # as the service has it
+
+
+RULES = Rules(GAOHANG)
 
 
 def requested(verification_id: str = "GL20240506-AB12CD34-v1", **fields: Any) -> ev.VerificationRequested:
@@ -57,21 +64,32 @@ def requested(verification_id: str = "GL20240506-AB12CD34-v1", **fields: Any) ->
     return ev.VerificationRequested(**values)
 
 
-def decide_pass(engine: Engine, verification_id: str, worker_id: str, note: str = "") -> tuple[Any, list[Event]]:
-    with UnitOfWork(engine) as uow:
-        decided = handlers.pass_verification(verification_id, PassRequest(worker_id=worker_id, note=note), uow)
-        return decided, list(uow.emitted)
+def command(engine: Engine, handler: Any, *args: Any) -> tuple[Any, list[Event]]:
+    """A command as the service runs it (``Runtime.command``): through the bus, committed unless it raises."""
+    return MessageBus(lambda: UnitOfWork(engine), {}).execute(handler, *args)
 
 
-def decide_fail(engine: Engine, verification_id: str, worker_id: str, note: str) -> tuple[Any, list[Event]]:
-    with UnitOfWork(engine) as uow:
-        decided = handlers.fail_verification(verification_id, FailRequest(worker_id=worker_id, note=note), uow)
-        return decided, list(uow.emitted)
+def decide_pass(
+    engine: Engine, verification_id: str, worker_id: str, note: str = "", caller: Caller = Caller()
+) -> tuple[Any, list[Event]]:
+    cmd = PassRequest(worker_id=worker_id, note=note)
+    return command(engine, handlers.pass_verification, verification_id, cmd, caller, RULES)
+
+
+def decide_fail(
+    engine: Engine, verification_id: str, worker_id: str, note: str, caller: Caller = Caller()
+) -> tuple[Any, list[Event]]:
+    cmd = FailRequest(worker_id=worker_id, note=note)
+    return command(engine, handlers.fail_verification, verification_id, cmd, caller, RULES)
+
+
+def pass_many(engine: Engine, cmd: PassVerifications, caller: Caller = Caller()) -> tuple[Any, list[Event]]:
+    return command(engine, handlers.pass_verifications, cmd, caller, RULES)
 
 
 def task(engine: Engine, verification_id: str) -> Any:
     with UnitOfWork(engine) as uow:
-        return handlers.get_verification(verification_id, uow)
+        return handlers.get_verification(verification_id, None, uow)
 
 
 # -- tasks from VerificationRequested ------------------------------------------------------------------
@@ -82,7 +100,7 @@ def test_request_opens_a_pending_task(engine: Engine, bus: MessageBus) -> None:
     assert bus.handle(event) == []
 
     t = task(engine, event.verification_id)
-    assert t.status == TaskStatus.PENDING
+    assert t.status == VerificationStatus.PENDING
     assert (t.incident_id, t.correlation_id, t.grid_id, t.worker_id) == (
         "GL20240506-AB12CD34",
         "GL20240506-AB12CD34",
@@ -132,7 +150,7 @@ def test_request_for_an_already_decided_task_does_not_reopen_it(engine: Engine, 
     bus.handle(requested())
     decide_pass(engine, "GL20240506-AB12CD34-v1", "w-gh01-2")
     bus.handle(requested())
-    assert task(engine, "GL20240506-AB12CD34-v1").status == TaskStatus.PASSED
+    assert task(engine, "GL20240506-AB12CD34-v1").status == VerificationStatus.PASSED
 
 
 def test_request_for_an_unknown_grid_is_poison(bus: MessageBus) -> None:
@@ -188,56 +206,45 @@ def test_pass_is_published_through_the_outbox(engine: Engine, bus: MessageBus) -
 
 
 @pytest.mark.parametrize("decide", [decide_pass, decide_fail])
-def test_only_the_assigned_worker_decides_by_default(engine: Engine, bus: MessageBus, decide: Any) -> None:
+def test_a_decision_the_rules_refuse_is_forbidden_and_changes_nothing(
+    engine: Engine, bus: MessageBus, decide: Any
+) -> None:
     bus.handle(requested())  # asked of w-gh01-2
     with pytest.raises(Forbidden, match="assigned to w-gh01-2"):
         decide(engine, "GL20240506-AB12CD34-v1", "w-gh01-1", "looks fine")
-    with UnitOfWork(engine) as uow, pytest.raises(Forbidden, match="assigned to w-gh01-2"):
-        handlers.pass_verification(  # nor an administrator for them
-            "GL20240506-AB12CD34-v1", PassRequest(worker_id="w-gh01-1"), uow, actor=Actor.system("admin")
-        )
-    with UnitOfWork(engine) as uow:
-        cmd = PassVerifications(verification_ids=["GL20240506-AB12CD34-v1"], worker_id="w-gh01-1")
-        done = handlers.pass_verifications(cmd, uow, grids=("gh01",))
-    assert [(r.code, r.status) for r in done.results] == [(403, None)]
+    with pytest.raises(Forbidden, match="assigned to w-gh01-2"):  # nor an administrator for them
+        decide(engine, "GL20240506-AB12CD34-v1", "w-gh01-1", "x", Caller(actor=Actor.system("admin")))
+    cmd = PassVerifications(verification_ids=["GL20240506-AB12CD34-v1"], worker_id="w-gh01-1")
+    done, emitted = pass_many(engine, cmd, Caller(grids=("gh01",)))
+    assert [(r.code, r.status) for r in done.results] == [(403, None)] and emitted == []
     assert task(engine, "GL20240506-AB12CD34-v1").status == "pending"
     decided, (event,) = decide_pass(engine, "GL20240506-AB12CD34-v1", "w-gh01-2")
     assert decided.status == "passed" and event.actor.id == "w-gh01-2"
 
 
-def test_under_the_grid_policy_any_worker_of_the_grid_decides_but_the_reporter_and_whoever_did_the_work(
-    engine: Engine, bus: MessageBus
-) -> None:
-    bus.handle(requested("by-a-caller", reporter_id="caller-7", handled_by=["staff-city_ops"]))  # asked of w-gh01-2
-    bus.handle(requested("by-w1", reporter_id="w-gh01-1", handled_by=["staff-city_ops"]))
-    bus.handle(requested("fixed-by-w1", reporter_id="caller-8", handled_by=["w-gh01-1"]))
+def test_the_rules_given_are_the_ones_decided_by(engine: Engine, bus: MessageBus) -> None:
+    """The service's verifier policy reaches the rules (which are tested in test_verification_domain)."""
+    bus.handle(requested("by-w1", reporter_id="w-gh01-1"))  # asked of w-gh01-2
 
-    def decide(verification_id: str, worker_id: str) -> str:
-        with UnitOfWork(engine) as uow:
-            cmd = PassRequest(worker_id=worker_id)
-            return handlers.pass_verification(verification_id, cmd, uow, policy="grid").status
+    def decide(rules: Rules, worker_id: str) -> str:
+        cmd = PassRequest(worker_id=worker_id)
+        decided, _ = command(engine, handlers.pass_verification, "by-w1", cmd, Caller(), rules)
+        return str(decided.status)
 
-    assert decide("by-a-caller", "w-gh01-1") == "passed"  # not the one asked, but of the grid
     with pytest.raises(Forbidden, match="w-gh01-1 reported"):
-        decide("by-w1", "w-gh01-1")
-    with pytest.raises(Forbidden, match="w-gh01-1 did the work"):
-        decide("fixed-by-w1", "w-gh01-1")
-    with pytest.raises(Forbidden, match="gh01"):
-        decide("by-w1", "w-gh02-1")  # still only the grid's workers
-    assert decide("by-w1", "w-gh01-2") == decide("fixed-by-w1", "w-gh01-2") == "passed"
+        decide(Rules(GAOHANG, "grid"), "w-gh01-1")
+    with pytest.raises(Forbidden, match="assigned to w-gh01-2"):
+        decide(Rules(GAOHANG, "assigned"), "w-gh01-1")
+    assert decide(Rules(GAOHANG, "grid"), "w-gh01-2") == "passed"
 
 
-@pytest.mark.parametrize("policy", ["assigned", "grid"])
-def test_a_reporter_never_verifies_their_own_fix_on_the_spot(
-    engine: Engine, bus: MessageBus, policy: VerifierPolicy
-) -> None:
-    """Even when the task is asked of them (as it could be of a grid's only worker)."""
-    bus.handle(requested(worker_id="w-gh01-1", reporter_id="w-gh01-1", handled_by=["w-gh01-1"]))
-    for actor in (None, Actor.system("admin")):
-        with UnitOfWork(engine) as uow, pytest.raises(Forbidden, match="did the work"):
-            cmd = PassRequest(worker_id="w-gh01-1")
-            handlers.pass_verification("GL20240506-AB12CD34-v1", cmd, uow, actor=actor, policy=policy)
-    assert task(engine, "GL20240506-AB12CD34-v1").status == "pending"
+def test_the_towns_grids_are_the_ones_a_request_is_opened_in(engine: Engine) -> None:
+    tiny = Town("tiny", "小镇", "Tiny", {}, {}, {"zz01": Grid("zz01", "一格", "Cell", 30.0, 120.0, 30.1, 120.1, ())})
+    bus = MessageBus(lambda: UnitOfWork(engine), bind(tiny), PRELOAD)
+    bus.handle(requested("in-tiny", grid_id="zz01"))
+    assert task(engine, "in-tiny").grid_id == "zz01"
+    with pytest.raises(PoisonMessage, match="unknown grid 'gh01'"):
+        bus.handle(requested())
 
 
 def test_pass_note_is_optional() -> None:
@@ -300,21 +307,24 @@ def test_a_worker_of_another_grid_is_forbidden(engine: Engine, bus: MessageBus, 
     assert (t.status, t.decided_by) == ("pending", None)
 
 
-@pytest.mark.parametrize(
-    ("action", "body"), [(handlers.pass_verification, PassRequest), (handlers.fail_verification, FailRequest)]
-)
+@pytest.mark.parametrize("decide", [decide_pass, decide_fail])
 def test_a_task_outside_the_workers_grids_answers_as_an_unknown_one(
-    engine: Engine, bus: MessageBus, action: Any, body: Any
+    engine: Engine, bus: MessageBus, decide: Any
 ) -> None:
     """A 403 would tell that the task exists and, from who may decide it, in which grid: a worker of another grid
-    is answered as for an id that names nothing."""
+    is answered as for an id that names nothing; and so is a read of it."""
     bus.handle(requested())
     refusals = []
     for verification_id in ("GL20240506-AB12CD34-v1", "GL20240506-NOSUCH-v1"):
-        with UnitOfWork(engine) as uow, pytest.raises(NotFound) as refused:
-            action(verification_id, body(worker_id="w-gh02-1", note="x"), uow, ("gh02",))
+        with pytest.raises(NotFound) as refused:
+            decide(engine, verification_id, "w-gh02-1", "x", Caller(grids=("gh02",)))
+        with UnitOfWork(engine) as uow, pytest.raises(NotFound) as unread:
+            handlers.get_verification(verification_id, ("gh02",), uow)
+        assert str(unread.value) == str(refused.value)
         refusals.append(str(refused.value).replace(verification_id, "?"))
     assert refusals[0] == refusals[1]
+    with UnitOfWork(engine) as uow:
+        assert handlers.get_verification("GL20240506-AB12CD34-v1", ("gh02", "gh01"), uow).grid_id == "gh01"
     assert task(engine, "GL20240506-AB12CD34-v1").status == "pending"
 
 
@@ -334,7 +344,7 @@ def test_an_unknown_verification_is_not_found(engine: Engine, decide: Any) -> No
     with pytest.raises(NotFound):
         decide(engine, "no-such-task", "w-gh01-2", "x")
     with pytest.raises(NotFound), UnitOfWork(engine) as uow:
-        handlers.get_verification("no-such-task", uow)
+        handlers.get_verification("no-such-task", None, uow)
 
 
 def test_a_rejected_decision_emits_nothing(engine: Engine, bus: MessageBus) -> None:
@@ -356,10 +366,7 @@ def test_an_administrator_deciding_for_the_worker_is_recorded_as_itself_on_their
 ) -> None:
     bus.handle(requested())  # asked of w-gh01-2
     admin = Actor(kind=ActorKind.SYSTEM, id="admin")
-    with UnitOfWork(engine) as uow:
-        cmd = PassRequest(worker_id="w-gh01-2", note="seen on the camera")
-        handlers.pass_verification("GL20240506-AB12CD34-v1", cmd, uow, actor=admin)
-        (event,) = uow.emitted
+    _, (event,) = decide_pass(engine, "GL20240506-AB12CD34-v1", "w-gh01-2", "seen on the camera", Caller(actor=admin))
     assert event.actor == Actor(kind=ActorKind.SYSTEM, id="admin", on_behalf_of="w-gh01-2")
     t = task(engine, "GL20240506-AB12CD34-v1")
     assert (t.status, t.decided_by, t.decided_on_behalf_of) == ("passed", "admin", "w-gh01-2")
@@ -368,11 +375,7 @@ def test_an_administrator_deciding_for_the_worker_is_recorded_as_itself_on_their
 def test_a_worker_deciding_is_recorded_as_themselves(engine: Engine, bus: MessageBus) -> None:
     bus.handle(requested())
     worker = Actor(kind=ActorKind.GRID_WORKER, id="w-gh01-2")
-    with UnitOfWork(engine) as uow:
-        handlers.fail_verification(
-            "GL20240506-AB12CD34-v1", FailRequest(worker_id="w-gh01-2", note="no"), uow, actor=worker
-        )
-        (event,) = uow.emitted
+    _, (event,) = decide_fail(engine, "GL20240506-AB12CD34-v1", "w-gh01-2", "no", Caller(("gh01",), worker))
     assert event.actor == worker and event.actor.on_behalf_of is None
     t = task(engine, "GL20240506-AB12CD34-v1")
     assert (t.decided_by, t.decided_on_behalf_of) == ("w-gh01-2", None)
@@ -417,7 +420,7 @@ def test_queue_by_worker_grid_and_status_oldest_first(engine: Engine, bus: Messa
 
 def test_a_new_task_wakes_whoever_waits_on_its_grid_once_committed(engine: Engine) -> None:
     woken: list[set[str]] = []
-    bus = MessageBus(lambda: UnitOfWork(engine, on_commit=woken.append), HANDLERS)
+    bus = MessageBus(lambda: UnitOfWork(engine, on_commit=woken.append), bind(GAOHANG))
     bus.handle(requested())
     assert woken == [{"verifications:gh01", "verifications:*"}]
     bus.handle(requested())  # redelivered: nothing changed, nobody woken
@@ -430,24 +433,24 @@ def test_of_two_decisions_at_once_the_later_is_refused(
     # both read the task pending (two instances of verification on one database, a worker deciding twice from two
     # devices); the first decision lands, the second finds the row no longer pending and changes nothing
     bus.handle(requested("V-1"))
-    read = handlers._task_for
+    read = VerificationStore.task
 
-    def read_then_lose_the_race(uow: UnitOfWork, verification_id: str) -> Any:
-        seen = read(uow, verification_id)
-        assert seen is not None and seen.status == TaskStatus.PENDING
-        monkeypatch.setattr(handlers, "_task_for", read)  # the other worker's decision reads for real
+    def read_then_lose_the_race(store: VerificationStore, verification_id: str) -> Any:
+        seen = read(store, verification_id)
+        assert seen is not None and seen.status == VerificationStatus.PENDING
+        monkeypatch.setattr(VerificationStore, "task", read)  # the other worker's decision reads for real
         decided, _ = decide_fail(engine, "V-1", "w-gh01-2", "still there")
-        assert decided.status == TaskStatus.FAILED
+        assert decided.status == VerificationStatus.FAILED
         return seen
 
-    monkeypatch.setattr(handlers, "_task_for", read_then_lose_the_race)
+    monkeypatch.setattr(VerificationStore, "task", read_then_lose_the_race)
     with UnitOfWork(engine) as late:
         with pytest.raises(Rejected, match="decided meanwhile"):
-            handlers.pass_verification("V-1", PassRequest(worker_id="w-gh01-2"), late)
+            handlers.pass_verification("V-1", PassRequest(worker_id="w-gh01-2"), Caller(), RULES, late)
         assert late.emitted == []
     decided_task = task(engine, "V-1")
     assert (decided_task.status, decided_task.decided_by, decided_task.note) == (
-        TaskStatus.FAILED,
+        VerificationStatus.FAILED,
         "w-gh01-2",
         "still there",
     )
@@ -463,9 +466,7 @@ def test_passing_many_decides_each_as_one_would_and_refuses_the_rest_alone(engin
         bus.handle(r)
     decide_fail(engine, "GL-3-v1", "w-gh01-2", "still there")
     ids = ["GL-1-v1", "GL-2-v1", "GL-3-v1", "GL-4-v1", "GL-404-v1"]
-    with UnitOfWork(engine) as uow:
-        done = handlers.pass_verifications(PassVerifications(verification_ids=ids, worker_id="w-gh01-2"), uow)
-        emitted = list(uow.emitted)
+    done, emitted = pass_many(engine, PassVerifications(verification_ids=ids, worker_id="w-gh01-2"))
     assert (done.done, done.refused) == (2, 3)
     assert [(r.id, r.status, r.code) for r in done.results] == [
         ("GL-1-v1", "passed", None),
@@ -483,9 +484,8 @@ def test_passing_many_decides_each_as_one_would_and_refuses_the_rest_alone(engin
 
 def test_a_worker_passes_many_only_in_their_own_grids(engine: Engine, bus: MessageBus) -> None:
     bus.handle(requested("GL-1-v1", incident_id="GL-1", correlation_id="GL-1"))
-    with UnitOfWork(engine) as uow:
-        cmd = PassVerifications(verification_ids=["GL-1-v1"], worker_id="w-gh02-1")
-        done = handlers.pass_verifications(cmd, uow, grids=("gh02",))
+    cmd = PassVerifications(verification_ids=["GL-1-v1"], worker_id="w-gh02-1")
+    done, _ = pass_many(engine, cmd, Caller(grids=("gh02",)))
     assert [(r.code, r.status, r.error) for r in done.results] == [(404, None, "no verification GL-1-v1")]
     assert task(engine, "GL-1-v1").status == "pending"
 
