@@ -49,13 +49,19 @@ class Incident:
     status: str
     """reported → filed → dispatched → in_progress/handled/verifying/rework → closed; or rejected / merged."""
     handled_on_spot: bool = False
+    """小事一格解决: the reporter fixed it on the spot."""
     big: bool = False
+    """大事全网联动: several departments engaged."""
     escalated: bool = False
+    """督办: the operations center supervises it."""
     rework_count: int = 0
+    """返工: how many times the work went back after a failed check."""
     return_count: int = 0
+    """退回: how many work orders a department returned."""
     departments: str = ""
     """Every department that received a work order, space-separated, in order."""
     deadline: datetime | None = None
+    """The latest deadline of its work orders; at closure, the one the closure was judged by."""
     on_time: bool | None = None
     reported_at: datetime
     filed_at: datetime | None = None
@@ -86,7 +92,7 @@ class WorkOrder:
     escalated: bool = False
 
 
-@dataclass(kw_only=True)
+@dataclass
 class Fact:
     """One lifecycle event, flattened with the dimensions KPIs are cut by."""
 
@@ -95,8 +101,10 @@ class Fact:
     incident_id: str
     occurred_at: datetime
     category_code: str = ""
+    """The incident's category (as it stood after the event), and its grid cell:"""
     grid_id: str | None = None
     department_code: str | None = None
+    """The department and the work order the event names, if any."""
     work_order_id: str | None = None
 
 
@@ -228,19 +236,17 @@ def fold(event: Event, incident: Incident, order: WorkOrder | None, orders: Iter
                 incident.deadline = _later(event.deadline, incident.deadline)
         case ev.WorkOrderAccepted() if order is not None:
             order.status = WorkOrderStatus.ACCEPTED
-            if order.accepted_at is None:
+            if order.accepted_at is None:  # 签收 is timed once, from the dispatch
                 order.accepted_at = event.occurred_at
-                if (t := _seconds(event.occurred_at, order.dispatched_at)) is not None:
-                    stages.append(("accept", t))
+                stages.append(("accept", (event.occurred_at - order.dispatched_at).total_seconds()))
         case ev.WorkOrderReturned() if order is not None:
             order.status, order.returned_at = WorkOrderStatus.RETURNED, event.occurred_at
             incident.return_count += 1
         case ev.WorkOrderHandled() if order is not None:
             order.status = WorkOrderStatus.HANDLED
-            if order.handled_at is None:
+            if order.handled_at is None:  # 处置 too: the first report of the work done
                 order.handled_at = event.occurred_at
-                if (t := _seconds(event.occurred_at, order.dispatched_at)) is not None:
-                    stages.append(("handle", t))
+                stages.append(("handle", (event.occurred_at - order.dispatched_at).total_seconds()))
         case ev.IncidentReworked() if order is not None:
             order.status, order.deadline = WorkOrderStatus.REWORK, event.deadline
             order.reminded = order.escalated = False
@@ -282,14 +288,14 @@ def fold(event: Event, incident: Incident, order: WorkOrder | None, orders: Iter
 def fact_of(event: Event, incident: Incident) -> Fact:
     """The event as a fact, cut by its incident's category and grid (as they stand after it)."""
     return Fact(
-        event_id=event.event_id,
-        type=event.type,
-        incident_id=event.incident_id,
-        occurred_at=event.occurred_at,
-        category_code=incident.category_code,
-        grid_id=incident.grid_id,
-        department_code=getattr(event, "department_code", None),
-        work_order_id=work_order_of(event),
+        event.event_id,
+        event.type,
+        event.incident_id,
+        event.occurred_at,
+        incident.category_code,
+        incident.grid_id,
+        getattr(event, "department_code", None),
+        work_order_of(event),
     )
 
 

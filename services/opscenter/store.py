@@ -132,6 +132,9 @@ def _datetimes(table: sa.Table) -> tuple[str, ...]:
 
 
 _AWARE = {t: _datetimes(t) for t in (_INCIDENT, _ORDER, _FACT)}
+_INCIDENT_TIMES = ("reported_at", "filed_at", "rejected_at", "merged_at", "closed_at", "deadline")
+_ORDER_TIMES = ("dispatched_at", "accepted_at", "handled_at", "returned_at")
+"""The times by which an incident or a work order touches a KPI period."""
 
 
 def _typed(kind: type[K], table: sa.Table, values: dict[str, Any]) -> K:
@@ -163,34 +166,16 @@ class ReadModel:
         """Incidents and work orders with a time of theirs in [start, end] (work still owed whatever its
         times), and the handlings and reworks of it."""
         i, o, f = _INCIDENT.c, _ORDER.c, _FACT.c
-        s, e = start, end
-        incidents = self._incidents(
-            sa.select(_INCIDENT).where(
-                sa.or_(
-                    i.reported_at.between(s, e),
-                    i.filed_at.between(s, e),
-                    i.rejected_at.between(s, e),
-                    i.merged_at.between(s, e),
-                    i.closed_at.between(s, e),
-                    i.deadline.between(s, e),
-                )
-            )
-        )
-        orders = self._orders(
-            sa.select(_ORDER).where(
-                sa.or_(
-                    o.dispatched_at.between(s, e),
-                    o.accepted_at.between(s, e),
-                    o.handled_at.between(s, e),
-                    o.returned_at.between(s, e),
-                    o.status.in_(ORDER_ACTIVE),
-                )
-            )
-        )
+        in_span = [i[t].between(start, end) for t in _INCIDENT_TIMES]
+        incidents = self._incidents(sa.select(_INCIDENT).where(sa.or_(*in_span)))
+        in_span = [o[t].between(start, end) for t in _ORDER_TIMES]
+        orders = self._orders(sa.select(_ORDER).where(sa.or_(*in_span, o.status.in_(ORDER_ACTIVE))))
         facts = self._all(
             Fact,
             _FACT,
-            sa.select(_FACT).where(f.occurred_at.between(s, e), f.type.in_(("WorkOrderHandled", "IncidentReworked"))),
+            sa.select(_FACT).where(
+                f.occurred_at.between(start, end), f.type.in_(("WorkOrderHandled", "IncidentReworked"))
+            ),
         )
         return KpiRows(incidents, orders, facts)
 
