@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
-
-from schemas import EVENT_TYPES, Event
+from schemas.reference import GAOHANG
 from schemas.topics import LIFECYCLE
-from services.common.db import UnitOfWork
 
-from . import metrics
-from .handlers import fold_event, preload
+from .handlers import bind, fold, preload
 
 CONSUMES = (LIFECYCLE,)
 
-
-def fold(event: Event, uow: UnitOfWork) -> None:
-    for stage, seconds in fold_event(event, uow):
-        metrics.observe_stage(stage, seconds)
-
-
-HANDLERS: Mapping[type[Event], Callable[[Any, UnitOfWork], None]] = {cls: fold for cls in EVENT_TYPES.values()}
+HANDLERS = bind(GAOHANG)
+"""The fold of every lifecycle event, for the default town (the app binds its own)."""
 
 PRELOAD = preload
+
+__all__ = ["CONSUMES", "HANDLERS", "PRELOAD", "fold"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query
+from fastapi import Depends, FastAPI, Query
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -16,10 +17,26 @@ from services.common.api import create_api
 from services.common.auth import Principal, Role
 from services.common.runtime import Runtime
 
-from . import views
-from .kpis import Dimension, KpiReport, Period, kpi_report, to_csv_rows
+from . import handlers, views
+from .kpis import Dimension, KpiReport, Period, to_csv_rows
 
 STATIC = Path(__file__).parent / "static"
+
+
+@dataclass(frozen=True, slots=True)
+class KpiQuery:
+    period: Period
+    at: date | None
+    by: Dimension
+
+
+def kpi_query(
+    period: Period = Period.DAY,
+    at: Annotated[date | None, Query(ge=date(1970, 1, 1), le=date(2999, 12, 31))] = None,
+    by: Dimension = Dimension.DEPARTMENT,
+) -> KpiQuery:
+    """Which KPIs: the period (day, week, month) containing ``at`` (default today, UTC), cut by a dimension."""
+    return KpiQuery(period, at, by)
 
 
 class GeoJSONResponse(JSONResponse):
@@ -34,20 +51,13 @@ def build_api(runtime: Runtime) -> FastAPI:
         description="城运中心: closure KPIs by department, category and grid; overdue work; the live map.",
     )
 
-    def report(period: Period, at: date | None, by: Dimension) -> KpiReport:
-        with runtime.uow() as uow:
-            now = uow.now()
-            return kpi_report(uow.session, period, at or now.date(), by, now)
+    def report(q: KpiQuery) -> KpiReport:
+        return runtime.query(handlers.report_kpis, q.period, q.at, q.by, runtime.town)
 
     @api.get("/api/kpis", response_model=KpiReport, tags=["kpis"])
-    async def kpis(
-        who: Principal = Center,
-        period: Period = Period.DAY,
-        at: Annotated[date | None, Query(ge=date(1970, 1, 1), le=date(2999, 12, 31))] = None,
-        by: Dimension = Dimension.DEPARTMENT,
-    ) -> KpiReport:
+    async def kpis(who: Principal = Center, q: KpiQuery = Depends(kpi_query)) -> KpiReport:
         """KPIs for the period containing ``at`` (default today, UTC) and the previous one (环比)."""
-        return report(period, at, by)
+        return report(q)
 
     @api.get(
         "/api/kpis.csv",
@@ -55,15 +65,10 @@ def build_api(runtime: Runtime) -> FastAPI:
         response_class=Response,
         responses={200: {"content": {"text/csv": {}}, "description": "the same KPIs as CSV"}},
     )
-    async def kpis_csv(
-        who: Principal = Center,
-        period: Period = Period.DAY,
-        at: Annotated[date | None, Query(ge=date(1970, 1, 1), le=date(2999, 12, 31))] = None,
-        by: Dimension = Dimension.DEPARTMENT,
-    ) -> Response:
+    async def kpis_csv(who: Principal = Center, q: KpiQuery = Depends(kpi_query)) -> Response:
         buf = io.StringIO()
-        csv.writer(buf).writerows(to_csv_rows(report(period, at, by)))
-        name = f"gridloop-kpis-{by.value}-{period.value}-{(at or date.today()).isoformat()}.csv"
+        csv.writer(buf).writerows(to_csv_rows(report(q)))
+        name = f"gridloop-kpis-{q.by.value}-{q.period.value}-{(q.at or date.today()).isoformat()}.csv"
         return Response(
             "\ufeff" + buf.getvalue(),
             media_type="text/csv; charset=utf-8",
@@ -73,34 +78,29 @@ def build_api(runtime: Runtime) -> FastAPI:
     @api.get("/api/backlog", response_model=list[views.Backlog], tags=["work"])
     async def backlog(who: Principal = Center) -> list[views.Backlog]:
         """Open and overdue work orders per department, now."""
-        with runtime.uow() as uow:
-            return views.backlog(uow.session, uow.now())
+        return runtime.query(handlers.show_backlog, runtime.town)
 
     @api.get("/api/overdue", response_model=list[views.OverdueOrder], tags=["work"])
     async def overdue(
         who: Principal = Center, limit: Annotated[int, Query(ge=1, le=1000)] = 200
     ) -> list[views.OverdueOrder]:
         """超期未处置: work orders past their deadline, most overdue first."""
-        with runtime.uow() as uow:
-            return views.overdue_orders(uow.session, uow.now(), limit)
+        return runtime.query(handlers.list_overdue, limit, runtime.town)
 
     @api.get("/api/trend", response_model=list[views.TrendPoint], tags=["kpis"])
     async def trend(who: Principal = Center, days: Annotated[int, Query(ge=1, le=366)] = 14) -> list[views.TrendPoint]:
         """Incidents reported and closed per day (UTC)."""
-        with runtime.uow() as uow:
-            return views.trend(uow.session, uow.now(), days)
+        return runtime.query(handlers.show_trend, days)
 
     @api.get("/api/map/incidents", tags=["map"], response_class=GeoJSONResponse)
     async def map_incidents(who: Principal = Center) -> GeoJSONResponse:
         """GeoJSON points of open incidents (风险一张图)."""
-        with runtime.uow() as uow:
-            return GeoJSONResponse(views.open_incidents_geojson(uow.session, uow.now()))
+        return GeoJSONResponse(runtime.query(handlers.map_incidents, runtime.town))
 
     @api.get("/api/map/grids", tags=["map"], response_class=GeoJSONResponse)
     async def map_grids(who: Principal = Center) -> GeoJSONResponse:
         """GeoJSON polygons of the grid cells with their open incidents."""
-        with runtime.uow() as uow:
-            return GeoJSONResponse(views.grids_geojson(uow.session))
+        return GeoJSONResponse(runtime.query(handlers.map_grids, runtime.town))
 
     @api.get("/", include_in_schema=False, response_model=None)
     async def dashboard() -> Any:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY
 
+from schemas.reference import GAOHANG, Town
 from services.common.runtime import Runtime
 
-from .agents import CONSUMES, HANDLERS, PRELOAD
+from . import handlers
+from .agents import CONSUMES
 from .api import build_api
 from .metrics import ConsumerLagCollector, consumer_groups
 from .models import TABLES
@@ -15,10 +17,10 @@ from .settings import OpsCenterSettings
 _lag: ConsumerLagCollector | None = None
 
 
-def build(settings: OpsCenterSettings | None = None) -> Runtime:
+def build(settings: OpsCenterSettings | None = None, town: Town = GAOHANG) -> Runtime:
     global _lag
     settings = settings or OpsCenterSettings()
-    runtime = Runtime(settings, TABLES, HANDLERS, consumes=CONSUMES, preload=PRELOAD)
+    runtime = Runtime(settings, TABLES, handlers.bind(town), consumes=CONSUMES, preload=handlers.preload, town=town)
     runtime.serve(build_api(runtime))
     if _lag is None:  # one per process: the registry refuses a second collector of the same series
         _lag = ConsumerLagCollector(

@@ -26,17 +26,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
-from sqlmodel import Session, col, or_, select
 
-from schemas.reference import CATEGORIES, DEPARTMENTS, GRIDS
-from services.common.db import as_utc
+from schemas import ORDER_ACTIVE
+from schemas.reference import GAOHANG, Town
 
-from .models import OpsFact, OpsIncident, OpsWorkOrder
+from .domain import Fact, Incident, WorkOrder
 
-ACTIVE_ORDER = ("dispatched", "accepted", "rework")
 TOTAL = "all"
 
 
@@ -59,7 +57,7 @@ class Window:
     end: datetime
 
     def __contains__(self, t: datetime | None) -> bool:
-        return t is not None and self.start <= as_utc(t) < self.end
+        return t is not None and self.start <= t < self.end
 
 
 def window(period: Period, at: date) -> tuple[Window, Window]:
@@ -127,6 +125,23 @@ class KpiReport(BaseModel):
     rows: list[KpiRow]
 
 
+COUNTS = (
+    "reported",
+    "filed",
+    "rejected",
+    "merged",
+    "dispatched",
+    "returned",
+    "handled",
+    "reworks",
+    "closed",
+    "closed_on_time",
+    "due",
+    "overdue_open",
+)
+"""The counted figures of a :class:`Kpi`, in the order a CSV row gives them."""
+
+
 def _rate(num: int, den: int) -> float | None:
     return round(num / den, 4) if den else None
 
@@ -139,61 +154,35 @@ def _stat(values: list[float]) -> Stat | None:
     return Stat(count=len(ordered), mean_s=round(sum(ordered) / len(ordered), 3), p90_s=round(p90, 3))
 
 
-def _names(by: Dimension, key: str) -> tuple[str, str]:
+def _names(by: Dimension, key: str, town: Town) -> tuple[str, str]:
     if key == TOTAL:
         return "全镇", "Whole town"
-    if by is Dimension.DEPARTMENT and key in DEPARTMENTS:
-        return DEPARTMENTS[key].name_zh, DEPARTMENTS[key].name_en
-    if by is Dimension.CATEGORY and key in CATEGORIES:
-        return CATEGORIES[key].name_zh, CATEGORIES[key].name_en
-    if by is Dimension.GRID and key in GRIDS:
-        return GRIDS[key].name_zh, GRIDS[key].name_en
+    if by is Dimension.DEPARTMENT and key in town.departments:
+        return town.departments[key].name_zh, town.departments[key].name_en
+    if by is Dimension.CATEGORY and key in town.categories:
+        return town.categories[key].name_zh, town.categories[key].name_en
+    if by is Dimension.GRID and key in town.grids:
+        return town.grids[key].name_zh, town.grids[key].name_en
     return key, key
 
 
-class _Data:
+@dataclass(frozen=True, slots=True)
+class KpiRows:
     """The rows touching two adjacent periods, loaded once."""
 
-    def __init__(self, session: Session, span: Window) -> None:
-        s, e = span.start, span.end
-        self.incidents = list(
-            session.exec(
-                select(OpsIncident).where(
-                    or_(
-                        col(OpsIncident.reported_at).between(s, e),
-                        col(OpsIncident.filed_at).between(s, e),
-                        col(OpsIncident.rejected_at).between(s, e),
-                        col(OpsIncident.merged_at).between(s, e),
-                        col(OpsIncident.closed_at).between(s, e),
-                        col(OpsIncident.deadline).between(s, e),
-                    )
-                )
-            ).all()
-        )
-        self.orders = list(
-            session.exec(
-                select(OpsWorkOrder).where(
-                    or_(
-                        col(OpsWorkOrder.dispatched_at).between(s, e),
-                        col(OpsWorkOrder.accepted_at).between(s, e),
-                        col(OpsWorkOrder.handled_at).between(s, e),
-                        col(OpsWorkOrder.returned_at).between(s, e),
-                        col(OpsWorkOrder.status).in_(ACTIVE_ORDER),
-                    )
-                )
-            ).all()
-        )
-        self.facts = list(
-            session.exec(
-                select(OpsFact).where(
-                    col(OpsFact.occurred_at).between(s, e),
-                    col(OpsFact.type).in_(("WorkOrderHandled", "IncidentReworked")),
-                )
-            ).all()
-        )
+    incidents: list[Incident]
+    orders: list[WorkOrder]
+    facts: list[Fact]
+    """Handlings and reworks (WorkOrderHandled, IncidentReworked): each counts, not only a work order's first."""
 
 
-def _incident_keys(by: Dimension, i: OpsIncident, *, closure: bool = False) -> list[str]:
+class KpiReads(Protocol):
+    def kpi_rows(self, start: datetime, end: datetime) -> KpiRows:
+        """The rows with a time of theirs in [start, end], and the work still owed."""
+        ...
+
+
+def _incident_keys(by: Dimension, i: Incident, town: Town, *, closure: bool = False) -> list[str]:
     if by is Dimension.CATEGORY:
         return [i.category_code]
     if by is Dimension.GRID:
@@ -202,12 +191,12 @@ def _incident_keys(by: Dimension, i: OpsIncident, *, closure: bool = False) -> l
         worked = i.departments.split()
         if closure and worked:
             return worked
-        cat = CATEGORIES.get(i.category_code)
+        cat = town.categories.get(i.category_code)
         return [cat.lead if cat else "unassigned"]
     return [TOTAL]
 
 
-def _order_key(by: Dimension, o: OpsWorkOrder | OpsFact) -> str:
+def _order_key(by: Dimension, o: WorkOrder | Fact) -> str:
     if by is Dimension.CATEGORY:
         return o.category_code
     if by is Dimension.GRID:
@@ -217,7 +206,7 @@ def _order_key(by: Dimension, o: OpsWorkOrder | OpsFact) -> str:
     return TOTAL
 
 
-def _compute(data: _Data, by: Dimension, w: Window, now: datetime) -> dict[str, Kpi]:
+def _compute(data: KpiRows, by: Dimension, w: Window, now: datetime, town: Town) -> dict[str, Kpi]:
     acc: dict[str, dict[str, Any]] = defaultdict(lambda: defaultdict(int))
     lists: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
 
@@ -226,7 +215,7 @@ def _compute(data: _Data, by: Dimension, w: Window, now: datetime) -> dict[str, 
             acc[k][field] += 1
 
     for i in data.incidents:
-        keys = _incident_keys(by, i)
+        keys = _incident_keys(by, i, town)
         if i.reported_at in w:
             bump(keys, "reported")
         if i.filed_at in w:
@@ -235,16 +224,16 @@ def _compute(data: _Data, by: Dimension, w: Window, now: datetime) -> dict[str, 
             bump(keys, "rejected")
         if i.merged_at in w:
             bump(keys, "merged")
-        closure_keys = _incident_keys(by, i, closure=True)
+        closure_keys = _incident_keys(by, i, town, closure=True)
         closed_here = i.closed_at in w
         if closed_here:
             bump(closure_keys, "closed")
             if i.on_time:
                 bump(closure_keys, "closed_on_time")
             for k in closure_keys:
-                lists[k]["close"].append((as_utc(i.closed_at) - as_utc(i.reported_at)).total_seconds())  # type: ignore[arg-type]
+                lists[k]["close"].append((i.closed_at - i.reported_at).total_seconds())  # type: ignore[operator]
         if i.filed_at is not None and (
-            closed_here or (i.deadline in w and (i.closed_at is None or as_utc(i.closed_at) >= w.start))
+            closed_here or (i.deadline in w and (i.closed_at is None or i.closed_at >= w.start))
         ):
             bump(closure_keys, "due")
     snapshot = now in w
@@ -255,10 +244,10 @@ def _compute(data: _Data, by: Dimension, w: Window, now: datetime) -> dict[str, 
         if o.returned_at in w:
             bump(ok, "returned")
         if o.accepted_at in w:
-            lists[ok[0]]["accept"].append((as_utc(o.accepted_at) - as_utc(o.dispatched_at)).total_seconds())  # type: ignore[arg-type]
+            lists[ok[0]]["accept"].append((o.accepted_at - o.dispatched_at).total_seconds())  # type: ignore[operator]
         if o.handled_at in w:
-            lists[ok[0]]["handle"].append((as_utc(o.handled_at) - as_utc(o.dispatched_at)).total_seconds())  # type: ignore[arg-type]
-        if snapshot and o.status in ACTIVE_ORDER and as_utc(o.deadline) < now:
+            lists[ok[0]]["handle"].append((o.handled_at - o.dispatched_at).total_seconds())  # type: ignore[operator]
+        if snapshot and o.status in ORDER_ACTIVE and o.deadline < now:
             bump(ok, "overdue_open")
     for f in data.facts:
         if f.occurred_at in w:
@@ -268,23 +257,7 @@ def _compute(data: _Data, by: Dimension, w: Window, now: datetime) -> dict[str, 
     for key in set(acc) | set(lists):
         a, lst = acc[key], lists[key]
         out[key] = Kpi(
-            **{
-                f: a.get(f, 0)
-                for f in (
-                    "reported",
-                    "filed",
-                    "rejected",
-                    "merged",
-                    "dispatched",
-                    "returned",
-                    "handled",
-                    "reworks",
-                    "closed",
-                    "closed_on_time",
-                    "due",
-                    "overdue_open",
-                )
-            },
+            **{f: a.get(f, 0) for f in COUNTS},
             closure_rate=_rate(a.get("closed", 0), a.get("due", 0)),
             on_time_rate=_rate(a.get("closed_on_time", 0), a.get("due", 0)),
             rework_rate=_rate(a.get("reworks", 0), a.get("handled", 0)),
@@ -296,16 +269,27 @@ def _compute(data: _Data, by: Dimension, w: Window, now: datetime) -> dict[str, 
     return out
 
 
-def kpi_report(session: Session, period: Period, at: date, by: Dimension, now: datetime) -> KpiReport:
+def kpi_report(
+    reads: KpiReads, period: Period, at: date, by: Dimension, now: datetime, town: Town = GAOHANG
+) -> KpiReport:
+    """The KPIs of the period containing ``at`` and of the one before it, cut ``by`` a dimension of ``town``,
+    from the rows ``reads`` loads for both periods at once; ``now``: when the snapshot figures are taken."""
     current, previous = window(period, at)
-    data = _Data(session, Window(previous.start, current.end))
-    cur, prev = _compute(data, by, current, now), _compute(data, by, previous, now)
-    tot_cur = _compute(data, Dimension.NONE, current, now).get(TOTAL, Kpi())
-    tot_prev = _compute(data, Dimension.NONE, previous, now).get(TOTAL, Kpi())
+    return report_of(reads.kpi_rows(previous.start, current.end), period, by, (current, previous), now, town)
+
+
+def report_of(
+    data: KpiRows, period: Period, by: Dimension, periods: tuple[Window, Window], now: datetime, town: Town
+) -> KpiReport:
+    """The KPIs of two adjacent periods (current, previous) from the rows touching them."""
+    current, previous = periods
+    cur, prev = _compute(data, by, current, now, town), _compute(data, by, previous, now, town)
+    tot_cur = _compute(data, Dimension.NONE, current, now, town).get(TOTAL, Kpi())
+    tot_prev = _compute(data, Dimension.NONE, previous, now, town).get(TOTAL, Kpi())
     keys = sorted(set(cur) | set(prev)) if by is not Dimension.NONE else []
 
     def row(key: str, c: Kpi, p: Kpi) -> KpiRow:
-        zh, en = _names(by, key)
+        zh, en = _names(by, key, town)
         return KpiRow(key=key, name_zh=zh, name_en=en, current=c, previous=p)
 
     return KpiReport(
@@ -321,18 +305,7 @@ def kpi_report(session: Session, period: Period, at: date, by: Dimension, now: d
 
 
 CSV_FIELDS = (
-    "reported",
-    "filed",
-    "rejected",
-    "merged",
-    "dispatched",
-    "returned",
-    "handled",
-    "reworks",
-    "closed",
-    "closed_on_time",
-    "due",
-    "overdue_open",
+    *COUNTS,
     "closure_rate",
     "on_time_rate",
     "rework_rate",

@@ -7,9 +7,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-
-def _ts() -> sa.DateTime:
-    return sa.DateTime(timezone=True)
+from services.common.db import timestamp
 
 
 class OpsIncident(SQLModel, table=True):
@@ -25,7 +23,7 @@ class OpsIncident(SQLModel, table=True):
     lon: float = 0.0
     address: str = Field(default="", max_length=200)
     status: str = Field(max_length=20, index=True)
-    """reported → filed → dispatched → handled/verifying/rework → closed; or rejected / merged."""
+    """reported → filed → dispatched → in_progress/handled/verifying/rework → closed; or rejected / merged."""
     handled_on_spot: bool = False
     big: bool = False
     escalated: bool = False
@@ -33,14 +31,14 @@ class OpsIncident(SQLModel, table=True):
     return_count: int = 0
     departments: str = ""
     """Every department that received a work order, space-separated, in order."""
-    deadline: datetime | None = Field(default=None, sa_type=_ts())
+    deadline: datetime | None = Field(default=None, sa_type=timestamp())
     on_time: bool | None = None
-    reported_at: datetime = Field(sa_type=_ts(), index=True)
-    filed_at: datetime | None = Field(default=None, sa_type=_ts())
-    rejected_at: datetime | None = Field(default=None, sa_type=_ts())
-    merged_at: datetime | None = Field(default=None, sa_type=_ts())
-    closed_at: datetime | None = Field(default=None, sa_type=_ts(), index=True)
-    verifying_since: datetime | None = Field(default=None, sa_type=_ts())
+    reported_at: datetime = Field(sa_type=timestamp(), index=True)
+    filed_at: datetime | None = Field(default=None, sa_type=timestamp())
+    rejected_at: datetime | None = Field(default=None, sa_type=timestamp())
+    merged_at: datetime | None = Field(default=None, sa_type=timestamp())
+    closed_at: datetime | None = Field(default=None, sa_type=timestamp(), index=True)
+    verifying_since: datetime | None = Field(default=None, sa_type=timestamp())
 
 
 class OpsWorkOrder(SQLModel, table=True):
@@ -55,12 +53,12 @@ class OpsWorkOrder(SQLModel, table=True):
     grid_id: str | None = Field(default=None, max_length=40)
     status: str = Field(max_length=20, index=True)
     """dispatched, accepted, returned, handled, rework, closed."""
-    deadline: datetime = Field(sa_type=_ts(), index=True)
-    dispatched_at: datetime = Field(sa_type=_ts())
-    accepted_at: datetime | None = Field(default=None, sa_type=_ts())
-    handled_at: datetime | None = Field(default=None, sa_type=_ts())
+    deadline: datetime = Field(sa_type=timestamp(), index=True)
+    dispatched_at: datetime = Field(sa_type=timestamp())
+    accepted_at: datetime | None = Field(default=None, sa_type=timestamp())
+    handled_at: datetime | None = Field(default=None, sa_type=timestamp())
     """First time it was reported handled."""
-    returned_at: datetime | None = Field(default=None, sa_type=_ts())
+    returned_at: datetime | None = Field(default=None, sa_type=timestamp())
     reminded: bool = False
     escalated: bool = False
 
@@ -73,7 +71,7 @@ class OpsFact(SQLModel, table=True):
     event_id: str = Field(primary_key=True, max_length=64)
     type: str = Field(max_length=40, index=True)
     incident_id: str = Field(max_length=64, index=True)
-    occurred_at: datetime = Field(sa_type=_ts(), index=True)
+    occurred_at: datetime = Field(sa_type=timestamp(), index=True)
     category_code: str = Field(default="", max_length=40)
     grid_id: str | None = Field(default=None, max_length=40)
     department_code: str | None = Field(default=None, max_length=40)
@@ -92,7 +90,7 @@ class OpsParked(SQLModel, table=True):
     event_id: str = Field(primary_key=True, max_length=64)
     incident_id: str = Field(max_length=64, index=True)
     work_order_id: str | None = Field(default=None, max_length=80, index=True)
-    occurred_at: datetime = Field(sa_type=_ts())
+    occurred_at: datetime = Field(sa_type=timestamp())
     payload: bytes = Field(sa_type=sa.LargeBinary)
 
 

@@ -14,16 +14,16 @@ from collections.abc import Mapping
 from datetime import date, datetime
 from typing import Any
 
-from sqlmodel import SQLModel
-
 from schemas import DecodeError, decode_event, utcnow
+from schemas.reference import GAOHANG, Town
 from schemas.topics import LIFECYCLE
 from services.common.bus import MessageBus
-from services.common.db import SHARED_TABLES, UnitOfWork, create_tables, make_engine
+from services.common.db import UnitOfWork, make_engine
 
-from .agents import HANDLERS, PRELOAD
-from .kpis import Dimension, KpiReport, Period, kpi_report
-from .models import TABLES
+from . import kpis
+from .handlers import bind, preload
+from .kpis import Dimension, KpiReport, Period
+from .store import Db, ReadModel, fresh_read_model
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"(read|open)_text is deprecated", category=DeprecationWarning)
@@ -31,14 +31,18 @@ with warnings.catch_warnings():
 
 
 def rebuild(
-    bootstrap: str, database_url: str, *, poll_timeout_ms: int = 1000, security: Mapping[str, Any] | None = None
+    bootstrap: str,
+    database_url: str,
+    *,
+    poll_timeout_ms: int = 1000,
+    security: Mapping[str, Any] | None = None,
+    town: Town = GAOHANG,
 ) -> int:
     """Fold the lifecycle log from offset 0 into a fresh read model at ``database_url``; returns events applied.
     ``security``: the Kafka client's credentials (opscenter's own may read the lifecycle log)."""
     engine = make_engine(database_url)
-    SQLModel.metadata.drop_all(engine, tables=[*SHARED_TABLES, *TABLES])
-    create_tables(engine, TABLES)
-    bus = MessageBus(lambda: UnitOfWork(engine), HANDLERS, PRELOAD)
+    fresh_read_model(engine)
+    bus = MessageBus(lambda: UnitOfWork(engine), bind(town), preload)
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **(security or {}))
     try:
         parts = [TopicPartition(LIFECYCLE.name, p) for p in sorted(consumer.partitions_for_topic(LIFECYCLE.name) or [])]
@@ -63,10 +67,16 @@ def rebuild(
         engine.dispose()
 
 
+def kpi_report(db: Db, period: Period, at: date, by: Dimension, now: datetime, town: Town = GAOHANG) -> KpiReport:
+    """The KPIs of the read model ``db`` reads (a connection or a session of its database): how a rebuilt read
+    model is compared with the live one."""
+    return kpis.kpi_report(ReadModel(db), period, at, by, now, town)
+
+
 def report(database_url: str, period: Period, at: date, by: Dimension, now: datetime | None = None) -> KpiReport:
     engine = make_engine(database_url)
     try:
-        with UnitOfWork(engine) as uow:
-            return kpi_report(uow.session, period, at, by, now or utcnow())
+        with engine.connect() as connection:
+            return kpi_report(connection, period, at, by, now or utcnow())
     finally:
         engine.dispose()

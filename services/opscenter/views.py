@@ -7,15 +7,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlmodel import Session, col, select
 
-from schemas.reference import CATEGORIES, DEPARTMENTS, GRIDS
-from services.common.db import as_utc
+from schemas.reference import Town
 
-from .kpis import ACTIVE_ORDER
-from .models import OpsIncident, OpsWorkOrder
-
-_TERMINAL = ("closed", "rejected", "merged")
+from .domain import Incident, WorkOrder
 
 
 class Backlog(BaseModel):
@@ -48,30 +43,24 @@ class TrendPoint(BaseModel):
     closed: int
 
 
-def backlog(session: Session, now: datetime) -> list[Backlog]:
-    rows = session.exec(select(OpsWorkOrder).where(col(OpsWorkOrder.status).in_(ACTIVE_ORDER))).all()
+def backlog(active: list[WorkOrder], now: datetime, town: Town) -> list[Backlog]:
+    """Open and overdue work per department of the town, from the work still owed (``active``)."""
     open_, late = Counter[str](), Counter[str]()
-    for o in rows:
+    for o in active:
         open_[o.department_code] += 1
-        if as_utc(o.deadline) < now:
+        if o.deadline < now:
             late[o.department_code] += 1
     return [
         Backlog(department_code=code, name_zh=d.name_zh, name_en=d.name_en, open=open_[code], overdue=late[code])
-        for code, d in DEPARTMENTS.items()
+        for code, d in town.departments.items()
     ]
 
 
-def overdue_orders(session: Session, now: datetime, limit: int = 200) -> list[OverdueOrder]:
-    rows = session.exec(
-        select(OpsWorkOrder, OpsIncident)
-        .join(OpsIncident, col(OpsIncident.incident_id) == col(OpsWorkOrder.incident_id))
-        .where(col(OpsWorkOrder.status).in_(ACTIVE_ORDER), col(OpsWorkOrder.deadline) < now)
-        .order_by(col(OpsWorkOrder.deadline))
-        .limit(limit)
-    ).all()
+def overdue_orders(late: list[tuple[WorkOrder, Incident]], now: datetime, town: Town) -> list[OverdueOrder]:
+    """超期未处置: the ``late`` work orders (each with its incident) as the dashboard lists them."""
     out = []
-    for o, i in rows:
-        dept, cat = DEPARTMENTS.get(o.department_code), CATEGORIES.get(o.category_code)
+    for o, i in late:
+        dept, cat = town.departments.get(o.department_code), town.categories.get(o.category_code)
         out.append(
             OverdueOrder(
                 work_order_id=o.work_order_id,
@@ -81,8 +70,8 @@ def overdue_orders(session: Session, now: datetime, limit: int = 200) -> list[Ov
                 category_code=o.category_code,
                 category_zh=cat.name_zh if cat else o.category_code,
                 grid_id=o.grid_id,
-                deadline=as_utc(o.deadline),
-                overdue_s=round((now - as_utc(o.deadline)).total_seconds(), 1),
+                deadline=o.deadline,
+                overdue_s=round((now - o.deadline).total_seconds(), 1),
                 reminded=o.reminded,
                 escalated=o.escalated,
                 lat=i.lat,
@@ -92,39 +81,35 @@ def overdue_orders(session: Session, now: datetime, limit: int = 200) -> list[Ov
     return out
 
 
-def trend(session: Session, now: datetime, days: int) -> list[TrendPoint]:
-    start = (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    rows = session.exec(
-        select(OpsIncident).where((col(OpsIncident.reported_at) >= start) | (col(OpsIncident.closed_at) >= start))
-    ).all()
+def trend_start(now: datetime, days: int) -> datetime:
+    """The first moment of a trend of ``days`` days (UTC) ending today."""
+    return (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def trend(incidents: list[Incident], start: datetime, days: int) -> list[TrendPoint]:
+    """Incidents reported and closed per day from ``start``, of those reported or closed since."""
     reported, closed = Counter[str](), Counter[str]()
-    for i in rows:
-        if as_utc(i.reported_at) >= start:
-            reported[as_utc(i.reported_at).date().isoformat()] += 1
-        if i.closed_at and as_utc(i.closed_at) >= start:
-            closed[as_utc(i.closed_at).date().isoformat()] += 1
+    for i in incidents:
+        if i.reported_at >= start:
+            reported[i.reported_at.date().isoformat()] += 1
+        if i.closed_at and i.closed_at >= start:
+            closed[i.closed_at.date().isoformat()] += 1
     return [
         TrendPoint(date=d, reported=reported[d], closed=closed[d])
         for d in ((start + timedelta(days=n)).date().isoformat() for n in range(days))
     ]
 
 
-def open_incidents_geojson(session: Session, now: datetime, limit: int = 2000) -> dict[str, Any]:
-    rows = session.exec(
-        select(OpsIncident)
-        .where(col(OpsIncident.status).not_in(_TERMINAL))
-        .order_by(col(OpsIncident.reported_at).desc())
-        .limit(limit)
-    ).all()
-    late = {
-        o.incident_id
-        for o in session.exec(
-            select(OpsWorkOrder).where(col(OpsWorkOrder.status).in_(ACTIVE_ORDER), col(OpsWorkOrder.deadline) < now)
-        ).all()
-    }
+MAP_LIMIT = 2000
+"""The most open incidents the map shows (the latest reported)."""
+
+
+def open_incidents_geojson(incidents: list[Incident], late: list[WorkOrder], town: Town) -> dict[str, Any]:
+    """GeoJSON points of the open ``incidents``, those with ``late`` work marked overdue."""
+    overdue = {o.incident_id for o in late}
     features = []
-    for i in rows:
-        cat = CATEGORIES.get(i.category_code)
+    for i in incidents:
+        cat = town.categories.get(i.category_code)
         features.append(
             {
                 "type": "Feature",
@@ -135,21 +120,20 @@ def open_incidents_geojson(session: Session, now: datetime, limit: int = 2000) -
                     "category_zh": cat.name_zh if cat else i.category_code,
                     "family": cat.family if cat else "",
                     "status": i.status,
-                    "overdue": i.incident_id in late,
+                    "overdue": i.incident_id in overdue,
                     "escalated": i.escalated,
                     "big": i.big,
                     "grid_id": i.grid_id,
-                    "reported_at": as_utc(i.reported_at).isoformat(),
+                    "reported_at": i.reported_at.isoformat(),
                 },
             }
         )
     return {"type": "FeatureCollection", "features": features}
 
 
-def grids_geojson(session: Session) -> dict[str, Any]:
-    open_by_grid = Counter(
-        i.grid_id for i in session.exec(select(OpsIncident).where(col(OpsIncident.status).not_in(_TERMINAL))).all()
-    )
+def grids_geojson(open_incidents: list[Incident], town: Town) -> dict[str, Any]:
+    """GeoJSON polygons of the town's grid cells, each with how many of ``open_incidents`` are in it."""
+    open_by_grid = Counter(i.grid_id for i in open_incidents)
     return {
         "type": "FeatureCollection",
         "features": [
@@ -175,6 +159,6 @@ def grids_geojson(session: Session) -> dict[str, Any]:
                     "open": open_by_grid.get(g.code, 0),
                 },
             }
-            for g in GRIDS.values()
+            for g in town.grids.values()
         ],
     }

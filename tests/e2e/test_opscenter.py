@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 
 from services.common.db import UnitOfWork, make_engine
-from services.opscenter.kpis import Dimension, Period, kpi_report
-from services.opscenter.rebuild import rebuild
+from services.opscenter.kpis import Dimension, Period
+from services.opscenter.rebuild import kpi_report, rebuild
 from tests.e2e.conftest import Town
 from tests.kafka_support import BOOTSTRAP
 

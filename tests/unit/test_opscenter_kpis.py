@@ -12,14 +12,15 @@ from sqlalchemy.engine import Engine
 
 from schemas import Actor, ActorKind, Event, Location
 from schemas import events as ev
+from schemas.reference import GAOHANG
 from services.common.bus import MessageBus
 from services.common.db import UnitOfWork
 from services.dispatch import handlers as dispatch
 from services.dispatch.models import TABLES as DISPATCH_TABLES
 from services.dispatch.settings import DispatchSettings
-from services.opscenter import views
+from services.opscenter import handlers
 from services.opscenter.handlers import fold_event
-from services.opscenter.kpis import Dimension, Period, kpi_report, to_csv_rows, window
+from services.opscenter.kpis import Dimension, KpiReport, Period, to_csv_rows, window
 from services.opscenter.models import TABLES as OPS_TABLES
 
 from .conftest import FakeClock
@@ -38,7 +39,11 @@ class Scenario:
         self.n = 0
 
     def _fold(self, event: Event, uow: UnitOfWork) -> None:
-        fold_event(event, uow)
+        fold_event(event, uow, GAOHANG)
+
+    def kpis(self, at: date, by: Dimension, period: Period = Period.DAY) -> KpiReport:
+        """The KPIs as the API answers them (now is the scenario's clock)."""
+        return self.ops.query(handlers.report_kpis, period, at, by, GAOHANG)
 
     def _publish(self, event: Event) -> list[Event]:
         out = self.dispatch.handle(event)
@@ -123,8 +128,7 @@ def scenario(make_db: Callable[[tuple[sa.Table, ...]], Engine]) -> Scenario:
 
 
 def test_hand_computed_kpis(scenario: Scenario) -> None:
-    with UnitOfWork(scenario.ops_db) as uow:
-        report = kpi_report(uow.session, Period.DAY, date(2026, 6, 1), Dimension.DEPARTMENT, scenario.clock())
+    report = scenario.kpis(date(2026, 6, 1), Dimension.DEPARTMENT)
     k = report.total.current
     assert (k.reported, k.filed, k.rejected, k.merged) == (10, 7, 2, 1)
     assert (k.dispatched, k.returned, k.handled, k.reworks) == (8, 1, 8, 1)
@@ -146,11 +150,10 @@ def test_hand_computed_kpis(scenario: Scenario) -> None:
 
 
 def test_by_category_and_grid_add_up_to_the_total(scenario: Scenario) -> None:
-    with UnitOfWork(scenario.ops_db) as uow:
-        for by in (Dimension.CATEGORY, Dimension.GRID):
-            report = kpi_report(uow.session, Period.DAY, date(2026, 6, 1), by, scenario.clock())
-            for field in ("reported", "filed", "closed", "dispatched", "handled"):
-                assert sum(getattr(r.current, field) for r in report.rows) == getattr(report.total.current, field)
+    for by in (Dimension.CATEGORY, Dimension.GRID):
+        report = scenario.kpis(date(2026, 6, 1), by)
+        for field in ("reported", "filed", "closed", "dispatched", "handled"):
+            assert sum(getattr(r.current, field) for r in report.rows) == getattr(report.total.current, field)
 
 
 def test_periods_and_the_previous_one() -> None:
@@ -169,8 +172,7 @@ def test_periods_and_the_previous_one() -> None:
 
 
 def test_next_day_sees_yesterday_as_previous(scenario: Scenario) -> None:
-    with UnitOfWork(scenario.ops_db) as uow:
-        report = kpi_report(uow.session, Period.DAY, date(2026, 6, 2), Dimension.NONE, scenario.clock())
+    report = scenario.kpis(date(2026, 6, 2), Dimension.NONE)
     assert report.total.previous.closed == 7 and report.total.current.closed == 0 and report.rows == []
 
 
@@ -178,29 +180,29 @@ def test_overdue_open_and_views(scenario: Scenario) -> None:
     late = one(scenario.report("street_vending", 31.300), ev.WorkOrderDispatched)
     scenario.clock.advance(hours=9)
     now = scenario.clock()
-    with UnitOfWork(scenario.ops_db) as uow:
-        report = kpi_report(uow.session, Period.DAY, now.date(), Dimension.DEPARTMENT, now)
-        assert report.total.current.overdue_open == 1
-        assert {r.key: r.current.overdue_open for r in report.rows}["city_ops"] == 1
-        [row] = views.overdue_orders(uow.session, now)
-        assert row.work_order_id == late.work_order_id and row.overdue_s == pytest.approx(3600)
-        backlog = {b.department_code: b for b in views.backlog(uow.session, now)}
-        assert (backlog["city_ops"].open, backlog["city_ops"].overdue) == (1, 1)
-        points = views.open_incidents_geojson(uow.session, now)["features"]
-        assert [p["properties"]["overdue"] for p in points] == [True]
-        grids = views.grids_geojson(uow.session)["features"]
-        assert len(grids) == 12 and sum(g["properties"]["open"] for g in grids) == 1
-        trend = views.trend(uow.session, now, 3)  # now is 08:00 the next day
-        assert [(t.date, t.reported, t.closed) for t in trend] == [
-            ("2026-05-31", 0, 0),
-            ("2026-06-01", 11, 7),
-            ("2026-06-02", 0, 0),
-        ]
+    report = scenario.kpis(now.date(), Dimension.DEPARTMENT)
+    assert report.total.current.overdue_open == 1
+    assert {r.key: r.current.overdue_open for r in report.rows}["city_ops"] == 1
+    ops = scenario.ops
+    [row] = ops.query(handlers.list_overdue, 200, GAOHANG)
+    assert row.work_order_id == late.work_order_id and row.overdue_s == pytest.approx(3600)
+    assert row.deadline.tzinfo is not None and (row.lat, row.lon) == (31.300, 121.565)
+    backlog = {b.department_code: b for b in ops.query(handlers.show_backlog, GAOHANG)}
+    assert (backlog["city_ops"].open, backlog["city_ops"].overdue) == (1, 1)
+    points = ops.query(handlers.map_incidents, GAOHANG)["features"]
+    assert [p["properties"]["overdue"] for p in points] == [True]
+    grids = ops.query(handlers.map_grids, GAOHANG)["features"]
+    assert len(grids) == 12 and sum(g["properties"]["open"] for g in grids) == 1
+    trend = ops.query(handlers.show_trend, 3)  # now is 08:00 the next day
+    assert [(t.date, t.reported, t.closed) for t in trend] == [
+        ("2026-05-31", 0, 0),
+        ("2026-06-01", 11, 7),
+        ("2026-06-02", 0, 0),
+    ]
 
 
 def test_csv_has_a_row_per_key_and_period(scenario: Scenario) -> None:
-    with UnitOfWork(scenario.ops_db) as uow:
-        report = kpi_report(uow.session, Period.DAY, date(2026, 6, 1), Dimension.DEPARTMENT, scenario.clock())
+    report = scenario.kpis(date(2026, 6, 1), Dimension.DEPARTMENT)
     rows = to_csv_rows(report)
     assert rows[0][:3] == ["period", "start", "key"]
     assert len(rows) == 1 + 2 * (len(report.rows) + 1)
@@ -223,6 +225,5 @@ def test_folding_twice_changes_nothing(scenario: Scenario) -> None:
     )
     scenario.ops.handle(event)
     scenario.ops.handle(event)
-    with UnitOfWork(scenario.ops_db) as uow:
-        report = kpi_report(uow.session, Period.DAY, date(2026, 6, 1), Dimension.NONE, scenario.clock())
+    report = scenario.kpis(date(2026, 6, 1), Dimension.NONE)
     assert report.total.current.reported == 10  # K-1 already existed: a second report of it is not counted

@@ -1,0 +1,317 @@
+"""The operations center's (城运中心) rules: how every lifecycle event moves its read model of the loop.
+
+- An incident is known from its report (上报): a report opens the row, with the grid its location falls in (the
+  town's grid cells; none outside the town) and the status ``reported``.
+- Every other event changes a known incident; one that arrives before its incident's report waits (it is
+  parked), and is folded as soon as the report comes. An event that changes a work order (签收, 退回, 处置, 返工,
+  延期, 催办) likewise waits for the work order's dispatch (派遣).
+- The incident's status follows the loop (:data:`STATUS_AFTER`) until it is final (结案, 不予立案, merged): a
+  late event never reopens it. A rejection or a merge makes it final; a closure (结案) closes it with its deadline,
+  whether on time and its rework count as decided, and closes its handled work orders.
+- A dispatch (派遣) adds the work order once: its department joins the incident's departments (in order, each
+  once), and the incident's deadline is the latest of its work orders' (a rework (返工) and a granted extension
+  (延期) move both). A return (退回) counts against the incident; a reminder (催办) and an escalation (督办) are
+  marked, and a new deadline clears both marks of the work order.
+- Stage durations (for the metrics), each counted once, from the events' own times: accept (派遣 → 签收), handle
+  (派遣 → first 处置), verify (核查 requested → decided), close (上报 → 结案).
+- Every event is also kept as a fact with the dimensions KPIs are cut by (category, grid, department).
+
+Order across incidents does not matter. One incident's events are keyed by its id, so each producer's copies
+arrive in order; across producers they may not (a retried send lands later): hence the parking. Folding the log
+from offset 0 gives the same read model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+
+from schemas import INCIDENT_FINAL, Event, IncidentStatus, WorkOrderStatus
+from schemas import events as ev
+from schemas.reference import Town
+
+# -- state: the read model's rows (their fields are the tables' columns) -----------------------------------
+
+
+@dataclass(kw_only=True)
+class Incident:
+    """One row per incident: where it is in the loop and the times KPIs are computed from."""
+
+    incident_id: str
+    source: str = ""
+    category_code: str
+    grid_id: str | None = None
+    lat: float = 0.0
+    lon: float = 0.0
+    address: str = ""
+    status: str
+    """reported → filed → dispatched → in_progress/handled/verifying/rework → closed; or rejected / merged."""
+    handled_on_spot: bool = False
+    """小事一格解决: the reporter fixed it on the spot."""
+    big: bool = False
+    """大事全网联动: several departments engaged."""
+    escalated: bool = False
+    """督办: the operations center supervises it."""
+    rework_count: int = 0
+    """返工: how many times the work went back after a failed check."""
+    return_count: int = 0
+    """退回: how many work orders a department returned."""
+    departments: str = ""
+    """Every department that received a work order, space-separated, in order."""
+    deadline: datetime | None = None
+    """The latest deadline of its work orders; at closure, the one the closure was judged by."""
+    on_time: bool | None = None
+    reported_at: datetime
+    filed_at: datetime | None = None
+    rejected_at: datetime | None = None
+    merged_at: datetime | None = None
+    closed_at: datetime | None = None
+    verifying_since: datetime | None = None
+
+
+@dataclass(kw_only=True)
+class WorkOrder:
+    """One row per work order: its department, deadline and the stage times."""
+
+    work_order_id: str
+    incident_id: str
+    department_code: str
+    category_code: str
+    grid_id: str | None = None
+    status: str
+    """dispatched, accepted, returned, handled, rework, closed."""
+    deadline: datetime
+    dispatched_at: datetime
+    accepted_at: datetime | None = None
+    handled_at: datetime | None = None
+    """First time it was reported handled."""
+    returned_at: datetime | None = None
+    reminded: bool = False
+    escalated: bool = False
+
+
+@dataclass
+class Fact:
+    """One lifecycle event, flattened with the dimensions KPIs are cut by."""
+
+    event_id: str
+    type: str
+    incident_id: str
+    occurred_at: datetime
+    category_code: str = ""
+    """The incident's category (as it stood after the event), and its grid cell:"""
+    grid_id: str | None = None
+    department_code: str | None = None
+    """The department and the work order the event names, if any."""
+    work_order_id: str | None = None
+
+
+Stage = tuple[str, float]
+"""A stage an event completed and the seconds it took: accept, handle, verify or close."""
+
+
+@dataclass(slots=True)
+class Folded:
+    """What folding one event did besides changing the rows it was given."""
+
+    stages: list[Stage] = field(default_factory=list)
+    order: WorkOrder | None = None
+    """The work order the event dispatched, new: the store adds it."""
+
+
+# -- the rules ------------------------------------------------------------------------------------------
+
+STATUS_AFTER: Mapping[str, IncidentStatus] = MappingProxyType(
+    {
+        "IncidentFiled": IncidentStatus.FILED,
+        "WorkOrderDispatched": IncidentStatus.DISPATCHED,
+        "WorkOrderAccepted": IncidentStatus.IN_PROGRESS,
+        "WorkOrderHandled": IncidentStatus.HANDLED,
+        "VerificationRequested": IncidentStatus.VERIFYING,
+        "IncidentReworked": IncidentStatus.REWORK,
+    }
+)
+"""The incident's status after an event of the open loop, unless it is final already. (The operations center's
+own view: a return leaves the status as it was, and a failed check shows as rework once the work order goes
+back; rejections, merges and closures are set by :func:`fold` with their times.)"""
+
+NEEDS_ORDER: tuple[type[Event], ...] = (
+    ev.WorkOrderAccepted,
+    ev.WorkOrderReturned,
+    ev.WorkOrderHandled,
+    ev.IncidentReworked,
+    ev.ExtensionGranted,
+    ev.OverdueReminded,
+)
+"""Events that change a work order and mean nothing without it: they wait for its dispatch."""
+
+
+def open_incident(event: Event, town: Town) -> Incident | None:
+    """The incident a report opens, in the town's grid its location falls in; None for any other event (it
+    came ahead of its report, and waits for it)."""
+    if not isinstance(event, ev.IncidentReported):
+        return None
+    grid = town.grid_at(event.location.lat, event.location.lon)
+    return Incident(
+        incident_id=event.incident_id,
+        source=event.source.value,
+        category_code=event.category_code,
+        grid_id=grid.code if grid else None,
+        lat=event.location.lat,
+        lon=event.location.lon,
+        address=event.location.address,
+        status=IncidentStatus.REPORTED,
+        handled_on_spot=event.handled_on_spot,
+        reported_at=event.occurred_at,
+    )
+
+
+def work_order_of(event: Event) -> str | None:
+    """The work order an event names (to be looked up before folding it), if any."""
+    return getattr(event, "work_order_id", None)
+
+
+def waits_for_order(event: Event, order: WorkOrder | None) -> bool:
+    """Whether an event must wait for its work order's dispatch: it changes a work order not known yet."""
+    return order is None and isinstance(event, NEEDS_ORDER)
+
+
+def closes_orders(event: Event) -> bool:
+    """Whether folding ``event`` needs all of its incident's work orders (a closure closes the handled ones)."""
+    return isinstance(event, ev.IncidentClosed)
+
+
+def released_by(event: Event) -> tuple[str, str] | None:
+    """What the events waiting on ``event`` are waiting for, as (column, key): a report releases those of its
+    incident, a dispatch those of its work order; None for any other event."""
+    if isinstance(event, ev.IncidentReported):
+        return "incident_id", event.incident_id
+    if isinstance(event, ev.WorkOrderDispatched):
+        return "work_order_id", event.work_order_id
+    return None
+
+
+def _seconds(later: datetime, earlier: datetime | None) -> float | None:
+    return (later - earlier).total_seconds() if earlier else None
+
+
+def _later(deadline: datetime, current: datetime | None) -> datetime:
+    """The incident's deadline once a work order's is ``deadline``: the latest of them."""
+    return max(deadline, current) if current else deadline
+
+
+def fold(event: Event, incident: Incident, order: WorkOrder | None, orders: Iterable[WorkOrder] = ()) -> Folded:
+    """Apply one lifecycle event to its incident and the work order it names (``order``, None if it names none
+    or that one is unknown); ``orders``: all of the incident's work orders, for a closure (:func:`closes_orders`).
+    Changes the rows in place; returns the stage durations it completed and a work order it dispatched."""
+    folded = Folded()
+    stages = folded.stages
+    if incident.status not in INCIDENT_FINAL and (after := STATUS_AFTER.get(event.type)) is not None:
+        incident.status = after
+
+    match event:
+        case ev.IncidentFiled(grid_id=grid_id, big=big):
+            incident.grid_id, incident.big, incident.filed_at = grid_id, big, event.occurred_at
+        case ev.IncidentRejected():
+            incident.status, incident.rejected_at = IncidentStatus.REJECTED, event.occurred_at
+        case ev.IncidentMerged():
+            incident.status, incident.merged_at = IncidentStatus.MERGED, event.occurred_at
+        case ev.WorkOrderDispatched():
+            if order is None:
+                folded.order = WorkOrder(
+                    work_order_id=event.work_order_id,
+                    incident_id=event.incident_id,
+                    department_code=event.department_code,
+                    category_code=event.category_code,
+                    grid_id=event.grid_id,
+                    status=WorkOrderStatus.DISPATCHED,
+                    deadline=event.deadline,
+                    dispatched_at=event.occurred_at,
+                )
+                depts = incident.departments.split()
+                if event.department_code not in depts:
+                    incident.departments = " ".join([*depts, event.department_code])
+                incident.deadline = _later(event.deadline, incident.deadline)
+        case ev.WorkOrderAccepted() if order is not None:
+            order.status = WorkOrderStatus.ACCEPTED
+            if order.accepted_at is None:  # 签收 is timed once, from the dispatch
+                order.accepted_at = event.occurred_at
+                stages.append(("accept", (event.occurred_at - order.dispatched_at).total_seconds()))
+        case ev.WorkOrderReturned() if order is not None:
+            order.status, order.returned_at = WorkOrderStatus.RETURNED, event.occurred_at
+            incident.return_count += 1
+        case ev.WorkOrderHandled() if order is not None:
+            order.status = WorkOrderStatus.HANDLED
+            if order.handled_at is None:  # 处置 too: the first report of the work done
+                order.handled_at = event.occurred_at
+                stages.append(("handle", (event.occurred_at - order.dispatched_at).total_seconds()))
+        case ev.IncidentReworked() if order is not None:
+            order.status, order.deadline = WorkOrderStatus.REWORK, event.deadline
+            order.reminded = order.escalated = False
+            incident.rework_count = max(incident.rework_count, event.rework_count)
+            incident.deadline = _later(event.deadline, incident.deadline)
+        case ev.ExtensionGranted() if order is not None:
+            order.deadline = event.new_deadline
+            order.reminded = order.escalated = False
+            incident.deadline = _later(event.new_deadline, incident.deadline)
+        case ev.OverdueReminded() if order is not None:
+            order.reminded = True
+        case ev.IncidentEscalated():
+            incident.escalated = True
+            if order is not None:
+                order.escalated = True
+        case ev.VerificationRequested():
+            incident.verifying_since = event.occurred_at
+        case ev.VerificationPassed() | ev.VerificationFailed():
+            if (t := _seconds(event.occurred_at, incident.verifying_since)) is not None:
+                stages.append(("verify", t))
+        case ev.IncidentClosed():
+            incident.status, incident.closed_at, incident.on_time = (
+                IncidentStatus.CLOSED,
+                event.occurred_at,
+                event.on_time,
+            )
+            incident.deadline = event.deadline
+            incident.rework_count = event.rework_count
+            for o in orders:
+                if o.status == WorkOrderStatus.HANDLED:
+                    o.status = WorkOrderStatus.CLOSED
+            if (t := _seconds(event.occurred_at, incident.reported_at)) is not None:
+                stages.append(("close", t))
+        case _:
+            pass
+    return folded
+
+
+def fact_of(event: Event, incident: Incident) -> Fact:
+    """The event as a fact, cut by its incident's category and grid (as they stand after it)."""
+    return Fact(
+        event.event_id,
+        event.type,
+        event.incident_id,
+        event.occurred_at,
+        incident.category_code,
+        incident.grid_id,
+        getattr(event, "department_code", None),
+        work_order_of(event),
+    )
+
+
+__all__ = [
+    "NEEDS_ORDER",
+    "STATUS_AFTER",
+    "Fact",
+    "Folded",
+    "Incident",
+    "Stage",
+    "WorkOrder",
+    "closes_orders",
+    "fact_of",
+    "fold",
+    "open_incident",
+    "released_by",
+    "waits_for_order",
+    "work_order_of",
+]

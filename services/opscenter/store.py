@@ -1,0 +1,235 @@
+"""The only door to the operations center's tables.
+
+- :class:`OpsStore` is the fold's: typed rows through the unit of work (read once per batch by :meth:`preload`,
+  changed in place, written at the commit), the facts appended, and the parked events.
+- :class:`ReadModel` answers the KPIs and the dashboard: the same selects as ever, their rows handed out as the
+  domain's typed rows (timestamps UTC-aware).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlmodel import Session, SQLModel, col, select
+
+from schemas import INCIDENT_FINAL, ORDER_ACTIVE, Event, decode_event, encode_event
+from schemas import events as ev
+from services.common.db import SHARED_TABLES, Rows, UnitOfWork, create_tables
+
+from .domain import Fact, Incident, WorkOrder
+from .kpis import KpiRows
+from .models import TABLES, OpsFact, OpsIncident, OpsParked, OpsWorkOrder
+
+INCIDENTS = Rows(OpsIncident, Incident)
+ORDERS = Rows(OpsWorkOrder, WorkOrder)
+
+_MAY_BE_PARKED = "opscenter.may_be_parked"
+"""In the unit's info: False once a batch's preload found no parked event it could release (the usual case),
+so the fold skips looking; parking one sets it again."""
+
+
+class OpsStore:
+    """The fold's rows, in one unit of work."""
+
+    __slots__ = ("uow",)
+
+    def __init__(self, uow: UnitOfWork) -> None:
+        self.uow = uow
+
+    def preload(self, events: Sequence[Event]) -> None:
+        """A batch's incidents and work orders read in two queries rather than two per event, and whether any
+        parked event waits for one of them."""
+        uow = self.uow
+        incident_ids = {e.incident_id for e in events}
+        order_ids = {w for e in events if (w := getattr(e, "work_order_id", None))}
+        uow.fetch(INCIDENTS, incident_ids)
+        uow.fetch(ORDERS, order_ids)
+        # a closure closes the incident's handled work orders: all of them, read at once
+        uow.fetch_by(ORDERS, "incident_id", (e.incident_id for e in events if isinstance(e, ev.IncidentClosed)))
+        p = OpsParked.__table__.c  # type: ignore[attr-defined]
+        waits = sa.or_(p.incident_id.in_(incident_ids), p.work_order_id.in_(order_ids))
+        waiting = uow.connection.execute(sa.select(p.event_id).where(waits).limit(1)).first()
+        uow.info[_MAY_BE_PARKED] = waiting is not None
+
+    def incident(self, incident_id: str) -> Incident | None:
+        return self.uow.record(INCIDENTS, incident_id)
+
+    def work_order(self, work_order_id: str) -> WorkOrder | None:
+        return self.uow.record(ORDERS, work_order_id)
+
+    def orders_of(self, incident_id: str) -> list[WorkOrder]:
+        return self.uow.records_by(ORDERS, "incident_id", incident_id)
+
+    def add_incident(self, incident: Incident) -> Incident:
+        return self.uow.add(INCIDENTS, incident)
+
+    def add_order(self, order: WorkOrder) -> WorkOrder:
+        return self.uow.add(ORDERS, order)
+
+    def add_fact(self, fact: Fact) -> None:
+        self.uow.append(OpsFact, **vars(fact))  # nothing in a unit reads a fact back
+
+    # -- parked events: ahead of their report or dispatch -------------------------------------------------
+
+    def park(self, event: Event) -> None:
+        """Keep ``event`` whole until what it waits for is folded (once: a redelivered copy is kept once)."""
+        self.uow.info[_MAY_BE_PARKED] = True
+        s = self.uow.session
+        if s.get(OpsParked, event.event_id) is None:
+            s.add(
+                OpsParked(
+                    event_id=event.event_id,
+                    incident_id=event.incident_id,
+                    work_order_id=getattr(event, "work_order_id", None),
+                    occurred_at=event.occurred_at,
+                    payload=encode_event(event),
+                )
+            )
+
+    def waiting_on(self, column: str, key: str) -> list[str]:
+        """The ids of the parked events whose ``column`` (incident_id, work_order_id) holds ``key``, oldest
+        first (none without asking, when the batch's preload found none could be waiting)."""
+        if not self.uow.info.get(_MAY_BE_PARKED, True):
+            return []
+        condition = getattr(OpsParked, column) == key
+        s = self.uow.session
+        return list(s.exec(select(OpsParked.event_id).where(condition).order_by(col(OpsParked.occurred_at))))
+
+    def unpark(self, event_id: str) -> Event | None:
+        """The parked event, no longer parked; None if it was folded meanwhile (by an event folded before it)."""
+        s = self.uow.session
+        parked = s.get(OpsParked, event_id)
+        if parked is None:
+            return None
+        s.delete(parked)
+        s.flush()
+        return decode_event(parked.payload)
+
+    @property
+    def reads(self) -> ReadModel:
+        """The read model's queries, in this unit's transaction."""
+        return ReadModel(self.uow.connection)
+
+
+# -- the read side --------------------------------------------------------------------------------------
+
+Db = Connection | Session
+"""What the read model is read through: a connection of its database, or a session of one."""
+
+K = TypeVar("K")
+
+_INCIDENT: sa.Table = OpsIncident.__table__  # type: ignore[attr-defined]
+_ORDER: sa.Table = OpsWorkOrder.__table__  # type: ignore[attr-defined]
+_FACT: sa.Table = OpsFact.__table__  # type: ignore[attr-defined]
+
+
+def _datetimes(table: sa.Table) -> tuple[str, ...]:
+    return tuple(c.name for c in table.columns if isinstance(c.type, sa.DateTime))
+
+
+_AWARE = {t: _datetimes(t) for t in (_INCIDENT, _ORDER, _FACT)}
+_INCIDENT_TIMES = ("reported_at", "filed_at", "rejected_at", "merged_at", "closed_at", "deadline")
+_ORDER_TIMES = ("dispatched_at", "accepted_at", "handled_at", "returned_at")
+"""The times by which an incident or a work order touches a KPI period."""
+
+
+def _typed(kind: type[K], table: sa.Table, values: dict[str, Any]) -> K:
+    """A row as the domain's ``kind``, its timestamps UTC (SQLite hands them back naive)."""
+    for name in _AWARE[table]:
+        if (value := values[name]) is not None and value.tzinfo is None:
+            values[name] = value.replace(tzinfo=UTC)
+    return kind(**values)
+
+
+class ReadModel:
+    """The queries of the KPIs and the dashboard (the read side: nothing here changes a row)."""
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Db) -> None:
+        self.db = db
+
+    def _all(self, kind: type[K], table: sa.Table, statement: Any) -> list[K]:
+        return [_typed(kind, table, dict(row)) for row in self.db.execute(statement).mappings()]
+
+    def _incidents(self, statement: Any) -> list[Incident]:
+        return self._all(Incident, _INCIDENT, statement)
+
+    def _orders(self, statement: Any) -> list[WorkOrder]:
+        return self._all(WorkOrder, _ORDER, statement)
+
+    def kpi_rows(self, start: datetime, end: datetime) -> KpiRows:
+        """Incidents and work orders with a time of theirs in [start, end] (work still owed whatever its
+        times), and the handlings and reworks of it."""
+        i, o, f = _INCIDENT.c, _ORDER.c, _FACT.c
+        in_span = [i[t].between(start, end) for t in _INCIDENT_TIMES]
+        incidents = self._incidents(sa.select(_INCIDENT).where(sa.or_(*in_span)))
+        in_span = [o[t].between(start, end) for t in _ORDER_TIMES]
+        orders = self._orders(sa.select(_ORDER).where(sa.or_(*in_span, o.status.in_(ORDER_ACTIVE))))
+        facts = self._all(
+            Fact,
+            _FACT,
+            sa.select(_FACT).where(
+                f.occurred_at.between(start, end), f.type.in_(("WorkOrderHandled", "IncidentReworked"))
+            ),
+        )
+        return KpiRows(incidents, orders, facts)
+
+    def active_orders(self) -> list[WorkOrder]:
+        """Work still owed (ORDER_ACTIVE)."""
+        return self._orders(sa.select(_ORDER).where(_ORDER.c.status.in_(ORDER_ACTIVE)))
+
+    def overdue_orders(self, now: datetime, limit: int) -> list[tuple[WorkOrder, Incident]]:
+        """Work still owed past its deadline, most overdue first, with its incident."""
+        o = _ORDER.c
+        statement = (
+            sa.select(_ORDER, _INCIDENT)
+            .join(_INCIDENT, _INCIDENT.c.incident_id == o.incident_id)
+            .where(o.status.in_(ORDER_ACTIVE), o.deadline < now)
+            .order_by(o.deadline)
+            .limit(limit)
+        )
+        n = len(_ORDER.columns)
+        order_names, incident_names = _ORDER.columns.keys(), _INCIDENT.columns.keys()
+        out = []
+        for row in self.db.execute(statement):
+            values = tuple(row)
+            out.append(
+                (
+                    _typed(WorkOrder, _ORDER, dict(zip(order_names, values[:n], strict=True))),
+                    _typed(Incident, _INCIDENT, dict(zip(incident_names, values[n:], strict=True))),
+                )
+            )
+        return out
+
+    def late_orders(self, now: datetime) -> list[WorkOrder]:
+        """Work still owed past its deadline."""
+        o = _ORDER.c
+        return self._orders(sa.select(_ORDER).where(o.status.in_(ORDER_ACTIVE), o.deadline < now))
+
+    def incidents_since(self, start: datetime) -> list[Incident]:
+        """Incidents reported or closed at ``start`` or later."""
+        i = _INCIDENT.c
+        return self._incidents(sa.select(_INCIDENT).where((i.reported_at >= start) | (i.closed_at >= start)))
+
+    def open_incidents(self, limit: int | None = None) -> list[Incident]:
+        """Incidents not final, the latest reported first (at most ``limit``); every one of them, in no order,
+        without a limit."""
+        i = _INCIDENT.c
+        statement = sa.select(_INCIDENT).where(i.status.not_in(sorted(INCIDENT_FINAL)))
+        if limit is not None:
+            statement = statement.order_by(i.reported_at.desc()).limit(limit)
+        return self._incidents(statement)
+
+
+def fresh_read_model(engine: Engine, tables: Iterable[sa.Table] = TABLES) -> None:
+    """Drop the read model's tables (and the shared ones) at ``engine`` and make them again, empty."""
+    SQLModel.metadata.drop_all(engine, tables=[*SHARED_TABLES, *tables])
+    create_tables(engine, tuple(tables))
+
+
+__all__ = ["INCIDENTS", "ORDERS", "Db", "OpsStore", "ReadModel", "fresh_read_model"]
