@@ -20,6 +20,7 @@ def main() -> None:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     incidents: Annotated[int, typer.Option(min=1, help="Reports to send through the loop.")] = 2000,
     max_incidents: Annotated[
         int, typer.Option("--max", min=1, help="The most incidents a run may be asked for.")
@@ -28,7 +29,7 @@ def run(
     pairs: Annotated[
         bool, typer.Option("--pairs/--no-pairs", help="Two instances of every service in one consumer group.")
     ] = True,
-    kills: Annotated[int, typer.Option(min=1, help="SIGKILLs of each service.")] = 3,
+    kills_per_service: Annotated[int, typer.Option("--kills", min=1, help="SIGKILLs of each service.")] = 3,
     broker_kills: Annotated[int, typer.Option(min=0, help="SIGKILLs of the broker.")] = 1,
     together: Annotated[
         bool,
@@ -53,14 +54,22 @@ def run(
     time_scale: Annotated[
         float, typer.Option(min=1.0, help="Business hours per real hour (3600: 1 h a second).")
     ] = 3600.0,
-    session_timeout: Annotated[
-        float, typer.Option(min=6.0, help="Seconds before a killed consumer leaves its group (faust session).")
+    session_timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--session-timeout", min=6.0, help="Seconds before a killed consumer leaves its group (faust session)."
+        ),
     ] = 10.0,
-    broker_down: Annotated[
-        float, typer.Option(min=0.0, help="Seconds the killed broker stays down before it is restarted.")
+    broker_down_s: Annotated[
+        float,
+        typer.Option("--broker-down", min=0.0, help="Seconds the killed broker stays down before it is restarted."),
     ] = 3.0,
-    recovery_timeout: Annotated[float, typer.Option(min=10.0, help="Seconds a restart gets to recover.")] = 240.0,
-    drain_timeout: Annotated[float, typer.Option(min=10.0, help="Seconds to wait for every incident to end.")] = 900.0,
+    recovery_timeout_s: Annotated[
+        float, typer.Option("--recovery-timeout", min=10.0, help="Seconds a restart gets to recover.")
+    ] = 240.0,
+    drain_timeout_s: Annotated[
+        float, typer.Option("--drain-timeout", min=10.0, help="Seconds to wait for every incident to end.")
+    ] = 900.0,
 ) -> None:
     """Start a broker and every service of its own, drive the load, kill, drain, audit.
 
@@ -70,25 +79,12 @@ def run(
     """
     if incidents > max_incidents:
         raise typer.BadParameter(f"--incidents {incidents} is more than --max {max_incidents}")
-    options = Options(
-        incidents=incidents,
-        seed=seed,
-        pairs=pairs,
-        kills_per_service=kills,
-        broker_kills=broker_kills,
-        together=together,
-        base_port=base_port,
-        kafka_port=kafka_port,
-        time_scale=time_scale,
-        session_timeout_s=session_timeout,
-        broker_down_s=broker_down,
-        first_kill_at=first_kill_at,
-        last_kill_at=max(first_kill_at, last_kill_at),
-        recovery_timeout_s=recovery_timeout,
-        drain_timeout_s=drain_timeout,
-    )
-    if var_dir is not None:
-        options.var_dir = var_dir
+    # every other option is a field of the run's Options, by the same name
+    chosen = {name: value for name, value in ctx.params.items() if name != "max_incidents"}
+    if var_dir is None:
+        del chosen["var_dir"]  # the run's own default
+    chosen["last_kill_at"] = max(first_kill_at, last_kill_at)
+    options = Options(**chosen)
     result, line = run_chaos(options, sys.stdout)
     sys.stdout.write(line + "\n")
     sys.stdout.flush()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -504,3 +505,47 @@ def test_a_described_member_gives_its_partitions_and_the_port_of_its_instance() 
     assert describe_parts([("ns.incidents.lifecycle", 2), ("ns.incidents.lifecycle", 0), ("ns.verification", 1)]) == (
         "incidents.lifecycle[0,2] verification[1]"
     )
+
+
+def test_the_command_line_hands_every_option_to_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from services.chaos import __main__ as cli
+    from services.chaos.runner import Options
+
+    seen: list[Options] = []
+
+    def fake_run(options: Options, out: object) -> tuple[None, str]:
+        seen.append(options)
+        return None, "{}"
+
+    monkeypatch.setattr(cli, "run_chaos", fake_run)
+    args = "--incidents 50 --seed 7 --no-pairs --kills 2 --broker-kills 0 --together --first-kill-at 0.5"
+    args += " --last-kill-at 0.3 --base-port 18000 --kafka-port 18092 --time-scale 60 --session-timeout 7"
+    args += f" --broker-down 1 --recovery-timeout 20 --drain-timeout 30 --var-dir {tmp_path}"
+    result = CliRunner().invoke(cli.app, ["run", *args.split()])
+    assert result.exit_code == 1, result.output  # the fake run has no result
+    assert seen == [
+        Options(
+            incidents=50,
+            seed=7,
+            pairs=False,
+            kills_per_service=2,
+            broker_kills=0,
+            together=True,
+            base_port=18000,
+            kafka_port=18092,
+            var_dir=tmp_path,
+            time_scale=60.0,
+            session_timeout_s=7.0,
+            broker_down_s=1.0,
+            recovery_timeout_s=20.0,
+            drain_timeout_s=30.0,
+            first_kill_at=0.5,
+            last_kill_at=0.5,
+        )
+    ]
+    assert CliRunner().invoke(cli.app, ["run", "--incidents", "20", "--max", "10"]).exit_code == 2
+    seen.clear()
+    CliRunner().invoke(cli.app, ["run"])
+    assert seen == [Options()]
