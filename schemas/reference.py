@@ -6,6 +6,7 @@ responsible for each task; categories name the incidents those tasks are about.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -269,7 +270,7 @@ class Town:
                 return grid
         return None
 
-    @property
+    @functools.cached_property
     def public_categories(self) -> frozenset[str]:
         """The categories whose incidents the public reads (Open311)."""
         return frozenset(code for code, c in self.categories.items() if c.public)

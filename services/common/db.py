@@ -263,14 +263,6 @@ class UnitOfWork:
         """A span of business time as wall-clock time under the configured time scale (see schemas.Moment)."""
         return Moment(self.now(), self.time_scale).business_hours(hours)
 
-    def due_in(self, hours: float) -> datetime:
-        """The deadline ``hours`` of business time from now, at most schemas.LATEST."""
-        return self.moment().due_in(hours)
-
-    def business_hours_ago(self, hours: float) -> datetime:
-        """The moment ``hours`` of business time ago, no earlier than schemas.EARLIEST."""
-        return self.moment().hours_ago(hours)
-
     def claim(self, event: Event) -> bool:
         """Mark ``event`` as processed; False if it already was (a redelivery).
 

@@ -26,7 +26,6 @@ from collections.abc import Collection, Iterable
 
 from schemas import ActorKind
 from schemas.events import Source
-from schemas.reference import CATEGORIES
 
 from .auth import Principal, Role
 from .errors import NotFound
@@ -34,8 +33,6 @@ from .errors import NotFound
 CITIZEN_SOURCES: frozenset[str] = frozenset({Source.HOTLINE_12345.value, Source.OPEN311.value})
 """Channels whose reporter is a citizen: their ``reporter_id`` is a contact (a phone number) or stands for one."""
 
-PUBLIC_CATEGORIES: frozenset[str] = frozenset(code for code, c in CATEGORIES.items() if c.public)
-"""Categories whose incidents the public reads (Open311)."""
 
 PUBLIC_WORDS_SOURCES: frozenset[str] = frozenset({Source.OPEN311.value})
 """Channels whose report's own words (description, address, photo) the public may read: what a citizen posted
@@ -96,9 +93,9 @@ def unseen(what: str, ident: str) -> NotFound:
     return NotFound(f"no {what} {ident}")
 
 
-def publicly_listed(category_code: str, public: Collection[str] = PUBLIC_CATEGORIES) -> bool:
+def publicly_listed(category_code: str, public: Collection[str]) -> bool:
     """Whether the public reads incidents of this category, of a town whose public categories are ``public``
-    (``Town.public_categories``; by default the default town's)."""
+    (``Town.public_categories``)."""
     return category_code in public
 
 
@@ -109,7 +106,6 @@ def public_words(source: str) -> bool:
 
 __all__ = [
     "CITIZEN_SOURCES",
-    "PUBLIC_CATEGORIES",
     "PUBLIC_WORDS_SOURCES",
     "actor",
     "public_words",

@@ -23,7 +23,7 @@ RULED = ("intake", "dispatch", "handling", "verification", "opscenter")
 _SQL_BUILDERS = frozenset(
     {"select", "insert", "update", "delete", "text", "func", "and_", "or_", "not_", "bindparam", "exists", "case"}
 )
-_UOW_OPEN = frozenset({"emit", "now", "touch", "due_in", "business_hours", "business_hours_ago", "emitted", "clock"})
+_UOW_OPEN = frozenset({"emit", "now", "touch", "moment", "emitted", "clock"})
 """What a handler may ask of a unit of work itself; reading and writing rows goes through the store."""
 _NOT_IN_DOMAIN = ("sqlalchemy", "sqlmodel", "fastapi", "faust", "aiokafka", "kafka", "httpx", "services.common")
 
