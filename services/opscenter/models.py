@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
@@ -63,19 +63,61 @@ class OpsWorkOrder(SQLModel, table=True):
     escalated: bool = False
 
 
-class OpsFact(SQLModel, table=True):
-    """Every lifecycle event, flattened with the dimensions KPIs are cut by (counts per period come from here)."""
+class OpsDaily(SQLModel, table=True):
+    """The KPIs' counters of one day of the town, for one key of one dimension (``department``, ``category``,
+    ``grid``, or ``none`` for the whole town): a period's figures are the sums over its days. Kept by the fold
+    (see ``domain.Tally``)."""
 
-    __tablename__ = "ops_fact"
+    __tablename__ = "ops_daily"
 
-    event_id: str = Field(primary_key=True, max_length=64)
-    type: str = Field(max_length=40, index=True)
-    incident_id: str = Field(max_length=64, index=True)
-    occurred_at: datetime = Field(sa_type=timestamp(), index=True)
-    category_code: str = Field(default="", max_length=40)
-    grid_id: str | None = Field(default=None, max_length=40)
-    department_code: str | None = Field(default=None, max_length=40)
-    work_order_id: str | None = Field(default=None, max_length=80)
+    dim: str = Field(primary_key=True, max_length=12)
+    day: date = Field(primary_key=True)
+    key: str = Field(primary_key=True, max_length=40)
+    reported: int = 0
+    filed: int = 0
+    rejected: int = 0
+    merged: int = 0
+    dispatched: int = 0
+    returned: int = 0
+    handled: int = 0
+    reworks: int = 0
+    closed: int = 0
+    closed_on_time: int = 0
+    due_closed: int = 0
+    """Filed cases closed on the day: due (应结案) in every period that holds the day."""
+    accept_n: int = 0
+    handle_n: int = 0
+    close_n: int = 0
+    accept_s: float = 0.0
+    handle_s: float = 0.0
+    close_s: float = 0.0
+
+
+class OpsDue(SQLModel, table=True):
+    """Filed cases by deadline day and the later day they closed (``9999-12-31``: open): a period that holds the
+    deadline day but not the close day counts them due (应结案)."""
+
+    __tablename__ = "ops_due"
+
+    dim: str = Field(primary_key=True, max_length=12)
+    deadline_day: date = Field(primary_key=True)
+    closed_day: date = Field(primary_key=True)
+    key: str = Field(primary_key=True, max_length=40)
+    n: int = 0
+
+
+class OpsStage(SQLModel, table=True):
+    """How many accept, handle or close durations ended on a day in one bucket of a log histogram (see
+    ``domain.bucket``): a period's p90 is read off the sum of its days' buckets."""
+
+    __tablename__ = "ops_stage"
+
+    dim: str = Field(primary_key=True, max_length=12)
+    day: date = Field(primary_key=True)
+    key: str = Field(primary_key=True, max_length=40)
+    stage: str = Field(primary_key=True, max_length=8)
+    bucket: int = Field(primary_key=True)
+    n: int = 0
 
 
 class OpsParked(SQLModel, table=True):
@@ -97,6 +139,8 @@ class OpsParked(SQLModel, table=True):
 TABLES = (
     OpsIncident.__table__,  # type: ignore[attr-defined]
     OpsWorkOrder.__table__,  # type: ignore[attr-defined]
-    OpsFact.__table__,  # type: ignore[attr-defined]
+    OpsDaily.__table__,  # type: ignore[attr-defined]
+    OpsDue.__table__,  # type: ignore[attr-defined]
+    OpsStage.__table__,  # type: ignore[attr-defined]
     OpsParked.__table__,  # type: ignore[attr-defined]
 )

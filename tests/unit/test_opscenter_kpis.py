@@ -25,7 +25,7 @@ from services.opscenter.models import TABLES as OPS_TABLES
 
 from .conftest import FakeClock
 
-START = datetime(2026, 6, 1, 0, 0, tzinfo=UTC)  # the scenario takes 23 h of the day
+START = datetime(2026, 5, 31, 16, 0, tzinfo=UTC)  # midnight of 1 June in Gaohang: the scenario takes 23 h of the day
 
 
 class Scenario:
@@ -180,7 +180,7 @@ def test_overdue_open_and_views(scenario: Scenario) -> None:
     late = one(scenario.report("street_vending", 31.300), ev.WorkOrderDispatched)
     scenario.clock.advance(hours=9)
     now = scenario.clock()
-    report = scenario.kpis(now.date(), Dimension.DEPARTMENT)
+    report = scenario.kpis(GAOHANG.local_day(now), Dimension.DEPARTMENT)
     assert report.total.current.overdue_open == 1
     assert {r.key: r.current.overdue_open for r in report.rows}["city_ops"] == 1
     ops = scenario.ops
@@ -193,7 +193,7 @@ def test_overdue_open_and_views(scenario: Scenario) -> None:
     assert [p["properties"]["overdue"] for p in points] == [True]
     grids = ops.query(handlers.map_grids, GAOHANG)["features"]
     assert len(grids) == 12 and sum(g["properties"]["open"] for g in grids) == 1
-    trend = ops.query(handlers.show_trend, 3)  # now is 08:00 the next day
+    trend = ops.query(handlers.show_trend, 3, GAOHANG)  # now is 08:00 the next day
     assert [(t.date, t.reported, t.closed) for t in trend] == [
         ("2026-05-31", 0, 0),
         ("2026-06-01", 11, 7),
