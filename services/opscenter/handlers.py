@@ -32,16 +32,15 @@ def _fold(event: Event, store: OpsStore, town: Town) -> list[Stage]:
         if incident is None:
             store.park(event)  # ahead of its report (another producer's copy): folded when the report comes
             return []
-        store.add_incident(incident)
-    work_order_id = domain.work_order_of(event)
-    order = store.work_order(work_order_id) if work_order_id else None
+        store.add(incident)
+    order = store.work_order(domain.work_order_of(event))
     if domain.waits_for_order(event, order):
         store.park(event)  # ahead of its dispatch: folded when the work order is known
         return []
     orders = store.orders_of(incident.incident_id) if domain.closes_orders(event) else ()
     folded = domain.fold(event, incident, order, orders)
     if folded.order is not None:
-        store.add_order(folded.order)
+        store.add(folded.order)
     store.tally(town).event(event, incident)
     stages = folded.stages
     if (released := domain.released_by(event)) is not None:

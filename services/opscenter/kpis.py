@@ -129,20 +129,7 @@ class KpiReport(BaseModel):
     rows: list[KpiRow]
 
 
-COUNTS = (
-    "reported",
-    "filed",
-    "rejected",
-    "merged",
-    "dispatched",
-    "returned",
-    "handled",
-    "reworks",
-    "closed",
-    "closed_on_time",
-    "due",
-    "overdue_open",
-)
+COUNTS = tuple(name for name, f in Kpi.model_fields.items() if f.annotation is int)
 """The counted figures of a :class:`Kpi`, in the order a CSV row gives them."""
 
 STAGES = {"accept": "time_to_accept", "handle": "time_to_handle", "close": "time_to_close"}

@@ -9,6 +9,8 @@ from sqlmodel import Field, SQLModel
 
 from services.common.db import timestamp
 
+from .domain import COUNTED, SUMMED
+
 
 class OpsIncident(SQLModel, table=True):
     """One row per incident: where it is in the loop and the times KPIs are computed from."""
@@ -63,34 +65,19 @@ class OpsWorkOrder(SQLModel, table=True):
     escalated: bool = False
 
 
-class OpsDaily(SQLModel, table=True):
-    """The KPIs' counters of one day of the town, for one key of one dimension (``department``, ``category``,
-    ``grid``, or ``none`` for the whole town): a period's figures are the sums over its days. Kept by the fold
-    (see ``domain.Tally``)."""
-
-    __tablename__ = "ops_daily"
-
-    dim: str = Field(primary_key=True, max_length=12)
-    day: date = Field(primary_key=True)
-    key: str = Field(primary_key=True, max_length=40)
-    reported: int = 0
-    filed: int = 0
-    rejected: int = 0
-    merged: int = 0
-    dispatched: int = 0
-    returned: int = 0
-    handled: int = 0
-    reworks: int = 0
-    closed: int = 0
-    closed_on_time: int = 0
-    due_closed: int = 0
-    """Filed cases closed on the day: due (应结案) in every period that holds the day."""
-    accept_n: int = 0
-    handle_n: int = 0
-    close_n: int = 0
-    accept_s: float = 0.0
-    handle_s: float = 0.0
-    close_s: float = 0.0
+OPS_DAILY = sa.Table(
+    "ops_daily",
+    SQLModel.metadata,
+    sa.Column("dim", sa.String(12), primary_key=True),
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("key", sa.String(40), primary_key=True),
+    *(sa.Column(name, sa.Integer, nullable=False, default=0) for name in COUNTED),
+    *(sa.Column(name, sa.Float, nullable=False, default=0.0) for name in SUMMED),
+    comment="The KPIs' counters of one day of the town, for one key of a dimension (department, category, grid, "
+    "or none for the whole town): a period's figures are the sums over its days. Kept by the fold.",
+)
+"""The daily rollup: a column for each of the fold's counters and duration sums (``domain.COUNTED``,
+``domain.SUMMED``, see ``domain.Tally``): one row per day of the town, dimension and key."""
 
 
 class OpsDue(SQLModel, table=True):
@@ -139,7 +126,7 @@ class OpsParked(SQLModel, table=True):
 TABLES = (
     OpsIncident.__table__,  # type: ignore[attr-defined]
     OpsWorkOrder.__table__,  # type: ignore[attr-defined]
-    OpsDaily.__table__,  # type: ignore[attr-defined]
+    OPS_DAILY,
     OpsDue.__table__,  # type: ignore[attr-defined]
     OpsStage.__table__,  # type: ignore[attr-defined]
     OpsParked.__table__,  # type: ignore[attr-defined]

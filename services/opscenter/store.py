@@ -23,7 +23,7 @@ from schemas.reference import Town
 from services.common.db import SHARED_TABLES, Rows, UnitOfWork, create_tables, insert_adding
 
 from .domain import COUNTED, SUMMED, Incident, Tally, WorkOrder
-from .models import TABLES, OpsDaily, OpsDue, OpsIncident, OpsParked, OpsStage, OpsWorkOrder
+from .models import OPS_DAILY, TABLES, OpsDue, OpsIncident, OpsParked, OpsStage, OpsWorkOrder
 
 INCIDENTS = Rows(OpsIncident, Incident)
 ORDERS = Rows(OpsWorkOrder, WorkOrder)
@@ -62,17 +62,19 @@ class OpsStore:
     def incident(self, incident_id: str) -> Incident | None:
         return self.uow.record(INCIDENTS, incident_id)
 
-    def work_order(self, work_order_id: str) -> WorkOrder | None:
-        return self.uow.record(ORDERS, work_order_id)
+    def work_order(self, work_order_id: str | None) -> WorkOrder | None:
+        """The work order named, if any and known."""
+        return self.uow.record(ORDERS, work_order_id) if work_order_id else None
 
     def orders_of(self, incident_id: str) -> list[WorkOrder]:
         return self.uow.records_by(ORDERS, "incident_id", incident_id)
 
-    def add_incident(self, incident: Incident) -> Incident:
-        return self.uow.add(INCIDENTS, incident)
-
-    def add_order(self, order: WorkOrder) -> WorkOrder:
-        return self.uow.add(ORDERS, order)
+    def add(self, row: Incident | WorkOrder) -> None:
+        """A new incident or work order, written at the commit (with its changes until then)."""
+        if isinstance(row, Incident):
+            self.uow.add(INCIDENTS, row)
+        else:
+            self.uow.add(ORDERS, row)
 
     # -- the rollups: added to at the commit ---------------------------------------------------------------
 
@@ -179,7 +181,7 @@ K = TypeVar("K")
 
 _INCIDENT: sa.Table = OpsIncident.__table__  # type: ignore[attr-defined]
 _ORDER: sa.Table = OpsWorkOrder.__table__  # type: ignore[attr-defined]
-_DAILY: sa.Table = OpsDaily.__table__  # type: ignore[attr-defined]
+_DAILY = OPS_DAILY
 _DUE: sa.Table = OpsDue.__table__  # type: ignore[attr-defined]
 _STAGE: sa.Table = OpsStage.__table__  # type: ignore[attr-defined]
 

@@ -19,8 +19,8 @@ from services.dispatch.models import TABLES as DISPATCH_TABLES
 from services.dispatch.settings import DispatchSettings
 from services.opscenter.agents import fold
 from services.opscenter.handlers import preload
+from services.opscenter.models import OPS_DAILY, OpsDue, OpsIncident, OpsParked, OpsStage, OpsWorkOrder
 from services.opscenter.models import TABLES as OPS_TABLES
-from services.opscenter.models import OpsDaily, OpsDue, OpsIncident, OpsParked, OpsStage, OpsWorkOrder
 
 MakeDb = Callable[[tuple[sa.Table, ...]], Engine]
 
@@ -53,11 +53,10 @@ def _fold_all(engine: Engine, events: list[Event], batch: int = 1) -> None:
 def _rollups(s: Session) -> list[tuple[Any, ...]]:
     """Every rollup row that holds something (a row whose share was taken back holds zeros), sums rounded."""
     rows = []
-    for model in (OpsDaily, OpsDue, OpsStage):
-        for row in s.exec(select(model)):
-            values = row.model_dump()
-            if any(v for k, v in values.items() if isinstance(v, int | float) and k != "bucket"):
-                rows.append((model.__name__, *(round(v, 6) if isinstance(v, float) else v for v in values.values())))
+    for table in (OPS_DAILY, OpsDue.__table__, OpsStage.__table__):  # type: ignore[attr-defined]
+        for row in s.connection().execute(sa.select(table)).mappings():
+            if any(v for k, v in row.items() if isinstance(v, int | float) and k != "bucket"):
+                rows.append((table.name, *(round(v, 6) if isinstance(v, float) else v for v in row.values())))
     return sorted(rows, key=repr)
 
 
@@ -90,7 +89,7 @@ def test_a_rejection_ahead_of_its_report_is_folded_when_the_report_comes(make_db
     incidents, _, _, parked = _state(reversed_)
     assert incidents == [("GL-R1", "rejected", "no_such_category")] and parked == 0
     with UnitOfWork(reversed_) as uow:
-        (total,) = uow.session.exec(select(OpsDaily).where(OpsDaily.dim == "none")).all()
+        (total,) = uow.session.connection().execute(sa.select(OPS_DAILY).where(OPS_DAILY.c.dim == "none")).all()
     assert (total.reported, total.rejected, total.filed) == (1, 1, 0)
 
 
