@@ -29,7 +29,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from types import MappingProxyType
 
 from schemas import INCIDENT_FINAL, Event, IncidentStatus, WorkOrderStatus
@@ -314,6 +314,18 @@ FLOOR = -400
 Key = tuple[str, str]
 """A dimension (``department``, ``category``, ``grid``, ``none``) and a key of it."""
 
+SPANS = ("day", "week", "month")
+"""The periods the KPIs are asked for; the stage histograms are kept whole for each of them."""
+
+
+def first_day(span: str, day: date) -> date:
+    """The first day of the ``span`` (day; week from Monday; month) that holds ``day``."""
+    if span == "week":
+        return day - timedelta(days=day.weekday())
+    if span == "month":
+        return day.replace(day=1)
+    return day
+
 
 def bucket(seconds: float) -> int:
     """The histogram bucket of a duration: bucket ``b`` holds (γ^(b-1), γ^b] seconds."""
@@ -336,7 +348,8 @@ class Tally:
       closed by (closed on a later day, or still open: :data:`OPEN`): a period holding the deadline counts them
       due (应结案) unless they closed in it;
     - ``stages[(day, dimension, key, stage, bucket)]``: the histograms of the accept, handle and close durations
-      (their p90s)."""
+      (their p90s), kept whole for the day, the week and the month that hold the day (:data:`SPANS`): a period's
+      p90 reads its own histogram, never its days'."""
 
     town: Town
     daily: defaultdict[tuple[date, str, str], defaultdict[str, float]] = field(
@@ -441,6 +454,7 @@ __all__ = [
     "NEEDS_ORDER",
     "OPEN",
     "OUTSIDE",
+    "SPANS",
     "STATUS_AFTER",
     "SUMMED",
     "TOTAL",
@@ -454,6 +468,7 @@ __all__ = [
     "bucket",
     "bucket_value",
     "closes_orders",
+    "first_day",
     "fold",
     "open_incident",
     "released_by",

@@ -169,6 +169,10 @@ def _names(by: Dimension, key: str, town: Town) -> tuple[str, str]:
     return key, key
 
 
+Bucket = tuple[str, bool, str, int, int]
+"""A key's count of durations in one histogram bucket: (key, of the current period?, stage, bucket, count)."""
+
+
 class KpiReads(Protocol):
     """The rollups' sums a report is made of (see ``store.ReadModel``): per key of a dimension, over the days of
     the previous period [start, split) (False) and the current one [split, end) (True)."""
@@ -181,8 +185,10 @@ class KpiReads(Protocol):
         """Cases due in a period without closing in it."""
         ...
 
-    def stage_buckets(self, dim: str, start: date, split: date, end: date) -> list[tuple[str, bool, str, int, int]]:
-        """The duration histograms: (key, current, stage, bucket, count)."""
+    def stage_buckets(
+        self, dim: str, span: str, previous: date, current: date
+    ) -> list[tuple[str, bool, str, int, int]]:
+        """The duration histograms of the two periods, by their first days: (key, current, stage, bucket, count)."""
         ...
 
     def overdue_open(self, dim: str, now: datetime) -> list[tuple[str, int]]:
@@ -191,7 +197,7 @@ class KpiReads(Protocol):
 
 
 def _compute(
-    reads: KpiReads, by: Dimension, periods: tuple[Window, Window], now: datetime
+    reads: KpiReads, by: Dimension, period: Period, periods: tuple[Window, Window], now: datetime
 ) -> dict[bool, dict[str, Kpi]]:
     """Every key's KPIs in the current period (True) and the previous one (False)."""
     current, previous = periods
@@ -201,7 +207,7 @@ def _compute(
         sums[(side, key)] = figures
     due: dict[tuple[bool, str], int] = {(side, key): n for key, side, n in reads.still_due(*span)}
     buckets: dict[tuple[bool, str], dict[str, dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
-    for key, side, stage, b, n in reads.stage_buckets(*span):
+    for key, side, stage, b, n in reads.stage_buckets(by.value, period.value, previous.first, current.first):
         if n:
             buckets[(side, key)][stage][b] = n
     overdue: dict[tuple[bool, str], int] = {}
@@ -241,8 +247,9 @@ def kpi_report(
     """The KPIs of the period containing the town's day ``at`` and of the one before it, cut ``by`` a dimension
     of ``town``, from the rollups ``reads`` sums; ``now``: when the snapshot figures are taken."""
     current, previous = window(period, at, town)
-    cut = _compute(reads, by, (current, previous), now) if by is not Dimension.NONE else {True: {}, False: {}}
-    total = _compute(reads, Dimension.NONE, (current, previous), now)
+    periods = (current, previous)
+    cut = _compute(reads, by, period, periods, now) if by is not Dimension.NONE else {True: {}, False: {}}
+    total = _compute(reads, Dimension.NONE, period, periods, now)
     cur, prev = cut[True], cut[False]
     keys = sorted(cur.keys() | prev.keys())
 

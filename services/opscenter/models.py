@@ -94,13 +94,16 @@ class OpsDue(SQLModel, table=True):
 
 
 class OpsStage(SQLModel, table=True):
-    """How many accept, handle or close durations ended on a day in one bucket of a log histogram (see
-    ``domain.bucket``): a period's p90 is read off the sum of its days' buckets."""
+    """How many accept, handle or close durations that ended in one period (a day, a week from Monday, a month of
+    the town) fall in one bucket of a log histogram (see ``domain.bucket``): the period's p90 is read off it."""
 
     __tablename__ = "ops_stage"
 
     dim: str = Field(primary_key=True, max_length=12)
-    day: date = Field(primary_key=True)
+    span: str = Field(primary_key=True, max_length=5)
+    """day, week or month."""
+    first: date = Field(primary_key=True)
+    """The period's first day."""
     key: str = Field(primary_key=True, max_length=40)
     stage: str = Field(primary_key=True, max_length=8)
     bucket: int = Field(primary_key=True)

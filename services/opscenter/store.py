@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ from schemas import events as ev
 from schemas.reference import Town
 from services.common.db import SHARED_TABLES, Rows, UnitOfWork, create_tables, insert_adding
 
-from .domain import COUNTED, SUMMED, Incident, Tally, WorkOrder
+from .domain import COUNTED, SPANS, SUMMED, Incident, Tally, WorkOrder, first_day
 from .models import OPS_DAILY, TABLES, OpsDue, OpsIncident, OpsParked, OpsStage, OpsWorkOrder
 
 INCIDENTS = Rows(OpsIncident, Incident)
@@ -118,9 +119,14 @@ class OpsStore:
             for (deadline, closed, dim, key), n in tally.due.items()
             if n
         ]
+        spans: Counter[tuple[str, str, date, str, str, int]] = Counter()
+        for (day, dim, key, stage, b), n in tally.stages.items():
+            if n:
+                for span in SPANS:
+                    spans[(dim, span, first_day(span, day), key, stage, b)] += n
         stages = [
-            {"dim": dim, "day": day, "key": key, "stage": stage, "bucket": b, "n": n}
-            for (day, dim, key, stage, b), n in tally.stages.items()
+            {"dim": dim, "span": span, "first": first, "key": key, "stage": stage, "bucket": b, "n": n}
+            for (dim, span, first, key, stage, b), n in spans.items()
             if n
         ]
         for table, rows in ((_DAILY, daily), (_DUE, due), (_STAGE, stages)):
@@ -254,16 +260,18 @@ class ReadModel:
         )
         return [(row[0], bool(row[1]), int(row[2])) for row in self._rows(statement)]
 
-    def stage_buckets(self, dim: str, start: date, split: date, end: date) -> list[tuple[str, bool, str, int, int]]:
-        """Each key's duration histograms (stage, bucket, count) over the days of each period."""
+    def stage_buckets(
+        self, dim: str, span: str, previous: date, current: date
+    ) -> list[tuple[str, bool, str, int, int]]:
+        """Each key's duration histograms (stage, bucket, count) of the ``span`` starting on ``previous`` (False)
+        and the one starting on ``current`` (True)."""
         g = _STAGE.c
-        current = (g.day >= split).label("current")
-        statement = (
-            sa.select(g.key, current, g.stage, g.bucket, sa.func.sum(g.n))
-            .where(g.dim == dim, g.day >= start, g.day < end)
-            .group_by(g.key, current, g.stage, g.bucket)
+        statement = sa.select(g.key, g.first, g.stage, g.bucket, g.n).where(
+            g.dim == dim, g.span == span, g.first.in_((previous, current)), g.n != 0
         )
-        return [(row[0], bool(row[1]), row[2], int(row[3]), int(row[4])) for row in self._rows(statement)]
+        return [
+            (row[0], _as_date(row[1]) == current, row[2], int(row[3]), int(row[4])) for row in self._rows(statement)
+        ]
 
     def overdue_open(self, dim: str, now: datetime) -> list[tuple[str, int]]:
         """Work still owed past its deadline at ``now`` (超期未处置), counted per key of ``dim``."""

@@ -344,11 +344,14 @@ class TallyReads:
                 out[(key, current)] += n
         return [(key, side, n) for (key, side), n in out.items()]
 
-    def stage_buckets(self, dim: str, start: date, split: date, end: date) -> list[tuple[str, bool, str, int, int]]:
+    def stage_buckets(
+        self, dim: str, span: str, previous: date, current: date
+    ) -> list[tuple[str, bool, str, int, int]]:
         out: dict[tuple[str, bool, str, int], int] = defaultdict(int)
         for (day, d, key, stage, b), n in self.tally.stages.items():
-            if d == dim and start <= day < end:
-                out[(key, day >= split, stage, b)] += n
+            first = domain.first_day(span, day)
+            if d == dim and first in (previous, current):
+                out[(key, first == current, stage, b)] += n
         return [(*k, n) for k, n in out.items()]
 
     def overdue_open(self, dim: str, now: datetime) -> list[tuple[str, int]]:
