@@ -304,11 +304,11 @@ COUNTED = (
 SUMMED = ("accept_s", "handle_s", "close_s")
 """The daily sums of stage durations, in seconds (a stage's mean is its sum over its count)."""
 
-GAMMA = 2 ** (1 / 32)
-"""The ratio of a stage histogram's consecutive bucket bounds: a bucket's middle is within 1.1 % of any
-duration in it (the scale of a Prometheus native histogram of schema 5)."""
+GAMMA = 2 ** (1 / 16)
+"""The ratio of a stage histogram's consecutive bucket bounds: a bucket's middle is within 2.2 % of any
+duration in it (the scale of a Prometheus native histogram of schema 4)."""
 _LOG_GAMMA = math.log(GAMMA)
-FLOOR = -400
+FLOOR = -200
 """The bucket of every duration of a millisecond or less (a stage timed at once)."""
 
 Key = tuple[str, str]

@@ -73,6 +73,7 @@ OPS_DAILY = sa.Table(
     sa.Column("key", sa.String(40), primary_key=True),
     *(sa.Column(name, sa.Integer, nullable=False, default=0) for name in COUNTED),
     *(sa.Column(name, sa.Float, nullable=False, default=0.0) for name in SUMMED),
+    sqlite_with_rowid=False,
     comment="The KPIs' counters of one day of the town, for one key of a dimension (department, category, grid, "
     "or none for the whole town): a period's figures are the sums over its days. Kept by the fold.",
 )
@@ -85,6 +86,7 @@ class OpsDue(SQLModel, table=True):
     deadline day but not the close day counts them due (应结案)."""
 
     __tablename__ = "ops_due"
+    __table_args__ = {"sqlite_with_rowid": False}  # a period's rows lie together, in key order
 
     dim: str = Field(primary_key=True, max_length=12)
     deadline_day: date = Field(primary_key=True)
@@ -98,6 +100,7 @@ class OpsStage(SQLModel, table=True):
     the town) fall in one bucket of a log histogram (see ``domain.bucket``): the period's p90 is read off it."""
 
     __tablename__ = "ops_stage"
+    __table_args__ = {"sqlite_with_rowid": False}  # a period's histograms lie together, in key order
 
     dim: str = Field(primary_key=True, max_length=12)
     span: str = Field(primary_key=True, max_length=5)

@@ -24,6 +24,7 @@ from schemas.reference import Town
 from services.common.db import SHARED_TABLES, Rows, UnitOfWork, create_tables, insert_adding
 
 from .domain import COUNTED, SPANS, SUMMED, Incident, Tally, WorkOrder, first_day
+from .kpis import Bucket
 from .models import OPS_DAILY, TABLES, OpsDue, OpsIncident, OpsParked, OpsStage, OpsWorkOrder
 
 INCIDENTS = Rows(OpsIncident, Incident)
@@ -260,18 +261,15 @@ class ReadModel:
         )
         return [(row[0], bool(row[1]), int(row[2])) for row in self._rows(statement)]
 
-    def stage_buckets(
-        self, dim: str, span: str, previous: date, current: date
-    ) -> list[tuple[str, bool, str, int, int]]:
+    def stage_buckets(self, dim: str, span: str, previous: date, current: date) -> list[Bucket]:
         """Each key's duration histograms (stage, bucket, count) of the ``span`` starting on ``previous`` (False)
         and the one starting on ``current`` (True)."""
         g = _STAGE.c
         statement = sa.select(g.key, g.first, g.stage, g.bucket, g.n).where(
             g.dim == dim, g.span == span, g.first.in_((previous, current)), g.n != 0
         )
-        return [
-            (row[0], _as_date(row[1]) == current, row[2], int(row[3]), int(row[4])) for row in self._rows(statement)
-        ]
+        rows = self.db.execute(statement).tuples()
+        return [(key, _as_date(first) == current, stage, b, n) for key, first, stage, b, n in rows]
 
     def overdue_open(self, dim: str, now: datetime) -> list[tuple[str, int]]:
         """Work still owed past its deadline at ``now`` (超期未处置), counted per key of ``dim``."""

@@ -12,7 +12,7 @@ from schemas import events as ev
 from schemas.reference import GAOHANG, Category, Department, Grid, Town
 from services.opscenter import domain, views
 from services.opscenter.domain import Incident, Tally, WorkOrder
-from services.opscenter.kpis import Dimension, Period, kpi_report
+from services.opscenter.kpis import Bucket, Dimension, Period, kpi_report
 
 T0 = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
 
@@ -310,12 +310,12 @@ def test_a_row_adds_its_share_to_the_towns_days_and_takes_it_back_when_it_change
     assert tally.daily[(today, "department", "roads")]["handled"] == 1
 
 
-def test_a_duration_bucket_holds_it_within_a_hundredth() -> None:
+def test_a_duration_bucket_holds_it_within_two_hundredths() -> None:
     for seconds in (0.5, 1.0, 59.9, 3600.0, 86400.0 * 3.3, 1e7):
         middle = domain.bucket_value(domain.bucket(seconds))
-        assert abs(middle - seconds) / seconds < 0.011, seconds
+        assert abs(middle - seconds) / seconds < 0.022, seconds
     assert domain.bucket_value(domain.bucket(0.0)) == 0.0
-    assert domain.bucket(100.0) < domain.bucket(101.5) < domain.bucket(104.0)
+    assert domain.bucket(100.0) < domain.bucket(105.0) < domain.bucket(108.0)
 
 
 def _keys(department: str, grid: str) -> list[tuple[str, str]]:
@@ -344,15 +344,13 @@ class TallyReads:
                 out[(key, current)] += n
         return [(key, side, n) for (key, side), n in out.items()]
 
-    def stage_buckets(
-        self, dim: str, span: str, previous: date, current: date
-    ) -> list[tuple[str, bool, str, int, int]]:
+    def stage_buckets(self, dim: str, span: str, previous: date, current: date) -> list[Bucket]:
         out: dict[tuple[str, bool, str, int], int] = defaultdict(int)
         for (day, d, key, stage, b), n in self.tally.stages.items():
             first = domain.first_day(span, day)
             if d == dim and first in (previous, current):
                 out[(key, first == current, stage, b)] += n
-        return [(*k, n) for k, n in out.items()]
+        return [(*k, n) for k, n in out.items() if n]
 
     def overdue_open(self, dim: str, now: datetime) -> list[tuple[str, int]]:
         out: dict[str, int] = defaultdict(int)
@@ -380,7 +378,7 @@ def test_kpis_count_a_case_closed_early_as_due_and_cut_by_the_towns_departments(
     assert (k.reported, k.filed, k.closed, k.closed_on_time, k.due, k.handled) == (2, 2, 1, 1, 2, 1)
     assert (k.closure_rate, k.on_time_rate, k.rework_rate, k.accurate_dispatch_rate) == (0.5, 0.5, 0.0, 1.0)
     assert k.time_to_close is not None and k.time_to_close.mean_s == 3 * 3600.0
-    assert k.time_to_close.p90_s is not None and abs(k.time_to_close.p90_s - 3 * 3600.0) < 0.011 * 3 * 3600.0
+    assert k.time_to_close.p90_s is not None and abs(k.time_to_close.p90_s - 3 * 3600.0) < 0.022 * 3 * 3600.0
     by = {r.key: r for r in report.rows}
     assert by["roads"].name_zh == "路政" and by["parks"].current.closed == 1  # every department that worked on it
     assert by["roads"].current.reported == 2  # reports count for the category's lead department
