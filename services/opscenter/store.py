@@ -268,7 +268,7 @@ class ReadModel:
         statement = sa.select(g.key, g.first, g.stage, g.bucket, g.n).where(
             g.dim == dim, g.span == span, g.first.in_((previous, current)), g.n != 0
         )
-        rows = self.db.execute(statement).tuples()
+        rows = self.db.execute(statement)
         return [(key, _as_date(first) == current, stage, b, n) for key, first, stage, b, n in rows]
 
     def overdue_open(self, dim: str, now: datetime) -> list[tuple[str, int]]:
