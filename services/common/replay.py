@@ -19,6 +19,7 @@ What a service's rebuild is made of (``python -m services.opscenter rebuild``):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing as mp
 import os
@@ -312,6 +313,8 @@ async def replay(
     ``keep_going()`` answers False. Counts into ``progress`` slot ``worker``."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    if all(progress.stops[p] != FOLLOW and progress.positions[p] >= progress.stops[p] for p in partitions):
+        return  # nothing to read (an empty partition, a rebuild resumed at the end)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=source.bootstrap,
         client_id="gridloop-replay",
@@ -323,6 +326,7 @@ async def replay(
         **source.security,
     )
     await consumer.start()
+    await asyncio.sleep(0)  # its coordinator's task starts (one cancelled before it ran fails the consumer's stop)
     try:
         reading = {p: TopicPartition(source.topic, p) for p in partitions}
         consumer.assign(list(reading.values()))

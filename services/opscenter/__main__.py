@@ -34,7 +34,7 @@ def _rebuild_cli() -> None:
         stop_after: Annotated[int, typer.Option(min=0, help="stop (resumably) after this many records")] = 0,
         quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
         period: Annotated[str, typer.Option()] = "day",
-        at: Annotated[str, typer.Option(help="a date in the period (YYYY-MM-DD); default today")] = "",
+        at: Annotated[str, typer.Option(help="a day in the period (YYYY-MM-DD); default the town's today")] = "",
         by: Annotated[str, typer.Option()] = "department",
         now: Annotated[str, typer.Option(help="ISO time the snapshot figures are taken at; default now")] = "",
     ) -> None:
@@ -43,6 +43,7 @@ def _rebuild_cli() -> None:
         import logging
 
         from schemas import utcnow
+        from schemas.reference import GAOHANG
 
         from .kpis import Dimension, Period
         from .rebuild import Options, RebuildError, SwapTarget, report, run
@@ -84,7 +85,7 @@ def _rebuild_cli() -> None:
         if outcome.swapped is not None:
             typer.echo(f"swapped in: {outcome.swapped}", err=True)
         moment = datetime.fromisoformat(now) if now else utcnow()
-        day = date.fromisoformat(at) if at else moment.date()
+        day = date.fromisoformat(at) if at else GAOHANG.local_day(moment)
         typer.echo(report(database_url, Period(period), day, Dimension(by), moment).model_dump_json())
 
     cli(sys.argv[2:], prog_name="python -m services.opscenter rebuild")
