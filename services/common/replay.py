@@ -6,7 +6,7 @@ What a service's rebuild is made of (``python -m services.opscenter rebuild``):
 - :class:`ReplayUnitOfWork` is the unit of work of a replay into a database that only the replay writes. Its
   claims (the idempotency marks) are looked up when the batch starts and written at its commit, so a batch is
   folded without holding SQLite's write lock: replay workers on disjoint partitions fold side by side and take
-  turns only to write. Before the rest, its commit writes where the replay got (``before_write``), in the same
+  turns only to write. Its commit also writes where the replay got (``with_commit``), in the same
   transaction.
 - :func:`replay` reads the partitions with aiokafka (its record parsing is compiled), decodes each record as the
   live consumer does, and applies a batch at a time through ``MessageBus.handle_batch`` — the bus, handlers and
@@ -55,17 +55,21 @@ class ReplayUnitOfWork(UnitOfWork):
     :meth:`claim_all` reads which events are applied already and keeps the marks of the others to write at the
     commit; a mark written meanwhile by someone else makes the commit fail (a unique key), and the bus's caller
     applies the batch again one event at a time, claiming each as the live consumer does. The single-event
-    :meth:`claim` is the live one. ``before_write(unit)`` is called at each commit before anything is written:
-    what it writes (where the replay got) joins the transaction."""
+    :meth:`claim` is the live one. At each commit, after what the handlers' own commit callbacks compute, the
+    marks are written and ``with_commit(unit)`` is called: what it writes (where the replay got) joins the
+    transaction. On SQLite the write lock is taken by a transaction's first write: the fold, and whatever a
+    handler computes at the commit, run without it, so replay workers take turns only to write."""
 
-    def __init__(self, engine: Engine, *, before_write: Callable[[UnitOfWork], None] | None = None) -> None:
+    def __init__(self, engine: Engine, *, with_commit: Callable[[UnitOfWork], None] | None = None) -> None:
         super().__init__(engine)
-        self.before_write = before_write
+        self.with_commit = with_commit
         self._claims: list[tuple[str, str]] = []
+        self._writes_bookkeeping = False
 
     def _reset(self) -> None:
         super()._reset()
         self._claims = []
+        self._writes_bookkeeping = False
 
     def claim_all(self, events: Sequence[Event]) -> list[Event]:
         first: dict[str, Event] = {}
@@ -82,12 +86,17 @@ class ReplayUnitOfWork(UnitOfWork):
         return fresh
 
     def commit(self) -> None:
-        if self.before_write is not None:
-            self.before_write(self)
+        if not self._writes_bookkeeping:  # the last of the commit's callbacks (a handler's come first)
+            self._writes_bookkeeping = True
+            self.before_commit(self._write_bookkeeping)
+        super().commit()
+
+    def _write_bookkeeping(self) -> None:
         if self._claims:
             claims, self._claims = self._claims, []
             _write_claims(self.connection, claims, self.now())
-        super().commit()
+        if self.with_commit is not None:
+            self.with_commit(self)
 
 
 def _write_claims(connection: Connection, claims: Sequence[tuple[str, str]], now: datetime) -> None:
@@ -174,6 +183,8 @@ class Progress:
         """Records applied per worker (those already applied before count too: their claims skip them)."""
         self.skipped = ctx.Array("q", self.workers, lock=False)
         """Records set aside per worker: undecodable, or no handler could apply them."""
+        self.peak_rss_kb = ctx.Array("q", self.workers, lock=False)
+        """The largest resident set of each worker process, in KiB (as it ends; 0 for one inside this process)."""
         self.stopping = ctx.Event()
         """Set to stop at the end of the current batch (what is committed stays: the replay resumes there)."""
 
@@ -201,13 +212,13 @@ class Record:
 
 
 class Applier:
-    """Applies batches through ``bus`` (built on :class:`ReplayUnitOfWork` units whose ``before_write`` calls
-    :meth:`write_position`), with where each batch ends written in its transaction by ``save(unit, positions)``."""
+    """Applies batches through a bus (``bus_for`` builds it on :class:`ReplayUnitOfWork` units), each with where
+    it ends written in its transaction by ``save(unit, positions)``."""
 
     def __init__(self, engine: Engine, bus_for: Callable[[Callable[[], UnitOfWork]], MessageBus], save: Saver):
         self.save = save
         self._positions: dict[int, int] = {}
-        self.bus = bus_for(lambda: ReplayUnitOfWork(engine, before_write=self.write_position))
+        self.bus = bus_for(lambda: ReplayUnitOfWork(engine, with_commit=self.write_position))
 
     def write_position(self, unit: UnitOfWork) -> None:
         if self._positions:

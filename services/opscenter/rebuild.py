@@ -112,7 +112,8 @@ class Outcome:
     stopped: bool = False
     """Stopped before the end (``stop_after``, or interrupted): run again to resume."""
     peak_rss_mb: float = 0.0
-    """The largest resident set of this process and of any worker."""
+    """The memory the rebuild took at most: the largest resident set of this process and of each worker
+    process, added up (an upper bound: each peaked when it did)."""
     swapped: dict[str, Any] | None = None
     """What the service answered to the swap, if one was asked for."""
 
@@ -195,7 +196,7 @@ def run(
         started_at=dict(start),
         positions=positions,
         stopped=stopped,
-        peak_rss_mb=_peak_rss_mb(),
+        peak_rss_mb=_peak_rss_mb(progress),
         swapped=outcome_swap,
     )
 
@@ -308,6 +309,8 @@ def _forked(plan: _Plan, worker: int) -> None:
         plan.errors.put(f"worker {worker}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         plan.progress.stopping.set()
         raise SystemExit(1) from None
+    finally:
+        plan.progress.peak_rss_kb[worker] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 class _workers:
@@ -376,10 +379,9 @@ def _raise_worker_errors(plan: _Plan) -> None:
         raise RebuildError(errors[0].splitlines()[0])
 
 
-def _peak_rss_mb() -> float:
+def _peak_rss_mb(progress: Progress) -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
+    return float(own + sum(progress.peak_rss_kb[:])) / 1024
 
 
 # -- watching: progress, follow, swap ----------------------------------------------------------------------------

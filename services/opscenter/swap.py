@@ -145,9 +145,15 @@ class Swapped:
 async def swap_in(runtime: OpsCenterRuntime, hold_id: str, database_url: str, topic: str = "") -> Swapped:
     """Switch ``runtime`` to the rebuilt model at ``database_url`` and let its fold resume there (see the module).
 
-    Refused (409) without a hold, or if the rebuilt model has not folded ``topic`` (the lifecycle log) as far
-    as the service; 422 if it cannot be opened or holds no rebuild. Nothing changes when it is refused."""
+    Refused (409) without a hold, in one of several instances, or if the rebuilt model has not folded ``topic``
+    (the lifecycle log) as far as the service; 422 if it cannot be opened or holds no rebuild. Nothing changes
+    when it is refused."""
     topic = topic or LIFECYCLE.name
+    if runtime.settings.instance:
+        raise Rejected(
+            "this is one of several instances (GRIDLOOP_INSTANCE): the others would go on writing the model it "
+            "leaves; swap with one instance running"
+        )
     runtime.gate.check(hold_id)
     try:
         engine = make_engine(database_url)

@@ -69,7 +69,7 @@ def model(make_db: MakeDb) -> Engine:
 
 
 def _bus(engine: Engine, save: Callable[[UnitOfWork], None] | None = None) -> MessageBus:
-    return MessageBus(lambda: ReplayUnitOfWork(engine, before_write=save), bind_town(), preload)
+    return MessageBus(lambda: ReplayUnitOfWork(engine, with_commit=save), bind_town(), preload)
 
 
 def bind_town() -> Any:
@@ -96,7 +96,7 @@ def test_a_replay_batch_that_fails_writes_neither_its_marks_nor_its_position(mod
     def save(unit: UnitOfWork) -> None:
         OpsStore(unit).save_positions(TOPIC, {0: 7})
 
-    with pytest.raises(RuntimeError), ReplayUnitOfWork(model, before_write=save) as unit:
+    with pytest.raises(RuntimeError), ReplayUnitOfWork(model, with_commit=save) as unit:
         unit.claim_all([_report(1)])
         raise RuntimeError("a handler failed")
     assert _count(model, "processed_event") == 0 and log_positions(model) == {}
@@ -261,7 +261,7 @@ def _rebuilt(tmp_path: Path, name: str, position: int) -> str:
     url = f"sqlite:///{tmp_path / name}"
     engine = make_engine(url)
     fresh_read_model(engine)
-    with ReplayUnitOfWork(engine, before_write=lambda u: _save_lifecycle(u, position)) as unit:
+    with ReplayUnitOfWork(engine, with_commit=lambda u: _save_lifecycle(u, position)) as unit:
         unit.commit()
     _bus(engine).handle(_report(1))
     engine.dispose()
@@ -335,3 +335,17 @@ def test_an_event_answers_a_field_it_lacks_as_pydantic_does() -> None:
         report.work_order_id  # type: ignore[attr-defined]  # noqa: B018
     for kind in ev.EVENT_TYPES.values():
         assert kind.__private_attributes__ == {} and kind.model_config.get("extra") == "forbid"
+
+
+async def test_one_of_several_instances_swaps_nothing(tmp_path: Path) -> None:
+    from services.common.errors import Rejected
+    from services.opscenter.app import build
+    from services.opscenter.settings import OpsCenterSettings
+    from services.opscenter.swap import swap_in
+
+    runtime = build(OpsCenterSettings(var_dir=tmp_path / "live", instance="a"))
+    hold = await runtime.gate.pause(30)
+    with pytest.raises(Rejected, match="several instances"):
+        await swap_in(runtime, hold.hold_id, _rebuilt(tmp_path, "ahead.sqlite", 12))
+    assert str(runtime.engine.url).endswith("opscenter.sqlite") and runtime.gate.held()
+    runtime.engine.dispose()
