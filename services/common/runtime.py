@@ -126,6 +126,9 @@ class Runtime(Consumer):
         The loop goes on consuming, publishing and answering while a read takes its time: a slow report delays
         nobody but its caller. (SQLite runs in WAL mode, where readers and the writer do not wait for each other.)
         """
+        if isinstance(self.engine.pool, sa.pool.SingletonThreadPool):
+            # an in-memory SQLite database is one per thread: it is read where it is written
+            return self.bus.query(handler, *args)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._read_pool(), functools.partial(self.bus.query, handler, *args))
 

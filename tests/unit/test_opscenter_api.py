@@ -23,6 +23,7 @@ from services.common.runtime import Runtime
 from services.opscenter.api import build_api
 from services.opscenter.app import build
 from services.opscenter.settings import OpsCenterSettings
+from services.opscenter.store import OpsStore
 from tests.readmodel_fill import fill
 
 ROUTES = (
@@ -94,6 +95,15 @@ async def test_no_more_reads_run_at_once_than_the_read_threads(tmp_path: Path) -
 
     await asyncio.gather(*(rt.read(busy) for _ in range(6)))
     assert peak == 2
+
+
+async def test_an_in_memory_database_is_read_where_it_is_written(tmp_path: Path) -> None:
+    rt = _runtime(tmp_path, database_url="sqlite://")  # one database per thread: a read thread would see none
+
+    def grids(uow: Any) -> tuple[str, dict[str | None, int]]:
+        return threading.current_thread().name, OpsStore(uow).reads.open_by_grid()
+
+    assert await rt.read(grids) == (threading.current_thread().name, {})
 
 
 async def test_every_route_reads_off_the_loop(
