@@ -10,7 +10,9 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from types import MappingProxyType
+from zoneinfo import ZoneInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +258,21 @@ class Town:
     grids: Mapping[str, Grid]
     ops_center: str = OPS_CENTER
     """The code of the department that is the operations center (城运中心): escalations go to it."""
+    timezone: str = "Asia/Shanghai"
+    """The IANA time zone of the town's clocks: its days (the KPIs' periods, the trend) begin at its midnight."""
+
+    @functools.cached_property
+    def zone(self) -> ZoneInfo:
+        """:attr:`timezone` as a tzinfo."""
+        return ZoneInfo(self.timezone)
+
+    def local_day(self, t: datetime) -> date:
+        """The town's calendar day at the instant ``t`` (aware)."""
+        return t.astimezone(self.zone).date()
+
+    def midnight(self, day: date) -> datetime:
+        """The instant the town's calendar day ``day`` begins."""
+        return datetime(day.year, day.month, day.day, tzinfo=self.zone)
 
     def grid_at(self, lat: float, lon: float) -> Grid | None:
         """The grid cell a location falls in, or None outside the town."""

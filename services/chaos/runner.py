@@ -54,7 +54,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "dispatch": ("dispatch_case", "dispatch_work_order"),
     "handling": ("handling_work_order",),
     "verification": ("verification_task",),
-    "opscenter": ("ops_incident", "ops_fact"),
+    "opscenter": ("ops_incident", "ops_work_order", "ops_daily"),
 }
 LOG_PATTERNS = {
     "database is locked": re.compile(r"database is locked"),

@@ -160,6 +160,18 @@ class RecordStore:
     def inserted(self, model: Mapped) -> list[Any]:
         return list(self._of(model).new)
 
+    def changed(self, model: Mapped) -> list[tuple[Any, Any]]:
+        """The rows this unit changed or added and has not written yet: (the row as read, or None if new; the
+        row now)."""
+        state = self._of(model)
+        out: list[tuple[Any, Any]] = []
+        for key, before in state.as_read.items():
+            record = state.rows[key]
+            if vars(record) != before:
+                out.append((state.kind(**before), record))
+        out += ((None, record) for record in state.new)
+        return out
+
     def none_by(self, model: Mapped, column: str, key: Any) -> None:
         self._of(model).groups.setdefault(column, {}).setdefault(key, [])
 

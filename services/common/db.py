@@ -156,6 +156,19 @@ def insert_unless_taken(table: sa.Table, dialect: str, *index_elements: str) -> 
 
 
 @functools.cache
+def insert_adding(table: sa.Table, dialect: str) -> Any:
+    """``INSERT … ON CONFLICT (primary key) DO UPDATE`` that adds a new row's other columns to the row already
+    there (counters kept as sums: a row of deltas), for ``dialect``, built once."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(table)
+    keys = [c.name for c in table.primary_key.columns]
+    added = {c.name: table.c[c.name] + statement.excluded[c.name] for c in table.columns if c.name not in keys}
+    return statement.on_conflict_do_update(index_elements=keys, set_=added)
+
+
+@functools.cache
 def _claim_statements(dialect: str) -> tuple[Any, Any]:
     """The idempotency mark (built once per dialect: it runs per message), and the same returning the ids it did
     mark (for a batch)."""
@@ -203,6 +216,7 @@ class UnitOfWork:
         self._session: Session | None = None
         self._appended: dict[sa.Table, list[dict[str, Any]]] = {}
         self._records = RecordStore()
+        self._before_commit: list[Callable[[], None]] = []
 
     @property
     def connection(self) -> Connection:
@@ -251,6 +265,7 @@ class UnitOfWork:
         self.info = {}
         self._appended = {}
         self._records = RecordStore()
+        self._before_commit = []
 
     def now(self) -> datetime:
         return self.clock()
@@ -330,6 +345,15 @@ class UnitOfWork:
         answered as it stands in memory (the select reads the table, where this unit's changes are not yet)."""
         return self._records.where(self.connection, model, statement, params or {})
 
+    def changed(self, model: Rows[T]) -> list[tuple[T | None, T]]:
+        """The rows of ``model`` this unit changed or added and has not written yet, each as (the row as it was
+        read, or None if added; the row now): what a summary kept beside the rows must follow."""
+        return self._records.changed(model)  # type: ignore[no-any-return]
+
+    def before_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` at each commit of this unit, first (its writes join the transaction)."""
+        self._before_commit.append(callback)
+
     @overload
     def inserted(self, model: Rows[T]) -> list[T]: ...
     @overload
@@ -383,6 +407,8 @@ class UnitOfWork:
 
     def commit(self) -> None:
         connection = self.connection
+        for callback in self._before_commit:
+            callback()
         if self._session is not None:
             self._session.flush()
         self._records.write(connection)
@@ -420,6 +446,7 @@ __all__ = [
     "columns_by_key",
     "create_missing",
     "create_tables",
+    "insert_adding",
     "insert_unless_taken",
     "make_engine",
     "timestamp",

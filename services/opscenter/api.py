@@ -36,7 +36,8 @@ def kpi_query(
     at: Annotated[date | None, Query(ge=date(1970, 1, 1), le=date(2999, 12, 31))] = None,
     by: Dimension = Dimension.DEPARTMENT,
 ) -> KpiQuery:
-    """Which KPIs: the period (day, week, month) containing ``at`` (default today, UTC), cut by a dimension."""
+    """Which KPIs: the period (day, week, month) containing the town's day ``at`` (default today), cut by a
+    dimension."""
     return KpiQuery(period, at, by)
 
 
@@ -64,7 +65,7 @@ def build_api(runtime: Runtime) -> FastAPI:
 
     @api.get("/api/kpis", response_model=KpiReport, tags=["kpis"])
     async def kpis(who: Principal = Center, q: KpiQuery = Depends(kpi_query)) -> KpiReport:
-        """KPIs for the period containing ``at`` (default today, UTC) and the previous one (环比)."""
+        """KPIs for the period containing the town's day ``at`` (default today) and the previous one (环比)."""
         return await report(q)
 
     @api.get(
@@ -120,8 +121,8 @@ def build_api(runtime: Runtime) -> FastAPI:
 
     @api.get("/api/trend", response_model=list[views.TrendPoint], tags=["kpis"])
     async def trend(who: Principal = Center, days: Annotated[int, Query(ge=1, le=366)] = 14) -> list[views.TrendPoint]:
-        """Incidents reported and closed per day (UTC)."""
-        return await runtime.read(handlers.show_trend, days)
+        """Incidents reported and closed per day of the town."""
+        return await runtime.read(handlers.show_trend, days, runtime.town)
 
     @api.get("/api/map/incidents", tags=["map"], response_class=GeoJSONResponse)
     async def map_incidents(

@@ -14,7 +14,9 @@
   marked, and a new deadline clears both marks of the work order.
 - Stage durations (for the metrics), each counted once, from the events' own times: accept (派遣 → 签收), handle
   (派遣 → first 处置), verify (核查 requested → decided), close (上报 → 结案).
-- Every event is also kept as a fact with the dimensions KPIs are cut by (category, grid, department).
+- The KPIs' rollups (:class:`Tally`) follow the rows: what an incident or a work order adds to the daily counters
+  (in the town's days) is a function of the row alone, so a change of a row takes its old share back and adds
+  its new one. Each handling (处置) and rework (返工) adds one to its day as it is folded.
 
 Order across incidents does not matter. One incident's events are keyed by its id, so each producer's copies
 arrive in order; across producers they may not (a retried send lands later): hence the parking. Folding the log
@@ -23,9 +25,11 @@ from offset 0 gives the same read model.
 
 from __future__ import annotations
 
+import math
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from types import MappingProxyType
 
 from schemas import INCIDENT_FINAL, Event, IncidentStatus, WorkOrderStatus
@@ -90,22 +94,6 @@ class WorkOrder:
     returned_at: datetime | None = None
     reminded: bool = False
     escalated: bool = False
-
-
-@dataclass
-class Fact:
-    """One lifecycle event, flattened with the dimensions KPIs are cut by."""
-
-    event_id: str
-    type: str
-    incident_id: str
-    occurred_at: datetime
-    category_code: str = ""
-    """The incident's category (as it stood after the event), and its grid cell:"""
-    grid_id: str | None = None
-    department_code: str | None = None
-    """The department and the work order the event names, if any."""
-    work_order_id: str | None = None
 
 
 Stage = tuple[str, float]
@@ -285,30 +273,202 @@ def fold(event: Event, incident: Incident, order: WorkOrder | None, orders: Iter
     return folded
 
 
-def fact_of(event: Event, incident: Incident) -> Fact:
-    """The event as a fact, cut by its incident's category and grid (as they stand after it)."""
-    return Fact(
-        event.event_id,
-        event.type,
-        event.incident_id,
-        event.occurred_at,
-        incident.category_code,
-        incident.grid_id,
-        getattr(event, "department_code", None),
-        work_order_of(event),
+# -- the rollups: what each row adds to the KPIs' daily counters -------------------------------------------
+
+TOTAL = "all"
+"""The key of the whole town (the dimension ``none``)."""
+OUTSIDE = "outside"
+"""The grid key of an incident outside every grid cell."""
+UNASSIGNED = "unassigned"
+"""The department key of work no department is named for."""
+OPEN = date.max
+"""The close day of a case still open, in :attr:`Tally.due`."""
+
+COUNTED = (
+    "reported",
+    "filed",
+    "rejected",
+    "merged",
+    "dispatched",
+    "returned",
+    "handled",
+    "reworks",
+    "closed",
+    "closed_on_time",
+    "due_closed",
+    "accept_n",
+    "handle_n",
+    "close_n",
+)
+"""The daily counters (whole numbers) of a rollup row."""
+SUMMED = ("accept_s", "handle_s", "close_s")
+"""The daily sums of stage durations, in seconds (a stage's mean is its sum over its count)."""
+
+GAMMA = 2 ** (1 / 16)
+"""The ratio of a stage histogram's consecutive bucket bounds: a bucket's middle is within 2.2 % of any
+duration in it (the scale of a Prometheus native histogram of schema 4)."""
+_LOG_GAMMA = math.log(GAMMA)
+FLOOR = -200
+"""The bucket of every duration of a millisecond or less (a stage timed at once)."""
+
+Key = tuple[str, str]
+"""A dimension (``department``, ``category``, ``grid``, ``none``) and a key of it."""
+
+SPANS = ("day", "week", "month")
+"""The periods the KPIs are asked for; the stage histograms are kept whole for each of them."""
+
+
+def first_day(span: str, day: date) -> date:
+    """The first day of the ``span`` (day; week from Monday; month) that holds ``day``."""
+    if span == "week":
+        return day - timedelta(days=day.weekday())
+    if span == "month":
+        return day.replace(day=1)
+    return day
+
+
+def bucket(seconds: float) -> int:
+    """The histogram bucket of a duration: bucket ``b`` holds (γ^(b-1), γ^b] seconds."""
+    if seconds <= 0.001:
+        return FLOOR
+    return math.ceil(math.log(seconds) / _LOG_GAMMA - 1e-9)
+
+
+def bucket_value(b: int) -> float:
+    """The duration a bucket stands for: the middle of its bounds, as a p90 read off the histogram."""
+    return 0.0 if b <= FLOOR else 2 * GAMMA**b / (GAMMA + 1)
+
+
+@dataclass(slots=True)
+class Tally:
+    """Additions to the rollups (negative where a changed row takes its old share back), per day of the town.
+
+    - ``daily[(day, dimension, key)][counter]``: the :data:`COUNTED` and :data:`SUMMED` figures of the day;
+    - ``due[(deadline day, close day, dimension, key)]``: filed cases whose deadline falls on a day they were not
+      closed by (closed on a later day, or still open: :data:`OPEN`): a period holding the deadline counts them
+      due (应结案) unless they closed in it;
+    - ``stages[(day, dimension, key, stage, bucket)]``: the histograms of the accept, handle and close durations
+      (their p90s), kept whole for the day, the week and the month that hold the day (:data:`SPANS`): a period's
+      p90 reads its own histogram, never its days'."""
+
+    town: Town
+    daily: defaultdict[tuple[date, str, str], defaultdict[str, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
     )
+    due: Counter[tuple[date, date, str, str]] = field(default_factory=Counter)
+    stages: Counter[tuple[date, str, str, str, int]] = field(default_factory=Counter)
+
+    def __bool__(self) -> bool:
+        return bool(self.daily or self.due or self.stages)
+
+    def _add(self, when: datetime, keys: Iterable[Key], counter: str, n: float) -> None:
+        day = self.town.local_day(when)
+        daily = self.daily
+        for dim, key in keys:
+            daily[(day, dim, key)][counter] += n
+
+    def _stage(self, when: datetime, keys: Iterable[Key], stage: str, seconds: float, sign: int) -> None:
+        day, b = self.town.local_day(when), bucket(seconds)
+        daily, stages = self.daily, self.stages
+        for dim, key in keys:
+            row = daily[(day, dim, key)]
+            row[stage + "_n"] += sign
+            row[stage + "_s"] += sign * seconds
+            stages[(day, dim, key, stage, b)] += sign
+
+    def incident(self, i: Incident, sign: int = 1) -> None:
+        """What ``i`` adds to the rollups (takes it back with ``sign`` -1).
+
+        - reported, filed, rejected, merged: on the day of each, for the category's lead department;
+        - closed (结案), closed on time, due-and-closed, the close duration (上报 → 结案): on the closing day, for
+          every department that worked on it (the lead if none did);
+        - still due: a filed case whose deadline day passed before it closed (or that is open)."""
+        category = self.town.categories.get(i.category_code)
+        lead = category.lead if category else UNASSIGNED
+        place = (("category", i.category_code), ("grid", i.grid_id or OUTSIDE), ("none", TOTAL))
+        keys = (("department", lead), *place)
+        for when, counter in (
+            (i.reported_at, "reported"),
+            (i.filed_at, "filed"),
+            (i.rejected_at, "rejected"),
+            (i.merged_at, "merged"),
+        ):
+            if when is not None:
+                self._add(when, keys, counter, sign)
+        worked = i.departments.split()
+        closure = (*(("department", d) for d in worked), *place) if worked else keys
+        closed = i.closed_at
+        if closed is not None:
+            self._add(closed, closure, "closed", sign)
+            if i.on_time:
+                self._add(closed, closure, "closed_on_time", sign)
+            if i.filed_at is not None:
+                self._add(closed, closure, "due_closed", sign)
+            self._stage(closed, closure, "close", (closed - i.reported_at).total_seconds(), sign)
+        if i.filed_at is not None and i.deadline is not None:
+            deadline = self.town.local_day(i.deadline)
+            closed_on = self.town.local_day(closed) if closed is not None else OPEN
+            if closed_on > deadline:
+                for dim, key in closure:
+                    self.due[(deadline, closed_on, dim, key)] += sign
+
+    def order(self, o: WorkOrder, sign: int = 1) -> None:
+        """What ``o`` adds: dispatched (派遣) and returned (退回) on their days; the accept (派遣 → 签收) and
+        handle (派遣 → first 处置) durations on the day they ended, for the work order's department."""
+        keys = (
+            ("department", o.department_code or UNASSIGNED),
+            ("category", o.category_code),
+            ("grid", o.grid_id or OUTSIDE),
+            ("none", TOTAL),
+        )
+        self._add(o.dispatched_at, keys, "dispatched", sign)
+        if o.returned_at is not None:
+            self._add(o.returned_at, keys, "returned", sign)
+        if o.accepted_at is not None:
+            self._stage(o.accepted_at, keys, "accept", (o.accepted_at - o.dispatched_at).total_seconds(), sign)
+        if o.handled_at is not None:
+            self._stage(o.handled_at, keys, "handle", (o.handled_at - o.dispatched_at).total_seconds(), sign)
+
+    def event(self, event: Event, incident: Incident) -> None:
+        """What folding ``event`` adds by itself: every handling (处置) and every rework (返工) counts, not only a
+        work order's first, for the department it names, in the incident's category and grid as they stand."""
+        if isinstance(event, ev.WorkOrderHandled):
+            counter = "handled"
+        elif isinstance(event, ev.IncidentReworked):
+            counter = "reworks"
+        else:
+            return
+        keys = (
+            ("department", event.department_code or UNASSIGNED),
+            ("category", incident.category_code),
+            ("grid", incident.grid_id or OUTSIDE),
+            ("none", TOTAL),
+        )
+        self._add(event.occurred_at, keys, counter, 1)
 
 
 __all__ = [
+    "COUNTED",
+    "FLOOR",
+    "GAMMA",
     "NEEDS_ORDER",
+    "OPEN",
+    "OUTSIDE",
+    "SPANS",
     "STATUS_AFTER",
-    "Fact",
+    "SUMMED",
+    "TOTAL",
+    "UNASSIGNED",
     "Folded",
     "Incident",
+    "Key",
     "Stage",
+    "Tally",
     "WorkOrder",
+    "bucket",
+    "bucket_value",
     "closes_orders",
-    "fact_of",
+    "first_day",
     "fold",
     "open_incident",
     "released_by",

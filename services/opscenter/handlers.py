@@ -5,7 +5,7 @@ once) and the reads of the KPIs and the dashboard. The rules are in :mod:`.domai
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 from schemas import EVENT_TYPES, Event
@@ -33,17 +33,16 @@ def _fold(event: Event, store: OpsStore, town: Town) -> list[Stage]:
         if incident is None:
             store.park(event)  # ahead of its report (another producer's copy): folded when the report comes
             return []
-        store.add_incident(incident)
-    work_order_id = domain.work_order_of(event)
-    order = store.work_order(work_order_id) if work_order_id else None
+        store.add(incident)
+    order = store.work_order(domain.work_order_of(event))
     if domain.waits_for_order(event, order):
         store.park(event)  # ahead of its dispatch: folded when the work order is known
         return []
     orders = store.orders_of(incident.incident_id) if domain.closes_orders(event) else ()
     folded = domain.fold(event, incident, order, orders)
     if folded.order is not None:
-        store.add_order(folded.order)
-    store.add_fact(domain.fact_of(event, incident))
+        store.add(folded.order)
+    store.tally(town).event(event, incident)
     stages = folded.stages
     if (released := domain.released_by(event)) is not None:
         stages += _unpark(store, *released, town)
@@ -85,9 +84,9 @@ def bind(town: Town) -> Mapping[type[Event], Callable[[Any, UnitOfWork], None]]:
 
 
 def report_kpis(period: Period, at: date | None, by: Dimension, town: Town, uow: UnitOfWork) -> KpiReport:
-    """KPIs for the period containing ``at`` (default today, UTC) and the previous one (环比)."""
+    """KPIs for the period containing the town's day ``at`` (default today) and the previous one (环比)."""
     now = uow.now()
-    return kpi_report(OpsStore(uow).reads, period, at or now.date(), by, now, town)
+    return kpi_report(OpsStore(uow).reads, period, at or town.local_day(now), by, now, town)
 
 
 def show_backlog(town: Town, uow: UnitOfWork) -> list[views.Backlog]:
@@ -107,9 +106,9 @@ def list_overdue(limit: int, town: Town, uow: UnitOfWork) -> list[views.OverdueO
     return page_overdue(limit, None, town, uow).items
 
 
-def show_trend(days: int, uow: UnitOfWork) -> list[views.TrendPoint]:
-    start = views.trend_start(uow.now(), days)
-    return views.trend(OpsStore(uow).reads.incidents_since(start), start, days)
+def show_trend(days: int, town: Town, uow: UnitOfWork) -> list[views.TrendPoint]:
+    first = views.trend_first(town.local_day(uow.now()), days)
+    return views.trend(OpsStore(uow).reads.daily_totals(first, first + timedelta(days=days)), first, days)
 
 
 def show_map(query: MapQuery, town: Town, uow: UnitOfWork) -> dict[str, Any]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from services.common.db import timestamp
+
+from .domain import COUNTED, SUMMED
 
 
 class OpsIncident(SQLModel, table=True):
@@ -75,19 +77,52 @@ class OpsWorkOrder(SQLModel, table=True):
     escalated: bool = False
 
 
-class OpsFact(SQLModel, table=True):
-    """Every lifecycle event, flattened with the dimensions KPIs are cut by (counts per period come from here)."""
+OPS_DAILY = sa.Table(
+    "ops_daily",
+    SQLModel.metadata,
+    sa.Column("dim", sa.String(12), primary_key=True),
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("key", sa.String(40), primary_key=True),
+    *(sa.Column(name, sa.Integer, nullable=False, default=0) for name in COUNTED),
+    *(sa.Column(name, sa.Float, nullable=False, default=0.0) for name in SUMMED),
+    sqlite_with_rowid=False,
+    comment="The KPIs' counters of one day of the town, for one key of a dimension (department, category, grid, "
+    "or none for the whole town): a period's figures are the sums over its days. Kept by the fold.",
+)
+"""The daily rollup: a column for each of the fold's counters and duration sums (``domain.COUNTED``,
+``domain.SUMMED``, see ``domain.Tally``): one row per day of the town, dimension and key."""
 
-    __tablename__ = "ops_fact"
 
-    event_id: str = Field(primary_key=True, max_length=64)
-    type: str = Field(max_length=40, index=True)
-    incident_id: str = Field(max_length=64, index=True)
-    occurred_at: datetime = Field(sa_type=timestamp(), index=True)
-    category_code: str = Field(default="", max_length=40)
-    grid_id: str | None = Field(default=None, max_length=40)
-    department_code: str | None = Field(default=None, max_length=40)
-    work_order_id: str | None = Field(default=None, max_length=80)
+class OpsDue(SQLModel, table=True):
+    """Filed cases by deadline day and the later day they closed (``9999-12-31``: open): a period that holds the
+    deadline day but not the close day counts them due (应结案)."""
+
+    __tablename__ = "ops_due"
+    __table_args__ = {"sqlite_with_rowid": False}  # a period's rows lie together, in key order
+
+    dim: str = Field(primary_key=True, max_length=12)
+    deadline_day: date = Field(primary_key=True)
+    closed_day: date = Field(primary_key=True)
+    key: str = Field(primary_key=True, max_length=40)
+    n: int = 0
+
+
+class OpsStage(SQLModel, table=True):
+    """How many accept, handle or close durations that ended in one period (a day, a week from Monday, a month of
+    the town) fall in one bucket of a log histogram (see ``domain.bucket``): the period's p90 is read off it."""
+
+    __tablename__ = "ops_stage"
+    __table_args__ = {"sqlite_with_rowid": False}  # a period's histograms lie together, in key order
+
+    dim: str = Field(primary_key=True, max_length=12)
+    span: str = Field(primary_key=True, max_length=5)
+    """day, week or month."""
+    first: date = Field(primary_key=True)
+    """The period's first day."""
+    key: str = Field(primary_key=True, max_length=40)
+    stage: str = Field(primary_key=True, max_length=8)
+    bucket: int = Field(primary_key=True)
+    n: int = 0
 
 
 class OpsParked(SQLModel, table=True):
@@ -109,6 +144,8 @@ class OpsParked(SQLModel, table=True):
 TABLES = (
     OpsIncident.__table__,  # type: ignore[attr-defined]
     OpsWorkOrder.__table__,  # type: ignore[attr-defined]
-    OpsFact.__table__,  # type: ignore[attr-defined]
+    OPS_DAILY,
+    OpsDue.__table__,  # type: ignore[attr-defined]
+    OpsStage.__table__,  # type: ignore[attr-defined]
     OpsParked.__table__,  # type: ignore[attr-defined]
 )

@@ -1,15 +1,17 @@
 """The only door to the operations center's tables.
 
 - :class:`OpsStore` is the fold's: typed rows through the unit of work (read once per batch by :meth:`preload`,
-  changed in place, written at the commit), the facts appended, and the parked events.
-- :class:`ReadModel` answers the KPIs and the dashboard: the same selects as ever, their rows handed out as the
-  domain's typed rows (timestamps UTC-aware).
+  changed in place, written at the commit), the rollups kept beside them (added to at the commit, from the rows
+  the unit changed), and the parked events.
+- :class:`ReadModel` answers the KPIs and the dashboard: sums over the rollups' days, and bounded selects of
+  the work still open, their rows handed out as the domain's typed rows (timestamps UTC-aware).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -18,16 +20,20 @@ from sqlmodel import Session, SQLModel, col, select
 
 from schemas import INCIDENT_FINAL, ORDER_ACTIVE, Event, IncidentStatus, decode_event, encode_event
 from schemas import events as ev
-from services.common.db import SHARED_TABLES, Rows, UnitOfWork, create_tables
+from schemas.reference import Town
+from services.common.db import SHARED_TABLES, Rows, UnitOfWork, create_tables, insert_adding
 
 from ._map import Box, Cluster, Extent
-from .domain import Fact, Incident, WorkOrder
-from .kpis import KpiRows
-from .models import TABLES, OpsFact, OpsIncident, OpsParked, OpsWorkOrder
+from .domain import COUNTED, SPANS, SUMMED, Incident, Tally, WorkOrder, first_day
+from .kpis import Bucket
+from .models import OPS_DAILY, TABLES, OpsDue, OpsIncident, OpsParked, OpsStage, OpsWorkOrder
 
 INCIDENTS = Rows(OpsIncident, Incident)
 ORDERS = Rows(OpsWorkOrder, WorkOrder)
 
+_WHOLE = frozenset(COUNTED)
+_TALLY = "opscenter.tally"
+"""In the unit's info: the rollups' additions of this unit (see :meth:`OpsStore.tally`)."""
 _MAY_BE_PARKED = "opscenter.may_be_parked"
 """In the unit's info: False once a batch's preload found no parked event it could release (the usual case),
 so the fold skips looking; parking one sets it again."""
@@ -59,20 +65,78 @@ class OpsStore:
     def incident(self, incident_id: str) -> Incident | None:
         return self.uow.record(INCIDENTS, incident_id)
 
-    def work_order(self, work_order_id: str) -> WorkOrder | None:
-        return self.uow.record(ORDERS, work_order_id)
+    def work_order(self, work_order_id: str | None) -> WorkOrder | None:
+        """The work order named, if any and known."""
+        return self.uow.record(ORDERS, work_order_id) if work_order_id else None
 
     def orders_of(self, incident_id: str) -> list[WorkOrder]:
         return self.uow.records_by(ORDERS, "incident_id", incident_id)
 
-    def add_incident(self, incident: Incident) -> Incident:
-        return self.uow.add(INCIDENTS, incident)
+    def add(self, row: Incident | WorkOrder) -> None:
+        """A new incident or work order, written at the commit (with its changes until then)."""
+        if isinstance(row, Incident):
+            self.uow.add(INCIDENTS, row)
+        else:
+            self.uow.add(ORDERS, row)
 
-    def add_order(self, order: WorkOrder) -> WorkOrder:
-        return self.uow.add(ORDERS, order)
+    # -- the rollups: added to at the commit ---------------------------------------------------------------
 
-    def add_fact(self, fact: Fact) -> None:
-        self.uow.append(OpsFact, **vars(fact))  # nothing in a unit reads a fact back
+    def tally(self, town: Town) -> Tally:
+        """This unit's additions to the rollups. At each commit, the incidents and work orders the unit changed
+        take their old share back and add their new one, and the lot is added to the rollup tables."""
+        uow = self.uow
+        tally: Tally | None = uow.info.get(_TALLY)
+        if tally is None:
+            tally = uow.info[_TALLY] = Tally(town)
+            uow.before_commit(lambda: self._roll_up(tally))
+        return tally
+
+    def _roll_up(self, tally: Tally) -> None:
+        uow = self.uow
+        for before, incident in uow.changed(INCIDENTS):
+            if before is not None:
+                tally.incident(before, -1)
+            tally.incident(incident)
+        for was, order in uow.changed(ORDERS):
+            if was is not None:
+                tally.order(was, -1)
+            tally.order(order)
+        if not tally:
+            return
+        dialect = uow.engine.dialect.name
+        zero = dict.fromkeys(COUNTED, 0) | dict.fromkeys(SUMMED, 0.0)
+        daily = [
+            {
+                "dim": dim,
+                "day": day,
+                "key": key,
+                **zero,
+                **{c: int(v) if c in _WHOLE else v for c, v in counters.items()},
+            }
+            for (day, dim, key), counters in tally.daily.items()
+            if any(counters.values())
+        ]
+        due = [
+            {"dim": dim, "deadline_day": deadline, "closed_day": closed, "key": key, "n": n}
+            for (deadline, closed, dim, key), n in tally.due.items()
+            if n
+        ]
+        spans: Counter[tuple[str, str, date, str, str, int]] = Counter()
+        for (day, dim, key, stage, b), n in tally.stages.items():
+            if n:
+                for span in SPANS:
+                    spans[(dim, span, first_day(span, day), key, stage, b)] += n
+        stages = [
+            {"dim": dim, "span": span, "first": first, "key": key, "stage": stage, "bucket": b, "n": n}
+            for (dim, span, first, key, stage, b), n in spans.items()
+            if n
+        ]
+        for table, rows in ((_DAILY, daily), (_DUE, due), (_STAGE, stages)):
+            if rows:
+                uow.connection.execute(insert_adding(table, dialect), rows)
+        tally.daily.clear()
+        tally.due.clear()
+        tally.stages.clear()
 
     # -- parked events: ahead of their report or dispatch -------------------------------------------------
 
@@ -125,20 +189,22 @@ K = TypeVar("K")
 
 _INCIDENT: sa.Table = OpsIncident.__table__  # type: ignore[attr-defined]
 _ORDER: sa.Table = OpsWorkOrder.__table__  # type: ignore[attr-defined]
-_FACT: sa.Table = OpsFact.__table__  # type: ignore[attr-defined]
+_DAILY = OPS_DAILY
+_DUE: sa.Table = OpsDue.__table__  # type: ignore[attr-defined]
+_STAGE: sa.Table = OpsStage.__table__  # type: ignore[attr-defined]
 
 
 def _datetimes(table: sa.Table) -> tuple[str, ...]:
     return tuple(c.name for c in table.columns if isinstance(c.type, sa.DateTime))
 
 
-_AWARE = {t: _datetimes(t) for t in (_INCIDENT, _ORDER, _FACT)}
+_AWARE = {t: _datetimes(t) for t in (_INCIDENT, _ORDER)}
 _INCIDENT_OPEN = tuple(sorted(s.value for s in IncidentStatus if s not in INCIDENT_FINAL))
 """The statuses of an incident still open, named one by one: an index finds them, where ``NOT IN`` the final
 ones would read every incident ever closed."""
-_INCIDENT_TIMES = ("reported_at", "filed_at", "rejected_at", "merged_at", "closed_at", "deadline")
-_ORDER_TIMES = ("dispatched_at", "accepted_at", "handled_at", "returned_at")
-"""The times by which an incident or a work order touches a KPI period."""
+
+Sums = dict[str, float]
+"""A key's sums of the daily counters (:data:`~.domain.COUNTED`, :data:`~.domain.SUMMED`) over some days."""
 
 
 def _typed(kind: type[K], table: sa.Table, values: dict[str, Any]) -> K:
@@ -166,22 +232,72 @@ class ReadModel:
     def _orders(self, statement: Any) -> list[WorkOrder]:
         return self._all(WorkOrder, _ORDER, statement)
 
-    def kpi_rows(self, start: datetime, end: datetime) -> KpiRows:
-        """Incidents and work orders with a time of theirs in [start, end] (work still owed whatever its
-        times), and the handlings and reworks of it."""
-        i, o, f = _INCIDENT.c, _ORDER.c, _FACT.c
-        in_span = [i[t].between(start, end) for t in _INCIDENT_TIMES]
-        incidents = self._incidents(sa.select(_INCIDENT).where(sa.or_(*in_span)))
-        in_span = [o[t].between(start, end) for t in _ORDER_TIMES]
-        orders = self._orders(sa.select(_ORDER).where(sa.or_(*in_span, o.status.in_(ORDER_ACTIVE))))
-        facts = self._all(
-            Fact,
-            _FACT,
-            sa.select(_FACT).where(
-                f.occurred_at.between(start, end), f.type.in_(("WorkOrderHandled", "IncidentReworked"))
-            ),
+    # -- the KPIs: sums over the rollups' days of two adjacent periods [start, split) and [split, end)
+
+    def daily_sums(self, dim: str, start: date, split: date, end: date) -> list[tuple[str, bool, Sums]]:
+        """Each key's counters summed over the days of the previous period (False) and the current one (True)."""
+        d = _DAILY.c
+        current = (d.day >= split).label("current")
+        figures = [sa.func.sum(d[c]).label(c) for c in (*COUNTED, *SUMMED)]
+        statement = (
+            sa.select(d.key, current, *figures)
+            .where(d.dim == dim, d.day >= start, d.day < end)
+            .group_by(d.key, current)
         )
-        return KpiRows(incidents, orders, facts)
+        return [
+            (row[0], bool(row[1]), dict(zip((*COUNTED, *SUMMED), row[2:], strict=True)))
+            for row in self._rows(statement)
+        ]
+
+    def still_due(self, dim: str, start: date, split: date, end: date) -> list[tuple[str, bool, int]]:
+        """Each key's filed cases whose deadline day is in a period and that did not close in it or before (open
+        or closed after the period's end): due (应结案) there without closing there."""
+        u = _DUE.c
+        current = (u.deadline_day >= split).label("current")
+        after = sa.or_(
+            sa.and_(u.deadline_day >= split, u.closed_day >= end),
+            sa.and_(u.deadline_day < split, u.closed_day >= split),
+        )
+        statement = (
+            sa.select(u.key, current, sa.func.sum(u.n))
+            .where(u.dim == dim, u.deadline_day >= start, u.deadline_day < end, after)
+            .group_by(u.key, current)
+        )
+        return [(row[0], bool(row[1]), int(row[2])) for row in self._rows(statement)]
+
+    def stage_buckets(self, dim: str, span: str, previous: date, current: date) -> list[Bucket]:
+        """Each key's duration histograms (stage, bucket, count) of the ``span`` starting on ``previous`` (False)
+        and the one starting on ``current`` (True)."""
+        g = _STAGE.c
+        statement = sa.select(g.key, g.first, g.stage, g.bucket, g.n).where(
+            g.dim == dim, g.span == span, g.first.in_((previous, current)), g.n != 0
+        )
+        rows = self.db.execute(statement)
+        return [(key, _as_date(first) == current, stage, b, n) for key, first, stage, b, n in rows]
+
+    def overdue_open(self, dim: str, now: datetime) -> list[tuple[str, int]]:
+        """Work still owed past its deadline at ``now`` (超期未处置), counted per key of ``dim``."""
+        o = _ORDER.c
+        key = {
+            "department": sa.func.coalesce(o.department_code, "unassigned"),
+            "category": o.category_code,
+            "grid": sa.func.coalesce(o.grid_id, "outside"),
+        }.get(dim, sa.literal("all"))
+        statement = sa.select(key, sa.func.count()).where(o.status.in_(ORDER_ACTIVE), o.deadline < now).group_by(key)
+        return [(row[0], int(row[1])) for row in self._rows(statement)]
+
+    def daily_totals(self, start: date, end: date) -> list[tuple[date, int, int]]:
+        """The whole town's incidents reported and closed per day in [start, end)."""
+        d = _DAILY.c
+        statement = (
+            sa.select(d.day, sa.func.sum(d.reported), sa.func.sum(d.closed))
+            .where(d.dim == "none", d.day >= start, d.day < end)
+            .group_by(d.day)
+        )
+        return [(_as_date(row[0]), int(row[1]), int(row[2])) for row in self._rows(statement)]
+
+    def _rows(self, statement: Any) -> list[Any]:
+        return list(self.db.execute(statement))
 
     # -- the dashboard's lists: the work still owed and the open incidents, through the indexes that hold them;
     #    what they cost follows the backlog, not the history
@@ -313,11 +429,6 @@ class ReadModel:
         statement = sa.select(i.grid_id, sa.func.count()).where(*_open_in(None)).group_by(i.grid_id)
         return {grid: int(n) for grid, n in self.db.execute(statement)}
 
-    def incidents_since(self, start: datetime) -> list[Incident]:
-        """Incidents reported or closed at ``start`` or later."""
-        i = _INCIDENT.c
-        return self._incidents(sa.select(_INCIDENT).where((i.reported_at >= start) | (i.closed_at >= start)))
-
 
 def _open_in(box: Box | None) -> list[Any]:
     """The conditions of an incident open (through the status index: a few statuses of many) in ``box``."""
@@ -326,6 +437,11 @@ def _open_in(box: Box | None) -> list[Any]:
     if box is not None:
         conditions += [i.lat.between(box.south, box.north), i.lon.between(box.west, box.east)]
     return conditions
+
+
+def _as_date(value: Any) -> date:
+    """A DATE column's value (SQLite's driver may hand back the ISO text of a grouped day)."""
+    return value if isinstance(value, date) else date.fromisoformat(str(value))
 
 
 def fresh_read_model(engine: Engine, tables: Iterable[sa.Table] = TABLES) -> None:

@@ -4,10 +4,9 @@ trend. The map is :mod:`._map`'s."""
 from __future__ import annotations
 
 import base64
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from pydantic import BaseModel
 
@@ -133,23 +132,21 @@ def overdue_page(
     return OverduePage(items, OverdueAfter(last.deadline, last.work_order_id) if last else None, total)
 
 
-def trend_start(now: datetime, days: int) -> datetime:
-    """The first moment of a trend of ``days`` days (UTC) ending today."""
-    return (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
+def trend_first(today: date, days: int) -> date:
+    """The first of the ``days`` days of the town ending ``today``."""
+    return today - timedelta(days=days - 1)
 
 
-def trend(incidents: list[Incident], start: datetime, days: int) -> list[TrendPoint]:
-    """Incidents reported and closed per day from ``start``, of those reported or closed since."""
-    reported, closed = Counter[str](), Counter[str]()
-    for i in incidents:
-        if i.reported_at >= start:
-            reported[i.reported_at.date().isoformat()] += 1
-        if i.closed_at and i.closed_at >= start:
-            closed[i.closed_at.date().isoformat()] += 1
-    return [
-        TrendPoint(date=d, reported=reported[d], closed=closed[d])
-        for d in ((start + timedelta(days=n)).date().isoformat() for n in range(days))
-    ]
+def trend(totals: list[tuple[date, int, int]], first: date, days: int) -> list[TrendPoint]:
+    """Incidents reported and closed on each of ``days`` days from ``first``, from the days' ``totals``
+    (day, reported, closed); a day without a row had none."""
+    by_day = {day: (reported, closed) for day, reported, closed in totals}
+    points = []
+    for n in range(days):
+        day = first + timedelta(days=n)
+        reported, closed = by_day.get(day, (0, 0))
+        points.append(TrendPoint(date=day.isoformat(), reported=reported, closed=closed))
+    return points
 
 
 __all__ = [
@@ -162,5 +159,5 @@ __all__ = [
     "overdue_orders",
     "overdue_page",
     "trend",
-    "trend_start",
+    "trend_first",
 ]

@@ -247,7 +247,11 @@ def test_the_operations_centers_fold_on_postgres_matches_its_fold_on_sqlite(pg: 
             rows = [
                 *conn.execute(sa.select(OpsIncident.__table__).order_by("incident_id")),  # type: ignore[attr-defined]
                 *conn.execute(sa.select(OpsWorkOrder.__table__).order_by("work_order_id")),  # type: ignore[attr-defined]
-                (conn.execute(sa.text("select count(*) from ops_fact")).scalar_one(),),
+                *(
+                    row
+                    for table in ROLLUPS
+                    for row in conn.execute(sa.select(table).order_by(*table.primary_key.columns))
+                ),
             ]
         return [tuple(r) for r in rows]
 
@@ -259,8 +263,11 @@ def test_the_operations_centers_fold_on_postgres_matches_its_fold_on_sqlite(pg: 
     on_postgres = fold_into(pg)
     SQLModel.metadata.drop_all(pg, tables=list(OPS_TABLES))
     assert [(r[0], r[7]) for r in on_postgres[:3]] == [("PG-21", "closed"), ("PG-22", "closed"), ("PG-23", "closed")]
-    assert on_postgres[-1] == (len(events),)
+    assert any(r[0] == "none" for r in on_postgres)  # the whole town's rollups are there too, and compared
     assert [_naive_utc(r) for r in on_postgres] == [_naive_utc(r) for r in on_sqlite]
+
+
+ROLLUPS: tuple[sa.Table, ...] = tuple(t for t in OPS_TABLES if t.name in ("ops_daily", "ops_due", "ops_stage"))
 
 
 def _naive_utc(row: tuple[object, ...]) -> tuple[object, ...]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -10,8 +11,8 @@ from schemas import Actor, ActorKind, Event, IncidentStatus, Location, WorkOrder
 from schemas import events as ev
 from schemas.reference import GAOHANG, Category, Department, Grid, Town
 from services.opscenter import _map, domain, views
-from services.opscenter.domain import Fact, Incident, WorkOrder
-from services.opscenter.kpis import Dimension, KpiRows, Period, report_of, window
+from services.opscenter.domain import Incident, Tally, WorkOrder
+from services.opscenter.kpis import Bucket, Dimension, Period, kpi_report
 
 T0 = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
 
@@ -288,41 +289,102 @@ def test_a_closure_closes_the_incident_and_its_handled_work_orders() -> None:
     assert (handled.status, returned.status) == ("closed", "returned")
 
 
-def test_a_fact_is_cut_by_the_incident_as_it_stands() -> None:
-    incident = _incident(grid_id="g1")
-    fact = domain.fact_of(_on_order(ev.WorkOrderAccepted, 1), incident)
-    assert (fact.type, fact.category_code, fact.grid_id, fact.department_code, fact.work_order_id) == (
-        "WorkOrderAccepted",
-        "pothole",
-        "g1",
-        "roads",
-        "GL-1-1",
-    )
-    report = domain.fact_of(_report(), incident)
-    assert (report.department_code, report.work_order_id, report.occurred_at) == (None, None, T0)
+def test_a_row_adds_its_share_to_the_towns_days_and_takes_it_back_when_it_changes() -> None:
+    tally = Tally(TOWN)
+    incident = _incident(grid_id="g1", filed_at=_at(0.5), deadline=_at(20))  # T0 is 16:00 in Shanghai
+    tally.incident(incident)
+    today, tomorrow = date(2026, 6, 1), date(2026, 6, 2)
+    assert tally.daily[(today, "grid", "g1")]["reported"] == 1
+    assert tally.daily[(today, "department", "roads")]["filed"] == 1  # the category's lead department
+    assert tally.due == {(tomorrow, domain.OPEN, dim, key): 1 for dim, key in _keys("roads", "g1")}
+    closed = _incident(grid_id="g1", filed_at=_at(0.5), deadline=_at(20), closed_at=_at(9), on_time=True)
+    closed.departments = "roads parks"
+    tally.incident(incident, -1)
+    tally.incident(closed)
+    assert not any(tally.due.values())  # closed on its deadline day: due there because it closed there
+    assert tally.daily[(today, "none", domain.TOTAL)]["reported"] == 1
+    assert tally.daily[(tomorrow, "department", "parks")]["closed"] == 1  # every department that worked on it
+    assert tally.daily[(tomorrow, "department", "roads")]["due_closed"] == 1
+    assert tally.daily[(tomorrow, "none", domain.TOTAL)]["close_s"] == 9 * 3600.0
+    tally.event(_on_order(ev.WorkOrderHandled, 2, result="done"), closed)
+    assert tally.daily[(today, "department", "roads")]["handled"] == 1
+
+
+def test_a_duration_bucket_holds_it_within_two_hundredths() -> None:
+    for seconds in (0.5, 1.0, 59.9, 3600.0, 86400.0 * 3.3, 1e7):
+        middle = domain.bucket_value(domain.bucket(seconds))
+        assert abs(middle - seconds) / seconds < 0.022, seconds
+    assert domain.bucket_value(domain.bucket(0.0)) == 0.0
+    assert domain.bucket(100.0) < domain.bucket(105.0) < domain.bucket(108.0)
+
+
+def _keys(department: str, grid: str) -> list[tuple[str, str]]:
+    return [("department", department), ("category", "pothole"), ("grid", grid), ("none", domain.TOTAL)]
+
+
+class TallyReads:
+    """The rollups a :class:`Tally` holds, summed as the store sums its tables (the KPIs' fake repository)."""
+
+    def __init__(self, tally: Tally, active: list[WorkOrder]) -> None:
+        self.tally, self.active = tally, active
+
+    def daily_sums(self, dim: str, start: date, split: date, end: date) -> list[tuple[str, bool, dict[str, float]]]:
+        sums: dict[tuple[str, bool], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for (day, d, key), counters in self.tally.daily.items():
+            if d == dim and start <= day < end:
+                for name, v in counters.items():
+                    sums[(key, day >= split)][name] += v
+        return [(key, side, dict(v)) for (key, side), v in sums.items()]
+
+    def still_due(self, dim: str, start: date, split: date, end: date) -> list[tuple[str, bool, int]]:
+        out: dict[tuple[str, bool], int] = defaultdict(int)
+        for (deadline, closed, d, key), n in self.tally.due.items():
+            current = deadline >= split
+            if d == dim and start <= deadline < end and closed >= (end if current else split):
+                out[(key, current)] += n
+        return [(key, side, n) for (key, side), n in out.items()]
+
+    def stage_buckets(self, dim: str, span: str, previous: date, current: date) -> list[Bucket]:
+        out: dict[tuple[str, bool, str, int], int] = defaultdict(int)
+        for (day, d, key, stage, b), n in self.tally.stages.items():
+            first = domain.first_day(span, day)
+            if d == dim and first in (previous, current):
+                out[(key, first == current, stage, b)] += n
+        return [(*k, n) for k, n in out.items() if n]
+
+    def overdue_open(self, dim: str, now: datetime) -> list[tuple[str, int]]:
+        out: dict[str, int] = defaultdict(int)
+        for o in self.active:
+            if o.deadline < now:
+                out[{"department": o.department_code, "category": o.category_code}.get(dim, domain.TOTAL)] += 1
+        return list(out.items())
 
 
 # -- KPIs and views: arithmetic over typed rows -----------------------------------------------------------
 
 
 def test_kpis_count_a_case_closed_early_as_due_and_cut_by_the_towns_departments() -> None:
-    current, previous = window(Period.DAY, T0.date())
+    tally = Tally(TOWN)
     early = _incident(filed_at=_at(0.5), closed_at=_at(3), on_time=True, deadline=_at(60), departments="roads parks")
     late = _incident(incident_id="GL-2", filed_at=_at(0.5), deadline=_at(2))  # due today, still open
     order = _order(accepted_at=_at(1), handled_at=_at(2))
-    facts = [
-        Fact(event_id="e1", type="WorkOrderHandled", incident_id="GL-1", occurred_at=_at(2), department_code="roads")
-    ]
-    rows = KpiRows([early, late], [order], facts)
-    report = report_of(rows, Period.DAY, Dimension.DEPARTMENT, (current, previous), _at(10), TOWN)
+    for row in (early, late):
+        tally.incident(row)
+    tally.order(order)
+    tally.event(_on_order(ev.WorkOrderHandled, 2, result="done"), early)
+    report = kpi_report(TallyReads(tally, [order]), Period.DAY, date(2026, 6, 1), Dimension.DEPARTMENT, _at(7), TOWN)
+    assert report.start == datetime(2026, 5, 31, 16, tzinfo=UTC)  # the town's midnight
     k = report.total.current
     assert (k.reported, k.filed, k.closed, k.closed_on_time, k.due, k.handled) == (2, 2, 1, 1, 2, 1)
     assert (k.closure_rate, k.on_time_rate, k.rework_rate, k.accurate_dispatch_rate) == (0.5, 0.5, 0.0, 1.0)
     assert k.time_to_close is not None and k.time_to_close.mean_s == 3 * 3600.0
+    assert k.time_to_close.p90_s is not None and abs(k.time_to_close.p90_s - 3 * 3600.0) < 0.022 * 3 * 3600.0
     by = {r.key: r for r in report.rows}
     assert by["roads"].name_zh == "路政" and by["parks"].current.closed == 1  # every department that worked on it
     assert by["roads"].current.reported == 2  # reports count for the category's lead department
     assert k.overdue_open == 0  # the order is owed, but not past its deadline
+    later = kpi_report(TallyReads(tally, [order]), Period.DAY, date(2026, 6, 2), Dimension.NONE, _at(30), TOWN)
+    assert later.total.current.overdue_open == 1 and later.total.previous.closed == 1  # 环比: yesterday beside
 
 
 def test_the_backlog_and_the_grids_are_the_towns() -> None:

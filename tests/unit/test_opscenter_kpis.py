@@ -22,10 +22,11 @@ from services.opscenter import handlers
 from services.opscenter.handlers import fold_event
 from services.opscenter.kpis import Dimension, KpiReport, Period, to_csv_rows, window
 from services.opscenter.models import TABLES as OPS_TABLES
+from tests import kpi_reference
 
 from .conftest import FakeClock
 
-START = datetime(2026, 6, 1, 0, 0, tzinfo=UTC)  # the scenario takes 23 h of the day
+START = datetime(2026, 5, 31, 16, 0, tzinfo=UTC)  # midnight of 1 June in Gaohang: the scenario takes 23 h of the day
 
 
 class Scenario:
@@ -37,6 +38,7 @@ class Scenario:
         self.ops_db = ops_db
         self.ops = MessageBus(lambda: UnitOfWork(ops_db, clock=clock), {c: self._fold for c in ev.EVENT_TYPES.values()})
         self.n = 0
+        self.events: list[Event] = []
 
     def _fold(self, event: Event, uow: UnitOfWork) -> None:
         fold_event(event, uow, GAOHANG)
@@ -49,6 +51,7 @@ class Scenario:
         out = self.dispatch.handle(event)
         for e in (event, *out):
             self.ops.handle(e)
+            self.events.append(e)
         return out
 
     def report(self, category: str, lat: float, lon: float = 121.565) -> list[Event]:
@@ -180,7 +183,7 @@ def test_overdue_open_and_views(scenario: Scenario) -> None:
     late = one(scenario.report("street_vending", 31.300), ev.WorkOrderDispatched)
     scenario.clock.advance(hours=9)
     now = scenario.clock()
-    report = scenario.kpis(now.date(), Dimension.DEPARTMENT)
+    report = scenario.kpis(GAOHANG.local_day(now), Dimension.DEPARTMENT)
     assert report.total.current.overdue_open == 1
     assert {r.key: r.current.overdue_open for r in report.rows}["city_ops"] == 1
     ops = scenario.ops
@@ -193,7 +196,7 @@ def test_overdue_open_and_views(scenario: Scenario) -> None:
     assert [p["properties"]["overdue"] for p in points] == [True]
     grids = ops.query(handlers.map_grids, GAOHANG)["features"]
     assert len(grids) == 12 and sum(g["properties"]["open"] for g in grids) == 1
-    trend = ops.query(handlers.show_trend, 3)  # now is 08:00 the next day
+    trend = ops.query(handlers.show_trend, 3, GAOHANG)  # now is 08:00 the next day
     assert [(t.date, t.reported, t.closed) for t in trend] == [
         ("2026-05-31", 0, 0),
         ("2026-06-01", 11, 7),
@@ -227,3 +230,17 @@ def test_folding_twice_changes_nothing(scenario: Scenario) -> None:
     scenario.ops.handle(event)
     report = scenario.kpis(date(2026, 6, 1), Dimension.NONE)
     assert report.total.current.reported == 10  # K-1 already existed: a second report of it is not counted
+
+
+def test_the_rollups_agree_with_a_scan_of_every_row(scenario: Scenario) -> None:
+    late = one(scenario.report("street_vending", 31.300), ev.WorkOrderDispatched)
+    scenario.clock.advance(hours=30)  # past its deadline, still open: due, and overdue now
+    scenario.dept(ev.WorkOrderAccepted, late)
+    with scenario.ops_db.connect() as conn:
+        history = kpi_reference.load(conn, scenario.events)
+    now = scenario.clock()
+    for at in (date(2026, 5, 31), date(2026, 6, 1), date(2026, 6, 2), GAOHANG.local_day(now)):
+        for period in Period:
+            for by in Dimension:
+                report = scenario.kpis(at, by, period)
+                assert kpi_reference.differences(report, history, now, GAOHANG) == [], (at, period, by)

@@ -12,8 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from services.common.auth import Role, TokenStore
-from services.common.db import UnitOfWork, make_engine
-from services.opscenter.models import TABLES, OpsFact, OpsIncident, OpsParked
+from services.common.db import ProcessedEvent, Rows, UnitOfWork, make_engine
+from services.opscenter.domain import Incident
+from services.opscenter.models import TABLES, OpsIncident, OpsParked
 
 MakeDb = Callable[[tuple[sa.Table, ...]], Engine]
 T0 = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
@@ -27,7 +28,7 @@ def db(make_db: MakeDb) -> Engine:
 def _write_all_three(uow: UnitOfWork, n: int) -> None:
     """A record, an appended row and an ORM object: three ways into the one transaction."""
     uow.insert(OpsIncident, incident_id=f"GL-{n}", category_code="exposed_garbage", status="reported", reported_at=T0)
-    uow.append(OpsFact, event_id=f"e{n}", type="IncidentReported", incident_id=f"GL-{n}", occurred_at=T0)
+    uow.append(ProcessedEvent, event_id=f"e{n}", type="IncidentReported", processed_at=T0)
     uow.session.add(OpsParked(event_id=f"p{n}", incident_id=f"GL-{n}", occurred_at=T0, payload=b"{}"))
 
 
@@ -35,7 +36,7 @@ def _counts(db: Engine) -> tuple[int, int, int]:
     with db.connect() as conn:
         return tuple(  # type: ignore[return-value]
             conn.execute(sa.text(f"select count(*) from {t}")).scalar_one()
-            for t in ("ops_incident", "ops_fact", "ops_parked")
+            for t in ("ops_incident", "processed_event", "ops_parked")
         )
 
 
@@ -113,3 +114,26 @@ def test_a_span_of_business_time_too_long_for_a_timedelta_is_the_longest_there_i
     """At a time scale of 1e-12, 24 business hours are a trillion days of wall-clock time: never reached."""
     assert UnitOfWork(db, time_scale=1e-12).business_hours(24) == timedelta.max
     assert UnitOfWork(db, time_scale=3600).business_hours(24) == timedelta(seconds=24)
+
+
+def test_a_commit_first_calls_back_with_the_rows_changed_as_read_and_as_now(db: Engine) -> None:
+    incidents = Rows(OpsIncident, Incident)
+    with UnitOfWork(db) as uow:
+        uow.insert(OpsIncident, incident_id="GL-1", category_code="exposed_garbage", status="reported", reported_at=T0)
+        uow.insert(OpsIncident, incident_id="GL-2", category_code="exposed_garbage", status="reported", reported_at=T0)
+        uow.commit()
+    seen: list[list[tuple[str | None, str, str]]] = []
+    with UnitOfWork(db) as uow:
+        uow.fetch(incidents, ["GL-1", "GL-2"])
+
+        def look() -> None:
+            seen.append([(b.status if b else None, a.incident_id, a.status) for b, a in uow.changed(incidents)])
+
+        uow.before_commit(look)
+        changed = uow.record(incidents, "GL-1")
+        assert changed is not None
+        changed.status = "filed"
+        uow.add(incidents, Incident(incident_id="GL-3", category_code="c", status="reported", reported_at=T0))
+        uow.commit()
+        uow.commit()  # nothing changed since: the rows count as read as they were written
+    assert seen == [[("reported", "GL-1", "filed"), (None, "GL-3", "reported")], []]

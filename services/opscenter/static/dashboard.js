@@ -130,13 +130,13 @@
   }
   function fmtTime(d) { var p = beijingParts(d); return p.hour + ":" + p.minute + ":" + p.second; }
 
-  function utcDay(iso) { return String(iso).slice(0, 10); }
+  function localDay(d) { var p = beijingParts(d); return p.year + "-" + p.month + "-" + p.day; }
   function fmtRange(period, start, end) {
     if (!start || !end) return DASH;
-    var last = new Date(Date.parse(end) - 1000).toISOString().slice(0, 10);
-    if (period === "day") return utcDay(start);
-    if (period === "month") return utcDay(start).slice(0, 7);
-    return utcDay(start) + " ~ " + last.slice(5);
+    var first = localDay(new Date(Date.parse(start))), last = localDay(new Date(Date.parse(end) - 1000));
+    if (period === "day") return first;
+    if (period === "month") return first.slice(0, 7);
+    return first + " ~ " + last.slice(5);
   }
 
   function fmtDuration(s) {
