@@ -1,34 +1,36 @@
 """opscenter with one slow read, for tests/e2e/test_opscenter_reads.py: ``python -m tests.e2e._slow_opscenter``.
 
-The backlog's read (``GET /api/backlog``) reads the read model as ever, then holds its unit of work open for
-``GRIDLOOP_TEST_SLOW_READ_S`` seconds, as a report over a long history would; when it begins it writes the time
-to the file ``GRIDLOOP_TEST_SLOW_READ_MARK``. Everything else is the service as it runs.
+The KPIs' read (``GET /api/kpis``) reads the read model as ever, then holds its unit of work open for
+``GRIDLOOP_TEST_SLOW_READ_S`` seconds, as a report over a long history did; when it begins it writes the time to
+the file ``GRIDLOOP_TEST_SLOW_READ_MARK``. Everything else is the service as it runs.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 from schemas.reference import Town
-from services.opscenter import handlers, views
+from services.opscenter import handlers
 from services.opscenter.app import build
+from services.opscenter.kpis import Dimension, KpiReport, Period
 
 SLOW_S = float(os.environ["GRIDLOOP_TEST_SLOW_READ_S"])
 MARK = Path(os.environ["GRIDLOOP_TEST_SLOW_READ_MARK"])
-_show_backlog = handlers.show_backlog
+_report_kpis = handlers.report_kpis
 
 
-def slow_backlog(town: Town, uow: Any) -> list[views.Backlog]:
+def slow_report(period: Period, at: date | None, by: Dimension, town: Town, uow: Any) -> KpiReport:
     MARK.write_text(f"{time.time()}")
-    backlog = _show_backlog(town, uow)
+    report = _report_kpis(period, at, by, town, uow)
     time.sleep(SLOW_S)
-    return backlog
+    return report
 
 
-handlers.show_backlog = slow_backlog
+handlers.report_kpis = slow_report
 
 if __name__ == "__main__":
     build().run()
