@@ -54,9 +54,16 @@ class OpsWorkOrder(SQLModel, table=True):
     __tablename__ = "ops_work_order"
     __table_args__ = (
         # the work still owed in deadline order, a status at a time (the overdue list's pages: deadline, then id),
-        # with what the backlog and the map count it by, from the index alone
+        # with what the backlog, the map and the KPIs' overdue figure count it by, from the index alone
         sa.Index(
-            "ix_ops_work_order_status_deadline", "status", "deadline", "work_order_id", "department_code", "incident_id"
+            "ix_ops_work_order_owed",
+            "status",
+            "deadline",
+            "work_order_id",
+            "department_code",
+            "incident_id",
+            "category_code",
+            "grid_id",
         ),
     )
 

@@ -28,6 +28,7 @@ from services.common.db import UnitOfWork, create_tables, make_engine
 from services.opscenter import _map, handlers, views
 from services.opscenter._map import Box, MapQuery
 from services.opscenter.api import GeoJSONResponse
+from services.opscenter.kpis import Dimension, Period
 from services.opscenter.models import TABLES, OpsWorkOrder
 from tests.readmodel_fill import NOW, Filled, fill
 
@@ -232,6 +233,14 @@ READS: dict[str, Callable[[Big], Any]] = {
     "map, points": lambda big: big.query(handlers.show_map, MapQuery(18, BOXES["a street"]), GAOHANG),
     "map, no zoom": lambda big: big.query(handlers.show_map, MapQuery(), GAOHANG),
     "grids": lambda big: big.query(handlers.map_grids, GAOHANG),
+    **{
+        f"kpis, {period.value} by {by.value}": (
+            lambda big, period=period, by=by: big.query(handlers.report_kpis, period, None, by, GAOHANG)
+        )
+        for period in Period
+        for by in Dimension
+    },
+    "trend": lambda big: big.query(handlers.show_trend, 14, GAOHANG),
 }
 
 
@@ -252,14 +261,18 @@ def test_every_statement_of_the_lists_and_the_map_reads_through_an_index(big: Bi
 
 def _bounded(step: str) -> bool:
     found = re.fullmatch(r"SEARCH \S+ USING (?:COVERING )?INDEX \S+ \((.*)\)", step)
-    return found is not None and (found[1].startswith("status=") or found[1] in ("incident_id=?", "work_order_id=?"))
+    if found is not None:
+        return found[1].startswith("status=") or found[1] in ("incident_id=?", "work_order_id=?")
+    # a rollup: a dimension's range of days (or one period's first days), in its primary key's order
+    rollup = re.fullmatch(r"SEARCH ops_(?:daily|due|stage) USING PRIMARY KEY \((dim=\? AND .*)\)", step)
+    return rollup is not None and ("day>" in rollup[1] or "first=" in rollup[1])
 
 
 def test_the_new_indexes_are_made_on_a_database_made_before_them(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'old.sqlite'}")
     create_tables(engine, TABLES)
     ours = {i.name for t in TABLES for i in t.indexes if len(i.columns) > 1}
-    assert ours == {"ix_ops_incident_status_map", "ix_ops_work_order_status_deadline"}
+    assert ours == {"ix_ops_incident_status_map", "ix_ops_work_order_owed"}
     with engine.begin() as conn:
         for name in ours:
             conn.exec_driver_sql(f"DROP INDEX {name}")
