@@ -222,6 +222,10 @@ def _statements(engine: Engine, run: Callable[[], Any]) -> list[tuple[str, Any]]
     return seen
 
 
+def _kpis(period: Period, by: Dimension) -> Callable[[Big], Any]:
+    return lambda big: big.query(handlers.report_kpis, period, None, by, GAOHANG)
+
+
 READS: dict[str, Callable[[Big], Any]] = {
     "backlog": lambda big: big.query(handlers.show_backlog, GAOHANG),
     "overdue, first page": lambda big: big.query(handlers.page_overdue, 200, None, GAOHANG),
@@ -233,13 +237,7 @@ READS: dict[str, Callable[[Big], Any]] = {
     "map, points": lambda big: big.query(handlers.show_map, MapQuery(18, BOXES["a street"]), GAOHANG),
     "map, no zoom": lambda big: big.query(handlers.show_map, MapQuery(), GAOHANG),
     "grids": lambda big: big.query(handlers.map_grids, GAOHANG),
-    **{
-        f"kpis, {period.value} by {by.value}": (
-            lambda big, period=period, by=by: big.query(handlers.report_kpis, period, None, by, GAOHANG)
-        )
-        for period in Period
-        for by in Dimension
-    },
+    **{f"kpis, {period.value} by {by.value}": _kpis(period, by) for period in Period for by in Dimension},
     "trend": lambda big: big.query(handlers.show_trend, 14, GAOHANG),
 }
 
