@@ -96,6 +96,11 @@ def live_table(result: Mapping[str, Any]) -> Table:
 
 
 def print_read(result: Mapping[str, Any], console: Console) -> None:
+    if host := result.get("host"):
+        console.print(
+            f"host: {host['cpus']} CPUs, load {host['load_start']} → {host.get('load_end')}, "
+            f"probe {host['probe_ms_start']} → {host.get('probe_ms_end')} ms (higher: a busier host, slower figures)"
+        )
     console.print(history_table(result))
     console.print(rebuild_table(result))
     for label, round_ in result["databases"].items():

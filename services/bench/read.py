@@ -250,10 +250,13 @@ class ReadBench:
                 "history": history,
                 "databases": {},
             }
+            result["host"] = self._host()
             token = self._token()
             last, middle = (end - timedelta(microseconds=1)).date(), (start + (end - start) / 2).date()
             for index, target in enumerate(self.targets):
                 result["databases"][target.label] = self._round(index, target, token, endpoints(last, middle))
+            result["host"]["probe_ms_end"] = _probe()
+            result["host"]["load_end"] = round(os.getloadavg()[0], 2)
             result["duration_s"] = round(time.time() - self.t0, 1)
             write_json(self.out_dir / "result.json", result)
             return result
@@ -296,6 +299,17 @@ class ReadBench:
             "publish_s": round(publishing, 2),
             "publish_events_per_s": round(sent / publishing),
             "wall_s": round(wall, 2),
+        }
+
+    @staticmethod
+    def _host() -> dict[str, Any]:
+        """The machine, and how busy it is (other work on it slows every figure): the host probe of
+        :func:`.monitor.probe_ms` and the load average, at the start and at the end."""
+        return {
+            "cpus": psutil.cpu_count(),
+            "memory_mb": psutil.virtual_memory().total // 2**20,
+            "probe_ms_start": _probe(),
+            "load_start": round(os.getloadavg()[0], 2),
         }
 
     def _token(self) -> str:
@@ -457,6 +471,13 @@ class ReadBench:
                 except Exception as exc:
                     self.log(f"[yellow]database {target.scratch[1]} not dropped ({type(exc).__name__}: {exc})[/yellow]")
         shutil.rmtree(self.var_dir / "db", ignore_errors=True)
+
+
+def _probe() -> float:
+    """The host probe's median of five (CPU ms of a fixed piece of pure Python)."""
+    from .monitor import probe_ms
+
+    return round(sorted(probe_ms() for _ in range(5))[2], 2)
 
 
 def _without_password(url: str) -> str:
