@@ -14,9 +14,11 @@ PYTEST_ARGS ?=
 # API fuzzing with FUZZ_EXAMPLES examples per operation and mode included; `make chaos` and `make fuzz` (200
 # examples) are the long versions.
 FUZZ_EXAMPLES ?= 10
+# `make bench-read` rebuilds and reads the operations center on N incidents of synthetic history (a year of them).
+N ?= 20000
 
 .PHONY: help venv lint fmt schemas kafka-up kafka-down kafka-status kafka-reset topics test test-unit demo run \
-	chaos chaos-small bench soak fuzz clean
+	chaos chaos-small bench bench-read soak fuzz clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -77,6 +79,9 @@ chaos-small: $(STAMP) ## the small chaos run as a test (150 incidents, one kill 
 
 bench: $(STAMP) kafka-up ## incidents closed per second beside the raw Kafka limit (JSON on the last line)
 	$(PY) -m services.bench run $(BENCH_ARGS)
+
+bench-read: $(STAMP) kafka-up ## the read side on N incidents of history: rebuild, every read, live lag (JSON last)
+	$(PY) -m services.bench read --incidents $(N) $(BENCH_READ_ARGS)
 
 soak: $(STAMP) kafka-up ## 30 minutes at half the maximum rate; RSS growth per service
 	$(PY) -m services.bench soak $(SOAK_ARGS)

@@ -11,4 +11,8 @@ One run measures:
 
 Results go to ``var/bench/<timestamp>/`` (summary JSON, per-step JSON, a PNG plot); the last line printed is the
 summary as one JSON object. ``soak`` runs at half the maximum rate for a long time and reports RSS growth.
+
+``read`` measures the read side instead (:mod:`.read`): a synthetic history of the town (:mod:`.history`) rebuilt
+into the operations center's read model, every read endpoint timed on it, and the live fold's lag under a
+dashboard.
 """

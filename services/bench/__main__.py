@@ -1,4 +1,5 @@
-"""``python -m services.bench run`` (behind ``make bench``) and ``python -m services.bench soak`` (``make soak``).
+"""``python -m services.bench run`` (behind ``make bench``), ``python -m services.bench soak`` (``make soak``) and
+``python -m services.bench read`` (``make bench-read``).
 
 The last line printed is the result as one JSON object; everything before it is for people.
 """
@@ -19,6 +20,8 @@ from rich.console import Console
 
 from . import stats
 from .harness import DEFAULT_BASE_PORT, DEFAULT_RATES, Bench, Options, Soak
+from .read import DEFAULT_BASE_PORT as READ_BASE_PORT
+from .read import ReadBench, ReadOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
@@ -108,7 +111,8 @@ def stop_on_sigterm() -> None:
 
 @app.callback()
 def main() -> None:
-    """gridloop's benchmark: the raw Kafka limit, the closed loop's sustained rate, latency and resources."""
+    """gridloop's benchmark: the raw Kafka limit, the closed loop's sustained rate, latency and resources; and the
+    read side on months of history."""
     stop_on_sigterm()
 
 
@@ -165,6 +169,73 @@ def soak(
 
     print_soak(result, Console(width=200))
     print(stats.json_line(result.summary), flush=True)
+
+
+@app.command()
+def read(
+    incidents: Annotated[
+        int, typer.Option(min=1, help="Incidents of synthetic history (about 8.3 events each).")
+    ] = 20_000,
+    days: Annotated[int, typer.Option(min=1, help="Days the history spans, ending now.")] = 365,
+    seed: Annotated[int, typer.Option(help="The history's seed: the same seed, the same incidents.")] = 1,
+    database_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A read model to rebuild and read (its tables are dropped first), repeatable. Default: a SQLite "
+            "file in the run's directory, and PostgreSQL in a scratch database where --postgres-url gives a server."
+        ),
+    ] = None,
+    postgres_url: Annotated[
+        str,
+        typer.Option(
+            envvar="GRIDLOOP_TEST_POSTGRES_URL",
+            help="A PostgreSQL server (as a database URL): the run makes a database of its own there, and drops it.",
+        ),
+    ] = "",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed requests per endpoint.")] = 20,
+    budget_s: Annotated[
+        float, typer.Option(min=0.0, help="Fewer requests (at least 3) once an endpoint has taken this long.")
+    ] = 10.0,
+    live_s: Annotated[
+        float, typer.Option(min=0.0, help="Seconds of live events under the dashboard (0: none).")
+    ] = 30.0,
+    live_rate: Annotated[float, typer.Option(min=0.1, help="Live events per second.")] = 100.0,
+    refresh_s: Annotated[float, typer.Option(min=0.1, help="How often the dashboard refreshes.")] = 5.0,
+    base_port: Annotated[int, typer.Option(help="opscenter listens on base+4.")] = READ_BASE_PORT,
+    bootstrap: Bootstrap = "127.0.0.1:9092",
+    keep_db: Annotated[bool, typer.Option(help="Keep the rebuilt databases.")] = False,
+    keep_topics: KeepTopics = False,
+    out: Annotated[Path | None, typer.Option(help="Where run directories go (default var/bench-read).")] = None,
+) -> None:
+    """Generate a history of --incidents incidents, publish it to a fresh lifecycle topic, rebuild the operations
+    center's read model from it, and time every read endpoint and the live fold's lag under a dashboard. Prints
+    tables, then the result as one JSON line; exits 1 if an endpoint answered anything but 200."""
+    options = ReadOptions(
+        incidents=incidents,
+        days=days,
+        seed=seed,
+        bootstrap=bootstrap,
+        databases=tuple(database_url or ()),
+        postgres_url=postgres_url if not database_url else "",
+        repeats=repeats,
+        budget_s=budget_s,
+        live_s=live_s,
+        live_rate=live_rate,
+        refresh_s=refresh_s,
+        base_port=base_port,
+        keep_db=keep_db,
+        keep_topics=keep_topics,
+    )
+    if out is not None:
+        options.out_root = out
+    os.environ.setdefault("GRIDLOOP_LOG_LEVEL", "warning")
+    result = ReadBench(options).run()
+    from ._read_report import print_read
+
+    print_read(result, Console(width=200))
+    print(stats.json_line(result), flush=True)
+    if any(r["errors"] for r in result["databases"].values()):
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

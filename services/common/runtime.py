@@ -10,8 +10,10 @@ process that runs it all (``process.py``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -81,6 +83,7 @@ class Runtime(Consumer):
         )
         self.changes = Changes(settings.long_poll_max_s, settings.long_poll_recheck_s or 0.0)
         """Long polls of the API waiting for what the consumer commits."""
+        self._readers: ThreadPoolExecutor | None = None
         self.app = self._faust_app()
 
     @property
@@ -121,8 +124,29 @@ class Runtime(Consumer):
         return result
 
     def query(self, handler: Callable[..., T], *args: Any) -> T:
-        """A read through the bus: ``handler(*args, uow)`` in a unit of work never committed."""
+        """A read through the bus: ``handler(*args, uow)`` in a unit of work never committed, on the caller's
+        thread. A route awaits :meth:`read` instead."""
         return self.bus.query(handler, *args)
+
+    async def read(self, handler: Callable[..., T], *args: Any) -> T:
+        """:meth:`query` off the event loop: the handler runs in one of the service's read threads (at most
+        ``read_threads`` at once, the rest wait their turn), on a connection of its own from the engine's pool.
+
+        The loop goes on consuming, publishing and answering while a read takes its time: a slow report delays
+        nobody but its caller. (SQLite runs in WAL mode, where readers and the writer do not wait for each other.)
+        """
+        if isinstance(self.engine.pool, sa.pool.SingletonThreadPool):
+            # an in-memory SQLite database is one per thread: it is read where it is written
+            return self.bus.query(handler, *args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._read_pool(), functools.partial(self.bus.query, handler, *args))
+
+    def _read_pool(self) -> ThreadPoolExecutor:
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(
+                max_workers=self.settings.read_threads, thread_name_prefix=f"gridloop-{self.name}-read"
+            )
+        return self._readers
 
     # -- faust ------------------------------------------------------------------------------------------
 

@@ -128,6 +128,10 @@ class ServiceSettings(BaseSettings):
     """How often published outbox records and idempotency marks past redelivery are pruned."""
     outbox_keep_s: float = Field(default=86_400.0, ge=0)
     """How long a published outbox record is kept (for looking into) before it is pruned."""
+    read_threads: int = Field(default=4, ge=1, le=8)
+    """How many reads an API runs at once, each in a thread of its own with its own database connection (the
+    event loop, which consumes and answers, never waits for one); more wait their turn. At most 8: a PostgreSQL
+    engine pools 10 connections, which the consumer and the outbox share with the reads."""
     long_poll_max_s: float = Field(default=30.0, ge=0, le=30)
     """The longest an API request's ``wait`` (a long poll) is held, whatever it asks for."""
     long_poll_recheck_s: float | None = Field(default=None, ge=0, le=30)

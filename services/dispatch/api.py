@@ -29,12 +29,12 @@ def build_api(runtime: Runtime) -> FastAPI:
 
     @api.get("/cases/{incident_id}", response_model=CasePublic, tags=["cases"], responses=_NO_SUCH_CASE)
     async def case(incident_id: str, who: Principal = Center) -> CasePublic:
-        return runtime.query(handlers.get_case, incident_id)
+        return await runtime.read(handlers.get_case, incident_id)
 
     @api.get("/extensions", response_model=list[WorkOrderPublic], tags=["extensions"])
     async def extensions(who: Principal = Center) -> list[WorkOrderPublic]:
         """Work orders whose department asked for more time (延期), waiting for a decision."""
-        return runtime.query(handlers.pending_extensions)
+        return await runtime.read(handlers.pending_extensions)
 
     @api.post(
         "/work-orders/{work_order_id}/extension",

@@ -98,7 +98,7 @@ def build_api(runtime: Runtime) -> FastAPI:
 
     @api.get("/work-orders/{work_order_id}", response_model=WorkOrderPublic, tags=["work orders"], responses=_UNSEEN)
     async def work_order(work_order_id: str, who: Principal = Reader) -> WorkOrderPublic:
-        order = runtime.query(handlers.get_work_order, work_order_id)
+        order = await runtime.read(handlers.get_work_order, work_order_id)
         if not visibility.sees_work_order(who, order.department_code):
             raise visibility.unseen("work order", work_order_id)
         return order
@@ -149,6 +149,6 @@ def build_api(runtime: Runtime) -> FastAPI:
         offset: Offset = 0,
     ) -> list[WebhookDeliveryPublic]:
         """Pushes to departments' own systems, newest first: pending, delivered, or failed (given up)."""
-        return runtime.query(handlers.list_webhook_deliveries, status, department, limit, offset)
+        return await runtime.read(handlers.list_webhook_deliveries, status, department, limit, offset)
 
     return api

@@ -53,7 +53,7 @@ def build_api(runtime: Runtime) -> FastAPI:
     )
     async def incident(incident_id: str, who: Principal = Reader) -> IncidentPublic:
         """Current status, department(s), deadline and the timeline of every transition."""
-        return runtime.query(handlers.get_incident, incident_id, who)
+        return await runtime.read(handlers.get_incident, incident_id, who)
 
     @api.get("/incidents", tags=["incidents"])
     async def incidents(
@@ -63,7 +63,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     ) -> list[dict[str, object]]:
         """Recent incidents the caller may see, newest first, optionally by status."""
-        return [r.model_dump() for r in runtime.query(handlers.list_incidents, status, limit, offset, who)]
+        return [r.model_dump() for r in await runtime.read(handlers.list_incidents, status, limit, offset, who)]
 
     api.include_router(open311.build_router(runtime), prefix=open311.PREFIX)
     return api

@@ -214,7 +214,7 @@ def build_router(runtime: Runtime) -> APIRouter:
         f = parse_format(fmt)
         ids = _split(service_request_id)
         if ids:
-            found = runtime.query(views.requests_by_ids, ids, runtime.town)
+            found = await runtime.read(views.requests_by_ids, ids, runtime.town)
         else:
             codes = _split(service_code)
             unknown = [c for c in codes if c not in runtime.town.categories]
@@ -223,14 +223,14 @@ def build_router(runtime: Runtime) -> APIRouter:
             statuses = set(_split(status))
             if statuses - {"open", "closed"}:
                 raise bad_request("status is open, closed or both (comma-separated)")
-            found = runtime.query(_matching, codes, statuses, start_date, end_date, runtime.town)
+            found = await runtime.read(_matching, codes, statuses, start_date, end_date, runtime.town)
         return render(f, "service_requests", found)
 
     @router.get("/requests/{service_request_id}.{fmt}", responses=_docs("the service request (one element)"))
     async def get_request(service_request_id: str, fmt: Fmt) -> Response:
         """GET Service Request."""
         f = parse_format(fmt)
-        found = runtime.query(views.request_by_id, service_request_id, runtime.town)
+        found = await runtime.read(views.request_by_id, service_request_id, runtime.town)
         if found is None:
             raise Open311Error(404, f"service_request_id {service_request_id[:80]!r} not found")
         return render(f, "service_requests", [found])
@@ -239,7 +239,7 @@ def build_router(runtime: Runtime) -> APIRouter:
     async def token(token: str, fmt: Fmt) -> Response:
         """GET service_request_id from a token. Requests are realtime: a token is the service_request_id."""
         f = parse_format(fmt)
-        known = runtime.query(views.known, token, runtime.town)
+        known = await runtime.read(views.known, token, runtime.town)
         if not known:
             raise Open311Error(404, f"token {token[:80]!r} not found")
         return render(f, "service_requests", [{"service_request_id": token, "token": token}])
@@ -252,7 +252,7 @@ def build_router(runtime: Runtime) -> APIRouter:
     ) -> Response:
         """FixMyStreet's extension: one update per transition of any request, in the range (the last 90 days)."""
         f = parse_format(fmt)
-        found = runtime.query(_updates, start_date, end_date, runtime.town)
+        found = await runtime.read(_updates, start_date, end_date, runtime.town)
         return render(f, "service_request_updates", found)
 
     @router.api_route(

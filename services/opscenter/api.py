@@ -9,7 +9,7 @@ from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -19,6 +19,7 @@ from services.common.auth import Principal, Role
 from services.common.runtime import Runtime
 
 from . import handlers, views
+from ._map import Box, MapQuery
 from .kpis import Dimension, KpiReport, Period, to_csv_rows
 from .swap import MAX_HOLD_S, OpsCenterRuntime, UnusableDatabase, swap_in
 
@@ -44,6 +45,13 @@ def kpi_query(
 
 class GeoJSONResponse(JSONResponse):
     media_type = "application/geo+json"
+
+
+_PAGE_HEADERS = {
+    "X-Next-Cursor": {"description": "the cursor of the next page (absent on the last)", "schema": {"type": "string"}},
+    "Link": {"description": 'the next page\'s address, rel="next" (absent on the last)', "schema": {"type": "string"}},
+    "X-Total-Count": {"description": "how many work orders are overdue in all", "schema": {"type": "integer"}},
+}
 
 
 class PauseFold(BaseModel):
@@ -83,13 +91,13 @@ def build_api(runtime: Runtime) -> FastAPI:
         description="城运中心: closure KPIs by department, category and grid; overdue work; the live map.",
     )
 
-    def report(q: KpiQuery) -> KpiReport:
-        return runtime.query(handlers.report_kpis, q.period, q.at, q.by, runtime.town)
+    async def report(q: KpiQuery) -> KpiReport:
+        return await runtime.read(handlers.report_kpis, q.period, q.at, q.by, runtime.town)
 
     @api.get("/api/kpis", response_model=KpiReport, tags=["kpis"])
     async def kpis(who: Principal = Center, q: KpiQuery = Depends(kpi_query)) -> KpiReport:
         """KPIs for the period containing the town's day ``at`` (default today) and the previous one (环比)."""
-        return report(q)
+        return await report(q)
 
     @api.get(
         "/api/kpis.csv",
@@ -99,7 +107,7 @@ def build_api(runtime: Runtime) -> FastAPI:
     )
     async def kpis_csv(who: Principal = Center, q: KpiQuery = Depends(kpi_query)) -> Response:
         buf = io.StringIO()
-        csv.writer(buf).writerows(to_csv_rows(report(q)))
+        csv.writer(buf).writerows(to_csv_rows(await report(q)))
         name = f"gridloop-kpis-{q.by.value}-{q.period.value}-{(q.at or date.today()).isoformat()}.csv"
         return Response(
             "\ufeff" + buf.getvalue(),
@@ -110,29 +118,63 @@ def build_api(runtime: Runtime) -> FastAPI:
     @api.get("/api/backlog", response_model=list[views.Backlog], tags=["work"])
     async def backlog(who: Principal = Center) -> list[views.Backlog]:
         """Open and overdue work orders per department, now."""
-        return runtime.query(handlers.show_backlog, runtime.town)
+        return await runtime.read(handlers.show_backlog, runtime.town)
 
-    @api.get("/api/overdue", response_model=list[views.OverdueOrder], tags=["work"])
+    @api.get(
+        "/api/overdue",
+        response_model=list[views.OverdueOrder],
+        tags=["work"],
+        responses={200: {"headers": _PAGE_HEADERS}},
+    )
     async def overdue(
-        who: Principal = Center, limit: Annotated[int, Query(ge=1, le=1000)] = 200
+        request: Request,
+        response: Response,
+        who: Principal = Center,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+        cursor: Annotated[str | None, Query(max_length=200, description="X-Next-Cursor of the page before")] = None,
     ) -> list[views.OverdueOrder]:
-        """超期未处置: work orders past their deadline, most overdue first."""
-        return runtime.query(handlers.list_overdue, limit, runtime.town)
+        """超期未处置: work orders past their deadline, most overdue first, a page of ``limit`` at a time.
+
+        The next page is asked for with ``cursor`` set to the ``X-Next-Cursor`` header of this one (also given as
+        a ``Link`` with ``rel="next"``); the last page has none. ``X-Total-Count`` says how many are overdue."""
+        try:
+            after = views.OverdueAfter.parse(cursor) if cursor is not None else None
+        except ValueError as exc:
+            raise HTTPException(422, f"invalid request: cursor: {exc}") from None
+        page = await runtime.read(handlers.page_overdue, limit, after, runtime.town)
+        response.headers["X-Total-Count"] = str(page.total)
+        if page.next is not None:
+            token = page.next.token()
+            response.headers["X-Next-Cursor"] = token
+            url = request.url.remove_query_params("cursor").include_query_params(cursor=token)
+            response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+        return page.items
 
     @api.get("/api/trend", response_model=list[views.TrendPoint], tags=["kpis"])
     async def trend(who: Principal = Center, days: Annotated[int, Query(ge=1, le=366)] = 14) -> list[views.TrendPoint]:
         """Incidents reported and closed per day of the town."""
-        return runtime.query(handlers.show_trend, days, runtime.town)
+        return await runtime.read(handlers.show_trend, days, runtime.town)
 
     @api.get("/api/map/incidents", tags=["map"], response_class=GeoJSONResponse)
-    async def map_incidents(who: Principal = Center) -> GeoJSONResponse:
-        """GeoJSON points of open incidents (风险一张图)."""
-        return GeoJSONResponse(runtime.query(handlers.map_incidents, runtime.town))
+    async def map_incidents(
+        who: Principal = Center,
+        zoom: Annotated[int | None, Query(ge=0, le=22, description="the map's zoom (Web Mercator)")] = None,
+        bbox: Annotated[str | None, Query(max_length=200, description="west,south,east,north in degrees")] = None,
+    ) -> GeoJSONResponse:
+        """GeoJSON of the open incidents in ``bbox`` (default: everywhere) (风险一张图): each a point where at most
+        400 are in view and ``zoom`` is 12 or more (or not given); else clusters of a grid whose cells follow the
+        zoom, each with ``count``, ``overdue``, ``escalated``, ``big`` and its cell's ``bbox``. ``mode`` says which,
+        ``total`` how many open incidents they hold."""
+        try:
+            box = Box.parse(bbox) if bbox is not None else None
+        except ValueError as exc:
+            raise HTTPException(422, f"invalid request: bbox: {exc}") from None
+        return GeoJSONResponse(await runtime.read(handlers.show_map, MapQuery(zoom, box), runtime.town))
 
     @api.get("/api/map/grids", tags=["map"], response_class=GeoJSONResponse)
     async def map_grids(who: Principal = Center) -> GeoJSONResponse:
         """GeoJSON polygons of the grid cells with their open incidents."""
-        return GeoJSONResponse(runtime.query(handlers.map_grids, runtime.town))
+        return GeoJSONResponse(await runtime.read(handlers.map_grids, runtime.town))
 
     # -- swapping a rebuilt read model in (python -m services.opscenter rebuild --swap) ---------------------
 

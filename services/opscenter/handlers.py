@@ -12,7 +12,8 @@ from schemas import EVENT_TYPES, Event
 from schemas.reference import GAOHANG, Town
 from services.common.db import UnitOfWork
 
-from . import domain, metrics, views
+from . import _map, domain, metrics, views
+from ._map import MapQuery
 from .domain import Stage
 from .kpis import Dimension, KpiReport, Period, kpi_report
 from .store import OpsStore
@@ -85,7 +86,7 @@ def bind(town: Town) -> Mapping[type[Event], Callable[[Any, UnitOfWork], None]]:
     return {cls: fold_in_town for cls in EVENT_TYPES.values()}
 
 
-# -- reads (runtime.query) -------------------------------------------------------------------------------
+# -- reads (runtime.read) --------------------------------------------------------------------------------
 
 
 def report_kpis(period: Period, at: date | None, by: Dimension, town: Town, uow: UnitOfWork) -> KpiReport:
@@ -95,12 +96,20 @@ def report_kpis(period: Period, at: date | None, by: Dimension, town: Town, uow:
 
 
 def show_backlog(town: Town, uow: UnitOfWork) -> list[views.Backlog]:
-    return views.backlog(OpsStore(uow).reads.active_orders(), uow.now(), town)
+    return views.backlog(OpsStore(uow).reads.backlog(uow.now()), town)
+
+
+def page_overdue(limit: int, after: views.OverdueAfter | None, town: Town, uow: UnitOfWork) -> views.OverduePage:
+    """A page of the overdue list: at most ``limit`` work orders, those after ``after`` (from the first: None)."""
+    reads, now = OpsStore(uow).reads, uow.now()
+    position = (after.deadline, after.work_order_id) if after else None
+    late = reads.overdue_orders(now, limit + 1, position)  # one more: is there another page?
+    return views.overdue_page(late, limit, reads.overdue_count(now), now, town)
 
 
 def list_overdue(limit: int, town: Town, uow: UnitOfWork) -> list[views.OverdueOrder]:
-    now = uow.now()
-    return views.overdue_orders(OpsStore(uow).reads.overdue_orders(now, limit), now, town)
+    """The first ``limit`` work orders of the overdue list."""
+    return page_overdue(limit, None, town, uow).items
 
 
 def show_trend(days: int, town: Town, uow: UnitOfWork) -> list[views.TrendPoint]:
@@ -108,10 +117,22 @@ def show_trend(days: int, town: Town, uow: UnitOfWork) -> list[views.TrendPoint]
     return views.trend(OpsStore(uow).reads.daily_totals(first, first + timedelta(days=days)), first, days)
 
 
-def map_incidents(town: Town, uow: UnitOfWork) -> dict[str, Any]:
+def show_map(query: MapQuery, town: Town, uow: UnitOfWork) -> dict[str, Any]:
+    """The open incidents in view as GeoJSON: points where few are, else clusters (see :mod:`._map`)."""
     reads, now = OpsStore(uow).reads, uow.now()
-    return views.open_incidents_geojson(reads.open_incidents(views.MAP_LIMIT), reads.late_orders(now), town)
+    extent = reads.open_extent(query.box)
+    if _map.as_points(query, extent):
+        points = reads.open_incidents(query.box, _map.POINTS_MAX)
+        overdue = reads.overdue_among((i.incident_id for i in points), now)
+        return _map.points_geojson(points, overdue, town, query)
+    cell = _map.cell_size(query, extent)
+    return _map.clusters_geojson(reads.open_clusters(query.box, cell, now), cell, query)
+
+
+def map_incidents(town: Town, uow: UnitOfWork) -> dict[str, Any]:
+    """The whole town's open incidents as the map shows them when it names no zoom."""
+    return show_map(MapQuery(), town, uow)
 
 
 def map_grids(town: Town, uow: UnitOfWork) -> dict[str, Any]:
-    return views.grids_geojson(OpsStore(uow).reads.open_incidents(), town)
+    return _map.grids_geojson(OpsStore(uow).reads.open_by_grid(), town)

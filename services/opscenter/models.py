@@ -16,6 +16,11 @@ class OpsIncident(SQLModel, table=True):
     """One row per incident: where it is in the loop and the times KPIs are computed from."""
 
     __tablename__ = "ops_incident"
+    __table_args__ = (
+        # the open incidents (a few statuses of many) through the index, never the closed history, and the map's
+        # and the grids' counts from the index alone
+        sa.Index("ix_ops_incident_status_map", "status", "grid_id", "lat", "lon", "escalated", "big", "incident_id"),
+    )
 
     incident_id: str = Field(primary_key=True, max_length=64)
     source: str = Field(default="", max_length=20)
@@ -24,7 +29,7 @@ class OpsIncident(SQLModel, table=True):
     lat: float = 0.0
     lon: float = 0.0
     address: str = Field(default="", max_length=200)
-    status: str = Field(max_length=20, index=True)
+    status: str = Field(max_length=20)
     """reported → filed → dispatched → in_progress/handled/verifying/rework → closed; or rejected / merged."""
     handled_on_spot: bool = False
     big: bool = False
@@ -47,13 +52,27 @@ class OpsWorkOrder(SQLModel, table=True):
     """One row per work order: its department, deadline and the stage times."""
 
     __tablename__ = "ops_work_order"
+    __table_args__ = (
+        # the work still owed in deadline order, a status at a time (the overdue list's pages: deadline, then id),
+        # with what the backlog, the map and the KPIs' overdue figure count it by, from the index alone
+        sa.Index(
+            "ix_ops_work_order_owed",
+            "status",
+            "deadline",
+            "work_order_id",
+            "department_code",
+            "incident_id",
+            "category_code",
+            "grid_id",
+        ),
+    )
 
     work_order_id: str = Field(primary_key=True, max_length=80)
     incident_id: str = Field(max_length=64, index=True)
     department_code: str = Field(max_length=40, index=True)
     category_code: str = Field(max_length=40)
     grid_id: str | None = Field(default=None, max_length=40)
-    status: str = Field(max_length=20, index=True)
+    status: str = Field(max_length=20)
     """dispatched, accepted, returned, handled, rework, closed."""
     deadline: datetime = Field(sa_type=timestamp(), index=True)
     dispatched_at: datetime = Field(sa_type=timestamp())

@@ -19,11 +19,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, SQLModel, col, select
 
-from schemas import INCIDENT_FINAL, ORDER_ACTIVE, Event, decode_event, encode_event
+from schemas import INCIDENT_FINAL, ORDER_ACTIVE, Event, IncidentStatus, decode_event, encode_event
 from schemas import events as ev
 from schemas.reference import Town
 from services.common.db import SHARED_TABLES, Rows, UnitOfWork, create_tables, insert_adding
 
+from ._map import Box, Cluster, Extent
 from .domain import COUNTED, SPANS, SUMMED, Incident, Tally, WorkOrder, first_day
 from .kpis import Bucket
 from .models import OPS_DAILY, TABLES, OpsDue, OpsIncident, OpsLogPosition, OpsParked, OpsStage, OpsWorkOrder
@@ -211,6 +212,9 @@ def _datetimes(table: sa.Table) -> tuple[str, ...]:
 
 
 _AWARE = {t: _datetimes(t) for t in (_INCIDENT, _ORDER)}
+_INCIDENT_OPEN = tuple(sorted(s.value for s in IncidentStatus if s not in INCIDENT_FINAL))
+"""The statuses of an incident still open, named one by one: an index finds them, where ``NOT IN`` the final
+ones would read every incident ever closed."""
 
 Sums = dict[str, float]
 """A key's sums of the daily counters (:data:`~.domain.COUNTED`, :data:`~.domain.SUMMED`) over some days."""
@@ -308,19 +312,49 @@ class ReadModel:
     def _rows(self, statement: Any) -> list[Any]:
         return list(self.db.execute(statement))
 
-    def active_orders(self) -> list[WorkOrder]:
-        """Work still owed (ORDER_ACTIVE)."""
-        return self._orders(sa.select(_ORDER).where(_ORDER.c.status.in_(ORDER_ACTIVE)))
+    # -- the dashboard's lists: the work still owed and the open incidents, through the indexes that hold them;
+    #    what they cost follows the backlog, not the history
 
-    def overdue_orders(self, now: datetime, limit: int) -> list[tuple[WorkOrder, Incident]]:
-        """Work still owed past its deadline, most overdue first, with its incident."""
+    def backlog(self, now: datetime) -> dict[str, tuple[int, int]]:
+        """Work still owed (ORDER_ACTIVE) per department: (open, past its deadline at ``now``), counted in SQL."""
         o = _ORDER.c
+        late = sa.func.sum(sa.case((o.deadline < now, 1), else_=0))
+        statement = (
+            sa.select(o.department_code, sa.func.count(), late)
+            .where(o.status.in_(ORDER_ACTIVE))
+            .group_by(o.department_code)
+        )
+        return {code: (int(n), int(k or 0)) for code, n, k in self.db.execute(statement)}
+
+    def overdue_count(self, now: datetime) -> int:
+        """How many work orders still owed are past their deadline at ``now``."""
+        o = _ORDER.c
+        statement = sa.select(sa.func.count()).select_from(_ORDER).where(o.status.in_(ORDER_ACTIVE), o.deadline < now)
+        return int(self.db.execute(statement).scalar_one())
+
+    def overdue_orders(
+        self, now: datetime, limit: int, after: tuple[datetime, str] | None = None
+    ) -> list[tuple[WorkOrder, Incident]]:
+        """Work still owed past its deadline, most overdue first (then by id), with its incident: at most
+        ``limit``, those after the (deadline, work order id) ``after`` if given.
+
+        Each status owed is read in deadline order from its part of the index, ``limit`` at most, from ``after``
+        on (a row-value seek): a page costs its size, not the backlog before it nor the backlog's."""
+        o = _ORDER.c
+        per_status = []
+        for status in ORDER_ACTIVE:
+            one = sa.select(o.work_order_id, o.deadline).where(o.status == status, o.deadline < now)
+            if after is not None:
+                one = one.where(sa.tuple_(o.deadline, o.work_order_id) > sa.tuple_(*after))
+            per_status.append(sa.select(one.order_by(o.deadline, o.work_order_id).limit(limit).subquery()))
+        owed = sa.union_all(*per_status).subquery()
+        page = sa.select(owed).order_by(owed.c.deadline, owed.c.work_order_id).limit(limit).subquery()
         statement = (
             sa.select(_ORDER, _INCIDENT)
+            .select_from(page)
+            .join(_ORDER, o.work_order_id == page.c.work_order_id)
             .join(_INCIDENT, _INCIDENT.c.incident_id == o.incident_id)
-            .where(o.status.in_(ORDER_ACTIVE), o.deadline < now)
-            .order_by(o.deadline)
-            .limit(limit)
+            .order_by(page.c.deadline, page.c.work_order_id)
         )
         n = len(_ORDER.columns)
         order_names, incident_names = _ORDER.columns.keys(), _INCIDENT.columns.keys()
@@ -335,19 +369,87 @@ class ReadModel:
             )
         return out
 
-    def late_orders(self, now: datetime) -> list[WorkOrder]:
-        """Work still owed past its deadline."""
-        o = _ORDER.c
-        return self._orders(sa.select(_ORDER).where(o.status.in_(ORDER_ACTIVE), o.deadline < now))
-
-    def open_incidents(self, limit: int | None = None) -> list[Incident]:
-        """Incidents not final, the latest reported first (at most ``limit``); every one of them, in no order,
-        without a limit."""
+    def open_extent(self, box: Box | None) -> Extent:
+        """How many incidents are open in ``box`` (everywhere: None), and the box around them."""
         i = _INCIDENT.c
-        statement = sa.select(_INCIDENT).where(i.status.not_in(sorted(INCIDENT_FINAL)))
-        if limit is not None:
-            statement = statement.order_by(i.reported_at.desc()).limit(limit)
+        statement = sa.select(
+            sa.func.count(), sa.func.min(i.lon), sa.func.min(i.lat), sa.func.max(i.lon), sa.func.max(i.lat)
+        ).where(*_open_in(box))
+        count, west, south, east, north = self.db.execute(statement).one()
+        return Extent(int(count), Box(west, south, east, north) if count else None)
+
+    def open_incidents(self, box: Box | None, limit: int) -> list[Incident]:
+        """The incidents open in ``box`` (everywhere: None), the latest reported first, at most ``limit``."""
+        i = _INCIDENT.c
+        statement = (
+            sa.select(_INCIDENT).where(*_open_in(box)).order_by(i.reported_at.desc(), i.incident_id).limit(limit)
+        )
         return self._incidents(statement)
+
+    def overdue_among(self, incident_ids: Iterable[str], now: datetime) -> set[str]:
+        """Those of ``incident_ids`` with work still owed past its deadline at ``now``."""
+        ids = sorted(set(incident_ids))
+        if not ids:
+            return set()
+        o = _ORDER.c
+        statement = sa.select(o.incident_id).where(o.incident_id.in_(ids), o.status.in_(ORDER_ACTIVE), o.deadline < now)
+        return set(self.db.execute(statement).scalars())
+
+    def open_clusters(self, box: Box | None, cell: float, now: datetime) -> list[Cluster]:
+        """The incidents open in ``box`` counted per cell of side ``cell`` degrees (from -90, -180), in SQL: how
+        many, how many escalated, big and with work past its deadline at ``now``, and their centroid. One pass
+        over the open incidents' index, each looked up in the set of incidents with late work (read once from the
+        work orders' index)."""
+        i, o = _INCIDENT.c, _ORDER.c
+        late = sa.select(o.incident_id).where(o.status.in_(ORDER_ACTIVE), o.deadline < now)
+        cells = sa.select(
+            sa.func.floor((i.lat + 90) / cell).label("row"),
+            sa.func.floor((i.lon + 180) / cell).label("col"),
+            i.lat,
+            i.lon,
+            sa.case((i.escalated, 1), else_=0).label("escalated"),
+            sa.case((i.big, 1), else_=0).label("big"),
+            sa.case((i.incident_id.in_(late), 1), else_=0).label("overdue"),
+        ).where(*_open_in(box))
+        c = cells.subquery().c
+        statement = sa.select(
+            c.row,
+            c.col,
+            sa.func.count(),
+            sa.func.sum(c.escalated),
+            sa.func.sum(c.big),
+            sa.func.sum(c.overdue),
+            sa.func.avg(c.lat),
+            sa.func.avg(c.lon),
+        ).group_by(c.row, c.col)
+        return [
+            Cluster(
+                row=int(r),
+                col=int(k),
+                count=int(n),
+                escalated=int(esc),
+                big=int(big),
+                overdue=int(late_),
+                lat=float(lat),
+                lon=float(lon),
+            )
+            for r, k, n, esc, big, late_, lat, lon in self.db.execute(statement)
+        ]
+
+    def open_by_grid(self) -> dict[str | None, int]:
+        """How many incidents are open in each grid cell (None: outside every one), counted in SQL."""
+        i = _INCIDENT.c
+        statement = sa.select(i.grid_id, sa.func.count()).where(*_open_in(None)).group_by(i.grid_id)
+        return {grid: int(n) for grid, n in self.db.execute(statement)}
+
+
+def _open_in(box: Box | None) -> list[Any]:
+    """The conditions of an incident open (through the status index: a few statuses of many) in ``box``."""
+    i = _INCIDENT.c
+    conditions: list[Any] = [i.status.in_(_INCIDENT_OPEN)]
+    if box is not None:
+        conditions += [i.lat.between(box.south, box.north), i.lon.between(box.west, box.east)]
+    return conditions
 
 
 def _as_date(value: Any) -> date:

@@ -1,10 +1,12 @@
-"""What the operations center looks at besides KPIs: backlog per department, overdue work, trend, the map."""
+"""What the operations center looks at besides KPIs: backlog per department, overdue work (a page at a time),
+trend. The map is :mod:`._map`'s."""
 
 from __future__ import annotations
 
-from collections import Counter
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
 
 from pydantic import BaseModel
 
@@ -43,17 +45,14 @@ class TrendPoint(BaseModel):
     closed: int
 
 
-def backlog(active: list[WorkOrder], now: datetime, town: Town) -> list[Backlog]:
-    """Open and overdue work per department of the town, from the work still owed (``active``)."""
-    open_, late = Counter[str](), Counter[str]()
-    for o in active:
-        open_[o.department_code] += 1
-        if o.deadline < now:
-            late[o.department_code] += 1
-    return [
-        Backlog(department_code=code, name_zh=d.name_zh, name_en=d.name_en, open=open_[code], overdue=late[code])
-        for code, d in town.departments.items()
-    ]
+def backlog(counts: Mapping[str, tuple[int, int]], town: Town) -> list[Backlog]:
+    """Open and overdue work per department of the town, from the work still owed counted per department
+    (``counts``: department code → (open, overdue); a department with none is absent)."""
+    out = []
+    for code, d in town.departments.items():
+        open_, late = counts.get(code, (0, 0))
+        out.append(Backlog(department_code=code, name_zh=d.name_zh, name_en=d.name_en, open=open_, overdue=late))
+    return out
 
 
 def overdue_orders(late: list[tuple[WorkOrder, Incident]], now: datetime, town: Town) -> list[OverdueOrder]:
@@ -81,6 +80,58 @@ def overdue_orders(late: list[tuple[WorkOrder, Incident]], now: datetime, town: 
     return out
 
 
+# -- the overdue list, a page at a time ---------------------------------------------------------------------
+
+_NOT_A_CURSOR = "not a cursor this list handed out (its X-Next-Cursor header)"
+
+
+@dataclass(frozen=True, slots=True)
+class OverdueAfter:
+    """Where a page of the overdue list starts: after this work order, in (deadline, id) order. A keyset, not an
+    offset: work that falls due or is done meanwhile moves no other work order to another page."""
+
+    deadline: datetime
+    work_order_id: str
+
+    def token(self) -> str:
+        """The opaque cursor the API hands out for this position."""
+        text = f"{self.deadline.isoformat()}|{self.work_order_id}"
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    @classmethod
+    def parse(cls, token: str) -> OverdueAfter:
+        """The position a :meth:`token` names; ValueError if ``token`` is not one."""
+        try:
+            text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+            deadline_text, work_order_id = text.split("|", 1)
+            deadline = datetime.fromisoformat(deadline_text)
+        except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors too
+            raise ValueError(_NOT_A_CURSOR) from None
+        if deadline.tzinfo is None or not work_order_id or cls(deadline, work_order_id).token() != token:
+            raise ValueError(_NOT_A_CURSOR)
+        return cls(deadline, work_order_id)
+
+
+@dataclass(frozen=True, slots=True)
+class OverduePage:
+    """One page of the overdue list, where the next one starts (None: this is the last) and how many work orders
+    are overdue in all."""
+
+    items: list[OverdueOrder]
+    next: OverdueAfter | None
+    total: int
+
+
+def overdue_page(
+    late: list[tuple[WorkOrder, Incident]], limit: int, total: int, now: datetime, town: Town
+) -> OverduePage:
+    """The first ``limit`` of the ``late`` work orders as a page; the store read one more than that when another
+    page follows."""
+    items = overdue_orders(late[:limit], now, town)
+    last = late[limit - 1][0] if len(late) > limit else None
+    return OverduePage(items, OverdueAfter(last.deadline, last.work_order_id) if last else None, total)
+
+
 def trend_first(today: date, days: int) -> date:
     """The first of the ``days`` days of the town ending ``today``."""
     return today - timedelta(days=days - 1)
@@ -98,65 +149,15 @@ def trend(totals: list[tuple[date, int, int]], first: date, days: int) -> list[T
     return points
 
 
-MAP_LIMIT = 2000
-"""The most open incidents the map shows (the latest reported)."""
-
-
-def open_incidents_geojson(incidents: list[Incident], late: list[WorkOrder], town: Town) -> dict[str, Any]:
-    """GeoJSON points of the open ``incidents``, those with ``late`` work marked overdue."""
-    overdue = {o.incident_id for o in late}
-    features = []
-    for i in incidents:
-        cat = town.categories.get(i.category_code)
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": {"type": "Point", "coordinates": [i.lon, i.lat]},
-                "properties": {
-                    "incident_id": i.incident_id,
-                    "category_code": i.category_code,
-                    "category_zh": cat.name_zh if cat else i.category_code,
-                    "family": cat.family if cat else "",
-                    "status": i.status,
-                    "overdue": i.incident_id in overdue,
-                    "escalated": i.escalated,
-                    "big": i.big,
-                    "grid_id": i.grid_id,
-                    "reported_at": i.reported_at.isoformat(),
-                },
-            }
-        )
-    return {"type": "FeatureCollection", "features": features}
-
-
-def grids_geojson(open_incidents: list[Incident], town: Town) -> dict[str, Any]:
-    """GeoJSON polygons of the town's grid cells, each with how many of ``open_incidents`` are in it."""
-    open_by_grid = Counter(i.grid_id for i in open_incidents)
-    return {
-        "type": "FeatureCollection",
-        "features": [
-            {
-                "type": "Feature",
-                "geometry": {
-                    "type": "Polygon",
-                    "coordinates": [
-                        [
-                            [g.west, g.south],
-                            [g.east, g.south],
-                            [g.east, g.north],
-                            [g.west, g.north],
-                            [g.west, g.south],
-                        ]
-                    ],
-                },
-                "properties": {
-                    "grid_id": g.code,
-                    "name_zh": g.name_zh,
-                    "name_en": g.name_en,
-                    "workers": list(g.workers),
-                    "open": open_by_grid.get(g.code, 0),
-                },
-            }
-            for g in town.grids.values()
-        ],
-    }
+__all__ = [
+    "Backlog",
+    "OverdueAfter",
+    "OverdueOrder",
+    "OverduePage",
+    "TrendPoint",
+    "backlog",
+    "overdue_orders",
+    "overdue_page",
+    "trend",
+    "trend_first",
+]

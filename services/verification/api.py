@@ -108,7 +108,7 @@ def build_api(runtime: Runtime, policy: VerifierPolicy = "assigned") -> FastAPI:
 
     @reads("/verifications/{verification_id}", response_model=VerificationPublic, responses=_UNSEEN)
     async def verification(verification_id: str, who: Principal = Reader) -> VerificationPublic:
-        return runtime.query(handlers.get_verification, verification_id, visibility.verifier_grids(who))
+        return await runtime.read(handlers.get_verification, verification_id, visibility.verifier_grids(who))
 
     @decisions("/verifications/pass", response_model=BatchOutcome)
     async def pass_many(body: PassVerifications, who: Principal = Worker) -> BatchOutcome:

@@ -36,6 +36,8 @@ STATIC = ROOT / "services" / "opscenter" / "static"
 ARTIFACTS = ROOT / "artifacts"
 OPSCENTER = f"http://127.0.0.1:{28104 + PORT_OFFSET}"  # the e2e town's opscenter (base port 28100 + 4)
 DASH = "—"
+OVERDUE_PAGE = 50
+"""The dashboard's page of the overdue list."""
 TILES = (
     "reported",
     "filed",
@@ -242,6 +244,9 @@ def snapshot(client: httpx.Client) -> dict[str, Any]:
         assert r.status_code == 200, f"{path}: {r.status_code} {r.text[:300]}"
         return r.json()
 
+    overdue = client.get("/api/overdue", params={"limit": OVERDUE_PAGE})  # the dashboard's first page
+    assert overdue.status_code == 200, overdue.text[:300]
+
     kpis = get("/api/kpis?period=day&by=department")
     total = kpis["total"]
     return {
@@ -249,7 +254,9 @@ def snapshot(client: httpx.Client) -> dict[str, Any]:
         "current": {k: total["current"][k] for k in TILES},
         "previous": {k: total["previous"][k] for k in TILES},
         "backlog": {b["department_code"]: (b["open"], b["overdue"]) for b in get("/api/backlog")},
-        "overdue": sorted(o["work_order_id"] for o in get("/api/overdue")),
+        "overdue": sorted(o["work_order_id"] for o in overdue.json()),
+        "overdue_total": int(overdue.headers["X-Total-Count"]),
+        "overdue_next": overdue.headers.get("X-Next-Cursor"),
         "incidents": sorted(f["properties"]["incident_id"] for f in get("/api/map/incidents")["features"]),
         "grids": {f["properties"]["grid_id"]: f["properties"]["open"] for f in get("/api/map/grids")["features"]},
         "trend": [(p["reported"], p["closed"]) for p in get("/api/trend?days=14")],
@@ -340,6 +347,7 @@ def test_dashboard_shows_what_the_api_says(town: Town) -> None:
     marks = markers(dom)
     assert sorted(n.attrs["data-incident"] for n in marks) == api["incidents"]
     assert dom.by_id("map-count").text() == str(len(api["incidents"]))
+    assert dom.by_id("map").attrs.get("data-map-mode") == "points"  # a few incidents: each one drawn
     by_id = {n.attrs["data-incident"]: n for n in marks}
     assert "escalated" in by_id[late].classes() and "big" in by_id[late].classes()
     assert "normal" in by_id[fresh].classes()
@@ -348,7 +356,9 @@ def test_dashboard_shows_what_the_api_says(town: Town) -> None:
     rows = dom.by_id("overdue-table").all(lambda n: n.tag == "tr" and "data-work-order" in n.attrs)
     assert sorted(r.attrs["data-work-order"] for r in rows) == api["overdue"]
     assert late_orders <= {r.attrs["data-work-order"] for r in rows}
-    assert dom.by_id("overdue-count").text() == str(len(api["overdue"]))
+    assert dom.by_id("overdue-count").text() == f"{api['overdue_total']:,}"
+    assert dom.by_id("overdue-next").attrs.get("data-cursor") == api["overdue_next"]
+    assert "disabled" in dom.by_id("overdue-first").attrs  # the first page
 
     # backlog per department
     table = dom.by_id("backlog-table")
@@ -391,8 +401,8 @@ def test_dashboard_shows_what_the_api_says(town: Town) -> None:
 # -- the same page over an API that fails --------------------------------------------------------------------------
 
 
-Api = Callable[[str, int, str | None], tuple[int, Any]]
-"""(path, how many /api/ requests so far, Authorization header) -> (status, JSON body)"""
+Api = Callable[[str, int, str | None], tuple[int, Any] | tuple[int, Any, dict[str, str]]]
+"""(path, how many /api/ requests so far, Authorization header) -> (status, JSON body[, headers])"""
 
 
 class _Page(BaseHTTPRequestHandler):
@@ -404,10 +414,12 @@ class _Page(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def _send(self, status: int, body: bytes, ctype: str) -> None:
+    def _send(self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         for name, value in SECURITY_HEADERS:  # as the services send them
             self.send_header(name.decode(), value.decode())
+        for header, text in (headers or {}).items():
+            self.send_header(header, text)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
@@ -418,8 +430,10 @@ class _Page(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path.startswith("/api/"):
             self.server.hits.append(path)
-            status, payload = self.server.api(path, len(self.server.hits), self.headers.get("Authorization"))
-            self._send(status, json.dumps(payload, ensure_ascii=False).encode(), "application/json")
+            self.server.asked.append(self.path)
+            status, payload, *headers = self.server.api(path, len(self.server.hits), self.headers.get("Authorization"))
+            body = json.dumps(payload, ensure_ascii=False).encode()
+            self._send(status, body, "application/json", headers[0] if headers else {})
             return
         rel = "index.html" if path == "/" else path.removeprefix("/static/") if path.startswith("/static/") else ""
         file = (STATIC / rel).resolve()
@@ -437,6 +451,8 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Page)
         self.api = api
         self.hits: list[str] = []
+        self.asked: list[str] = []
+        """Every /api/ request's path with its query."""
 
 
 @contextmanager
@@ -638,3 +654,71 @@ def test_token_from_the_address_is_sent_as_bearer() -> None:
     assert body(admitted).attrs.get("data-state") == "live" and not banner_shown(admitted)
     assert_figures_match(figures(admitted), answers["/api/kpis"]["total"]["current"], "with a token")
     assert "Bearer glt_test-token" in seen and None in seen
+
+
+def _clusters() -> dict[str, Any]:
+    """A map answered as clusters, as opscenter answers a view of many open incidents."""
+
+    def cluster(lon: float, lat: float, count: int, overdue: int, escalated: int) -> dict[str, Any]:
+        return {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [lon, lat]},
+            "properties": {
+                "cluster": True,
+                "count": count,
+                "overdue": overdue,
+                "escalated": escalated,
+                "big": 0,
+                "bbox": [lon - 0.005, lat - 0.005, lon + 0.005, lat + 0.005],
+            },
+        }
+
+    features = [cluster(121.565, 31.275, 1204, 310, 12), cluster(121.60, 31.31, 7, 0, 0)]
+    return {"type": "FeatureCollection", "mode": "clusters", "zoom": 13, "total": 1211, "features": features}
+
+
+def test_the_map_draws_clusters_and_the_overdue_list_pages() -> None:
+    """Clusters are drawn with their counts, the map asks for its own view once it has one, and the overdue list
+    shows its total and its next page; opened on that page (the address keeps it), it asks for it by cursor."""
+    chromium()
+    answers = _fake_api()
+    first = answers["/api/overdue"][0]
+    second = {**first, "work_order_id": "GL20240101-0000000000FF-1", "incident_id": "GL20240101-0000000000FF"}
+
+    def first_page(path: str, n: int, authorization: str | None) -> tuple[int, Any, dict[str, str]]:
+        if path == "/api/map/incidents":
+            return 200, _clusters(), {}
+        if path == "/api/overdue":
+            return 200, [first], {"X-Total-Count": "1234", "X-Next-Cursor": "cursor-2"}
+        return 200, answers[path], {}
+
+    with page_server(first_page) as server:
+        dom = parse(run_chromium(f"http://127.0.0.1:{server.server_port}/", dump_dom=True))
+    assert body(dom).attrs.get("data-state") == "live", dom.by_id("error-banner").text()
+    drawn = dom.all(lambda n: "incident-cluster" in n.classes())
+    assert sorted(int(n.attrs["data-cluster-count"]) for n in drawn) == [7, 1204]
+    worst = next(n for n in drawn if n.attrs["data-cluster-count"] == "1204")
+    assert "escalated" in worst.classes() and worst.text() == "1,204"
+    assert (worst.attrs["data-cluster-overdue"], worst.attrs["data-cluster-escalated"]) == ("310", "12")
+    assert markers(dom) == [] and dom.by_id("map").attrs.get("data-map-mode") == "clusters"
+    assert dom.by_id("map-count").text() == "1,211"
+    views = [q for q in server.asked if q.startswith("/api/map/incidents?")]
+    assert views and all("zoom=" in q and "bbox=" in q for q in views), server.asked  # its own view, once fitted
+    assert f"/api/overdue?limit={OVERDUE_PAGE}" in server.asked
+    assert dom.by_id("overdue-count").text() == "1,234"
+    assert dom.by_id("overdue-next").attrs.get("data-cursor") == "cursor-2"
+    assert "disabled" not in dom.by_id("overdue-next").attrs and "disabled" in dom.by_id("overdue-first").attrs
+
+    def second_page(path: str, n: int, authorization: str | None) -> tuple[int, Any, dict[str, str]]:
+        if path == "/api/overdue":
+            return 200, [second], {"X-Total-Count": "1234"}
+        return 200, answers[path], {}
+
+    with page_server(second_page) as server:
+        dom = parse(run_chromium(f"http://127.0.0.1:{server.server_port}/?overdue=cursor-2", dump_dom=True))
+    assert f"/api/overdue?limit={OVERDUE_PAGE}&cursor=cursor-2" in server.asked, server.asked
+    rows = dom.by_id("overdue-table").all(lambda n: n.tag == "tr" and "data-work-order" in n.attrs)
+    assert [r.attrs["data-work-order"] for r in rows] == [second["work_order_id"]]
+    assert "disabled" in dom.by_id("overdue-next").attrs and "data-cursor" not in dom.by_id("overdue-next").attrs
+    assert "disabled" not in dom.by_id("overdue-first").attrs  # back to the first page from here
+    assert dom.by_id("map").attrs.get("data-map-mode") == "points" and len(markers(dom)) == 1

@@ -291,6 +291,9 @@ class CenterRuntime:
     def query(self, handler: Callable[..., Any], *args: Any) -> Any:
         return self.bus.query(handler, *args)
 
+    async def read(self, handler: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(self.bus.query, handler, *args)  # off the loop, as the runtime reads
+
 
 def decide_over_http(loop: Loop, tmp_path: Path, work_order_id: str, body: dict[str, Any]) -> httpx.Response:
     auth = TokenStore(make_engine(f"sqlite:///{tmp_path / 'auth.sqlite'}"))

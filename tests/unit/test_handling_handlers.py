@@ -669,6 +669,9 @@ class FakeRuntime:
     command = Runtime.command
     query = Runtime.query
 
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(self.bus.query, fn, *args)  # off the loop, as the runtime reads
+
     def __init__(self, world: World) -> None:
         import tempfile
 

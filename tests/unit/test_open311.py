@@ -6,6 +6,7 @@ Spark-convention mapping of its XML). Field names and shapes follow the spec's e
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import xml.etree.ElementTree as ET
@@ -96,6 +97,9 @@ class FakeRuntime:
 
     def query(self, handler: Callable[..., T], *args: Any) -> T:
         return self.bus.query(handler, *args)
+
+    async def read(self, handler: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(self.bus.query, handler, *args)  # off the loop, as the runtime reads
 
     async def flush_outbox(self) -> None:
         self.flushed += 1

@@ -10,7 +10,7 @@ from typing import Any
 from schemas import Actor, ActorKind, Event, IncidentStatus, Location, WorkOrderStatus
 from schemas import events as ev
 from schemas.reference import GAOHANG, Category, Department, Grid, Town
-from services.opscenter import domain, views
+from services.opscenter import _map, domain, views
 from services.opscenter.domain import Incident, Tally, WorkOrder
 from services.opscenter.kpis import Bucket, Dimension, Period, kpi_report
 
@@ -388,10 +388,9 @@ def test_kpis_count_a_case_closed_early_as_due_and_cut_by_the_towns_departments(
 
 
 def test_the_backlog_and_the_grids_are_the_towns() -> None:
-    active = [_order(), _order(work_order_id="GL-1-2", deadline=_at(-1))]
-    backlog = views.backlog(active, T0, TOWN)
+    backlog = views.backlog({"roads": (2, 1), "elsewhere": (5, 5)}, TOWN)
     assert [(b.department_code, b.open, b.overdue) for b in backlog] == [("roads", 2, 1), ("parks", 0, 0)]
-    grids = views.grids_geojson([_incident(grid_id="g1"), _incident(incident_id="GL-2")], TOWN)["features"]
+    grids = _map.grids_geojson({"g1": 1, None: 1}, TOWN)["features"]
     assert [(g["properties"]["grid_id"], g["properties"]["open"]) for g in grids] == [("g1", 1)]
-    [point] = views.open_incidents_geojson([_incident()], [_order()], TOWN)["features"]
+    [point] = _map.points_geojson([_incident()], {"GL-1"}, TOWN, _map.MapQuery())["features"]
     assert point["properties"]["overdue"] and point["properties"]["category_zh"] == "坑洼"

@@ -4,9 +4,17 @@
  *   [data-kpi=NAME] / [data-kpi-prev=NAME]  tile values (text, raw number in data-value), "—" until loaded;
  *   #backlog-table tr[data-department=CODE] td[data-field=open|overdue|closure_rate];
  *   #overdue-table tr[data-work-order=ID];  #map path.incident-marker[data-incident=ID];
+ *   #map .incident-cluster[data-cluster-count=N][data-cluster-overdue=N][data-cluster-escalated=N];
+ *   #map[data-map-mode] is points | clusters (as the API answered for the map's view);
+ *   #overdue-next[data-cursor] is the next page's cursor (absent on the last page), #overdue-first is enabled
+ *   on a later page;
  *   #map-count, #overdue-count, #trend-reported-total, #trend-closed-total, #period-range, #updated-at;
  *   body[data-state] is loading | live | error, and #error-banner is shown while the API fails.
  * When a refresh fails, the figures of the last good one stay on screen under the error banner.
+ *
+ * The map asks for the open incidents of its view (zoom and box), again after each move: points where few are
+ * in view, else clusters with their counts (a click zooms into one). The overdue list comes a page at a time;
+ * the page shown is kept in the address (?overdue=<cursor>), as the period is (?period=).
  *
  * Where the API asks for a token, open the page as /#token=<token>: it is kept for the tab (sessionStorage),
  * taken out of the address bar, and sent as "Authorization: Bearer <token>" (never in a URL).
@@ -20,6 +28,8 @@
   var REFRESH_MS = 5000;
   var FETCH_TIMEOUT_MS = 4500;
   var TREND_DAYS = 14;
+  var OVERDUE_PAGE = 50;
+  var MOVE_DEBOUNCE_MS = 250;
   var DASH = "\u2014";
   var PERIODS = ["day", "week", "month"];
   var TZ = "Asia/Shanghai";
@@ -29,6 +39,11 @@
 
   var state = {
     period: initialPeriod(),
+    overdueCursor: initialCursor(),  // the overdue page shown (null: the first)
+    incidentsAsked: 0,  // the map's requests of incidents, numbered: an older answer never replaces a newer one
+    incidentsShown: 0,
+    moveTimer: null,
+    popupFor: null,     // an incident whose popup opens once its marker is drawn
     gen: 0,
     timer: null,
     last: {},          // last good answer of each endpoint
@@ -87,6 +102,10 @@
     return hd;
   }
 
+  function initialCursor() {
+    return new URLSearchParams(window.location.search).get("overdue") || null;
+  }
+
   function initialPeriod() {
     var p = new URLSearchParams(window.location.search).get("period");
     return PERIODS.indexOf(p) >= 0 ? p : "day";
@@ -131,6 +150,7 @@
 
   // -- fetching -----------------------------------------------------------------------------------------------
 
+  // the JSON of path, with the answer's headers: {data, headers}
   function getJSON(path) {
     var ctl = typeof AbortController === "function" ? new AbortController() : null;
     var t = ctl ? setTimeout(function () { ctl.abort(); }, FETCH_TIMEOUT_MS) : null;
@@ -141,7 +161,7 @@
             (token ? " (令牌无效或无权 token refused)" : " (需要令牌: 以 /#token=… 打开 · token needed: open as /#token=…)"));
         }
         if (!r.ok) throw new Error(path.split("?")[0] + " \u2192 HTTP " + r.status);
-        return r.json();
+        return r.json().then(function (data) { return { data: data, headers: r.headers }; });
       }, function (e) {
         throw new Error(path.split("?")[0] + " \u2192 " + (e && e.name === "AbortError" ? "timeout" : "unreachable"));
       })
@@ -152,30 +172,46 @@
     return {
       kpis: "/api/kpis?period=" + period + "&by=department",
       backlog: "/api/backlog",
-      overdue: "/api/overdue",
+      overdue: overduePath(),
       trend: "/api/trend?days=" + TREND_DAYS,
       grids: "/api/map/grids",
-      incidents: "/api/map/incidents",
+      incidents: "/api/map/incidents" + mapView(),
     };
+  }
+
+  function overduePath() {
+    return "/api/overdue?limit=" + OVERDUE_PAGE +
+      (state.overdueCursor ? "&cursor=" + encodeURIComponent(state.overdueCursor) : "");
+  }
+
+  // the map's zoom and box, once it has a view (before, the API chooses for the whole town)
+  function mapView() {
+    if (!state.map || !state.fitted) return "";
+    var b = state.map.getBounds();
+    var box = [b.getWest(), b.getSouth(), b.getEast(), b.getNorth()].map(function (v, i) {
+      return Math.max(i % 2 ? -90 : -180, Math.min(i % 2 ? 90 : 180, v)).toFixed(5);
+    });
+    return "?zoom=" + Math.max(0, Math.min(22, Math.round(state.map.getZoom()))) + "&bbox=" + box.join(",");
   }
 
   var RENDER = {
     kpis: function (d) { renderKpis(d); renderDepartments(); },
     backlog: function () { renderDepartments(); },
-    overdue: function (d) { renderOverdue(d); },
+    overdue: function (d, hd) { renderOverdue(d, hd); },
     trend: function (d) { renderTrend(d); },
     grids: function (d) { renderGrids(d); },
-    incidents: function (d) { renderIncidents(d); },
+    incidents: function (d, hd, asked) { renderIncidents(d, asked); },
   };
 
   function refresh(gen) {
     var urls = endpoints(state.period);
     var names = Object.keys(urls);
+    var asked = ++state.incidentsAsked;
     return Promise.allSettled(names.map(function (n) { return getJSON(urls[n]); })).then(function (results) {
       if (gen !== state.gen) return;  // the period changed meanwhile: a newer refresh is on its way
       var failures = [];
       results.forEach(function (r, i) {
-        if (r.status === "fulfilled") state.last[names[i]] = r.value;
+        if (r.status === "fulfilled") state.last[names[i]] = r.value.data;
         else failures.push(r.reason && r.reason.message ? r.reason.message : names[i] + " failed");
       });
       // render in a fixed order: grids before incidents, kpis after backlog
@@ -183,7 +219,7 @@
         var i = names.indexOf(n);
         if (results[i].status !== "fulfilled") return;
         try {
-          RENDER[n](results[i].value);
+          RENDER[n](results[i].value.data, results[i].value.headers, asked);
         } catch (e) {
           failures.push(n + ": " + (e && e.message ? e.message : e));
           if (window.console) console.error(e);
@@ -349,12 +385,22 @@
     return m ? m[1] : id.length > 14 ? "\u2026" + id.slice(-13) : id;
   }
 
-  function renderOverdue(list) {
-    setText("#overdue-count", fmtCount(list.length));
+  function renderOverdue(list, hd) {
+    var total = hd && hd.get("X-Total-Count");
+    var next = hd && hd.get("X-Next-Cursor");
+    setText("#overdue-count", fmtCount(total === null || total === undefined ? list.length : Number(total)));
+    var nextButton = $("#overdue-next");
+    nextButton.disabled = !next;
+    if (next) nextButton.setAttribute("data-cursor", next);
+    else nextButton.removeAttribute("data-cursor");
+    $("#overdue-first").disabled = !state.overdueCursor;
+    setText("#overdue-page", (state.overdueCursor ? "续页 later page" : "首页 first page") + " \u00B7 " +
+      fmtCount(list.length) + " 件");
     var tbody = $("#overdue-table tbody");
     if (!list.length) {
       tbody.replaceChildren(h("tr", { className: "empty" },
-        h("td", { colspan: 5 }, "暂无超期工单 · no overdue work orders")));
+        h("td", { colspan: 5 }, state.overdueCursor ? "本页已无超期工单 · nothing overdue on this page any more"
+          : "暂无超期工单 · no overdue work orders")));
       return;
     }
     var frag = document.createDocumentFragment();
@@ -440,12 +486,14 @@
         '<div><i class="overdue"></i>超期 overdue</div>' +
         '<div><i class="escalated"></i>已升级 escalated</div>' +
         '<div><i class="big"></i>大事联动 big incident</div>' +
+        '<div><i class="cluster"></i>聚合 cluster (count)</div>' +
         '<div><span class="scale"></span>网格在办量 open per grid</div>';
       return div;
     };
     legend.addTo(map);
     state.markerLayer = L.layerGroup().addTo(map);
     state.map = map;
+    map.on("moveend", function () { if (state.fitted) mapMoved(); });
     return map;
   }
 
@@ -471,9 +519,10 @@
       style: function (f) { return gridStyle(f.properties.open, max); },
     });
     if (!state.fitted && fc.features.length) {
-      // the map draws nothing before it has a view
+      // the map draws nothing before it has a view; then the incidents are those of the view
       map.fitBounds(state.gridLayer.getBounds(), { padding: [14, 14], animate: false });
       state.fitted = true;
+      mapMoved();
     }
     state.gridLayer.addTo(map);
     state.gridLayer.eachLayer(function (layer) {
@@ -515,15 +564,21 @@
       "<br>上报 " + escapeHtml(fmtClock(new Date(p.reported_at))) + " 北京时间";
   }
 
-  function renderIncidents(fc) {
+  function renderIncidents(fc, asked) {
     ensureMap();
+    if (asked < state.incidentsShown) return;  // a newer view's answer is on screen already
+    state.incidentsShown = asked;
     var features = fc.features.slice();
-    setText("#map-count", fmtCount(features.length));
-    var sig = JSON.stringify(features.map(function (f) {
+    var clusters = fc.mode === "clusters";
+    setText("#map-count", fmtCount(typeof fc.total === "number" ? fc.total : features.length));
+    setText("#map-mode", clusters ? "聚合 clustered \u00B7 " : "");
+    $("#map").setAttribute("data-map-mode", clusters ? "clusters" : "points");
+    var sig = JSON.stringify([fc.mode].concat(features.map(function (f) {
       var p = f.properties;
-      return [p.incident_id, p.status, p.overdue, p.escalated, p.grid_id].concat(f.geometry.coordinates);
-    }));
-    if (sig === state.markerSig) return;  // unchanged: keep markers (and any open popup) as they are
+      return (clusters ? [p.count, p.overdue, p.escalated, p.big] : [p.incident_id, p.status, p.overdue, p.escalated,
+        p.grid_id]).concat(f.geometry.coordinates);
+    })));
+    if (sig === state.markerSig) return openPendingPopup();  // unchanged: keep markers (and any open popup)
     state.markerSig = sig;
     var rank = function (p) { return p.escalated ? 2 : p.overdue ? 1 : 0; };
     features.sort(function (a, b) { return rank(a.properties) - rank(b.properties); });  // worst drawn on top
@@ -533,6 +588,11 @@
       // no grid cells yet (their request failed): frame the incidents instead, until the cells come
       state.map.fitBounds(L.geoJSON(fc).getBounds(), { padding: [24, 24], animate: false, maxZoom: 15 });
     }
+    if (clusters) {
+      features.sort(function (a, b) { return a.properties.count - b.properties.count; });  // big ones on top
+      features.forEach(drawCluster);
+      return;
+    }
     features.forEach(function (f) {
       var p = f.properties, c = f.geometry.coordinates;
       var m = L.circleMarker([c[1], c[0]], markerLook(p)).bindPopup(popupHtml(p));
@@ -541,13 +601,62 @@
       if (el) el.setAttribute("data-incident", p.incident_id);
       state.markers[p.incident_id] = m;
     });
+    openPendingPopup();
+  }
+
+  // a cluster: a circle sized by its count, coloured by its worst; a click zooms into its cell
+  function drawCluster(f) {
+    var p = f.properties, c = f.geometry.coordinates;
+    var d = Math.round(Math.min(56, 22 + 7 * Math.log10(1 + p.count) * 2));
+    var look = p.escalated ? " escalated" : p.overdue ? " overdue" : " normal";
+    var icon = L.divIcon({
+      className: "incident-cluster" + look,
+      html: "<span>" + escapeHtml(fmtCount(p.count)) + "</span>",
+      iconSize: [d, d],
+    });
+    var m = L.marker([c[1], c[0]], { icon: icon, keyboard: false, title: "" })
+      .bindTooltip("在办 " + fmtCount(p.count) + " · 超期 " + fmtCount(p.overdue) + " · 已升级 " + fmtCount(p.escalated) +
+        (p.big ? " · 大事 " + fmtCount(p.big) : ""), { direction: "top", offset: [0, -d / 2] });
+    m.on("click", function () {
+      var b = p.bbox;
+      state.map.fitBounds([[b[1], b[0]], [b[3], b[2]]], { animate: false, maxZoom: 18 });
+    });
+    state.markerLayer.addLayer(m);
+    var el = m.getElement && m.getElement();
+    if (el) {
+      el.setAttribute("data-cluster-count", p.count);
+      el.setAttribute("data-cluster-overdue", p.overdue);
+      el.setAttribute("data-cluster-escalated", p.escalated);
+    }
+  }
+
+  // the open incidents of the map's view, asked again after it moved (the other figures wait for the refresh)
+  function loadIncidents() {
+    var asked = ++state.incidentsAsked;
+    getJSON("/api/map/incidents" + mapView()).then(function (r) {
+      state.last.incidents = r.data;
+      renderIncidents(r.data, asked);
+    }, function (e) { showError([String(e && e.message ? e.message : e)]); });
+  }
+
+  function mapMoved() {
+    clearTimeout(state.moveTimer);
+    state.moveTimer = setTimeout(loadIncidents, MOVE_DEBOUNCE_MS);
+  }
+
+  function openPendingPopup() {
+    var m = state.popupFor && state.markers[state.popupFor];
+    if (m) {
+      m.openPopup();
+      state.popupFor = null;
+    }
   }
 
   function focusIncident(id, lat, lon) {
     if (!state.map) return;
+    state.popupFor = id;  // its marker may come with the new view's answer
     state.map.setView([lat, lon], Math.max(state.map.getZoom(), 15), { animate: false });
-    var m = state.markers[id];
-    if (m) m.openPopup();
+    openPendingPopup();
   }
 
   function escapeHtml(s) {
@@ -595,6 +704,21 @@
     }).catch(function (e) { showError([String(e && e.message ? e.message : e)]); });
   }
 
+  // another page of the overdue list, kept in the address; the rest of the page waits for its refresh
+  function showOverduePage(cursor) {
+    state.overdueCursor = cursor;
+    var url = new URL(window.location.href);
+    if (cursor) url.searchParams.set("overdue", cursor);
+    else url.searchParams.delete("overdue");
+    window.history.replaceState(null, "", url.toString());
+    getJSON(overduePath()).then(function (r) {
+      if (cursor !== state.overdueCursor) return;  // another page was asked for meanwhile
+      state.last.overdue = r.data;
+      renderOverdue(r.data, r.headers);
+      $("#overdue-table").parentNode.scrollTop = 0;
+    }, function (e) { showError([String(e && e.message ? e.message : e)]); });
+  }
+
   function tickClock() { setText("#clock", fmtClock(new Date())); }
 
   function start() {
@@ -605,6 +729,11 @@
       });
     });
     $("#csv-link").addEventListener("click", downloadCsv);
+    $("#overdue-next").addEventListener("click", function () {
+      var next = $("#overdue-next").getAttribute("data-cursor");
+      if (next) showOverduePage(next);
+    });
+    $("#overdue-first").addEventListener("click", function () { showOverduePage(null); });
     applyPeriod(state.period, false);
     tickClock();
     setInterval(tickClock, 1000);
