@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 from schemas import GAOHANG, Event, Town, utcnow
 from schemas.topics import CATALOG, Topic, used_by
@@ -105,6 +106,14 @@ class Runtime(Consumer):
 
     def init_db(self) -> None:
         create_tables(self.engine, self.tables)
+
+    def replace_engine(self, engine: Engine) -> Engine:
+        """Make every unit of work, the outbox relay and the pruner use ``engine`` from now on (a rebuilt read
+        model swapped in); returns the engine used so far, still open (a read running on it finishes there)."""
+        old, self.engine = self.engine, engine
+        self.relay.engine = engine
+        self.pruner.engine = engine
+        return old
 
     async def command(self, handler: Callable[..., T], *args: Any) -> T:
         """Run a command through the bus (``handler(*args, uow)``, committed) and publish what it emitted: what

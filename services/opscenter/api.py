@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 
 from services.common.api import create_api
 from services.common.auth import Principal, Role
@@ -20,6 +21,7 @@ from services.common.runtime import Runtime
 from . import handlers, views
 from ._map import Box, MapQuery
 from .kpis import Dimension, KpiReport, Period, to_csv_rows
+from .swap import MAX_HOLD_S, OpsCenterRuntime, UnusableDatabase, swap_in
 
 STATIC = Path(__file__).parent / "static"
 
@@ -50,6 +52,35 @@ _PAGE_HEADERS = {
     "Link": {"description": 'the next page\'s address, rel="next" (absent on the last)', "schema": {"type": "string"}},
     "X-Total-Count": {"description": "how many work orders are overdue in all", "schema": {"type": "integer"}},
 }
+
+
+class PauseFold(BaseModel):
+    hold_s: float = Field(default=60.0, gt=0, le=MAX_HOLD_S)
+    """How long the fold may stay held: it resumes on its own after that."""
+
+
+class HeldFold(BaseModel):
+    hold_id: str
+    hold_s: float
+    positions: dict[str, dict[int, int]]
+    """Topic → partition → the offset after the last record folded: where a rebuild must get before the swap."""
+
+
+class ResumeFold(BaseModel):
+    hold_id: str = Field(min_length=1, max_length=64)
+
+
+class SwapReadModel(BaseModel):
+    hold_id: str = Field(min_length=1, max_length=64)
+    database_url: str = Field(min_length=1, max_length=2000)
+    """The rebuilt read model's database (SQLAlchemy URL; a SQLite file's path absolute)."""
+
+
+class ReadModelState(BaseModel):
+    database: str
+    """The database the service folds into and reads (its password hidden)."""
+    held: bool
+    positions: dict[str, dict[int, int]]
 
 
 def build_api(runtime: Runtime) -> FastAPI:
@@ -144,6 +175,46 @@ def build_api(runtime: Runtime) -> FastAPI:
     async def map_grids(who: Principal = Center) -> GeoJSONResponse:
         """GeoJSON polygons of the grid cells with their open incidents."""
         return GeoJSONResponse(await runtime.read(handlers.map_grids, runtime.town))
+
+    # -- swapping a rebuilt read model in (python -m services.opscenter rebuild --swap) ---------------------
+
+    Admin = runtime.allow(Role.ADMIN)
+
+    def gated() -> OpsCenterRuntime:
+        if not isinstance(runtime, OpsCenterRuntime):
+            raise HTTPException(404, "this service swaps no read model")
+        return runtime
+
+    @api.get("/admin/read-model", response_model=ReadModelState, tags=["admin"])
+    async def read_model(who: Principal = Admin) -> ReadModelState:
+        """The database the read model is in, whether the fold is held, and how far it got."""
+        ops = gated()
+        shown = ops.engine.url.render_as_string(hide_password=True)
+        return ReadModelState(database=shown, held=ops.gate.held(), positions=ops.gate.folded)
+
+    @api.post("/admin/fold/pause", response_model=HeldFold, tags=["admin"])
+    async def pause_fold(body: PauseFold, who: Principal = Admin) -> HeldFold:
+        """Hold the live fold for a swap (the batch being applied is committed first); 409 if it is held."""
+        ops = gated()
+        hold = await ops.gate.pause(body.hold_s)
+        return HeldFold(hold_id=hold.hold_id, hold_s=body.hold_s, positions=ops.gate.folded)
+
+    @api.post("/admin/fold/resume", tags=["admin"])
+    async def resume_fold(body: ResumeFold, who: Principal = Admin) -> dict[str, bool]:
+        """Let the held fold go on, on the model it had (the swap is given up); 409 for no such hold."""
+        gated().gate.resume(body.hold_id)
+        return {"resumed": True}
+
+    @api.post("/admin/read-model/swap", response_model=ReadModelState, tags=["admin"])
+    async def swap_read_model(body: SwapReadModel, who: Principal = Admin) -> ReadModelState:
+        """Fold into, and read, the rebuilt model from now on (see ``services/opscenter/swap.py``): 409 without
+        the hold, or if the rebuilt model is behind the live fold; 422 if it cannot be opened or was not rebuilt."""
+        ops = gated()
+        try:
+            swapped = await swap_in(ops, body.hold_id, body.database_url)
+        except UnusableDatabase as exc:
+            raise HTTPException(422, str(exc)) from None
+        return ReadModelState(database=swapped.database, held=False, positions={"rebuilt": swapped.positions})
 
     @api.get("/", include_in_schema=False, response_model=None)
     async def dashboard() -> Any:

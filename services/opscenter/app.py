@@ -5,7 +5,6 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 
 from schemas.reference import GAOHANG, Town
-from services.common.runtime import Runtime
 
 from . import handlers
 from .agents import CONSUMES
@@ -13,14 +12,17 @@ from .api import build_api
 from .metrics import ConsumerLagCollector, consumer_groups
 from .models import TABLES
 from .settings import OpsCenterSettings
+from .swap import OpsCenterRuntime, swapped_database
 
 _lag: ConsumerLagCollector | None = None
 
 
-def build(settings: OpsCenterSettings | None = None, town: Town = GAOHANG) -> Runtime:
+def build(settings: OpsCenterSettings | None = None, town: Town = GAOHANG) -> OpsCenterRuntime:
     global _lag
-    settings = settings or OpsCenterSettings()
-    runtime = Runtime(settings, TABLES, handlers.bind(town), consumes=CONSUMES, preload=handlers.preload, town=town)
+    settings = swapped_database(settings or OpsCenterSettings())
+    runtime = OpsCenterRuntime(
+        settings, TABLES, handlers.bind(town), consumes=CONSUMES, preload=handlers.preload, town=town
+    )
     runtime.serve(build_api(runtime))
     if _lag is None:  # one per process: the registry refuses a second collector of the same series
         _lag = ConsumerLagCollector(

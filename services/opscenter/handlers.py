@@ -71,6 +71,12 @@ def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
     OpsStore(uow).preload(events)
 
 
+def forget_rebuild_positions(uow: UnitOfWork) -> None:
+    """The rebuilt model is the live one now: where its rebuild got in the log no longer says anything (the live
+    consumer's offsets are its consumer group's)."""
+    OpsStore(uow).forget_positions()
+
+
 def bind(town: Town) -> Mapping[type[Event], Callable[[Any, UnitOfWork], None]]:
     """The fold of every lifecycle event, for ``town``."""
 

@@ -148,6 +148,20 @@ class OpsParked(SQLModel, table=True):
     payload: bytes = Field(sa_type=sa.LargeBinary)
 
 
+class OpsLogPosition(SQLModel, table=True):
+    """How far a rebuild has folded the lifecycle log into this database: per partition, the next offset to read,
+    written in the transaction of the batch that got there (a rebuild resumes from it, and a swap checks it
+    against the live fold). Bookkeeping of the rebuild, not of the read model: the swap that makes this database
+    the live one empties it (the live consumer's offsets are its consumer group's)."""
+
+    __tablename__ = "ops_log_position"
+
+    topic: str = Field(primary_key=True, max_length=249)
+    partition: int = Field(primary_key=True)
+    next_offset: int = Field(ge=0)
+    updated_at: datetime = Field(sa_type=timestamp())
+
+
 TABLES = (
     OpsIncident.__table__,  # type: ignore[attr-defined]
     OpsWorkOrder.__table__,  # type: ignore[attr-defined]
@@ -155,4 +169,5 @@ TABLES = (
     OpsDue.__table__,  # type: ignore[attr-defined]
     OpsStage.__table__,  # type: ignore[attr-defined]
     OpsParked.__table__,  # type: ignore[attr-defined]
+    OpsLogPosition.__table__,  # type: ignore[attr-defined]
 )

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.common.settings import ServiceSettings, Tuning
 
@@ -22,3 +23,12 @@ class OpsCenterSettings(ServiceSettings):
     SERVICE: ClassVar[str] = "opscenter"
     DEFAULT_HTTP_PORT: ClassVar[int] = 8104
     tuning: OpsCenterTuning = Field(default_factory=OpsCenterTuning)
+    read_model_file: Path | None = None
+    """Names the database a rebuilt read model was swapped into (``rebuild --swap``): once it exists, the
+    service opens that database, not ``database_url``. Empty: ``<var_dir>/db/opscenter.read-model``."""
+
+    @model_validator(mode="after")
+    def _read_model_file(self) -> OpsCenterSettings:
+        if self.read_model_file is None:
+            self.read_model_file = self.var_dir / "db" / "opscenter.read-model"
+        return self

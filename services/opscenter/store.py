@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
@@ -26,7 +27,7 @@ from services.common.db import SHARED_TABLES, Rows, UnitOfWork, create_tables, i
 from ._map import Box, Cluster, Extent
 from .domain import COUNTED, SPANS, SUMMED, Incident, Tally, WorkOrder, first_day
 from .kpis import Bucket
-from .models import OPS_DAILY, TABLES, OpsDue, OpsIncident, OpsParked, OpsStage, OpsWorkOrder
+from .models import OPS_DAILY, TABLES, OpsDue, OpsIncident, OpsLogPosition, OpsParked, OpsStage, OpsWorkOrder
 
 INCIDENTS = Rows(OpsIncident, Incident)
 ORDERS = Rows(OpsWorkOrder, WorkOrder)
@@ -178,6 +179,18 @@ class OpsStore:
     def reads(self) -> ReadModel:
         """The read model's queries, in this unit's transaction."""
         return ReadModel(self.uow.connection)
+
+    # -- how far a rebuild got in the log -----------------------------------------------------------------
+
+    def save_positions(self, topic: str, positions: Mapping[int, int]) -> None:
+        """Record, in this unit's transaction, the next offset to read of each partition of ``topic``."""
+        connection, now = self.uow.connection, self.uow.now()
+        rows = [{"topic": topic, "partition": p, "next_offset": o, "updated_at": now} for p, o in positions.items()]
+        connection.execute(_upsert_position(connection.dialect.name), rows)
+
+    def forget_positions(self) -> None:
+        """Forget every position recorded (the database becomes the live one: its consumer group's offsets rule)."""
+        self.uow.connection.execute(sa.delete(_POSITION))
 
 
 # -- the read side --------------------------------------------------------------------------------------
@@ -450,4 +463,56 @@ def fresh_read_model(engine: Engine, tables: Iterable[sa.Table] = TABLES) -> Non
     create_tables(engine, tuple(tables))
 
 
-__all__ = ["INCIDENTS", "ORDERS", "Db", "OpsStore", "ReadModel", "fresh_read_model"]
+# -- the rebuild's bookkeeping ------------------------------------------------------------------------------
+
+_POSITION: sa.Table = OpsLogPosition.__table__  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _upsert_position(dialect: str) -> Any:
+    """Insert a partition's position, or move the one recorded (built once per dialect)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(_POSITION)
+    moved = {"next_offset": statement.excluded.next_offset, "updated_at": statement.excluded.updated_at}
+    return statement.on_conflict_do_update(index_elements=["topic", "partition"], set_=moved)
+
+
+def log_positions(engine: Engine) -> dict[str, dict[int, int]]:
+    """Topic → partition → the next offset to read, as a rebuild into ``engine``'s database recorded them (empty:
+    none recorded, or no table for them)."""
+    if not sa.inspect(engine).has_table(_POSITION.name):
+        return {}
+    out: dict[str, dict[int, int]] = {}
+    with engine.connect() as connection:
+        p = _POSITION.c
+        for topic, partition, offset in connection.execute(sa.select(p.topic, p.partition, p.next_offset)):
+            out.setdefault(topic, {})[int(partition)] = int(offset)
+    return out
+
+
+def holds_read_model(engine: Engine, tables: Iterable[sa.Table] = TABLES) -> bool:
+    """Whether ``engine``'s database holds a row of the read model (the rebuild's bookkeeping aside)."""
+    inspector = sa.inspect(engine)
+    present = [t for t in tables if t is not _POSITION and inspector.has_table(t.name)]
+    with engine.connect() as connection:
+        return any(connection.execute(sa.select(sa.literal(1)).select_from(t).limit(1)).first() for t in present)
+
+
+def prepare_read_model(engine: Engine, tables: Iterable[sa.Table] = TABLES) -> None:
+    """Make the read model's tables that ``engine``'s database lacks (those there are kept as they are)."""
+    create_tables(engine, tuple(tables))
+
+
+__all__ = [
+    "INCIDENTS",
+    "ORDERS",
+    "Db",
+    "OpsStore",
+    "ReadModel",
+    "fresh_read_model",
+    "holds_read_model",
+    "log_positions",
+    "prepare_read_model",
+]
