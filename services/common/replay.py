@@ -120,7 +120,7 @@ def _stamp(dialect: Any) -> Callable[[datetime], Any]:
     return process if process is not None else (lambda value: value)
 
 
-def tune_for_replay(engine: Engine, *, cache_mb: int = 256) -> None:
+def tune_for_replay(engine: Engine, *, cache_mb: int = 64) -> None:
     """Make ``engine``'s SQLite connections write a replay cheaply: a larger page cache (``cache_mb``, the bound
     on what it holds in memory) and no fsync at commits. A process killed midway loses nothing committed (the
     write-ahead log is the operating system's); a machine that loses power may corrupt the file, and the replay

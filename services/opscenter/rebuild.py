@@ -176,15 +176,16 @@ def run(
         progress.stops[p] = FOLLOW if options.follow else max(ends[p], start.get(p, 0))
     plan = _Plan(source, database_url, town, Batching(size=options.batch), assignment, progress, context.Queue())
     started = time.monotonic()
-    watch = _Watch(plan, options, ends, start)
     outcome_swap: dict[str, Any] | None = None
     with _workers(plan) as running:
+        watch = _Watch(plan, options, ends, start)  # its progress bar's thread once the workers are forked
         try:
             outcome_swap = watch.until_done(running, swap)
         except KeyboardInterrupt:
             progress.stopping.set()
             watch.stopped = True
-    watch.close()
+        finally:
+            watch.close()
     _raise_worker_errors(plan)
     settle(make_engine(database_url))
     positions = progress.position()
