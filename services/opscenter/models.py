@@ -48,6 +48,10 @@ class OpsIncident(SQLModel, table=True):
     verifying_since: datetime | None = Field(default=None, sa_type=timestamp())
 
 
+_OWED = ("status", "deadline", "work_order_id", "department_code", "incident_id", "category_code", "grid_id")
+"""The columns of the index of the work owed: led by the status and the deadline, it holds what is counted."""
+
+
 class OpsWorkOrder(SQLModel, table=True):
     """One row per work order: its department, deadline and the stage times."""
 
@@ -55,16 +59,7 @@ class OpsWorkOrder(SQLModel, table=True):
     __table_args__ = (
         # the work still owed in deadline order, a status at a time (the overdue list's pages: deadline, then id),
         # with what the backlog, the map and the KPIs' overdue figure count it by, from the index alone
-        sa.Index(
-            "ix_ops_work_order_owed",
-            "status",
-            "deadline",
-            "work_order_id",
-            "department_code",
-            "incident_id",
-            "category_code",
-            "grid_id",
-        ),
+        sa.Index("ix_ops_work_order_owed", *_OWED),
     )
 
     work_order_id: str = Field(primary_key=True, max_length=80)

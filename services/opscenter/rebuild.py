@@ -140,18 +140,10 @@ class _Plan:
     parent: int = field(default_factory=os.getpid)
 
 
-def rebuild(
-    bootstrap: str,
-    database_url: str,
-    *,
-    security: Mapping[str, Any] | None = None,
-    town: Town = GAOHANG,
-    options: Options = Options(),
-    swap: SwapTarget | None = None,
-) -> int:
-    """Fold the lifecycle log into the read model at ``database_url`` (see :class:`Options`); returns the
-    records applied. ``security``: the Kafka client's credentials (opscenter's own may read the log)."""
-    return run(bootstrap, database_url, security=security, town=town, options=options, swap=swap).applied
+def rebuild(bootstrap: str, database_url: str, **how: Any) -> int:
+    """Fold the lifecycle log into the read model at ``database_url``; returns the records applied. ``how``: the
+    keywords of :func:`run` (the Kafka client's credentials, the town, the :class:`Options`, a swap target)."""
+    return run(bootstrap, database_url, **how).applied
 
 
 def run(
