@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -154,6 +155,14 @@ def absolute_url(database_url: str) -> str:
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         url = url.set(database=os.path.abspath(url.database))
     return url.render_as_string(hide_password=False)
+
+
+def sqlite_file(database_url: str) -> Path | None:
+    """The file a SQLite URL names (None for another database, or SQLite in memory)."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
 
 
 def shown_url(database_url: str) -> str:
@@ -424,5 +433,6 @@ __all__ = [
     "settle",
     "shown_url",
     "split",
+    "sqlite_file",
     "tune_for_replay",
 ]

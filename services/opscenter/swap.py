@@ -29,7 +29,7 @@ from schemas import GAOHANG, Event, Town
 from schemas.topics import LIFECYCLE, Topic
 from services.common.db import make_engine
 from services.common.errors import GridloopError, Rejected
-from services.common.replay import shown_url
+from services.common.replay import shown_url, sqlite_file
 from services.common.runtime import Runtime
 
 from . import handlers
@@ -156,9 +156,14 @@ async def swap_in(runtime: OpsCenterRuntime, hold_id: str, database_url: str, to
         )
     runtime.gate.check(hold_id)
     try:
+        file = sqlite_file(database_url)
+        if file is not None and not file.is_file():
+            raise UnusableDatabase(f"no database file {file}")
         engine = make_engine(database_url)
+    except UnusableDatabase:
+        raise
     except Exception as exc:  # a URL SQLAlchemy cannot read, or a driver that is not installed
-        raise UnusableDatabase(f"cannot use {database_url!r}: {type(exc).__name__}: {exc}") from None
+        raise UnusableDatabase(f"cannot use the database URL given ({type(exc).__name__})") from None
     try:
         positions = await asyncio.to_thread(_rebuilt_positions, engine, runtime.tables, topic)
         behind = {

@@ -349,3 +349,20 @@ async def test_one_of_several_instances_swaps_nothing(tmp_path: Path) -> None:
         await swap_in(runtime, hold.hold_id, _rebuilt(tmp_path, "ahead.sqlite", 12))
     assert str(runtime.engine.url).endswith("opscenter.sqlite") and runtime.gate.held()
     runtime.engine.dispose()
+
+
+async def test_a_swap_to_a_database_that_is_not_there_is_refused_without_making_it(
+    service: Any, tmp_path: Path
+) -> None:
+    async with await _admin(service, tmp_path) as admin:
+        hold = (await admin.post("/admin/fold/pause", json={"hold_s": 30})).json()
+        missing = tmp_path / "nowhere" / "rebuilt.sqlite"
+        answer = await admin.post(
+            "/admin/read-model/swap", json={"hold_id": hold["hold_id"], "database_url": f"sqlite:///{missing}"}
+        )
+        assert answer.status_code == 422 and "no database file" in answer.json()["error"]
+        garbled = await admin.post(
+            "/admin/read-model/swap", json={"hold_id": hold["hold_id"], "database_url": "nodb://u:secret@h/x"}
+        )
+        assert garbled.status_code == 422 and "secret" not in garbled.text
+    assert not missing.parent.exists() and service.gate.held()
