@@ -70,6 +70,12 @@ class ResumeFold(BaseModel):
     hold_id: str = Field(min_length=1, max_length=64)
 
 
+_HELD: dict[int | str, dict[str, str]] = {
+    409: {"description": "the fold is held for another swap, not held under this id, or the rebuilt model is behind"}
+}
+"""What the fold's hold and the swap answer besides success (422, for an unusable model, is every route's)."""
+
+
 class SwapReadModel(BaseModel):
     hold_id: str = Field(min_length=1, max_length=64)
     database_url: str = Field(min_length=1, max_length=2000)
@@ -192,20 +198,20 @@ def build_api(runtime: Runtime) -> FastAPI:
         shown = ops.engine.url.render_as_string(hide_password=True)
         return ReadModelState(database=shown, held=ops.gate.held(), positions=ops.gate.folded)
 
-    @api.post("/admin/fold/pause", response_model=HeldFold, tags=["admin"])
+    @api.post("/admin/fold/pause", response_model=HeldFold, tags=["admin"], responses=_HELD)
     async def pause_fold(body: PauseFold, who: Principal = Admin) -> HeldFold:
         """Hold the live fold for a swap (the batch being applied is committed first); 409 if it is held."""
         ops = gated()
         hold = await ops.gate.pause(body.hold_s)
         return HeldFold(hold_id=hold.hold_id, hold_s=body.hold_s, positions=ops.gate.folded)
 
-    @api.post("/admin/fold/resume", tags=["admin"])
+    @api.post("/admin/fold/resume", tags=["admin"], responses=_HELD)
     async def resume_fold(body: ResumeFold, who: Principal = Admin) -> dict[str, bool]:
         """Let the held fold go on, on the model it had (the swap is given up); 409 for no such hold."""
         gated().gate.resume(body.hold_id)
         return {"resumed": True}
 
-    @api.post("/admin/read-model/swap", response_model=ReadModelState, tags=["admin"])
+    @api.post("/admin/read-model/swap", response_model=ReadModelState, tags=["admin"], responses=_HELD)
     async def swap_read_model(body: SwapReadModel, who: Principal = Admin) -> ReadModelState:
         """Fold into, and read, the rebuilt model from now on (see ``services/opscenter/swap.py``): 409 without
         the hold, or if the rebuilt model is behind the live fold; 422 if it cannot be opened or was not rebuilt."""
