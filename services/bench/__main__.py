@@ -11,7 +11,7 @@ import inspect
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
@@ -77,20 +77,32 @@ class Loop:
         return Options(**values | {"profile": tuple(self.profile or ())}, **rest)
 
 
-def with_loop_options(command: Callable[..., None]) -> Callable[..., None]:
-    """``command`` with the options of :class:`Loop` in place of its parameter ``loop`` (typer reads them from
-    the signature); it is called with them gathered into one ``Loop``."""
-    hints = get_type_hints(Loop, include_extras=True)
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    shared = [inspect.Parameter(f.name, keyword, default=f.default, annotation=hints[f.name]) for f in fields(Loop)]
+def with_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with the fields of each of its option groups (a parameter typed as a dataclass: :class:`Loop`,
+    :class:`Reading`) in place of that parameter (typer reads them from the signature); it is called with each
+    group's fields gathered into one value."""
     signature = inspect.signature(command, eval_str=True)
+    groups: dict[str, type[Any]] = {
+        name: param.annotation
+        for name, param in signature.parameters.items()
+        if isinstance(param.annotation, type) and is_dataclass(param.annotation)
+    }
+    keyword = inspect.Parameter.KEYWORD_ONLY
     params: list[inspect.Parameter] = []
     for param in signature.parameters.values():
-        params += shared if param.name == "loop" else [param.replace(kind=keyword)]
+        if group := groups.get(param.name):
+            hints = get_type_hints(group, include_extras=True)
+            params += [
+                inspect.Parameter(f.name, keyword, default=f.default, annotation=hints[f.name]) for f in fields(group)
+            ]
+        else:
+            params.append(param.replace(kind=keyword))
 
     @functools.wraps(command)
     def gathered(**kwargs: Any) -> None:
-        command(loop=Loop(**{f.name: kwargs.pop(f.name) for f in fields(Loop)}), **kwargs)
+        for name, group in groups.items():
+            kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in fields(group)})
+        command(**kwargs)
 
     gathered.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     return gathered
@@ -117,7 +129,7 @@ def main() -> None:
 
 
 @app.command()
-@with_loop_options
+@with_options
 def run(
     rates: Annotated[str, typer.Option(help="Offered rates to climb (incidents/s), comma-separated.")] = ",".join(
         f"{r:g}" for r in DEFAULT_RATES
@@ -152,7 +164,7 @@ def run(
 
 
 @app.command()
-@with_loop_options
+@with_options
 def soak(
     minutes: Annotated[float, typer.Option(min=1.0, help="How long to run at the soak rate.")] = 30.0,
     rate: Annotated[
@@ -171,61 +183,59 @@ def soak(
     print(stats.json_line(result.summary), flush=True)
 
 
-@app.command()
-def read(
-    incidents: Annotated[
-        int, typer.Option(min=1, help="Incidents of synthetic history (about 8.3 events each).")
-    ] = 20_000,
-    days: Annotated[int, typer.Option(min=1, help="Days the history spans, ending now.")] = 365,
-    seed: Annotated[int, typer.Option(help="The history's seed: the same seed, the same incidents.")] = 1,
+@dataclass(frozen=True)
+class Reading:
+    """The options of ``read``: what history, which databases, how the reads are timed and what is kept."""
+
+    incidents: Annotated[int, typer.Option(min=1, help="Incidents of synthetic history (about 8.3 events each).")] = (
+        20_000
+    )
+    days: Annotated[int, typer.Option(min=1, help="Days the history spans, ending now.")] = 365
+    seed: Annotated[int, typer.Option(help="The history's seed: the same seed, the same incidents.")] = 1
     database_url: Annotated[
         list[str] | None,
         typer.Option(
             help="A read model to rebuild and read (its tables are dropped first), repeatable. Default: a SQLite "
             "file in the run's directory, and PostgreSQL in a scratch database where --postgres-url gives a server."
         ),
-    ] = None,
+    ] = None
     postgres_url: Annotated[
         str,
         typer.Option(
             envvar="GRIDLOOP_TEST_POSTGRES_URL",
             help="A PostgreSQL server (as a database URL): the run makes a database of its own there, and drops it.",
         ),
-    ] = "",
-    repeats: Annotated[int, typer.Option(min=1, help="Timed requests per endpoint.")] = 20,
+    ] = ""
+    repeats: Annotated[int, typer.Option(min=1, help="Timed requests per endpoint.")] = 20
     budget_s: Annotated[
         float, typer.Option(min=0.0, help="Fewer requests (at least 3) once an endpoint has taken this long.")
-    ] = 10.0,
-    live_s: Annotated[
-        float, typer.Option(min=0.0, help="Seconds of live events under the dashboard (0: none).")
-    ] = 30.0,
-    live_rate: Annotated[float, typer.Option(min=0.1, help="Live events per second.")] = 100.0,
-    refresh_s: Annotated[float, typer.Option(min=0.1, help="How often the dashboard refreshes.")] = 5.0,
-    base_port: Annotated[int, typer.Option(help="opscenter listens on base+4.")] = READ_BASE_PORT,
-    bootstrap: Bootstrap = "127.0.0.1:9092",
-    keep_db: Annotated[bool, typer.Option(help="Keep the rebuilt databases.")] = False,
-    keep_topics: KeepTopics = False,
+    ] = 10.0
+    live_s: Annotated[float, typer.Option(min=0.0, help="Seconds of live events under the dashboard (0: none).")] = 30.0
+    live_rate: Annotated[float, typer.Option(min=0.1, help="Live events per second.")] = 100.0
+    refresh_s: Annotated[float, typer.Option(min=0.1, help="How often the dashboard refreshes.")] = 5.0
+    base_port: Annotated[int, typer.Option(help="opscenter listens on base+4.")] = READ_BASE_PORT
+    bootstrap: Bootstrap = "127.0.0.1:9092"
+    keep_db: Annotated[bool, typer.Option(help="Keep the rebuilt databases.")] = False
+    keep_topics: KeepTopics = False
+
+    def options(self) -> ReadOptions:
+        """The run's :class:`ReadOptions`: the databases named, or else the default ones (a scratch database on
+        ``postgres_url``'s server among them)."""
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        named = tuple(values.pop("database_url") or ())
+        return ReadOptions(**values | {"databases": named, "postgres_url": "" if named else self.postgres_url})
+
+
+@app.command()
+@with_options
+def read(
+    reading: Reading = Reading(),
     out: Annotated[Path | None, typer.Option(help="Where run directories go (default var/bench-read).")] = None,
 ) -> None:
     """Generate a history of --incidents incidents, publish it to a fresh lifecycle topic, rebuild the operations
     center's read model from it, and time every read endpoint and the live fold's lag under a dashboard. Prints
     tables, then the result as one JSON line; exits 1 if an endpoint answered anything but 200."""
-    options = ReadOptions(
-        incidents=incidents,
-        days=days,
-        seed=seed,
-        bootstrap=bootstrap,
-        databases=tuple(database_url or ()),
-        postgres_url=postgres_url if not database_url else "",
-        repeats=repeats,
-        budget_s=budget_s,
-        live_s=live_s,
-        live_rate=live_rate,
-        refresh_s=refresh_s,
-        base_port=base_port,
-        keep_db=keep_db,
-        keep_topics=keep_topics,
-    )
+    options = reading.options()
     if out is not None:
         options.out_root = out
     os.environ.setdefault("GRIDLOOP_LOG_LEVEL", "warning")

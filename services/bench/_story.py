@@ -38,6 +38,10 @@ from services.simulator.town import (
     ROADS,
     SENSOR_CATEGORIES,
     UNKNOWN_CATEGORIES,
+    draw_address,
+    draw_citizen,
+    draw_photo_urls,
+    draw_point,
     offset_m,
 )
 
@@ -96,8 +100,6 @@ DUPLICATE_WINDOW = timedelta(hours=24)
 _VERSION_4 = (0x4000 << 64) | (0x8000 << 48)
 _NOT_VERSION_OR_VARIANT = ~((0xF000 << 64) | (0xC000 << 48))
 """The bits of a UUID that say it is random (version 4, RFC 4122 variant), and the others."""
-_MARGIN = 0.0006
-"""Degrees kept away from a grid's edges, so a duplicate a few metres off stays in its grid."""
 
 
 @dataclass
@@ -218,16 +220,6 @@ class Stories:
             actor = self._workers[worker_id] = Actor(kind=ActorKind.GRID_WORKER, id=worker_id)
         return actor
 
-    def _point(self, grid: Grid) -> tuple[float, float]:
-        lat = self.rng.uniform(grid.south + _MARGIN, grid.north - _MARGIN)
-        lon = self.rng.uniform(grid.west + _MARGIN, grid.east - _MARGIN)
-        return round(lat, 6), round(lon, 6)
-
-    def _address(self, grid: Grid) -> tuple[str, str]:
-        road, place = self.rng.choice(ROADS), self.rng.choice(PLACES)
-        number = self.rng.randint(1, 2999)
-        return f"{self.town.name_zh}{road}{number}号（{grid.name_zh}）", f"{road}{number}号{place}"
-
     def _description(self, category: str, place: str) -> str:
         templates = DESCRIPTIONS.get(category)
         if not templates:
@@ -235,12 +227,8 @@ class Stories:
             return f"{place}{known.name_zh if known else category}"
         return self.rng.choice(templates).format(p=place, n=self.rng.randint(3, 30))
 
-    def _citizen(self) -> str:
-        return f"citizen-1{self.rng.choice('3589')}{self.rng.randint(0, 999_999_999):09d}"
-
     def _urls(self, incident_id: str, kind: str, at_least: int = 0) -> list[str]:
-        count = max(at_least, self.rng.choice((0, 1, 1, 2)))
-        return [f"https://oss.{self.town.code}.example.cn/{kind}/{incident_id}-{k + 1}.jpg" for k in range(count)]
+        return draw_photo_urls(self.rng, self.town.code, kind, incident_id, at_least)
 
     def _emit(self, event: E) -> E:
         self.events.append(event)
@@ -249,6 +237,10 @@ class Stories:
     def _follow(self, kind: type[E], cause: Event, actor: Actor, at: datetime, **fields: Any) -> E:
         """An event following ``cause`` (its incident, correlation id and cause recorded), as dispatch builds it."""
         return self._emit(kind.following(cause, actor, event_id=self._id(), occurred_at=at, **fields))
+
+    def _by_dispatch(self, kind: type[E], cause: Event, at: datetime, **fields: Any) -> E:
+        """dispatch's answer to ``cause``: 立案, 派遣, 核查 asked, 结案, 返工, 督办, a rejection or a merge."""
+        return self._follow(kind, cause, self.dispatch, at, **fields)
 
     def _own(self, kind: type[E], case: _Case, actor: Actor, at: datetime, **fields: Any) -> E:
         """An event that names no cause: a department's action, the watchdog's, the operations center's decision."""
@@ -261,6 +253,12 @@ class Stories:
                 occurred_at=at,
                 **fields,
             )
+        )
+
+    def _on_order(self, kind: type[E], case: _Case, order: _Order, actor: Actor, at: datetime, **fields: Any) -> E:
+        """An event of one work order (its id and department recorded) that names no cause."""
+        return self._own(
+            kind, case, actor, at, work_order_id=order.work_order_id, department_code=order.department, **fields
         )
 
     # -- the story of one incident ---------------------------------------------------------------------------
@@ -302,7 +300,7 @@ class Stories:
         if source is ev.Source.OPEN311:
             app = self.rng.choice(OPEN311_APPS)
             return source, app, Actor(kind=ActorKind.CITIZEN, id=app)
-        citizen = self._citizen()
+        citizen = draw_citizen(self.rng)
         return source, citizen, self.desk.on_behalf(citizen)
 
     def _report(
@@ -354,7 +352,7 @@ class Stories:
         lon = self.rng.uniform(west, east) if side in "ns" else (east + step if side == "e" else west - step)
         lat, lon = round(lat, 6), round(lon, 6)
         category = self.rng.choices(self._categories, weights=self._category_weights)[0]
-        citizen = self._citizen()
+        citizen = draw_citizen(self.rng)
         place = self.rng.choice(PLACES)
         report = self._report(
             at,
@@ -368,10 +366,9 @@ class Stories:
             self.desk.on_behalf(citizen),
         )
         reason = f"location {lat:.5f},{lon:.5f} lies outside every grid of the town"
-        self._follow(
+        self._by_dispatch(
             ev.IncidentRejected,
             report,
-            self.dispatch,
             self._after(at),
             reason_code=ev.RejectReason.OUTSIDE_GRIDS,
             reason=reason,
@@ -380,10 +377,10 @@ class Stories:
     def _unknown_category(self, at: datetime) -> None:
         grid = self.rng.choice(self.grids)
         code = self.rng.choice(self._unknown) if self._unknown else "unknown_matter"
-        lat, lon = self._point(grid)
-        address, place = self._address(grid)
+        lat, lon = draw_point(self.rng, grid)
+        address, place = draw_address(self.rng, grid, self.town.name_zh)
         if self.rng.random() < 0.5:
-            source, reporter = ev.Source.HOTLINE_12345, self._citizen()
+            source, reporter = ev.Source.HOTLINE_12345, draw_citizen(self.rng)
             actor = self.desk.on_behalf(reporter)
         else:
             source, reporter = ev.Source.GRID_WORKER, self.rng.choice(grid.workers)
@@ -391,10 +388,9 @@ class Stories:
         words = UNKNOWN_CATEGORIES.get(code, "反映的问题不属于本镇受理范围")
         report = self._report(at, code, lat, lon, address, f"{place}{words}", source, reporter, actor)
         known = ", ".join(sorted(self.town.categories))
-        self._follow(
+        self._by_dispatch(
             ev.IncidentRejected,
             report,
-            self.dispatch,
             self._after(at),
             reason_code=ev.RejectReason.UNKNOWN_CATEGORY,
             reason=f"unknown category {code!r}; known: {known}"[:1000],
@@ -419,7 +415,7 @@ class Stories:
             return False
         others = [w for w in grid.workers if w != original.reporter_id]
         if self.rng.random() < 0.6 or not others:
-            source, reporter = ev.Source.HOTLINE_12345, self._citizen()
+            source, reporter = ev.Source.HOTLINE_12345, draw_citizen(self.rng)
             actor = self.desk.on_behalf(reporter)
         else:
             source, reporter = ev.Source.GRID_WORKER, self.rng.choice(others)
@@ -429,10 +425,9 @@ class Stories:
             at, original.category, lat, lon, original.address, description[:2000], source, reporter, actor
         )
         distance = distance_m(original.lat, original.lon, lat, lon)
-        self._follow(
+        self._by_dispatch(
             ev.IncidentMerged,
             report,
-            self.dispatch,
             self._after(at),
             into_incident_id=original.incident_id,
             distance_m=round(distance, 1),
@@ -453,8 +448,8 @@ class Stories:
             source, reporter, actor = self._reporter(grid, code)
         category = self.town.categories[code]
         severity = ev.Severity.MAJOR if not on_spot and self.rng.random() < MAJOR_SHARE else ev.Severity.NORMAL
-        lat, lon = self._point(grid)
-        address, place = self._address(grid)
+        lat, lon = draw_point(self.rng, grid)
+        address, place = draw_address(self.rng, grid, self.town.name_zh)
         description = self._description(code, place)
         if severity is ev.Severity.MAJOR:
             description += "，情况严重，请尽快处置"
@@ -508,10 +503,9 @@ class Stories:
         """立案, then the work and the checks until 结案; returns when it closed (StandsStill if it does not)."""
         report = case.report
         category = case.category
-        self._follow(
+        self._by_dispatch(
             ev.IncidentFiled,
             report,
-            self.dispatch,
             t,
             category_code=category.code,
             grid_id=case.grid.code,
@@ -572,10 +566,9 @@ class Stories:
         )
         case.orders.append(order)
         report = case.report
-        self._follow(
+        self._by_dispatch(
             ev.WorkOrderDispatched,
             cause,
-            self.dispatch,
             t,
             work_order_id=order.work_order_id,
             department_code=department,
@@ -606,10 +599,9 @@ class Stories:
         others = [w for w in workers if w != case.reporter_id and w not in handled_by]
         worker = (others or list(workers) or [case.reporter_id])[0]
         report = case.report
-        return self._follow(
+        return self._by_dispatch(
             ev.VerificationRequested,
             cause,
-            self.dispatch,
             t,
             verification_id=f"{case.incident_id}-v{case.rounds}",
             grid_id=case.grid.code,
@@ -645,10 +637,9 @@ class Stories:
         for o in case.orders:
             if o.status == WorkOrderStatus.HANDLED:
                 o.status = WorkOrderStatus.CLOSED
-        self._follow(
+        self._by_dispatch(
             ev.IncidentClosed,
             passed,
-            self.dispatch,
             at,
             category_code=case.category.code,
             grid_id=case.grid.code,
@@ -675,10 +666,9 @@ class Stories:
             order.status = WorkOrderStatus.REWORK
             order.deadline = at + timedelta(hours=case.category.deadline_hours)
             order.reminded = order.escalated = False
-            self._follow(
+            self._by_dispatch(
                 ev.IncidentReworked,
                 failed,
-                self.dispatch,
                 at,
                 work_order_id=order.work_order_id,
                 department_code=order.department,
@@ -714,14 +704,7 @@ class Stories:
         self._watch(case, order, accepted)
         order.status = WorkOrderStatus.ACCEPTED
         staff = self._staff_of(order.department)
-        self._own(
-            ev.WorkOrderAccepted,
-            case,
-            staff,
-            accepted,
-            work_order_id=order.work_order_id,
-            department_code=order.department,
-        )
+        self._on_order(ev.WorkOrderAccepted, case, order, staff, accepted)
         t = accepted
         if still == "accepted":
             self._watch(case, order, self.end)
@@ -748,27 +731,12 @@ class Stories:
             accepted = t + timedelta(seconds=self.rng.expovariate(1 / 900))
             self._watch(case, order, accepted)
             order.status = WorkOrderStatus.ACCEPTED
-            self._own(
-                ev.WorkOrderAccepted,
-                case,
-                staff,
-                accepted,
-                work_order_id=order.work_order_id,
-                department_code=order.department,
-            )
+            self._on_order(ev.WorkOrderAccepted, case, order, staff, accepted)
             at = accepted + timedelta(seconds=self.rng.expovariate(1 / 2400))
         self._watch(case, order, at)
         order.status = WorkOrderStatus.RETURNED
         case.returns += 1
-        returned = self._own(
-            ev.WorkOrderReturned,
-            case,
-            staff,
-            at,
-            work_order_id=order.work_order_id,
-            department_code=order.department,
-            reason=self.rng.choice(RETURN_REASONS),
-        )
+        returned = self._on_order(ev.WorkOrderReturned, case, order, staff, at, reason=self.rng.choice(RETURN_REASONS))
         t = self._after(at)
         tried = {o.department for o in case.orders}
         candidates = [d for d in case.category.departments if d not in tried]
@@ -777,10 +745,9 @@ class Stories:
             nxt = self._dispatch(case, returned, candidates[0], order.role, order.attempt + 1, t)
             return self._work(case, nxt, t, still, may_return=True)
         reason = f"returned {case.returns} times" if case.returns >= MAX_RETURNS else "no other department can take it"
-        self._follow(
+        self._by_dispatch(
             ev.IncidentEscalated,
             returned,
-            self.dispatch,
             t,
             reason_code=ev.EscalationReason.REPEATED_RETURNS if candidates else ev.EscalationReason.NO_DEPARTMENT,
             reason=f"{reason}; last: {order.department}: {returned.reason}"[:1000],
@@ -797,13 +764,12 @@ class Stories:
         asked_at = t + timedelta(seconds=self.rng.uniform(0.1, 0.6) * left)
         self._watch(case, order, asked_at)
         wanted = max(order.deadline, asked_at) + self._hours(hours * 0.5, hours * 1.5)
-        self._own(
+        self._on_order(
             ev.ExtensionRequested,
             case,
+            order,
             staff,
             asked_at,
-            work_order_id=order.work_order_id,
-            department_code=order.department,
             requested_deadline=wanted,
             reason=self.rng.choice(EXTENSION_REASONS),
         )
@@ -812,12 +778,13 @@ class Stories:
             raise StandsStill
         decided = asked_at + self._hours(0.1, 3.0)
         self._watch(case, order, decided)
-        common: dict[str, Any] = dict(work_order_id=order.work_order_id, department_code=order.department)
         if self.rng.random() < GRANT_SHARE:
             order.deadline, order.reminded, order.escalated = wanted, False, False
-            self._own(ev.ExtensionGranted, case, self.desk, decided, new_deadline=wanted, **common)
+            self._on_order(ev.ExtensionGranted, case, order, self.desk, decided, new_deadline=wanted)
         else:
-            self._own(ev.ExtensionRefused, case, self.desk, decided, reason=self.rng.choice(REFUSAL_REASONS), **common)
+            self._on_order(
+                ev.ExtensionRefused, case, order, self.desk, decided, reason=self.rng.choice(REFUSAL_REASONS)
+            )
         return decided
 
     def _handle(
@@ -834,13 +801,12 @@ class Stories:
         order.status = WorkOrderStatus.HANDLED
         order.handled_by = [staff.id]
         results = RESULTS.get(case.category.family, ("已处置完毕",))
-        handled = self._own(
+        handled = self._on_order(
             ev.WorkOrderHandled,
             case,
+            order,
             staff,
             at,
-            work_order_id=order.work_order_id,
-            department_code=order.department,
             result=self.rng.choice(results),
             evidence_urls=self._urls(order.work_order_id, "evidence", 1),
         )
@@ -850,28 +816,27 @@ class Stories:
         """dispatch's watchdog (``overdue_steps``, every second) on an order still owed until ``until``: 催办 once
         past its deadline, 督办 once a day past it."""
         deadline = order.deadline
-        common: dict[str, Any] = dict(work_order_id=order.work_order_id, department_code=order.department)
         if not order.reminded:
             at = deadline + timedelta(seconds=self.rng.uniform(0.01, 1.0))
             if at >= until:
                 return
             order.reminded = True
             late = (at - deadline).total_seconds()
-            self._own(ev.OverdueReminded, case, self.watchdog, at, deadline=deadline, overdue_s=late, **common)
+            self._on_order(ev.OverdueReminded, case, order, self.watchdog, at, deadline=deadline, overdue_s=late)
         if not order.escalated:
             at = deadline + ESCALATE_AFTER + timedelta(seconds=self.rng.uniform(0.01, 1.0))
             if at >= until:
                 return
             order.escalated = True
             late = (at - deadline).total_seconds()
-            self._own(
+            self._on_order(
                 ev.IncidentEscalated,
                 case,
+                order,
                 self.watchdog,
                 at,
                 reason_code=ev.EscalationReason.OVERDUE,
                 reason=f"{order.department} is {late:.0f} s past its deadline",
-                **common,
             )
 
 

@@ -88,6 +88,8 @@ OUTSIDE_SPOTS: tuple[tuple[float, float, str], ...] = (
     (31.3000, 121.6450, "高东镇"),
 )
 
+_TOWN_ZH = "浦东新区高行镇"
+"""How an address in the town begins."""
 ROADS = (
     "东靖路",
     "高行路",
@@ -177,7 +179,7 @@ class PlannedReport:
 # -- generation ----------------------------------------------------------------------------------------------
 
 _MARGIN = 0.0006
-"""Degrees kept away from a grid's edges (~60 m), so a near-duplicate stays in the town."""
+"""Degrees kept away from a grid's edges (~60 m), so a near-duplicate a few metres off stays in its grid."""
 _M_PER_DEG_LAT = 111_320.0
 
 
@@ -187,6 +189,32 @@ def offset_m(lat: float, lon: float, distance: float, bearing_deg: float) -> tup
     dlat = distance * math.cos(b) / _M_PER_DEG_LAT
     dlon = distance * math.sin(b) / (_M_PER_DEG_LAT * math.cos(math.radians(lat)))
     return lat + dlat, lon + dlon
+
+
+def draw_point(rng: random.Random, grid: Grid) -> tuple[float, float]:
+    """A place in ``grid``, away from its edges, to six decimals (as a phone reports it)."""
+    lat = rng.uniform(grid.south + _MARGIN, grid.north - _MARGIN)
+    lon = rng.uniform(grid.west + _MARGIN, grid.east - _MARGIN)
+    return round(lat, 6), round(lon, 6)
+
+
+def draw_address(rng: random.Random, grid: Grid, town_zh: str) -> tuple[str, str]:
+    """A street address in ``grid`` of the town ``town_zh``, and the place there a description names."""
+    road, place = rng.choice(ROADS), rng.choice(PLACES)
+    number = rng.randint(1, 2999)
+    return f"{town_zh}{road}{number}号（{grid.name_zh}）", f"{road}{number}号{place}"
+
+
+def draw_citizen(rng: random.Random) -> str:
+    """A caller of the hotline, by their mobile number."""
+    return f"citizen-1{rng.choice('3589')}{rng.randint(0, 999_999_999):09d}"
+
+
+def draw_photo_urls(rng: random.Random, town_code: str, kind: str, name: str, at_least: int = 0) -> list[str]:
+    """Up to two pictures (``kind``: photo or evidence) of ``name`` in the town's object store, at least
+    ``at_least``."""
+    count = max(at_least, rng.choice((0, 1, 1, 2)))
+    return [f"https://oss.{town_code}.example.cn/{kind}/{name}-{k + 1}.jpg" for k in range(count)]
 
 
 class _Generator:
@@ -202,26 +230,12 @@ class _Generator:
         keys = list(weights)
         return self.rng.choices(keys, weights=[weights[k] for k in keys], k=1)[0]
 
-    def _point(self, grid: Grid) -> tuple[float, float]:
-        lat = self.rng.uniform(grid.south + _MARGIN, grid.north - _MARGIN)
-        lon = self.rng.uniform(grid.west + _MARGIN, grid.east - _MARGIN)
-        return round(lat, 6), round(lon, 6)
-
-    def _address(self, grid: Grid) -> tuple[str, str]:
-        road, place = self.rng.choice(ROADS), self.rng.choice(PLACES)
-        number = self.rng.randint(1, 2999)
-        return f"浦东新区高行镇{road}{number}号（{grid.name_zh}）", f"{road}{number}号{place}"
-
     def _description(self, category: str, place: str) -> str:
         template = self.rng.choice(DESCRIPTIONS[category])
         return template.format(p=place, n=self.rng.randint(3, 30))
 
-    def _citizen(self) -> str:
-        return f"citizen-1{self.rng.choice('3589')}{self.rng.randint(0, 999_999_999):09d}"
-
     def _photos(self, client_id: str, kind: str, at_least: int = 0) -> list[str]:
-        count = max(at_least, self.rng.choice((0, 1, 1, 2)))
-        return [f"https://oss.gaohang.example.cn/{kind}/{client_id}-{k + 1}.jpg" for k in range(count)]
+        return draw_photo_urls(self.rng, "gaohang", kind, client_id, at_least)
 
     def _client_id(self, index: int) -> str:
         return f"{self.run_id}-{index:05d}"
@@ -239,12 +253,12 @@ class _Generator:
             source, reporter = Source.SENSOR, sensor
         elif r < sensor_share + hotline_share:
             category = self._weighted(CATEGORY_WEIGHTS)
-            source, reporter = Source.HOTLINE_12345, self._citizen()
+            source, reporter = Source.HOTLINE_12345, draw_citizen(self.rng)
         else:
             category = self._weighted(CATEGORY_WEIGHTS)
             source, reporter = Source.GRID_WORKER, self.rng.choice(grid.workers)
-        lat, lon = self._point(grid)
-        address, place = self._address(grid)
+        lat, lon = draw_point(self.rng, grid)
+        address, place = draw_address(self.rng, grid, _TOWN_ZH)
         severity = Severity.MAJOR if self.rng.random() < MAJOR_SHARE / NORMAL_SHARE else Severity.NORMAL
         description = self._description(category, place)
         if severity is Severity.MAJOR:
@@ -267,8 +281,8 @@ class _Generator:
         client_id = self._client_id(index)
         grid = self.rng.choice(self.grids)
         category = self._weighted({c: CATEGORY_WEIGHTS[c] for c in ON_SPOT_CATEGORIES})
-        lat, lon = self._point(grid)
-        address, place = self._address(grid)
+        lat, lon = draw_point(self.rng, grid)
+        address, place = draw_address(self.rng, grid, _TOWN_ZH)
         report = ReportCreate(
             category_code=category,
             lat=lat,
@@ -298,7 +312,7 @@ class _Generator:
             address=f"{where}{self.rng.choice(ROADS)}附近",
             description=self._description(category, place),
             source=Source.HOTLINE_12345,
-            reporter_id=self._citizen(),
+            reporter_id=draw_citizen(self.rng),
             client_report_id=self._client_id(index),
         )
         return PlannedReport(index, ReportKind.OUTSIDE, report)
@@ -306,8 +320,8 @@ class _Generator:
     def _unknown(self, index: int) -> PlannedReport:
         grid = self.rng.choice(self.grids)
         category = self.rng.choice(sorted(UNKNOWN_CATEGORIES))
-        lat, lon = self._point(grid)
-        address, place = self._address(grid)
+        lat, lon = draw_point(self.rng, grid)
+        address, place = draw_address(self.rng, grid, _TOWN_ZH)
         hotline = self.rng.random() < 0.5
         report = ReportCreate(
             category_code=category,
@@ -316,7 +330,7 @@ class _Generator:
             address=address,
             description=f"{place}{UNKNOWN_CATEGORIES[category]}",
             source=Source.HOTLINE_12345 if hotline else Source.GRID_WORKER,
-            reporter_id=self._citizen() if hotline else self.rng.choice(grid.workers),
+            reporter_id=draw_citizen(self.rng) if hotline else self.rng.choice(grid.workers),
             client_report_id=self._client_id(index),
         )
         return PlannedReport(index, ReportKind.UNKNOWN_CATEGORY, report)
@@ -341,7 +355,7 @@ class _Generator:
             address=o.address,
             description=self.rng.choice(DUPLICATE_PREFIXES) + o.description,
             source=Source.HOTLINE_12345 if hotline or not others else Source.GRID_WORKER,
-            reporter_id=self._citizen() if hotline or not others else self.rng.choice(others),
+            reporter_id=draw_citizen(self.rng) if hotline or not others else self.rng.choice(others),
             client_report_id=self._client_id(index),
         )
         return PlannedReport(index, ReportKind.DUPLICATE, report, duplicate_of=original.index)
