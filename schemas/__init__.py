@@ -11,6 +11,8 @@ from ._base import (
     Event,
     Location,
     aware_utc,
+    fields_from,
+    row_of,
     utcnow,
 )
 from .clock import Moment
@@ -64,6 +66,8 @@ __all__ = [
     "aware_utc",
     "decode_event",
     "encode_event",
+    "fields_from",
+    "row_of",
     "topics_for",
     "utcnow",
     *EVENT_TYPES,

@@ -39,6 +39,7 @@ from schemas import (
     ExtensionStatus,
     WorkOrderStatus,
     encode_event,
+    row_of,
 )
 from schemas import events as ev
 
@@ -158,25 +159,12 @@ def overdue(status: str, deadline: datetime, now: datetime) -> bool:
 
 def receive_work_order(dispatched: ev.WorkOrderDispatched) -> WorkOrder:
     """派遣: the new work order, as it lands in the department's queue."""
-    loc = dispatched.location
-    return WorkOrder(
-        work_order_id=dispatched.work_order_id,
-        incident_id=dispatched.incident_id,
-        correlation_id=dispatched.correlation_id,
-        department_code=dispatched.department_code,
+    return row_of(
+        WorkOrder,
+        dispatched,
         role=dispatched.role.value,
-        coordinator=dispatched.coordinator,
-        category_code=dispatched.category_code,
-        grid_id=dispatched.grid_id,
-        lat=loc.lat,
-        lon=loc.lon,
-        address=loc.address,
-        description=dispatched.description,
         photo_urls=_joined(dispatched.photo_urls),
-        priority=dispatched.priority,
-        attempt=dispatched.attempt,
         status=WorkOrderStatus.DISPATCHED,
-        deadline=dispatched.deadline,
         dispatched_at=dispatched.occurred_at,
     )
 

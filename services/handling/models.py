@@ -12,7 +12,7 @@ from sqlmodel import SQLModel
 
 from schemas import AwareDatetime, DeliveryStatus, ExtensionStatus
 from services.common.batch import MAX_BATCH, ItemId, unique
-from services.common.db import timestamp
+from services.common.db import Numbered, timestamp
 
 # -- tables ------------------------------------------------------------------------------------------
 
@@ -55,12 +55,11 @@ class HandlingWorkOrder(SQLModel, table=True):
     evidence_urls: str = ""
 
 
-class HandlingWebhookDelivery(SQLModel, table=True):
+class HandlingWebhookDelivery(Numbered, table=True):
     """A push of one event to a department's own system, sent by the deliverer timer (never by the consumer)."""
 
     __tablename__ = "handling_webhook_delivery"
 
-    id: int | None = SqlField(default=None, primary_key=True)
     work_order_id: str = SqlField(max_length=80, index=True)
     department_code: str = SqlField(max_length=40, index=True)
     url: str = SqlField(max_length=2000)
