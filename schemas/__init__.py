@@ -20,6 +20,7 @@ from .codec import DecodeError, decode_event, encode_event
 from .events import *  # noqa: F403
 from .events import EVENT_TYPES, TERMINAL_EVENTS, AnyEvent
 from .reference import GAOHANG, Town
+from .state import WorkOrderState
 from .status import (
     CASE_OPEN,
     INCIDENT_FINAL,
@@ -46,6 +47,7 @@ __all__ = [
     "IncidentStatus",
     "Town",
     "VerificationStatus",
+    "WorkOrderState",
     "WorkOrderStatus",
     "EARLIEST",
     "LATEST",

@@ -37,6 +37,7 @@ from schemas import (
     DeliveryStatus,
     Event,
     ExtensionStatus,
+    WorkOrderState,
     WorkOrderStatus,
     encode_event,
     row_of,
@@ -44,15 +45,11 @@ from schemas import (
 from schemas import events as ev
 
 
-@dataclass
-class WorkOrder:
+@dataclass(kw_only=True)
+class WorkOrder(WorkOrderState):
     """A department's work order as handling works it (a row of ``handling_work_order``)."""
 
-    work_order_id: str
-    incident_id: str
     correlation_id: str
-    department_code: str
-    role: str
     coordinator: str | None
     category_code: str
     grid_id: str
@@ -63,12 +60,6 @@ class WorkOrder:
     photo_urls: str
     """Space-separated, as stored."""
     priority: int
-    attempt: int
-    status: str
-    deadline: datetime
-    dispatched_at: datetime
-    accepted_at: datetime | None = None
-    handled_at: datetime | None = None
     rework_count: int = 0
     last_note: str = ""
     """The latest word from the center: the verifier's 返工 note, or why an extension was refused."""
