@@ -11,6 +11,8 @@ from ._base import (
     Event,
     Location,
     aware_utc,
+    fields_from,
+    row_of,
     utcnow,
 )
 from .clock import Moment
@@ -18,6 +20,7 @@ from .codec import DecodeError, decode_event, encode_event
 from .events import *  # noqa: F403
 from .events import EVENT_TYPES, TERMINAL_EVENTS, AnyEvent
 from .reference import GAOHANG, Town
+from .state import WorkOrderState
 from .status import (
     CASE_OPEN,
     INCIDENT_FINAL,
@@ -44,6 +47,7 @@ __all__ = [
     "IncidentStatus",
     "Town",
     "VerificationStatus",
+    "WorkOrderState",
     "WorkOrderStatus",
     "EARLIEST",
     "LATEST",
@@ -64,6 +68,8 @@ __all__ = [
     "aware_utc",
     "decode_event",
     "encode_event",
+    "fields_from",
+    "row_of",
     "topics_for",
     "utcnow",
     *EVENT_TYPES,

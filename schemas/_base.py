@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self, TypeVar, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
@@ -128,3 +130,29 @@ class Event(Frozen):
             fold reads. pydantic's answer looks first for private attributes and extra fields, which an event has
             none of (``extra="forbid"``); this is its answer without the lookups, a few times cheaper."""
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {item!r}")
+
+
+R = TypeVar("R")
+
+
+@functools.cache
+def _fields(kind: Any) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(kind))
+
+
+def row_of(kind: type[R], event: Event, /, **values: Any) -> R:
+    """The row ``kind`` (a service's dataclass) that ``event`` opens: each field of ``kind`` that the event has under
+    the same name, as the event has it, and the ``lat``, ``lon`` and ``address`` of its ``location``; then
+    ``values``, what the row keeps in another form or the event does not say."""
+    names = _fields(cast(Any, kind))  # a class: hashable, whatever its type says
+    given = type(event).model_fields
+    copied = {name: getattr(event, name) for name in names if name in given}
+    if isinstance(location := getattr(event, "location", None), Location):
+        copied.update((name, getattr(location, name)) for name in ("lat", "lon", "address") if name in names)
+    return kind(**{**copied, **values})
+
+
+def fields_from(kind: type[BaseModel], source: object) -> dict[str, Any]:
+    """What ``source`` says for the fields of the event (or model) ``kind``: each of its attributes named as a
+    field, as it has it; :func:`row_of` the other way round."""
+    return {name: getattr(source, name) for name in kind.model_fields if hasattr(source, name)}

@@ -38,11 +38,17 @@ class ProcessedEvent(SQLModel, table=True):
     processed_at: datetime = Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True))
 
 
-class OutboxRecord(SQLModel, table=True):
+class Numbered(SQLModel):
+    """The columns a table whose rows the database numbers starts with: a service's log, the outbox."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    """None until the row is inserted."""
+
+
+class OutboxRecord(Numbered, table=True):
     """An event committed with the state change that caused it, waiting to be published to Kafka."""
 
     __tablename__ = "outbox"
-    id: int | None = Field(default=None, primary_key=True)
     event_id: str = Field(max_length=64)
     incident_id: str = Field(max_length=64, index=True)
     """Indexed: a relay looks for an earlier record of the same incident under another relay's lease."""

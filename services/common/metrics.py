@@ -38,24 +38,26 @@ log = logging.getLogger(__name__)
 OTHER = "other"
 """The label value of a category or department code outside the reference data."""
 
+
+def _counted(what: str, doc: str, labels: list[str]) -> Counter:
+    """A counter under the project's naming: ``gridloop_<what>_total``."""
+    return Counter(f"gridloop_{what}_total", doc, labels)
+
+
 # -- technical ------------------------------------------------------------------------------------------
 
-EVENTS_CONSUMED = Counter(
-    "gridloop_events_consumed_total", "Kafka records consumed, by topic and event type.", ["service", "topic", "type"]
+EVENTS_CONSUMED = _counted(
+    "events_consumed", "Kafka records consumed, by topic and event type.", ["service", "topic", "type"]
 )
-OUTBOX_PUBLISHED = Counter(
-    "gridloop_outbox_published_total", "Events published to Kafka through the outbox.", ["service"]
-)
-DUPLICATES_SKIPPED = Counter(
-    "gridloop_duplicate_events_total", "Redelivered events recognised by event id and skipped.", ["service"]
-)
-DEAD_LETTERS = Counter(
-    "gridloop_dead_letters_total", "Records sent to the dead-letter topic, by kind of failure.", ["service", "kind"]
+OUTBOX_PUBLISHED = _counted("outbox_published", "Events published to Kafka through the outbox.", ["service"])
+DUPLICATES_SKIPPED = _counted("duplicate_events", "Redelivered events recognised by event id and skipped.", ["service"])
+DEAD_LETTERS = _counted(
+    "dead_letters", "Records sent to the dead-letter topic, by kind of failure.", ["service", "kind"]
 )
 DEAD_LETTER_KINDS = ("decode", "poison", "error")
 """Kinds of dead letter the runtime writes: undecodable record, record that can never apply, handler bug."""
-DEAD_LETTERS_UNSENDABLE = Counter(
-    "gridloop_dead_letters_unsendable_total",
+DEAD_LETTERS_UNSENDABLE = _counted(
+    "dead_letters_unsendable",
     "Dead letters refused as too large: sent again without the record (reduced), or not at all (lost; the record "
     "stays on its source topic only).",
     ["service", "outcome"],
@@ -73,19 +75,19 @@ BATCH_SIZE = Histogram(
     ["service"],
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
 )
-BATCH_FALLBACKS = Counter(
-    "gridloop_batch_fallbacks_total",
+BATCH_FALLBACKS = _counted(
+    "batch_fallbacks",
     "Consumed batches rolled back and applied one event at a time (a poison record or a handler error).",
     ["service"],
 )
-ROWS_PRUNED = Counter(
-    "gridloop_rows_pruned_total",
+ROWS_PRUNED = _counted(
+    "rows_pruned",
     "Rows deleted by retention: published outbox records, idempotency marks past redelivery.",
     ["service", "table"],
 )
 OUTBOX_PENDING = Gauge("gridloop_outbox_pending", "Outbox records not yet published.", ["service"])
-HTTP_REQUESTS = Counter(
-    "gridloop_http_requests_total",
+HTTP_REQUESTS = _counted(
+    "http_requests",
     "HTTP requests answered, by method, route template and status code.",
     ["service", "method", "route", "status"],
 )
@@ -102,37 +104,26 @@ UNMATCHED_ROUTE = "unmatched"
 
 # -- domain ---------------------------------------------------------------------------------------------
 
-INCIDENTS_REPORTED = Counter(
-    "gridloop_incidents_reported_total", "Incidents reported (上报), by category and source.", ["category", "source"]
+
+INCIDENTS_REPORTED = _counted(
+    "incidents_reported", "Incidents reported (上报), by category and source.", ["category", "source"]
 )
-INCIDENTS_REJECTED = Counter(
-    "gridloop_incidents_rejected_total", "Reports not filed (不予立案), by reason.", ["reason"]
-)
-INCIDENTS_MERGED = Counter(
-    "gridloop_incidents_merged_total", "Reports merged into an open case of the same category.", ["category"]
-)
-WORK_ORDERS_DISPATCHED = Counter(
-    "gridloop_work_orders_dispatched_total",
+INCIDENTS_REJECTED = _counted("incidents_rejected", "Reports not filed (不予立案), by reason.", ["reason"])
+INCIDENTS_MERGED = _counted("incidents_merged", "Reports merged into an open case of the same category.", ["category"])
+WORK_ORDERS_DISPATCHED = _counted(
+    "work_orders_dispatched",
     "Work orders dispatched (派遣) to a department, by department and category.",
     ["department", "category"],
 )
-WORK_ORDERS_RETURNED = Counter(
-    "gridloop_work_orders_returned_total", "Work orders returned (退回) by a department.", ["department"]
+WORK_ORDERS_RETURNED = _counted("work_orders_returned", "Work orders returned (退回) by a department.", ["department"])
+WORK_ORDERS_HANDLED = _counted(
+    "work_orders_handled", "Work orders reported handled (处置) by a department.", ["department"]
 )
-WORK_ORDERS_HANDLED = Counter(
-    "gridloop_work_orders_handled_total", "Work orders reported handled (处置) by a department.", ["department"]
-)
-REWORKS = Counter(
-    "gridloop_reworks_total", "Work orders sent back after failed verification (返工), by department.", ["department"]
-)
-OVERDUE_REMINDERS = Counter(
-    "gridloop_overdue_reminders_total", "Overdue reminders (催办) sent, by department.", ["department"]
-)
-ESCALATIONS = Counter(
-    "gridloop_escalations_total", "Incidents escalated to the operations center (督办), by reason.", ["reason"]
-)
-INCIDENTS_CLOSED = Counter(
-    "gridloop_incidents_closed_total",
+REWORKS = _counted("reworks", "Work orders sent back after failed verification (返工), by department.", ["department"])
+OVERDUE_REMINDERS = _counted("overdue_reminders", "Overdue reminders (催办) sent, by department.", ["department"])
+ESCALATIONS = _counted("escalations", "Incidents escalated to the operations center (督办), by reason.", ["reason"])
+INCIDENTS_CLOSED = _counted(
+    "incidents_closed",
     "Incidents closed (结案), by category and whether before the deadline.",
     ["category", "on_time"],
 )

@@ -37,6 +37,7 @@ from schemas import (
     Location,
     Moment,
     Town,
+    WorkOrderState,
     WorkOrderStatus,
     aware_utc,
 )
@@ -105,20 +106,9 @@ class Case:
 
 
 @dataclass
-class WorkOrder:
+class WorkOrder(WorkOrderState):
     """One department's share of a case (the ``dispatch_work_order`` row)."""
 
-    work_order_id: str
-    incident_id: str
-    department_code: str
-    role: str
-    attempt: int
-    status: str
-    """A :class:`WorkOrderStatus`."""
-    deadline: datetime
-    dispatched_at: datetime
-    accepted_at: datetime | None = None
-    handled_at: datetime | None = None
     handled_by: str | None = None
     """Who handled it (the staff member, and whom they acted for), space-separated: they never verify it."""
     reminded_at: datetime | None = None

@@ -11,6 +11,7 @@ from sqlmodel import Field as SqlField
 from sqlmodel import SQLModel
 
 from schemas import AwareDatetime
+from services.common.columns import WorkOrderColumns
 from services.common.db import timestamp
 
 
@@ -50,7 +51,7 @@ class DispatchCase(SQLModel, table=True):
     closed_at: datetime | None = SqlField(default=None, sa_type=timestamp())
 
 
-class DispatchWorkOrder(SQLModel, table=True):
+class DispatchWorkOrder(WorkOrderColumns, table=True):
     __tablename__ = "dispatch_work_order"
     __table_args__ = (
         # the operations center's list of pending 延期 requests reads the few orders that have one, not every work
@@ -63,17 +64,6 @@ class DispatchWorkOrder(SQLModel, table=True):
         ),
     )
 
-    work_order_id: str = SqlField(primary_key=True, max_length=80)
-    incident_id: str = SqlField(max_length=64, index=True)
-    department_code: str = SqlField(max_length=40, index=True)
-    role: str = SqlField(max_length=10)
-    attempt: int = 1
-    status: str = SqlField(max_length=20, index=True)
-    """A WorkOrderStatus."""
-    deadline: datetime = SqlField(sa_type=timestamp(), index=True)
-    dispatched_at: datetime = SqlField(sa_type=timestamp())
-    accepted_at: datetime | None = SqlField(default=None, sa_type=timestamp())
-    handled_at: datetime | None = SqlField(default=None, sa_type=timestamp())
     handled_by: str | None = SqlField(default=None, max_length=130)
     """Who handled it (the staff member, and whom they acted for), space-separated: they never verify it."""
     reminded_at: datetime | None = SqlField(default=None, sa_type=timestamp())

@@ -37,21 +37,19 @@ from schemas import (
     DeliveryStatus,
     Event,
     ExtensionStatus,
+    WorkOrderState,
     WorkOrderStatus,
     encode_event,
+    row_of,
 )
 from schemas import events as ev
 
 
-@dataclass
-class WorkOrder:
+@dataclass(kw_only=True)
+class WorkOrder(WorkOrderState):
     """A department's work order as handling works it (a row of ``handling_work_order``)."""
 
-    work_order_id: str
-    incident_id: str
     correlation_id: str
-    department_code: str
-    role: str
     coordinator: str | None
     category_code: str
     grid_id: str
@@ -62,12 +60,6 @@ class WorkOrder:
     photo_urls: str
     """Space-separated, as stored."""
     priority: int
-    attempt: int
-    status: str
-    deadline: datetime
-    dispatched_at: datetime
-    accepted_at: datetime | None = None
-    handled_at: datetime | None = None
     rework_count: int = 0
     last_note: str = ""
     """The latest word from the center: the verifier's 返工 note, or why an extension was refused."""
@@ -158,25 +150,12 @@ def overdue(status: str, deadline: datetime, now: datetime) -> bool:
 
 def receive_work_order(dispatched: ev.WorkOrderDispatched) -> WorkOrder:
     """派遣: the new work order, as it lands in the department's queue."""
-    loc = dispatched.location
-    return WorkOrder(
-        work_order_id=dispatched.work_order_id,
-        incident_id=dispatched.incident_id,
-        correlation_id=dispatched.correlation_id,
-        department_code=dispatched.department_code,
+    return row_of(
+        WorkOrder,
+        dispatched,
         role=dispatched.role.value,
-        coordinator=dispatched.coordinator,
-        category_code=dispatched.category_code,
-        grid_id=dispatched.grid_id,
-        lat=loc.lat,
-        lon=loc.lon,
-        address=loc.address,
-        description=dispatched.description,
         photo_urls=_joined(dispatched.photo_urls),
-        priority=dispatched.priority,
-        attempt=dispatched.attempt,
         status=WorkOrderStatus.DISPATCHED,
-        deadline=dispatched.deadline,
         dispatched_at=dispatched.occurred_at,
     )
 

@@ -8,16 +8,16 @@ from typing import Annotated
 import sqlalchemy as sa
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, model_validator
 from sqlmodel import Field as SqlField
-from sqlmodel import SQLModel
 
 from schemas import AwareDatetime, DeliveryStatus, ExtensionStatus
 from services.common.batch import MAX_BATCH, ItemId, unique
-from services.common.db import timestamp
+from services.common.columns import WorkOrderColumns
+from services.common.db import Numbered, timestamp
 
 # -- tables ------------------------------------------------------------------------------------------
 
 
-class HandlingWorkOrder(SQLModel, table=True):
+class HandlingWorkOrder(WorkOrderColumns, table=True):
     __tablename__ = "handling_work_order"
     __table_args__ = (
         # a desk's queue (department, status, earliest deadline first) read straight from the index: with the
@@ -26,11 +26,7 @@ class HandlingWorkOrder(SQLModel, table=True):
         sa.Index("ix_handling_work_order_queue", "department_code", "status", "deadline"),
     )
 
-    work_order_id: str = SqlField(primary_key=True, max_length=80)
-    incident_id: str = SqlField(max_length=64, index=True)
     correlation_id: str = SqlField(max_length=64)
-    department_code: str = SqlField(max_length=40, index=True)
-    role: str = SqlField(max_length=10)
     coordinator: str | None = SqlField(default=None, max_length=40)
     category_code: str = SqlField(max_length=40)
     grid_id: str = SqlField(max_length=40)
@@ -40,12 +36,6 @@ class HandlingWorkOrder(SQLModel, table=True):
     description: str = SqlField(default="", max_length=2000)
     photo_urls: str = ""
     priority: int = 3
-    attempt: int = 1
-    status: str = SqlField(max_length=20, index=True)
-    deadline: datetime = SqlField(sa_type=timestamp(), index=True)
-    dispatched_at: datetime = SqlField(sa_type=timestamp())
-    accepted_at: datetime | None = SqlField(default=None, sa_type=timestamp())
-    handled_at: datetime | None = SqlField(default=None, sa_type=timestamp())
     rework_count: int = 0
     last_note: str = SqlField(default="", max_length=1000)
     """The latest word from the center: the verifier's 返工 note, or why an extension was refused."""
@@ -55,12 +45,11 @@ class HandlingWorkOrder(SQLModel, table=True):
     evidence_urls: str = ""
 
 
-class HandlingWebhookDelivery(SQLModel, table=True):
+class HandlingWebhookDelivery(Numbered, table=True):
     """A push of one event to a department's own system, sent by the deliverer timer (never by the consumer)."""
 
     __tablename__ = "handling_webhook_delivery"
 
-    id: int | None = SqlField(default=None, primary_key=True)
     work_order_id: str = SqlField(max_length=80, index=True)
     department_code: str = SqlField(max_length=40, index=True)
     url: str = SqlField(max_length=2000)

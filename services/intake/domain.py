@@ -26,7 +26,7 @@ from typing import Protocol
 
 from pydantic import HttpUrl
 
-from schemas import INCIDENT_FINAL, STATUS_AFTER, Actor, ActorKind, Event, IncidentStatus, Location
+from schemas import INCIDENT_FINAL, STATUS_AFTER, Actor, ActorKind, Event, IncidentStatus, Location, fields_from, row_of
 from schemas import events as ev
 
 
@@ -154,39 +154,24 @@ def report_incident(report: Report, by: Actor, now: datetime) -> ev.IncidentRepo
     """The report as an event under a newly drawn case number (the incident's correlation id too)."""
     incident_id = new_incident_id(now)
     return ev.IncidentReported(
+        **fields_from(ev.IncidentReported, report),
         incident_id=incident_id,
         occurred_at=now,
         actor=by,
         correlation_id=incident_id,
-        source=report.source,
-        category_code=report.category_code,
         location=Location(lat=report.lat, lon=report.lon, address=report.address),
-        description=report.description,
-        photo_urls=report.photo_urls,
-        reporter_id=report.reporter_id,
-        client_report_id=report.client_report_id,
-        severity=report.severity,
-        handled_on_spot=report.handled_on_spot,
-        evidence_urls=report.evidence_urls,
     )
 
 
 def incident_of(event: ev.IncidentReported) -> Incident:
     """The incident a report makes: reported, in no grid or department yet."""
-    return Incident(
-        incident_id=event.incident_id,
-        client_report_id=event.client_report_id,
-        reporter_id=event.reporter_id,
+    return row_of(
+        Incident,
+        event,
         submitted_by=sender(event.actor),
         source=event.source.value,
-        category_code=event.category_code,
-        lat=event.location.lat,
-        lon=event.location.lon,
-        address=event.location.address,
-        description=event.description,
         photo_urls=" ".join(str(u) for u in event.photo_urls),
         severity=event.severity.value,
-        handled_on_spot=event.handled_on_spot,
         evidence_urls=" ".join(str(u) for u in event.evidence_urls),
         status=IncidentStatus.REPORTED.value,
         status_at=event.occurred_at,

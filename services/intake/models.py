@@ -11,7 +11,7 @@ from sqlmodel import Field as SqlField
 from sqlmodel import SQLModel
 
 from schemas.events import Severity, Source
-from services.common.db import timestamp
+from services.common.db import Numbered, timestamp
 
 # -- API ---------------------------------------------------------------------------------------------
 
@@ -145,10 +145,9 @@ class IntakeIncident(SQLModel, table=True):
     closed_at: datetime | None = SqlField(default=None, sa_type=timestamp())
 
 
-class IntakeTransition(SQLModel, table=True):
+class IntakeTransition(Numbered, table=True):
     __tablename__ = "intake_transition"
 
-    id: int | None = SqlField(default=None, primary_key=True)
     incident_id: str = SqlField(max_length=64, index=True)
     event_id: str = SqlField(max_length=64, unique=True)
     type: str = SqlField(max_length=40)

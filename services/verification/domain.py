@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from schemas import Actor, ActorKind, Town, VerificationStatus
+from schemas import Actor, ActorKind, Town, VerificationStatus, row_of
 from schemas import events as ev
 
 Policy = Literal["assigned", "grid"]
@@ -82,24 +82,13 @@ def open_task(requested: ev.VerificationRequested, town: Town) -> Task | Refusal
     """The pending 核查 task a request opens (the caller has made sure none is open under its id yet)."""
     if requested.grid_id not in town.grids:
         return Refusal("unknown", f"verification {requested.verification_id} names unknown grid {requested.grid_id!r}")
-    loc = requested.location
-    return Task(
-        verification_id=requested.verification_id,
-        incident_id=requested.incident_id,
-        correlation_id=requested.correlation_id,
+    return row_of(
+        Task,
+        requested,
         request_event_id=requested.event_id,
-        grid_id=requested.grid_id,
-        worker_id=requested.worker_id,
-        reporter_id=requested.reporter_id,
         handled_by=" ".join(requested.handled_by) or None,
-        category_code=requested.category_code,
-        lat=loc.lat,
-        lon=loc.lon,
-        address=loc.address,
-        description=requested.description,
         work_order_ids=" ".join(requested.work_order_ids),
         evidence_urls=" ".join(str(u) for u in requested.evidence_urls),
-        round=requested.round,
         status=VerificationStatus.PENDING,
         requested_at=requested.occurred_at,
         decided_at=None,

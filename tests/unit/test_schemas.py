@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -355,3 +357,25 @@ def test_the_loops_topics_take_the_configured_partitions_the_dead_letters_keeps_
     monkeypatch.setenv("GRIDLOOP_TOPIC_PARTITIONS", "6")
     assert {t.suffix: partitions_for(t) for t in CATALOG} == {t.suffix: 1 if t is DEADLETTER else 6 for t in CATALOG}
     assert raw_partitions() == 6  # the raw measurement follows the pipeline's topics
+
+
+@dataclass
+class _Row:
+    incident_id: str
+    category_code: str
+    lat: float
+    address: str
+    description: str
+    note: str = ""
+    status: str = "new"
+
+
+def test_a_row_takes_what_its_event_says_under_the_same_names_and_the_values_given() -> None:
+    event = _report()
+    row = schemas.row_of(_Row, event, description="kept otherwise", note="given")
+    assert row == _Row("GL1", "exposed_garbage", 31.285, "华高路 1 号", "kept otherwise", "given", "new")
+
+
+def test_an_event_takes_what_its_source_says_for_its_fields_and_nothing_else() -> None:
+    source = SimpleNamespace(category_code="exposed_garbage", description="x", lat=1.0, unrelated=2)
+    assert schemas.fields_from(ev.IncidentReported, source) == {"category_code": "exposed_garbage", "description": "x"}
