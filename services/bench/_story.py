@@ -167,7 +167,7 @@ class Stories:
         codes = list(town.categories)
         self._categories = codes
         self._category_weights = [CATEGORY_WEIGHTS.get(c, 3.0) for c in codes]
-        self._on_spot = [c for c in ("exposed_garbage", "garbage_sorting", "illegal_parking", "street_vending")]
+        self._on_spot = [c for c in codes if town.categories[c].on_spot]
         self._on_spot = [c for c in self._on_spot if c in town.categories] or [
             c for c in codes if not town.categories[c].big
         ]
@@ -219,8 +219,7 @@ class Stories:
         return actor
 
     def _point(self, grid: Grid) -> tuple[float, float]:
-        lat = self.rng.uniform(grid.south + _MARGIN, grid.north - _MARGIN)
-        lon = self.rng.uniform(grid.west + _MARGIN, grid.east - _MARGIN)
+        lat, lon = grid.random_point(self.rng, _MARGIN)
         return round(lat, 6), round(lon, 6)
 
     def _address(self, grid: Grid) -> tuple[str, str]:
