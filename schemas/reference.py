@@ -277,13 +277,12 @@ class CellIndex:
         geometries = np.array([g.geometry for g in cells], dtype=object)
         tree = shapely.STRtree(geometries)
         within = tree.query(boxes, predicate="within")
-        alone = dict(zip(within[0].tolist(), within[1].tolist(), strict=True))
+        inside = np.zeros(len(boxes), dtype=bool)
+        inside[within[0]] = True
         touch = tree.query(boxes, predicate="intersects")
         order = np.lexsort((touch[1], touch[0]))  # by bucket, then by the package's order
         bucket, cell = touch[0][order], touch[1][order]
-        counts = np.bincount(bucket, minlength=len(boxes))
-        edge = counts[bucket] > 1
-        edge |= np.array([alone.get(b) != c for b, c in zip(bucket.tolist(), cell.tolist(), strict=True)], dtype=bool)
+        edge = ~inside[bucket]
         edge_bucket, edge_cell = bucket[edge].tolist(), cell[edge].tolist()
         clipped = shapely.intersection(geometries[cell[edge]], boxes[bucket[edge]])
         rings, owner = shapely.get_rings(clipped, return_index=True)
@@ -297,9 +296,8 @@ class CellIndex:
         for piece, piece_rings in by_piece.items():
             pieces.setdefault(edge_bucket[piece], []).append((cells[edge_cell[piece]], tuple(piece_rings)))
         table: list[Grid | tuple[tuple[Grid, tuple[Ring, ...]], ...] | None] = [None] * len(boxes)
-        for b, c in alone.items():
-            if counts[b] == 1:
-                table[b] = cells[c]
+        for b, c in zip(within[0].tolist(), within[1].tolist(), strict=True):
+            table[b] = cells[c]  # a bucket within a cell: every location of it is that cell's
         for b, near in pieces.items():
             table[b] = tuple(near)
         self.table = table

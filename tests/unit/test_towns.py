@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from datetime import date, time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import shapely
 from typer.testing import CliRunner
 
 from schemas.reference import GAOHANG, Datum, DeadlineUnit, Kind, Role, convert
@@ -222,3 +224,18 @@ def test_every_problem_is_reported_at_once_and_loading_refuses(copy: Path) -> No
     assert result.exit_code == 1
     assert "routing.csv: line 5: unknown grid 'hb09' (grids.geojson)" in result.output
     assert "roster.csv: line 14: hb-hu works in unknown grid 'hb07' (grids.geojson)" in result.output
+
+
+def test_the_cell_index_answers_as_the_polygons_do(hubin: Any) -> None:
+    """Whatever bucket a location falls in (inside a cell, on an edge, in a hole, off the town), the index names a
+    cell the location lies in, and None only where none does."""
+    rng = random.Random(11)
+    for town, (south, west, north, east) in (
+        (GAOHANG, (31.265, 121.555, 31.335, 121.635)),
+        (hubin, (30.095, 120.095, 30.145, 120.165)),
+    ):
+        for _ in range(3000):
+            lat, lon = rng.uniform(south, north), rng.uniform(west, east)
+            found = town.grid_at(lat, lon)
+            containing = [g for g in town.grids.values() if shapely.intersects_xy(g.geometry, lon, lat)]
+            assert (found in containing) if found else not containing, (town.code, lat, lon)
