@@ -15,7 +15,7 @@ from schemas.reference import Category, Choice, Question, Town
 
 from ._open311_wire import Open311Error, parse_w3c, w3c
 
-CHANGESET = "2026-12-06T00:00:00+08:00"
+CHANGESET = "2026-12-08T00:00:00+08:00"
 """When the service list or a service definition last changed (Service Discovery's changeset): bump it then."""
 
 _FAMILY_ZH = {
