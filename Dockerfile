@@ -24,6 +24,7 @@ COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --no-install-project
 
 COPY schemas/ schemas/
+COPY towns/ towns/
 COPY services/ services/
 RUN uv sync --frozen --no-dev
 

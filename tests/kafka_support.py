@@ -18,7 +18,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"(read|open)_text is deprecated", category=DeprecationWarning)
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from schemas.reference import DEPARTMENTS, GRIDS
+from schemas.reference import GAOHANG
 from services.common.admin import create_topics, drop_namespace, list_topics
 from services.common.auth import Role, TokenStore
 from services.common.db import make_engine
@@ -93,8 +93,8 @@ class Tokens:
 
     def __init__(self, var_dir: Path) -> None:
         store = TokenStore(make_engine(f"sqlite:///{var_dir / 'db' / 'auth.sqlite'}"))
-        self.workers = {w: store.issue(Role.GRID_WORKER, w)[0] for g in GRIDS.values() for w in g.workers}
-        self.departments = {d: store.issue(Role.DEPARTMENT, f"staff-{d}", department=d)[0] for d in DEPARTMENTS}
+        self.workers = {w: store.issue(Role.GRID_WORKER, w)[0] for g in GAOHANG.grids.values() for w in g.workers}
+        self.departments = {d: store.issue(Role.DEPARTMENT, f"staff-{d}", department=d)[0] for d in GAOHANG.departments}
         self.ops_center = store.issue(Role.OPS_CENTER, "ops-duty")[0]
         self.admin = store.issue(Role.ADMIN, "admin")[0]
         self.sensor = store.issue(Role.SENSOR, "sensor-001")[0]

@@ -11,6 +11,7 @@ python -m services.admin deadletters replay --offset N   # send one again to its
 python -m services.admin tokens issue --role ROLE --subject ID [--expires 30d|never]
 python -m services.admin tokens rotate TOKEN_ID [--grace 1h]   # a new secret for the same principal
 python -m services.admin tokens list | revoke TOKEN_ID
+python -m services.admin town validate DIR   # check a town package (also: gridloop town validate DIR)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import typer
 from schemas import utcnow
 from schemas.topics import CATALOG
 from services.admin.deadletters import cli as deadletters_cli
+from services.admin.town import cli as town_cli
 from services.common.acls import apply_acls, grants, kafka_acls_commands
 from services.common.admin import create_topics, drop_namespace, list_topics, partitions_for
 from services.common.auth import DEFAULT_LIFETIME, SAME_LIFETIME, AuthToken, Role, TokenStore, parse_span
@@ -36,6 +38,7 @@ tokens_cli = typer.Typer(
 )
 cli.add_typer(tokens_cli, name="tokens")
 cli.add_typer(deadletters_cli, name="deadletters")
+cli.add_typer(town_cli, name="town")
 acls_cli = typer.Typer(help="Kafka ACLs: each service writes and reads only its own topics", no_args_is_help=True)
 cli.add_typer(acls_cli, name="acls")
 

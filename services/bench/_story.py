@@ -169,7 +169,7 @@ class Stories:
         codes = list(town.categories)
         self._categories = codes
         self._category_weights = [CATEGORY_WEIGHTS.get(c, 3.0) for c in codes]
-        self._on_spot = [c for c in ("exposed_garbage", "garbage_sorting", "illegal_parking", "street_vending")]
+        self._on_spot = [c for c in codes if town.categories[c].on_spot]
         self._on_spot = [c for c in self._on_spot if c in town.categories] or [
             c for c in codes if not town.categories[c].big
         ]
@@ -378,7 +378,7 @@ class Stories:
         grid = self.rng.choice(self.grids)
         code = self.rng.choice(self._unknown) if self._unknown else "unknown_matter"
         lat, lon = draw_point(self.rng, grid)
-        address, place = draw_address(self.rng, grid, self.town.name_zh)
+        address, place = draw_address(self.rng, grid, self.town)
         if self.rng.random() < 0.5:
             source, reporter = ev.Source.HOTLINE_12345, draw_citizen(self.rng)
             actor = self.desk.on_behalf(reporter)
@@ -449,7 +449,7 @@ class Stories:
         category = self.town.categories[code]
         severity = ev.Severity.MAJOR if not on_spot and self.rng.random() < MAJOR_SHARE else ev.Severity.NORMAL
         lat, lon = draw_point(self.rng, grid)
-        address, place = draw_address(self.rng, grid, self.town.name_zh)
+        address, place = draw_address(self.rng, grid, self.town)
         description = self._description(code, place)
         if severity is ev.Severity.MAJOR:
             description += "，情况严重，请尽快处置"

@@ -286,11 +286,11 @@ class Driver:
         grid = self.town.grids[grid_code]
         category = self.rng.choice(self._small_categories)
         self.sequence += 1
-        margin = 1e-5
+        lat, lon = grid.random_point(self.rng, 1e-5)
         body = {
             "category_code": category.code,
-            "lat": round(self.rng.uniform(grid.south + margin, grid.north - margin), 6),
-            "lon": round(self.rng.uniform(grid.west + margin, grid.east - margin), 6),
+            "lat": round(lat, 6),
+            "lon": round(lon, 6),
             "description": f"bench {category.code} #{self.sequence}",
             "reporter_id": self.tokens.reporters[grid_code][0],
             "client_report_id": f"bench-{int(time.time())}-{self.sequence}",

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 
-from schemas import Actor, ActorKind, Location, encode_event
+from schemas import GAOHANG, Actor, ActorKind, Location, encode_event
 from schemas import events as ev
 
 from .stats import percentile
@@ -42,17 +42,21 @@ def sample_events() -> list[bytes]:
     """An IncidentReported and the WorkOrderDispatched it leads to, encoded as the pipeline encodes them."""
     now = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
     incident = f"GL{now:%Y%m%d}-1A2B3C4D"
-    location = Location(lat=31.28512, lon=121.57833)
+    grid = next(iter(GAOHANG.grids.values()))
+    category = next(c for c in GAOHANG.categories.values() if not c.big)
+    worker = grid.workers[0]
+    lat, lon = grid.center
+    location = Location(lat=round(lat, 5), lon=round(lon, 5))
     reported = ev.IncidentReported(
         incident_id=incident,
         occurred_at=now,
-        actor=Actor(kind=ActorKind.GRID_WORKER, id="w-gh01-1"),
+        actor=Actor(kind=ActorKind.GRID_WORKER, id=worker),
         correlation_id=incident,
         source=ev.Source.GRID_WORKER,
-        category_code="exposed_garbage",
+        category_code=category.code,
         location=location,
-        description="bench exposed_garbage #123456",
-        reporter_id="w-gh01-1",
+        description=f"bench {category.code} #123456",
+        reporter_id=worker,
         client_report_id="bench-1718000000-123456",
     )
     dispatched = ev.WorkOrderDispatched.following(
@@ -60,10 +64,10 @@ def sample_events() -> list[bytes]:
         Actor.system("dispatch"),
         occurred_at=now,
         work_order_id=f"{incident}-1",
-        department_code="city_ops",
+        department_code=category.lead,
         role=ev.WorkOrderRole.LEAD,
-        category_code="exposed_garbage",
-        grid_id="gh01",
+        category_code=category.code,
+        grid_id=grid.code,
         location=location,
         description=reported.description,
         priority=3,

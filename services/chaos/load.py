@@ -75,12 +75,8 @@ class PlannedReport:
 
 
 def _inside(grid: Grid, rng: random.Random) -> tuple[float, float]:
-    margin_lat = (grid.north - grid.south) * 0.05
-    margin_lon = (grid.east - grid.west) * 0.05
-    return (
-        round(rng.uniform(grid.south + margin_lat, grid.north - margin_lat), 6),
-        round(rng.uniform(grid.west + margin_lon, grid.east - margin_lon), 6),
-    )
+    lat, lon = grid.random_point(rng, min(grid.north - grid.south, grid.east - grid.west) * 0.05)
+    return round(lat, 6), round(lon, 6)
 
 
 def plan_reports(n: int, seed: int, town: Town = GAOHANG) -> list[PlannedReport]:

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from schemas import Actor, ActorKind, utcnow
-from schemas.reference import DEPARTMENTS, GRIDS, grid_of_worker
+from schemas.reference import default_town
 
 from .db import add_missing_columns, as_utc, create_missing, make_engine
 from .errors import Forbidden, GridloopError
@@ -37,7 +37,7 @@ SUBJECT_MAX = 64
 """A subject is written as the actor of every transition and as a report's reporter: at most this long."""
 SUBJECT = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,{SUBJECT_MAX - 1}}}$")
 """What a subject may be: an ASCII letter or digit, then letters, digits and ``_ . : @ -``, as ids are written
-(``w-gh01-1``, ``zhang@city_ops``, ``sensor-gh03-water-7``). Every event's actor id and a report's reporter_id
+(``w-a01-1``, ``zhang@roads``, ``sensor-a03-water-7``). Every event's actor id and a report's reporter_id
 take it as it is: nothing is stripped, nothing is too long."""
 DEFAULT_LIFETIME = timedelta(days=90)
 """How long a token is good for unless its issuer says otherwise."""
@@ -63,7 +63,7 @@ class Unauthenticated(GridloopError):
 def check_subject(subject: str) -> str:
     """``subject`` if a token may be issued for it; ValueError saying why not."""
     if not subject:
-        raise ValueError("a subject is required: the person's or system's id, e.g. w-gh01-1")
+        raise ValueError("a subject is required: the person's or system's id, e.g. w-a01-1")
     if len(subject) > SUBJECT_MAX:
         raise ValueError(
             f"a subject is at most {SUBJECT_MAX} characters (it is every event's actor id), "
@@ -249,15 +249,17 @@ class TokenStore:
         if len(name) > 100:
             raise ValueError(f"a token's name is at most 100 characters, not {len(name)}")
         if role is Role.DEPARTMENT:
-            if department not in DEPARTMENTS:
+            if department not in default_town().departments:
                 raise ValueError(f"department staff need a known department, not {department!r}")
         elif department is not None:
             raise ValueError("only department staff are bound to a department")
         if role is Role.GRID_WORKER:
+            town = default_town()
             if not grids:
-                home = grid_of_worker(subject)
-                grids = (home.code,) if home else ()
-            if not grids or any(g not in GRIDS for g in grids):
+                person = town.roster.get(subject)
+                home = town.grid_of_worker(subject)
+                grids = person.grids if person and person.grids else (home.code,) if home else ()
+            if not grids or any(g not in town.grids for g in grids):
                 raise ValueError(f"a grid worker needs known grid cells, not {grids!r}")
         elif grids:
             raise ValueError("only grid workers are bound to grid cells")

@@ -1,7 +1,7 @@
 """Long polls: an API request that found nothing waits, up to a limit, until a consumed event changes what it
 asked for — a department's desk gets a new work order the moment it is committed, without polling for it.
 
-A handler names what it changed (``uow.touch("work-orders:city_ops")``); once the unit of work commits, every
+A handler names what it changed (``uow.touch("work-orders:roads")``); once the unit of work commits, every
 request waiting on that key wakes and reads again. Keys are plain strings ``<what>:<whose>``; ``<what>:*`` is
 woken by every change of that kind (for a reader watching all of them). Only this process's waiters wake:
 another instance of the service, sharing the database, commits changes this one is never told about, so where a

@@ -7,7 +7,7 @@ Three kinds:
 - domain, counted when an event leaves through the outbox (:func:`observe_outbox`), so a rolled-back change is
   never counted: reports, rejections, merges, work orders dispatched / returned / handled, reworks, reminders,
   escalations, closures. Their labels come from closed vocabularies only: category and department codes of
-  ``schemas.reference`` (anything else is ``other``) and the enums of ``schemas.events``;
+  the default town (anything else is ``other``) and the enums of ``schemas.events``;
 - read at scrape time from a service's database: open and overdue work orders by department
   (:class:`WorkOrderBacklogCollector`, registered by handling).
 """
@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas import Event, utcnow
-from schemas.reference import CATEGORIES, DEPARTMENTS
+from schemas.reference import default_town
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +131,12 @@ INCIDENTS_CLOSED = _counted(
 
 def category_label(code: str | None) -> str:
     """A category code of the reference data, or ``other``."""
-    return code if code is not None and code in CATEGORIES else OTHER
+    return code if code is not None and code in default_town().categories else OTHER
 
 
 def department_label(code: str | None) -> str:
     """A department code of the reference data, or ``other``."""
-    return code if code is not None and code in DEPARTMENTS else OTHER
+    return code if code is not None and code in default_town().departments else OTHER
 
 
 def observe_published(event: Event) -> None:
@@ -312,7 +312,7 @@ class WorkOrderBacklogCollector(Collector):
             .where(c.status.in_(self.active))
             .group_by(c.department_code)
         )
-        result = dict.fromkeys(DEPARTMENTS, (0, 0))
+        result = dict.fromkeys(default_town().departments, (0, 0))
         with self.engine.connect() as conn:
             for department, n_open, n_overdue in conn.execute(query):
                 label = department_label(department)

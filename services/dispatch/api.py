@@ -48,7 +48,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         """The operations center grants or refuses an extension (only it may)."""
         if body.actor_id not in (None, who.subject):
             raise Forbidden(f"you are {who.subject}; the body names {body.actor_id}")
-        actor = Actor(kind=ActorKind.OPS_CENTER, id=who.subject, department="ops_center")
+        actor = Actor(kind=ActorKind.OPS_CENTER, id=who.subject, department=runtime.town.ops_center)
         event = await runtime.command(
             handlers.decide_extension, work_order_id, body.grant, body.new_deadline, body.reason, actor
         )

@@ -267,11 +267,21 @@ def file_incident(
     if case.handled_on_spot:
         _request_verification(decision, case, orders, report, list(report.evidence_urls), town, moment)
     else:
-        departments = category.departments if case.big else (category.lead,)
+        chain = departments_of(case, town)
+        departments = chain if case.big else chain[:1]
         for i, dept in enumerate(departments):
             role = ev.WorkOrderRole.LEAD if i == 0 else ev.WorkOrderRole.SUPPORT
             _dispatch(decision, case, orders, report, dept, role, 1, town, moment)
     return decision
+
+
+def departments_of(case: Case, town: Town) -> tuple[str, ...]:
+    """The departments that may take the case, in turn: the one the town's routing rules name for its category
+    and place (the category's lead when none does), then the category's others in order."""
+    category = town.categories[case.category_code]
+    grid = town.grids.get(case.grid_id) if case.grid_id else None
+    first = town.route(category.code, case.lat, case.lon, grid) or category.lead
+    return (first, *(d for d in category.departments if d != first))
 
 
 def reroute_work_order(
@@ -292,7 +302,7 @@ def reroute_work_order(
     decision = Decision()
     tried = {o.department_code for o in orders}
     role = ev.WorkOrderRole(order.role)
-    candidates = [d for d in town.categories[case.category_code].departments if d not in tried]
+    candidates = [d for d in departments_of(case, town) if d not in tried]
     if case.return_count < policy.max_returns and candidates:
         _dispatch(decision, case, orders, returned, candidates[0], role, order.attempt + 1, town, moment)
         return decision
@@ -382,7 +392,7 @@ def rework_incident(
     handled = [o for o in orders if o.status == WorkOrderStatus.HANDLED]
     category = town.categories[case.category_code]
     if not handled:  # fixed on the spot but not well enough: the lead department takes it properly
-        _dispatch(decision, case, orders, failed, category.lead, ev.WorkOrderRole.LEAD, 1, town, moment)
+        _dispatch(decision, case, orders, failed, departments_of(case, town)[0], ev.WorkOrderRole.LEAD, 1, town, moment)
         return decision
     case.status = IncidentStatus.DISPATCHED
     for order in handled:
@@ -531,7 +541,7 @@ def _dispatch(
 
 def verifier(case: Case, handled_by: Sequence[str], town: Town) -> str:
     """The grid's worker who verifies: one who neither reported the incident nor did the work (a fix on the spot
-    is never asked of the worker who made it). Every grid of the town has two workers, so there is one."""
+    is never asked of the worker who made it). The roster gives every grid of the town workers enough for one."""
     workers = town.grids[case.grid_id].workers if case.grid_id else ()
     others = [w for w in workers if w != case.reporter_id and w not in handled_by]
     return (others or list(workers) or [case.reporter_id])[0]

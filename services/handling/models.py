@@ -71,7 +71,7 @@ TABLES = (HandlingWorkOrder.__table__, HandlingWebhookDelivery.__table__)  # typ
 # -- API ---------------------------------------------------------------------------------------------
 
 ActorId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.@:-]+$", examples=["cityops-zhang"])]
-DepartmentCode = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$", examples=["city_ops"])]
+DepartmentCode = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$", examples=["roads"])]
 Reason = Annotated[str, Field(min_length=1, max_length=1000)]
 
 

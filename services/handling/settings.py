@@ -14,7 +14,7 @@ class HandlingSettings(ServiceSettings):
 
     webhooks: dict[str, str] = Field(default_factory=dict)
     """Department code → URL that gets every new work order and rework of that department pushed (POST, JSON).
-    From the environment as JSON: ``GRIDLOOP_HANDLING_WEBHOOKS='{"city_ops": "https://…"}'``."""
+    From the environment as JSON: ``GRIDLOOP_HANDLING_WEBHOOKS='{"roads": "https://…"}'``."""
     webhook_max_attempts: int = Field(default=8, ge=1)
     """Attempts before a delivery is given up (status ``failed``)."""
     webhook_interval_s: float = Field(default=0.5, gt=0)

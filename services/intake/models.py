@@ -19,9 +19,7 @@ from services.common.db import Numbered, timestamp
 class ReportBase(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    category_code: Annotated[
-        str, Field(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$", examples=["exposed_garbage"])
-    ]
+    category_code: Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$", examples=["pothole"])]
     lat: Annotated[float, Field(ge=-90, le=90, examples=[31.285])]
     lon: Annotated[float, Field(ge=-180, le=180, examples=[121.575])]
     address: Annotated[str, Field(max_length=200)] = ""

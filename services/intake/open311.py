@@ -14,7 +14,7 @@ Where the spec leaves room, gridloop chooses:
   jurisdiction).
 - Location: ``lat`` and ``long`` are required. gridloop places an incident in its grid cell by coordinates and has
   no geocoder, so ``address_string`` or ``address_id`` alone is refused (400); ``address_string`` given with
-  coordinates is kept as the incident's address. A point outside Gaohang's grid cells is accepted and then
+  coordinates is kept as the incident's address. A point outside the town's grid cells is accepted and then
   rejected by dispatch like any report: the request is closed, and ``status_notes`` says why.
 - ``description``: the spec's limit is 4000 characters, gridloop keeps 2000. Longer than 4000 is refused as the
   spec says; from 2001 to 4000 it is refused too (400, saying gridloop keeps 2000) rather than cut short. Without
@@ -141,7 +141,8 @@ def build_router(runtime: Runtime) -> APIRouter:
             "discovery",
             {
                 "changeset": catalog.CHANGESET,
-                "contact": "高行镇城运中心 Gaohang town operations center (gridloop), through the town's 12345 hotline",
+                "contact": f"{runtime.town.name_zh}城运中心 {runtime.town.name_en} town operations center (gridloop), "
+                "through the town's 12345 hotline",
                 "key_service": (
                     "An api_key is issued by a gridloop administrator: "
                     "python -m services.admin tokens issue --role open311 --subject <app-name>"
@@ -161,13 +162,13 @@ def build_router(runtime: Runtime) -> APIRouter:
     @router.get("/services.{fmt}", responses=_docs("every service: gridloop's incident categories"))
     async def service_list(fmt: Fmt) -> Response:
         """GET Service List: gridloop's incident categories."""
-        return render(parse_format(fmt), "services", catalog.services())
+        return render(parse_format(fmt), "services", catalog.services(runtime.town))
 
     @router.get("/services/{service_code}.{fmt}", responses=_docs("the service's attributes (extra questions)"))
     async def service_definition(service_code: str, fmt: Fmt) -> Response:
         """GET Service Definition: the attributes a service asks for."""
         f = parse_format(fmt)
-        return render(f, "service_definition", catalog.definition(service_code))
+        return render(f, "service_definition", catalog.definition(service_code, runtime.town))
 
     @router.post(
         "/requests.{fmt}",
@@ -189,11 +190,11 @@ def build_router(runtime: Runtime) -> APIRouter:
             raise Open311Error(403, "the api_key goes in the posted form, never in the URL (where it is logged)")
         form = await _form(request)
         who = _client(runtime, form)
-        service = catalog.category(_one(form, "service_code") or _missing("service_code"))
-        accepted, account_id = await runtime.command(_post, form, who, service.code)
+        service = catalog.category(_one(form, "service_code") or _missing("service_code"), runtime.town)
+        accepted, account_id = await runtime.command(_post, form, who, service.code, runtime.town)
         created = {
             "service_request_id": accepted.incident_id,
-            "service_notice": catalog.service_notice(service.code),
+            "service_notice": catalog.service_notice(service.code, runtime.town),
             "account_id": account_id,
         }
         return render(f, "service_requests", [created])
@@ -389,10 +390,10 @@ def _attributes(form: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 def _post(
-    form: dict[str, list[str]], who: Principal, service_code: str, uow: UnitOfWork
+    form: dict[str, list[str]], who: Principal, service_code: str, town: Town, uow: UnitOfWork
 ) -> tuple[ReportAccepted, str | None]:
     """Take the report a posted request stands for; a concurrent twin answers as a retry."""
-    cmd, account_id = _report(form, who, service_code, uow.now())
+    cmd, account_id = _report(form, who, service_code, town, uow.now())
     return handlers.report_incident(cmd, uow, by=who.actor()), account_id
 
 
@@ -409,7 +410,7 @@ def _updates(start_date: str | None, end_date: str | None, town: Town, uow: Unit
 
 
 def _report(
-    form: dict[str, list[str]], who: Principal, service_code: str, now: datetime
+    form: dict[str, list[str]], who: Principal, service_code: str, town: Town, now: datetime
 ) -> tuple[ReportCreate, str | None]:
     """The incident report a valid request stands for, and the account_id to echo; 400 with every problem."""
     problems: list[str] = []
@@ -426,9 +427,9 @@ def _report(
         except ValidationError:
             problems.append(f"media_url must be one http(s) URL, not {media_url[:80]!r}")
     given = _one(form, "description") or ""
-    lines, wrong = catalog.answers(service_code, _attributes(form))
+    lines, wrong = catalog.answers(service_code, _attributes(form), town)
     problems += wrong
-    description = "\n\n".join(p for p in (given or catalog.service_name(service_code), "\n".join(lines)) if p)
+    description = "\n\n".join(p for p in (given or catalog.service_name(service_code, town), "\n".join(lines)) if p)
     if len(given) > DESCRIPTION_LIMIT:
         problems.append(f"description is {len(given)} characters: at most {DESCRIPTION_LIMIT}")
     elif len(description) > KEPT_LIMIT:

@@ -13,10 +13,14 @@ A point is some 400 bytes of JSON and a cluster some 200: an answer stays well u
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import shapely
+from shapely.geometry import MultiPolygon, Polygon
 
 from schemas.reference import Town
 
@@ -179,6 +183,12 @@ def clusters_geojson(clusters: Iterable[Cluster], cell: float, query: MapQuery) 
     }
 
 
+def _geojson(geometry: Polygon | MultiPolygon) -> dict[str, Any]:
+    """A cell's geometry as RFC 7946 writes it (exterior rings counterclockwise, positions as lists)."""
+    shape: dict[str, Any] = json.loads(shapely.to_geojson(shapely.orient_polygons(geometry)))
+    return shape
+
+
 def grids_geojson(open_by_grid: Mapping[str | None, int], town: Town) -> dict[str, Any]:
     """GeoJSON polygons of the town's grid cells, each with how many open incidents are in it."""
     return {
@@ -186,22 +196,12 @@ def grids_geojson(open_by_grid: Mapping[str | None, int], town: Town) -> dict[st
         "features": [
             {
                 "type": "Feature",
-                "geometry": {
-                    "type": "Polygon",
-                    "coordinates": [
-                        [
-                            [g.west, g.south],
-                            [g.east, g.south],
-                            [g.east, g.north],
-                            [g.west, g.north],
-                            [g.west, g.south],
-                        ]
-                    ],
-                },
+                "geometry": _geojson(g.geometry),
                 "properties": {
                     "grid_id": g.code,
                     "name_zh": g.name_zh,
                     "name_en": g.name_en,
+                    "community": g.community,
                     "workers": list(g.workers),
                     "open": open_by_grid.get(g.code, 0),
                 },

@@ -25,10 +25,14 @@ from typing import Any
 import httpx
 
 from schemas.events import Source
-from schemas.reference import CATEGORIES, DEPARTMENTS, GRIDS, OPS_CENTER
+from schemas.reference import default_town
 from services.intake.models import ReportCreate
 
 from .town import PlannedReport
+
+_TOWN = default_town()
+CATEGORIES, DEPARTMENTS, GRIDS, OPS_CENTER = _TOWN.categories, _TOWN.departments, _TOWN.grids, _TOWN.ops_center
+"""The default town the simulation runs: its categories, departments, grid cells and operations center."""
 
 # -- behaviour ---------------------------------------------------------------------------------------------------
 
@@ -83,6 +87,8 @@ RESULTS: dict[str, tuple[str, ...]] = {
     "safety": ("已清除易燃物，消防通道已恢复畅通", "已抽排积水，道路恢复通行"),
     "facilities": ("已维修供水设施，公厕恢复正常使用", "已更换门锁并完成保洁"),
     "land": ("已清运渣土并设置围挡", "已拆除私设围挡，地块恢复原状"),
+    "community": ("已联系设备维保单位修复，功能恢复正常", "已会同居委完成整改"),
+    "housing": ("已组织维修公共部位，渗漏已处理", "已疏通管道，恢复正常排水"),
 }
 PASS_NOTES = ("现场核查已整改到位", "复核通过，问题已解决", "经现场查看，处置结果属实")
 FAIL_NOTES = (

@@ -22,7 +22,10 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from schemas.reference import DEPARTMENTS
+from schemas.reference import default_town
+
+DEPARTMENTS = default_town().departments
+"""The default town's departments, whose work the table counts."""
 
 TERMINAL = frozenset({"closed", "rejected", "merged"})
 

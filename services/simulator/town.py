@@ -1,11 +1,11 @@
-"""Gaohang town's reports, as a seeded and reproducible mix: what is reported, where, by whom, in what words.
+"""The default town's reports, as a seeded and reproducible mix: what is reported, where, by whom, in what words.
 
 Everything here is pure: ``generate_reports(count, seed)`` returns the same list for the same arguments, each
 report a valid ``ReportCreate``. The mix:
 
-* categories weighted like a town's daily load — garbage, parking, shared bikes, street vending and shop signs
-  most; illegal construction, group renting, river pollution, greenery, public toilets and idle land less;
-  safety hazards and flooding (big incidents, 大事全网联动) rarely;
+* categories weighted like the town's daily load, as its package says (each category's ``share``): in Gaohang
+  garbage, parking, shared bikes, street vending and shop signs most, big incidents (大事全网联动) rarely; what
+  a grid worker fixes on the spot, what sensors report and the words reporters use come from the package too;
 * about 3 % near-duplicates (same category a few metres from a recent report → merged),
   about 2 % that cannot be filed (outside the town, or a category the town does not know → rejected),
   about 8 % handled on the spot by the grid worker (小事一格解决, with evidence photos),
@@ -21,30 +21,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from schemas.events import Severity, Source
-from schemas.reference import GRIDS, Grid, grid_at
+from schemas.reference import Grid, Town, default_town
 from services.intake.models import ReportCreate
 
 # -- the mix -------------------------------------------------------------------------------------------------
 
-CATEGORY_WEIGHTS: dict[str, float] = {
-    # the daily load
-    "exposed_garbage": 14,
-    "garbage_sorting": 8,
-    "illegal_parking": 13,
-    "shared_bikes": 12,
-    "street_vending": 11,
-    "illegal_signage": 9,
-    # less often
-    "illegal_construction": 4,
-    "group_renting": 4,
-    "river_pollution": 4,
-    "greenery_damage": 5,
-    "public_toilet": 4,
-    "idle_land": 3,
-    # rare, big
-    "safety_hazard": 1,
-    "flooding": 1,
-}
+TOWN: Town = default_town()
+"""The town whose reports are made: its cells, its categories and their shares, its roads."""
+
+CATEGORY_WEIGHTS: dict[str, float] = {c.code: c.share for c in TOWN.categories.values()}
+"""Each category's share of a day's reports."""
 
 DUPLICATE_SHARE = 0.03
 OUTSIDE_SHARE = 0.01
@@ -61,17 +47,13 @@ DUPLICATE_MAX_M = 20.0
 DUPLICATE_WINDOW = (5, 25)
 """A near-duplicate repeats one of the reports this many places earlier: recent enough to be still open."""
 
-ON_SPOT_CATEGORIES = ("exposed_garbage", "garbage_sorting", "illegal_parking", "shared_bikes", "street_vending")
+ON_SPOT_CATEGORIES = tuple(c.code for c in TOWN.categories.values() if c.on_spot)
 """Small things a grid worker can fix at once (小事一格解决)."""
 
 SENSOR_CATEGORIES: dict[str, tuple[str, float]] = {
-    # category → (sensor kind, weight)
-    "flooding": ("water-level", 1),
-    "river_pollution": ("water-quality", 3),
-    "exposed_garbage": ("smart-bin", 5),
-    "illegal_parking": ("parking", 3),
-    "safety_hazard": ("smoke", 0.5),
+    c.code: (c.sensor.kind, c.sensor.share) for c in TOWN.categories.values() if c.sensor
 }
+"""category → (sensor kind, weight)"""
 
 UNKNOWN_CATEGORIES: dict[str, str] = {
     "noise_complaint": "夜间施工噪声扰民，持续到凌晨",
@@ -80,34 +62,30 @@ UNKNOWN_CATEGORIES: dict[str, str] = {
     "tax_question": "咨询个体户开票问题",
 }
 
-# Places just outside Gaohang: Waigaoqiao to the north, Jinqiao to the south, Yangpu across the river.
-OUTSIDE_SPOTS: tuple[tuple[float, float, str], ...] = (
-    (31.3450, 121.5950, "外高桥保税区"),
-    (31.2600, 121.6050, "金桥镇"),
-    (31.2950, 121.5450, "杨浦区"),
-    (31.3000, 121.6450, "高东镇"),
-)
 
-_TOWN_ZH = "浦东新区高行镇"
-"""How an address in the town begins."""
-ROADS = (
-    "东靖路",
-    "高行路",
-    "金高路",
-    "华东路",
-    "东陆路",
-    "浦东北路",
-    "莱阳路",
-    "栖山路",
-    "杨高北路",
-    "金桥路",
-    "申江路",
-    "五洲大道",
-    "洲海路",
-    "张杨北路",
-    "东高路",
-    "航津路",
-)
+def _outside_spots(town: Town) -> tuple[tuple[float, float, str], ...]:
+    """A place a little beyond each edge of the town's cells: north, south, west and east."""
+    cells = list(town.grids.values())
+    south, north = min(g.south for g in cells), max(g.north for g in cells)
+    west, east = min(g.west for g in cells), max(g.east for g in cells)
+    lat, lon, d = (south + north) / 2, (west + east) / 2, 0.015
+    return (
+        (north + d, lon, f"{town.name_zh}以北"),
+        (south - d, lon, f"{town.name_zh}以南"),
+        (lat, west - d, f"{town.name_zh}以西"),
+        (lat, east + d, f"{town.name_zh}以东"),
+    )
+
+
+OUTSIDE_SPOTS = _outside_spots(TOWN)
+"""Places just outside the town, where a 12345 caller reports what is not the town's."""
+
+ROADS = tuple(
+    str(f["properties"]["name"])
+    for f in TOWN.layers.get("roads", {}).get("features", ())
+    if f["properties"].get("name")
+) or ("主干道", "支路", "沿河路")
+"""The town's roads (its roads layer), as addresses name them."""
 PLACES = (
     "小区门口",
     "地铁站出口",
@@ -124,20 +102,7 @@ PLACES = (
 )
 
 DESCRIPTIONS: dict[str, tuple[str, ...]] = {
-    "exposed_garbage": ("{p}路边堆放生活垃圾约{n}袋，有异味", "{p}绿化带内有暴露建筑垃圾", "{p}垃圾桶满溢，散落一地"),
-    "garbage_sorting": ("{p}垃圾箱房干湿垃圾混投", "{p}分类投放点桶边散落垃圾，未分类"),
-    "illegal_parking": ("{p}机动车占用人行道停放约{n}辆", "{p}消防通道被私家车占用", "{p}非机动车乱停放堵塞盲道"),
-    "shared_bikes": ("{p}共享单车堆积约{n}辆，阻碍通行", "{p}共享单车倒伏在机动车道上"),
-    "street_vending": ("{p}有流动摊贩占道经营", "{p}沿街商铺跨门经营，占用人行道", "{p}夜间摊点占道，油烟扰民"),
-    "illegal_signage": ("{p}店招店牌破损，有坠落风险", "{p}违规设置户外广告牌", "{p}门头招牌未经审批擅自更换"),
-    "illegal_construction": ("{p}居民楼顶疑似违法搭建", "{p}底层住户私自扩建围墙和阳光房"),
-    "group_renting": ("{p}一套住房内疑似居住{n}人以上，存在群租", "{p}房屋被隔成多间出租，进出人员复杂"),
-    "river_pollution": ("{p}河道水面有漂浮物，水体发黑发臭", "{p}有排口向河道排放污水"),
-    "greenery_damage": ("{p}行道树倾斜折断", "{p}公共绿地被毁种菜", "{p}绿化带被车辆碾压损坏"),
-    "safety_hazard": ("{p}厂房仓库内堆放易燃物，消防通道堵塞", "{p}仓库私拉电线，存在火灾隐患"),
-    "flooding": ("{p}路面积水约{n}厘米，车辆通行困难", "{p}暴雨后地下通道积水严重"),
-    "public_toilet": ("{p}公厕无水，卫生状况差", "{p}公厕门锁损坏，无障碍设施不能使用"),
-    "idle_land": ("{p}闲置地块被违规堆放渣土", "{p}闲置土地被私自圈占作停车场"),
+    c.code: c.examples or ("{p}" + c.name_zh,) for c in TOWN.categories.values()
 }
 DUPLICATE_PREFIXES = ("市民再次反映：", "同一位置又有人报告：", "重复反映：")
 
@@ -193,16 +158,15 @@ def offset_m(lat: float, lon: float, distance: float, bearing_deg: float) -> tup
 
 def draw_point(rng: random.Random, grid: Grid) -> tuple[float, float]:
     """A place in ``grid``, away from its edges, to six decimals (as a phone reports it)."""
-    lat = rng.uniform(grid.south + _MARGIN, grid.north - _MARGIN)
-    lon = rng.uniform(grid.west + _MARGIN, grid.east - _MARGIN)
+    lat, lon = grid.random_point(rng, _MARGIN)
     return round(lat, 6), round(lon, 6)
 
 
-def draw_address(rng: random.Random, grid: Grid, town_zh: str) -> tuple[str, str]:
-    """A street address in ``grid`` of the town ``town_zh``, and the place there a description names."""
+def draw_address(rng: random.Random, grid: Grid, town: Town) -> tuple[str, str]:
+    """A street address in ``grid`` of ``town``, and the place there a description names."""
     road, place = rng.choice(ROADS), rng.choice(PLACES)
     number = rng.randint(1, 2999)
-    return f"{town_zh}{road}{number}号（{grid.name_zh}）", f"{road}{number}号{place}"
+    return f"{town.district}{town.name_zh}{road}{number}号（{grid.name_zh}）", f"{road}{number}号{place}"
 
 
 def draw_citizen(rng: random.Random) -> str:
@@ -221,7 +185,7 @@ class _Generator:
     def __init__(self, seed: int, run_id: str) -> None:
         self.rng = random.Random(seed)
         self.run_id = run_id
-        self.grids: list[Grid] = list(GRIDS.values())
+        self.grids: list[Grid] = list(TOWN.grids.values())
         self.reports: list[PlannedReport] = []
 
     # small pieces
@@ -235,7 +199,7 @@ class _Generator:
         return template.format(p=place, n=self.rng.randint(3, 30))
 
     def _photos(self, client_id: str, kind: str, at_least: int = 0) -> list[str]:
-        return draw_photo_urls(self.rng, "gaohang", kind, client_id, at_least)
+        return draw_photo_urls(self.rng, TOWN.code, kind, client_id, at_least)
 
     def _client_id(self, index: int) -> str:
         return f"{self.run_id}-{index:05d}"
@@ -258,7 +222,7 @@ class _Generator:
             category = self._weighted(CATEGORY_WEIGHTS)
             source, reporter = Source.GRID_WORKER, self.rng.choice(grid.workers)
         lat, lon = draw_point(self.rng, grid)
-        address, place = draw_address(self.rng, grid, _TOWN_ZH)
+        address, place = draw_address(self.rng, grid, TOWN)
         severity = Severity.MAJOR if self.rng.random() < MAJOR_SHARE / NORMAL_SHARE else Severity.NORMAL
         description = self._description(category, place)
         if severity is Severity.MAJOR:
@@ -282,7 +246,7 @@ class _Generator:
         grid = self.rng.choice(self.grids)
         category = self._weighted({c: CATEGORY_WEIGHTS[c] for c in ON_SPOT_CATEGORIES})
         lat, lon = draw_point(self.rng, grid)
-        address, place = draw_address(self.rng, grid, _TOWN_ZH)
+        address, place = draw_address(self.rng, grid, TOWN)
         report = ReportCreate(
             category_code=category,
             lat=lat,
@@ -302,7 +266,7 @@ class _Generator:
         lat0, lon0, where = self.rng.choice(OUTSIDE_SPOTS)
         lat = round(lat0 + self.rng.uniform(-0.004, 0.004), 6)
         lon = round(lon0 + self.rng.uniform(-0.004, 0.004), 6)
-        assert grid_at(lat, lon) is None
+        assert TOWN.grid_at(lat, lon) is None
         category = self._weighted(CATEGORY_WEIGHTS)
         place = self.rng.choice(PLACES)
         report = ReportCreate(
@@ -321,7 +285,7 @@ class _Generator:
         grid = self.rng.choice(self.grids)
         category = self.rng.choice(sorted(UNKNOWN_CATEGORIES))
         lat, lon = draw_point(self.rng, grid)
-        address, place = draw_address(self.rng, grid, _TOWN_ZH)
+        address, place = draw_address(self.rng, grid, TOWN)
         hotline = self.rng.random() < 0.5
         report = ReportCreate(
             category_code=category,
@@ -344,7 +308,7 @@ class _Generator:
         original = self.rng.choice(candidates)
         o = original.report
         lat, lon = offset_m(o.lat, o.lon, self.rng.uniform(2.0, DUPLICATE_MAX_M), self.rng.uniform(0, 360))
-        grid = grid_at(o.lat, o.lon)
+        grid = TOWN.grid_at(o.lat, o.lon)
         assert grid is not None
         hotline = self.rng.random() < 0.6
         others = [w for w in grid.workers if w != o.reporter_id]
@@ -379,6 +343,6 @@ class _Generator:
 
 
 def generate_reports(count: int, seed: int = 7, run_id: str = "sim") -> list[PlannedReport]:
-    """``count`` reports of Gaohang town, the same for the same seed; client report ids ``<run_id>-00000``…"""
+    """``count`` reports of the default town, the same for the same seed; client report ids ``<run_id>-00000``…"""
     gen = _Generator(seed, run_id)
     return [gen.next() for _ in range(count)]

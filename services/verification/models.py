@@ -58,7 +58,7 @@ TABLES = (VerificationTask.__table__,)  # type: ignore[attr-defined]
 
 # -- API ---------------------------------------------------------------------------------------------
 
-WorkerId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.@:-]+$", examples=["w-gh01-2"])]
+WorkerId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.@:-]+$", examples=["w-a01-2"])]
 
 
 class PassRequest(BaseModel):

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from schemas.reference import DEPARTMENTS
+from schemas.reference import GAOHANG
 from services.common.auth import Role, TokenStore
 from tests.e2e.conftest import Town
 
@@ -170,7 +170,7 @@ def world(town: Town) -> World:
         REPORTER: tokens.workers["w-gh01-1"],
         VERIFIER: tokens.workers["w-gh01-2"],
         OTHER_GRID: tokens.workers["w-gh09-1"],
-        **{f"dept {d}": tokens.departments[d] for d in DEPARTMENTS},
+        **{f"dept {d}": tokens.departments[d] for d in GAOHANG.departments},
         CENTER: tokens.ops_center,
         ADMIN: tokens.admin,
         SENSOR: tokens.sensor,
@@ -220,7 +220,7 @@ def _names(*names: str) -> frozenset[str]:
     return frozenset(names)
 
 
-DEPTS = frozenset(f"dept {d}" for d in DEPARTMENTS)
+DEPTS = frozenset(f"dept {d}" for d in GAOHANG.departments)
 WORKERS = _names(REPORTER, VERIFIER, OTHER_GRID)
 CENTERS = _names(CENTER, ADMIN)
 

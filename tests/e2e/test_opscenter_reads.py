@@ -23,7 +23,7 @@ import pytest
 
 from schemas import Actor, ActorKind, Location, encode_event
 from schemas import events as ev
-from schemas.reference import GRIDS
+from schemas.reference import GAOHANG
 from schemas.topics import LIFECYCLE
 from services.supervisor import Service, ServiceGroup
 from tests.kafka_support import Tokens, fresh_namespace, producer, require_broker, service_env
@@ -77,7 +77,7 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slow]:
 
 
 def _report(incident_id: str) -> bytes:
-    lat, lon = GRIDS["gh05"].center
+    lat, lon = GAOHANG.grids["gh05"].center
     return encode_event(
         ev.IncidentReported(
             incident_id=incident_id,

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from schemas import Actor, ActorKind, Event, Location, encode_event
 from schemas import events as ev
-from schemas.reference import GRIDS
+from schemas.reference import GAOHANG
 from schemas.topics import DEADLETTER, Topic
 from tests.e2e.conftest import Town
 from tests.kafka_support import Tokens, consumer, fresh_namespace, producer, require_broker, running, service_env
@@ -53,7 +53,7 @@ CONSUMED = _consumers()
 def _samples() -> dict[str, list[Event]]:
     """A valid event of each type a consumed topic carries (of an incident nobody reported): what is mutated."""
     now = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
-    lat, lon = GRIDS["gh03"].center
+    lat, lon = GAOHANG.grids["gh03"].center
     location = Location(lat=lat, lon=lon, address="华高路 3 号")
     report = ev.IncidentReported(
         incident_id="GL-POISON-1",
@@ -223,7 +223,7 @@ def test_no_record_can_stall_the_loop(plant: tuple[Town, str]) -> None:
         sent.append(Sent(p, meta.topic, meta.partition, meta.offset))
 
     # normal incidents under way while the poison comes, each at a spot of its own (never merged)
-    spots = [GRIDS[g].center for g in ("gh01", "gh02", "gh05", "gh06")]
+    spots = [GAOHANG.grids[g].center for g in ("gh01", "gh02", "gh05", "gh06")]
     incidents = [town.report("exposed_garbage", lat, lon) for lat, lon in spots]
 
     # every consumed topic gets each oversized record and a timestamp that overflows, whatever is drawn below

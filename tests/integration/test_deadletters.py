@@ -24,7 +24,7 @@ import pytest
 
 from schemas import Actor, ActorKind, Location, encode_event
 from schemas import events as ev
-from schemas.reference import GRIDS
+from schemas.reference import GAOHANG
 from schemas.topics import DEADLETTER, FEEDBACK, INCIDENTS_REPORTED, LIFECYCLE, WORKORDERS, Topic
 from services.admin import deadletters as dl
 from tests.kafka_support import (
@@ -42,7 +42,7 @@ from tests.kafka_support import (
 pytestmark = pytest.mark.kafka
 
 REPO = Path(__file__).resolve().parents[2]
-_GRID_CENTERS = [g.center for g in GRIDS.values()]
+_GRID_CENTERS = [g.center for g in GAOHANG.grids.values()]
 _reports = count()
 
 
@@ -159,7 +159,7 @@ def read_raw(topic: str, predicate: Callable[[Any], bool], timeout: float = 60) 
 
 
 def _report_event(incident_id: str, **kw: Any) -> ev.IncidentReported:
-    lat, lon = GRIDS["gh05"].center
+    lat, lon = GAOHANG.grids["gh05"].center
     fields: dict[str, Any] = {
         "incident_id": incident_id,
         "actor": Actor(kind=ActorKind.GRID_WORKER, id="w-gh05-1"),

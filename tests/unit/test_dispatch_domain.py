@@ -159,7 +159,7 @@ def test_the_known_categories_are_the_towns() -> None:
         "Small",
         MappingProxyType({"roads": Department("roads", "路政", "Roads"), "hq": Department("hq", "中心", "HQ")}),
         MappingProxyType({"pothole": Category("pothole", "坑洼", "Pothole", "roads", ("roads",), 2, 10, public=True)}),
-        MappingProxyType({"s1": Grid("s1", "一", "One", gh01.south, gh01.west, gh01.north, gh01.east, ("a", "b"))}),
+        MappingProxyType({"s1": Grid.box("s1", "一", "One", gh01.south, gh01.west, gh01.north, gh01.east, ("a", "b"))}),
         ops_center="hq",
     )
     rejected = only(file(report("exposed_garbage"), town=small).events, ev.IncidentRejected)
@@ -370,7 +370,8 @@ def test_a_verification_names_the_reporter_and_whoever_did_the_work() -> None:
 
 def test_the_verifier_is_one_of_the_grid_who_neither_reported_nor_handled() -> None:
     case = file(report()).case
-    assert domain.verifier(case, ["w-gh01-2"], GAOHANG) == "w-gh01-1"  # every worker involved: the grid's first
+    assert domain.verifier(case, ["w-gh01-2"], GAOHANG) == "w-gh01-3"
+    assert domain.verifier(case, ["w-gh01-2", "w-gh01-3"], GAOHANG) == "w-gh01-1"  # every worker involved: the first
     assert domain.verifier(case, [], GAOHANG) == "w-gh01-2"
     case.grid_id = None
     assert domain.verifier(case, [], GAOHANG) == "w-gh01-1"  # no grid: the reporter

@@ -277,10 +277,10 @@ def test_extension_refused(loop: Loop) -> None:
 
 
 class CenterRuntime:
-    """What dispatch's API uses of its Runtime: the loop's bus for commands and reads, tokens."""
+    """What dispatch's API uses of its Runtime: the loop's bus for commands and reads, tokens, the town."""
 
     def __init__(self, loop: Loop, auth: TokenStore) -> None:
-        self.bus, self.auth = loop.bus, auth
+        self.bus, self.auth, self.town = loop.bus, auth, GAOHANG
 
     def allow(self, *roles: Role) -> Any:
         return Depends(require(self.auth, *roles))

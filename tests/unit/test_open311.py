@@ -24,7 +24,7 @@ from sqlmodel import col, select
 
 from schemas import Actor, ActorKind, Event, Location, decode_event
 from schemas import events as ev
-from schemas.reference import CATEGORIES, GAOHANG
+from schemas.reference import GAOHANG
 from services.common.auth import Role, TokenStore, require
 from services.common.bus import MessageBus
 from services.common.db import OutboxRecord, UnitOfWork, make_engine
@@ -288,7 +288,7 @@ async def test_discovery(gw: Gateway) -> None:
 
 async def test_service_list(gw: Gateway) -> None:
     services = await gw.both("services")
-    assert [s["service_code"] for s in services] == list(CATEGORIES)
+    assert [s["service_code"] for s in services] == list(GAOHANG.categories)
     fields = ["service_code", "service_name", "description", "metadata", "type", "keywords", "group"]
     assert all(list(s) == fields for s in services)
     by_code = {s["service_code"]: s for s in services}
@@ -297,9 +297,9 @@ async def test_service_list(gw: Gateway) -> None:
     assert (garbage["metadata"], garbage["type"], garbage["group"]) == (False, "realtime", "garbage")
     assert "暴露垃圾" in garbage["keywords"] and "城运办" in garbage["description"]
     assert {code for code, s in by_code.items() if s["metadata"]} >= {"safety_hazard", "group_renting", "flooding"}
-    assert all(s["group"] == CATEGORIES[s["service_code"]].family for s in services)
+    assert all(s["group"] == GAOHANG.categories[s["service_code"]].family for s in services)
     private = {code for code, s in by_code.items() if "Requests are not public" in s["description"]}
-    assert "group_renting" in private and private == {c.code for c in CATEGORIES.values() if not c.public}
+    assert "group_renting" in private and private == {c.code for c in GAOHANG.categories.values() if not c.public}
 
 
 async def test_service_definitions(gw: Gateway) -> None:
@@ -857,7 +857,7 @@ async def public_reads(gw: Gateway, *ids: str) -> str:
 async def test_a_non_public_categorys_requests_are_absent_from_every_public_read(gw: Gateway) -> None:
     """A grid worker's 群租 report, with its flat, is no service request of the public's: not listed, not found
     by id or token, no update; a citizen may still post one, and never reads it back."""
-    assert not CATEGORIES["group_renting"].public
+    assert not GAOHANG.categories["group_renting"].public
     flat = staff_report(gw, category_code="group_renting", address=FLAT, description=f"{FLAT} 住了二十多人")
     posted = await gw.report(service_code="group_renting", address_string=FLAT, description="群租")
     r = await gw.post(service_code="group_renting", address_string=FLAT, description="群租")

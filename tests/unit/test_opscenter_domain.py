@@ -26,7 +26,7 @@ TOWN = Town(
             "pothole": Category("pothole", "坑洼", "Pothole", "road", ("roads", "parks"), 2, 24.0, public=True),
         }
     ),
-    MappingProxyType({"g1": Grid("g1", "一格", "Cell one", 10.0, 20.0, 11.0, 21.0, ("w1",))}),
+    MappingProxyType({"g1": Grid.box("g1", "一格", "Cell one", 10.0, 20.0, 11.0, 21.0, ("w1",))}),
 )
 """A town of one grid cell, two departments and one category."""
 

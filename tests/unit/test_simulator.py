@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from schemas.events import Severity, Source
-from schemas.reference import CATEGORIES, DEPARTMENTS, GRIDS, OPS_CENTER, distance_m, grid_at, grid_of_worker
+from schemas.reference import GAOHANG, distance_m
 from services.intake.models import ReportCreate
 from services.simulator.actors import (
     DESK,
@@ -94,25 +94,25 @@ def test_categories_favour_the_daily_load(mix: list[PlannedReport]) -> None:
         "idle_land",
     )
     rare = ("safety_hazard", "flooding")
-    assert set(CATEGORY_WEIGHTS) == set(CATEGORIES)
-    assert set(counts) <= set(CATEGORIES)
+    assert set(CATEGORY_WEIGHTS) == set(GAOHANG.categories)
+    assert set(counts) <= set(GAOHANG.categories)
     assert sum(counts[c] for c in common) / N >= 0.6
     assert 0.1 <= sum(counts[c] for c in fewer) / N <= 0.35
     assert 0 < sum(counts[c] for c in rare) / N <= 0.04
     assert min(counts[c] for c in common) > max(counts[c] for c in rare)
-    assert all(counts[c] > 0 for c in CATEGORIES)
+    assert all(counts[c] > 0 for c in GAOHANG.categories)
 
 
 def test_rejected_kinds_are_really_unfileable(mix: list[PlannedReport]) -> None:
     for p in mix:
-        inside = grid_at(p.report.lat, p.report.lon) is not None
+        inside = GAOHANG.grid_at(p.report.lat, p.report.lon) is not None
         if p.kind is ReportKind.OUTSIDE:
-            assert not inside and p.report.category_code in CATEGORIES
+            assert not inside and p.report.category_code in GAOHANG.categories
         elif p.kind is ReportKind.UNKNOWN_CATEGORY:
             assert inside and p.report.category_code in UNKNOWN_CATEGORIES
-            assert p.report.category_code not in CATEGORIES
+            assert p.report.category_code not in GAOHANG.categories
         else:
-            assert inside and p.report.category_code in CATEGORIES
+            assert inside and p.report.category_code in GAOHANG.categories
         assert p.kind.expected == {"duplicate": "merged", "outside": "rejected", "unknown_category": "rejected"}.get(
             p.kind.value, "filed"
         )
@@ -138,17 +138,17 @@ def test_on_spot_reports_come_from_the_grid_worker_with_evidence(mix: list[Plann
     assert on_spot and all(p.kind is ReportKind.ON_SPOT for p in on_spot)
     for p in on_spot:
         assert p.report.source is Source.GRID_WORKER and p.report.evidence_urls
-        worker_grid = grid_of_worker(p.report.reporter_id)
+        worker_grid = GAOHANG.grid_of_worker(p.report.reporter_id)
         assert worker_grid is not None and worker_grid.contains(p.report.lat, p.report.lon)
         assert all(str(u).startswith("https://") for u in p.report.evidence_urls)
-        assert not CATEGORIES[p.report.category_code].big
+        assert not GAOHANG.categories[p.report.category_code].big
 
 
 def test_grid_workers_report_in_their_own_grid_and_descriptions_are_chinese(mix: list[PlannedReport]) -> None:
     for p in mix:
         r = p.report
         if r.source is Source.GRID_WORKER and p.kind in (ReportKind.NORMAL, ReportKind.ON_SPOT):
-            grid = grid_of_worker(r.reporter_id)
+            grid = GAOHANG.grid_of_worker(r.reporter_id)
             assert grid is not None and grid.contains(r.lat, r.lon)
         assert any("\u4e00" <= ch <= "\u9fff" for ch in r.description)
         if r.severity is Severity.MAJOR:
@@ -431,7 +431,7 @@ def test_departments_return_some_new_work_but_the_operations_center_never() -> N
     for category, most in (("street_vending", 8 * 0.08), ("illegal_signage", 1.5)):
         o = order(1, category_code=category)
         assert 0.1 <= city.plan(o, order_key(o), 0.0).due <= most + 0.5
-    center = desk(OPS_CENTER)
+    center = desk(GAOHANG.ops_center)
     assert {center.plan(o, order_key(o), 0.0).action for o in (order(n) for n in range(500))} == {"accept"}
 
 
@@ -471,9 +471,9 @@ def test_everyone_who_calls_has_a_principal_and_reports_go_out_under_the_reporte
     people = principals(mix)
     subjects = {p.subject for p in people}
     assert len(subjects) == len(people)
-    assert {w for grid in GRIDS.values() for w in grid.workers} <= subjects
+    assert {w for grid in GAOHANG.grids.values() for w in grid.workers} <= subjects
     assert DESK in subjects and {p.role for p in people if p.subject == DESK} == {"ops_center"}
-    for code in DEPARTMENTS:
+    for code in GAOHANG.departments:
         clerks = [p for p in people if p.role == "department" and p.department == code]
         assert len(clerks) == 2 and all(department_of_actor(p.subject) == code for p in clerks)
     for p in mix:

@@ -22,7 +22,7 @@ TINY = Town(
     "Tiny",
     {},
     {},
-    {"zz01": Grid("zz01", "一格", "Cell one", 30.0, 120.0, 30.1, 120.1, ("w-zz01-1", "w-zz01-2"))},
+    {"zz01": Grid.box("zz01", "一格", "Cell one", 30.0, 120.0, 30.1, 120.1, ("w-zz01-1", "w-zz01-2"))},
 )
 """A town of one grid cell, none of whose names Gaohang has."""
 

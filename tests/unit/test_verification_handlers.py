@@ -239,7 +239,9 @@ def test_the_rules_given_are_the_ones_decided_by(engine: Engine, bus: MessageBus
 
 
 def test_the_towns_grids_are_the_ones_a_request_is_opened_in(engine: Engine) -> None:
-    tiny = Town("tiny", "小镇", "Tiny", {}, {}, {"zz01": Grid("zz01", "一格", "Cell", 30.0, 120.0, 30.1, 120.1, ())})
+    tiny = Town(
+        "tiny", "小镇", "Tiny", {}, {}, {"zz01": Grid.box("zz01", "一格", "Cell", 30.0, 120.0, 30.1, 120.1, ())}
+    )
     bus = MessageBus(lambda: UnitOfWork(engine), bind(tiny), PRELOAD)
     bus.handle(requested("in-tiny", grid_id="zz01"))
     assert task(engine, "in-tiny").grid_id == "zz01"
