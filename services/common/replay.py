@@ -79,9 +79,14 @@ class ReplayUnitOfWork(UnitOfWork):
         ids = list(first)
         key = _PROCESSED.c.event_id
         taken: set[str] = set()
+        sqlite = self.connection.dialect.name == "sqlite"
         for start in range(0, len(ids), _LOOKUP_CHUNK):
             chunk = ids[start : start + _LOOKUP_CHUNK]
-            taken.update(self.connection.execute(sa.select(key).where(key.in_(chunk))).scalars())
+            if sqlite:  # straight through the driver: SQLAlchemy's expanding IN costs more than the lookup
+                marks = f"SELECT event_id FROM {_PROCESSED.name} WHERE event_id IN ({', '.join('?' * len(chunk))})"
+                taken.update(row[0] for row in self.connection.exec_driver_sql(marks, tuple(chunk)))
+            else:
+                taken.update(self.connection.execute(sa.select(key).where(key.in_(chunk))).scalars())
         fresh = [event for event_id, event in first.items() if event_id not in taken]
         self._claims += ((e.event_id, e.type) for e in fresh)
         return fresh

@@ -303,6 +303,9 @@ COUNTED = (
 """The daily counters (whole numbers) of a rollup row."""
 SUMMED = ("accept_s", "handle_s", "close_s")
 """The daily sums of stage durations, in seconds (a stage's mean is its sum over its count)."""
+PER_EVENT = ("handled", "reworks")
+"""The daily counters folded event by event (:meth:`Tally.event`); every other figure of the rollups is a function
+of the rows (:meth:`Tally.incident`, :meth:`Tally.order`), so it can be worked out again from them alone."""
 
 GAMMA = 2 ** (1 / 16)
 """The ratio of a stage histogram's consecutive bucket bounds: a bucket's middle is within 2.2 % of any
@@ -454,6 +457,7 @@ __all__ = [
     "NEEDS_ORDER",
     "OPEN",
     "OUTSIDE",
+    "PER_EVENT",
     "SPANS",
     "STATUS_AFTER",
     "SUMMED",

@@ -71,19 +71,31 @@ def preload(events: Sequence[Event], uow: UnitOfWork) -> None:
     OpsStore(uow).preload(events)
 
 
+def preload_rolling_up_later(events: Sequence[Event], uow: UnitOfWork) -> None:
+    """:func:`preload`, in a unit that leaves the rows' shares of the rollups to
+    :func:`~.store.settle_rollups` (a rebuild catching up with the log)."""
+    store = OpsStore(uow)
+    store.roll_up_rows_later()
+    store.preload(events)
+
+
 def forget_rebuild_positions(uow: UnitOfWork) -> None:
     """The rebuilt model is the live one now: where its rebuild got in the log no longer says anything (the live
     consumer's offsets are its consumer group's)."""
     OpsStore(uow).forget_positions()
 
 
-def bind(town: Town) -> Mapping[type[Event], Callable[[Any, UnitOfWork], None]]:
-    """The fold of every lifecycle event, for ``town``."""
+def bind(town: Town, *, timed: bool = True) -> Mapping[type[Event], Callable[[Any, UnitOfWork], None]]:
+    """The fold of every lifecycle event, for ``town``; ``timed``: the stages it completes are observed in this
+    process's metrics (the service's; a rebuild's would be nobody's)."""
 
     def fold_in_town(event: Event, uow: UnitOfWork) -> None:
         fold(event, uow, town)
 
-    return {cls: fold_in_town for cls in EVENT_TYPES.values()}
+    def fold_untimed(event: Event, uow: UnitOfWork) -> None:
+        _fold(event, OpsStore(uow), town)
+
+    return {cls: fold_in_town if timed else fold_untimed for cls in EVENT_TYPES.values()}
 
 
 # -- reads (runtime.read) --------------------------------------------------------------------------------

@@ -52,16 +52,18 @@ from services.common.replay import (
 )
 
 from . import kpis
-from .handlers import bind, preload
+from .handlers import bind, preload, preload_rolling_up_later
 from .kpis import Dimension, KpiReport, Period
 from .store import (
     Db,
     OpsStore,
     ReadModel,
+    drop_read_indexes,
     fresh_read_model,
     holds_read_model,
     log_positions,
     prepare_read_model,
+    settle_rollups,
 )
 
 with warnings.catch_warnings():
@@ -138,6 +140,9 @@ class _Plan:
     progress: Progress
     errors: Any = None
     parent: int = field(default_factory=os.getpid)
+    rows_later: bool = True
+    """The workers leave the rows' shares of the rollups to the settling (catching up), or roll up at each batch
+    (following)."""
 
 
 def rebuild(bootstrap: str, database_url: str, **how: Any) -> int:
@@ -155,33 +160,39 @@ def run(
     options: Options = Options(),
     swap: SwapTarget | None = None,
 ) -> Outcome:
-    """The rebuild, and what it did."""
+    """The rebuild, and what it did.
+
+    It runs in two steps. First it catches up with the log as it ends when the rebuild starts, leaving the rows'
+    shares of the rollups out of its batches (an incident changes in batch after batch; its share is worked out
+    once); then the rollups are settled from the rows (:func:`~.store.settle_rollups`). A following rebuild then
+    folds what comes after as the live service does, rolling up at each batch. A rebuild stopped or killed while
+    catching up leaves the rows' shares unsettled: run it again, and it settles them when it is caught up."""
     source = Source(bootstrap, options.topic or LIFECYCLE.name, dict(security or {}))
     ends = log_end(source)
     start = _prepare_target(database_url, source.topic, options.fresh, ends)
+    _drop_read_indexes(database_url)
     workers = options.workers or min(len(ends), os.cpu_count() or 1)
     assignment = split(ends, workers)
     context = mp.get_context("fork") if len(assignment) > 1 else mp.get_context()
     progress = Progress(len(ends), len(assignment), context)
     for p in ends:
         progress.positions[p] = start.get(p, 0)
-        progress.stops[p] = FOLLOW if options.follow else max(ends[p], start.get(p, 0))
+        progress.stops[p] = max(ends[p], start.get(p, 0))
     plan = _Plan(source, database_url, town, Batching(size=options.batch), assignment, progress, context.Queue())
     started = time.monotonic()
-    outcome_swap: dict[str, Any] | None = None
-    with _workers(plan) as running:
-        watch = _Watch(plan, options, ends, start)  # its progress bar's thread once the workers are forked
-        try:
-            outcome_swap = watch.until_done(running, swap)
-        except KeyboardInterrupt:
-            progress.stopping.set()
-            watch.stopped = True
-        finally:
-            watch.close()
+    stopped, _ = _phase(plan, options, ends, start, None, following=False)
     _raise_worker_errors(plan)
+    _settle(plan)
+    outcome_swap: dict[str, Any] | None = None
+    if options.follow and not stopped and not progress.stopping.is_set():
+        plan.rows_later = False
+        for p in ends:
+            progress.stops[p] = FOLLOW
+        stopped, outcome_swap = _phase(plan, options, ends, start, swap, following=True)
+        _raise_worker_errors(plan)
     settle(make_engine(database_url))
     positions = progress.position()
-    stopped = watch.stopped or any(positions[p] < progress.stops[p] for p in ends if progress.stops[p] != FOLLOW)
+    stopped = stopped or any(positions[p] < progress.stops[p] for p in ends if progress.stops[p] != FOLLOW)
     return Outcome(
         applied=progress.total_applied(),
         skipped=progress.total_skipped(),
@@ -192,6 +203,51 @@ def run(
         peak_rss_mb=_peak_rss_mb(progress),
         swapped=outcome_swap,
     )
+
+
+def _phase(
+    plan: _Plan,
+    options: Options,
+    ends: Mapping[int, int],
+    start: Mapping[int, int],
+    swap: SwapTarget | None,
+    *,
+    following: bool,
+) -> tuple[bool, dict[str, Any] | None]:
+    """Run the workers, following the log if ``following`` (and swapping into ``swap`` once caught up, if
+    given); whether they were stopped, and what the swap answered."""
+    answer: dict[str, Any] | None = None
+    with _workers(plan) as running:
+        watch = _Watch(plan, options, ends, start, following)  # its progress bar's thread once the workers are forked
+        try:
+            answer = watch.until_done(running, swap)
+        except KeyboardInterrupt:
+            plan.progress.stopping.set()
+            watch.stopped = True
+        finally:
+            watch.close()
+    return watch.stopped, answer
+
+
+def _drop_read_indexes(database_url: str) -> None:
+    """While it catches up, the rebuild keeps only the indexes the fold reads through (see :func:`run`)."""
+    engine = make_engine(database_url)
+    try:
+        drop_read_indexes(engine)
+    finally:
+        engine.dispose()
+
+
+def _settle(plan: _Plan) -> None:
+    """The rollups worked out from the rows the catching up folded, and the read model's indexes made again (see
+    :func:`run`)."""
+    engine = make_engine(plan.database_url)
+    tune_for_replay(engine)
+    try:
+        settle_rollups(engine, plan.town)
+        prepare_read_model(engine)
+    finally:
+        engine.dispose()
 
 
 # -- the target ------------------------------------------------------------------------------------------------
@@ -275,8 +331,9 @@ def _work(plan: _Plan, worker: int, keep_going: Callable[[], bool]) -> None:
     """One worker: fold its partitions into the target."""
     engine = make_engine(plan.database_url)
     tune_for_replay(engine)
-    handlers = bind(plan.town)
-    applier = Applier(engine, lambda units: MessageBus(units, handlers, preload), _save(plan.source.topic))
+    handlers = bind(plan.town, timed=False)
+    reads = preload_rolling_up_later if plan.rows_later else preload
+    applier = Applier(engine, lambda units: MessageBus(units, handlers, reads), _save(plan.source.topic))
     try:
         asyncio.run(
             replay(
@@ -393,9 +450,12 @@ class SwapTarget:
 class _Watch:
     """The main process's side: shows progress, stops at ``stop_after``, follows the log's end, swaps."""
 
-    def __init__(self, plan: _Plan, options: Options, ends: Mapping[int, int], start: Mapping[int, int]):
+    def __init__(
+        self, plan: _Plan, options: Options, ends: Mapping[int, int], start: Mapping[int, int], following: bool
+    ) -> None:
         self.plan = plan
         self.options = options
+        self.following = following
         self.ends = dict(ends)
         self.start = dict(start)
         self.stopped = False
@@ -410,7 +470,7 @@ class _Watch:
             if self.options.stop_after and progress.total_applied() >= self.options.stop_after:
                 progress.stopping.set()
                 self.stopped = True
-            if self.options.follow:
+            if self.following:
                 self._refresh_ends()
                 if swap is not None and not progress.stopping.is_set() and self._caught_up():
                     return swap_into(self.plan, running, swap, self._show)

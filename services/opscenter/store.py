@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
@@ -25,16 +25,17 @@ from schemas.reference import Town
 from services.common.db import SHARED_TABLES, Rows, UnitOfWork, create_tables, insert_adding
 
 from ._map import Box, Cluster, Extent
-from .domain import COUNTED, SPANS, SUMMED, Incident, Tally, WorkOrder, first_day
+from .domain import COUNTED, PER_EVENT, SPANS, SUMMED, Incident, Tally, WorkOrder, first_day
 from .kpis import Bucket
 from .models import OPS_DAILY, TABLES, OpsDue, OpsIncident, OpsLogPosition, OpsParked, OpsStage, OpsWorkOrder
 
 INCIDENTS = Rows(OpsIncident, Incident)
 ORDERS = Rows(OpsWorkOrder, WorkOrder)
 
-_WHOLE = frozenset(COUNTED)
 _TALLY = "opscenter.tally"
 """In the unit's info: the rollups' additions of this unit (see :meth:`OpsStore.tally`)."""
+_ROWS_LATER = "opscenter.rows_rolled_up_later"
+"""In the unit's info: the rows' shares of the rollups are left to :func:`settle_rollups`."""
 _MAY_BE_PARKED = "opscenter.may_be_parked"
 """In the unit's info: False once a batch's preload found no parked event it could release (the usual case),
 so the fold skips looking; parking one sets it again."""
@@ -92,52 +93,24 @@ class OpsStore:
             uow.before_commit(lambda: self._roll_up(tally))
         return tally
 
+    def roll_up_rows_later(self) -> None:
+        """Leave the rows' shares of the rollups out of this unit's commits: only what events add by themselves
+        (:data:`~.domain.PER_EVENT`) is added. For a rebuild's catching up, whose rows change batch after batch:
+        :func:`settle_rollups` then works the rows' shares out once, from the rows as they end."""
+        self.uow.info[_ROWS_LATER] = True
+
     def _roll_up(self, tally: Tally) -> None:
         uow = self.uow
-        for before, incident in uow.changed(INCIDENTS):
-            if before is not None:
-                tally.incident(before, -1)
-            tally.incident(incident)
-        for was, order in uow.changed(ORDERS):
-            if was is not None:
-                tally.order(was, -1)
-            tally.order(order)
-        if not tally:
-            return
-        dialect = uow.engine.dialect.name
-        zero = dict.fromkeys(COUNTED, 0) | dict.fromkeys(SUMMED, 0.0)
-        daily = [
-            {
-                "dim": dim,
-                "day": day,
-                "key": key,
-                **zero,
-                **{c: int(v) if c in _WHOLE else v for c, v in counters.items()},
-            }
-            for (day, dim, key), counters in tally.daily.items()
-            if any(counters.values())
-        ]
-        due = [
-            {"dim": dim, "deadline_day": deadline, "closed_day": closed, "key": key, "n": n}
-            for (deadline, closed, dim, key), n in tally.due.items()
-            if n
-        ]
-        spans: Counter[tuple[str, str, date, str, str, int]] = Counter()
-        for (day, dim, key, stage, b), n in tally.stages.items():
-            if n:
-                for span in SPANS:
-                    spans[(dim, span, first_day(span, day), key, stage, b)] += n
-        stages = [
-            {"dim": dim, "span": span, "first": first, "key": key, "stage": stage, "bucket": b, "n": n}
-            for (dim, span, first, key, stage, b), n in spans.items()
-            if n
-        ]
-        for table, rows in ((_DAILY, daily), (_DUE, due), (_STAGE, stages)):
-            if rows:
-                uow.connection.execute(insert_adding(table, dialect), rows)
-        tally.daily.clear()
-        tally.due.clear()
-        tally.stages.clear()
+        if not uow.info.get(_ROWS_LATER):
+            for before, incident in uow.changed(INCIDENTS):
+                if before is not None:
+                    tally.incident(before, -1)
+                tally.incident(incident)
+            for was, order in uow.changed(ORDERS):
+                if was is not None:
+                    tally.order(was, -1)
+                tally.order(order)
+        _add_tally(uow.connection, tally)
 
     # -- parked events: ahead of their report or dispatch -------------------------------------------------
 
@@ -191,6 +164,165 @@ class OpsStore:
     def forget_positions(self) -> None:
         """Forget every position recorded (the database becomes the live one: its consumer group's offsets rule)."""
         self.uow.connection.execute(sa.delete(_POSITION))
+
+
+# -- the rollups: written from a tally, or worked out again from the rows ---------------------------------
+
+
+def _add_tally(connection: Connection, tally: Tally, spans: Sequence[str] = SPANS) -> None:
+    """Add ``tally`` to the rollup tables (one upsert statement per table), and empty it; its stage histograms
+    for each of ``spans``."""
+    if not tally:
+        return
+    day = _day_param(connection.dialect.name)
+    daily = [
+        (
+            dim,
+            day(when),
+            key,
+            *(int(counters.get(c, 0)) for c in COUNTED),
+            *(counters.get(c, 0.0) for c in SUMMED),
+        )
+        for (when, dim, key), counters in tally.daily.items()
+        if any(counters.values())
+    ]
+    due = [(dim, day(deadline), day(closed), key, n) for (deadline, closed, dim, key), n in tally.due.items() if n]
+    histograms: Counter[tuple[str, str, date, str, str, int]] = Counter()
+    for (when, dim, key, stage, b), n in tally.stages.items():
+        if n:
+            for span in spans:
+                histograms[(dim, span, first_day(span, when), key, stage, b)] += n
+    stages = [
+        (dim, span, day(first), key, stage, b, n) for (dim, span, first, key, stage, b), n in histograms.items() if n
+    ]
+    for table, columns, rows in (
+        (_DAILY, _DAILY_COLUMNS, daily),
+        (_DUE, _DUE_COLUMNS, due),
+        (_STAGE, _STAGE_COLUMNS, stages),
+    ):
+        _add_rows(connection, table, columns, rows)
+    tally.daily.clear()
+    tally.due.clear()
+    tally.stages.clear()
+
+
+_DAILY_COLUMNS = ("dim", "day", "key", *COUNTED, *SUMMED)
+_DUE_COLUMNS = ("dim", "deadline_day", "closed_day", "key", "n")
+_STAGE_COLUMNS = ("dim", "span", "first", "key", "stage", "bucket", "n")
+
+
+def _add_rows(connection: Connection, table: sa.Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    """Add ``rows`` (values of ``columns``, the key's first) to ``table``'s rows of the same key, or insert them. On
+    SQLite straight through the driver (SQLAlchemy's handling of each row's parameters costs more than SQLite's
+    upsert itself), the days already written as SQLite's DATE holds them (:func:`_day_param`)."""
+    if not rows:
+        return
+    dialect = connection.dialect.name
+    if dialect == "sqlite":
+        connection.exec_driver_sql(_sqlite_adding(table, columns), rows)
+    else:
+        connection.execute(insert_adding(table, dialect), [dict(zip(columns, row, strict=True)) for row in rows])
+
+
+@functools.cache
+def _sqlite_adding(table: sa.Table, columns: tuple[str, ...]) -> str:
+    """:func:`~services.common.db.insert_adding` for SQLite, as the text of one statement of ``columns``."""
+    from sqlalchemy.dialects import sqlite
+
+    quote = sqlite.dialect().identifier_preparer.quote
+    keys = [c.name for c in table.primary_key.columns]
+    added = ", ".join(f"{quote(c)} = {quote(c)} + excluded.{quote(c)}" for c in columns if c not in keys)
+    return (
+        f"INSERT INTO {quote(table.name)} ({', '.join(map(quote, columns))}) VALUES ({', '.join('?' * len(columns))}) "
+        f"ON CONFLICT ({', '.join(map(quote, keys))}) DO UPDATE SET {added}"
+    )
+
+
+def _day_param(dialect: str) -> Callable[[date], Any]:
+    """How a day is handed to the driver: on SQLite as the text SQLAlchemy's DATE writes (``YYYY-MM-DD``), each
+    day's once; elsewhere as it is."""
+    if dialect != "sqlite":
+        return lambda day: day
+    texts: dict[date, str] = {}
+
+    def text(day: date) -> str:
+        out = texts.get(day)
+        if out is None:
+            out = texts[day] = day.isoformat()
+        return out
+
+    return text
+
+
+_FROM_ROWS = tuple(c for c in (*COUNTED, *SUMMED) if c not in PER_EVENT)
+"""The daily figures that follow the rows (all but those folded event by event)."""
+
+
+def settle_rollups(engine: Engine, town: Town, *, chunk: int = 20_000) -> None:
+    """Work the rows' shares of the rollups out again, from every incident and work order as it stands, in one
+    transaction: the figures that follow the rows are set to nothing (``ops_due`` and ``ops_stage`` wholly, the
+    daily counters but those folded event by event), each row adds its share (``chunk`` rows at a time, in the
+    order of their ids), and the daily rows left with nothing are dropped. What a fold that rolled up row by row
+    holds, since a row's share is a function of the row alone (:class:`~.domain.Tally`); what a rebuild that
+    left the rows' shares for later (:meth:`OpsStore.roll_up_rows_later`) needs once it has caught up. Safe to
+    run again: it starts from the rows each time."""
+    d = _DAILY.c
+    with engine.begin() as connection:
+        connection.execute(sa.update(_DAILY).values(dict.fromkeys(_FROM_ROWS, 0)))
+        connection.execute(sa.delete(_DUE))
+        connection.execute(sa.delete(_STAGE))
+        for rows in _pages(connection, _INCIDENT, chunk):
+            tally = Tally(town)
+            for values in rows:
+                tally.incident(_typed(Incident, _INCIDENT, values))
+            _add_tally(connection, tally, ("day",))
+        for rows in _pages(connection, _ORDER, chunk):
+            tally = Tally(town)
+            for values in rows:
+                tally.order(_typed(WorkOrder, _ORDER, values))
+            _add_tally(connection, tally, ("day",))
+        _stages_of_longer_spans(connection)
+        connection.execute(sa.delete(_DAILY).where(*(d[c] == 0 for c in (*COUNTED, *SUMMED))))
+
+
+def _stages_of_longer_spans(connection: Connection) -> None:
+    """The week's and the month's stage histograms, summed in SQL from their days' (written already)."""
+    s = _STAGE.c
+    for span in SPANS:
+        if span == "day":
+            continue
+        first = _first_day_sql(span, s.first, connection.dialect.name)
+        summed = (
+            sa.select(s.dim, sa.literal(span), first, s.key, s.stage, s.bucket, sa.func.sum(s.n))
+            .where(s.span == "day")
+            .group_by(s.dim, first, s.key, s.stage, s.bucket)
+        )
+        connection.execute(sa.insert(_STAGE).from_select(list(_STAGE_COLUMNS), summed))
+
+
+def _first_day_sql(span: str, day: Any, dialect: str) -> Any:
+    """:func:`~.domain.first_day` in SQL: the Monday of a week, the first of a month (no bound parameter: the
+    same expression is selected and grouped by)."""
+    if dialect == "sqlite":
+        shift = ("'-6 days'", "'weekday 1'") if span == "week" else ("'start of month'",)
+        return sa.func.date(day, *(sa.literal_column(m) for m in shift), type_=sa.Date)
+    return sa.cast(sa.func.date_trunc(sa.literal_column(f"'{span}'"), day), sa.Date)
+
+
+def _pages(connection: Connection, table: sa.Table, size: int) -> Iterator[list[dict[str, Any]]]:
+    """Every row of ``table``, ``size`` at a time in the order of its key (each page read whole: the connection
+    is free to write between them)."""
+    (key,) = table.primary_key.columns
+    last: Any = None
+    while True:
+        page = sa.select(table).order_by(key).limit(size)
+        if last is not None:
+            page = page.where(key > last)
+        rows = [dict(row) for row in connection.execute(page).mappings()]
+        if not rows:
+            return
+        last = rows[-1][key.name]
+        yield rows
 
 
 # -- the read side --------------------------------------------------------------------------------------
@@ -500,6 +632,25 @@ def holds_read_model(engine: Engine, tables: Iterable[sa.Table] = TABLES) -> boo
         return any(connection.execute(sa.select(sa.literal(1)).select_from(t).limit(1)).first() for t in present)
 
 
+_FOLD_LOOKS_UP = frozenset(
+    {(_ORDER.name, "incident_id"), ("ops_parked", "incident_id"), ("ops_parked", "work_order_id")}
+)
+"""The columns besides the keys that the fold finds rows by: a closure's work orders by their incident, parked
+events by what they wait for."""
+
+
+def drop_read_indexes(engine: Engine, tables: Iterable[sa.Table] = TABLES) -> None:
+    """Drop the indexes of the read model that only its reads use (the fold finds its rows by key, and by
+    :data:`_FOLD_LOOKS_UP`): a rebuild catching up then writes its rows without keeping them, and
+    :func:`prepare_read_model` makes them again, each in one pass over its table."""
+    for table in tables:
+        for index in table.indexes:
+            columns = [c.name for c in index.columns]
+            if len(columns) == 1 and (table.name, columns[0]) in _FOLD_LOOKS_UP:
+                continue
+            index.drop(engine, checkfirst=True)
+
+
 def prepare_read_model(engine: Engine, tables: Iterable[sa.Table] = TABLES) -> None:
     """Make the read model's tables that ``engine``'s database lacks (those there are kept as they are)."""
     create_tables(engine, tuple(tables))
@@ -511,8 +662,10 @@ __all__ = [
     "Db",
     "OpsStore",
     "ReadModel",
+    "drop_read_indexes",
     "fresh_read_model",
     "holds_read_model",
     "log_positions",
     "prepare_read_model",
+    "settle_rollups",
 ]
