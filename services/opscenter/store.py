@@ -26,7 +26,7 @@ from services.common.db import SHARED_TABLES, Rows, UnitOfWork, create_tables, i
 
 from ._map import Box, Cluster, Extent
 from .domain import COUNTED, SPANS, SUMMED, Incident, Tally, WorkOrder, first_day
-from .kpis import Bucket
+from .kpis import P90
 from .models import OPS_DAILY, TABLES, OpsDue, OpsIncident, OpsLogPosition, OpsParked, OpsStage, OpsWorkOrder
 
 INCIDENTS = Rows(OpsIncident, Incident)
@@ -278,15 +278,27 @@ class ReadModel:
         )
         return [(row[0], bool(row[1]), int(row[2])) for row in self._rows(statement)]
 
-    def stage_buckets(self, dim: str, span: str, previous: date, current: date) -> list[Bucket]:
-        """Each key's duration histograms (stage, bucket, count) of the ``span`` starting on ``previous`` (False)
-        and the one starting on ``current`` (True)."""
+    def stage_p90(self, dim: str, span: str, previous: date, current: date) -> list[P90]:
+        """The bucket holding the p90 of each key's duration histogram (per stage) of the ``span`` starting on
+        ``previous`` (False) and the one starting on ``current`` (True), found in SQL: each histogram's running
+        count in bucket order beside its total, and the first bucket where ten times the one reaches nine times
+        the other (the last bucket if none does), as :func:`.kpis.p90_bucket` reads it. A period's histograms are
+        one range of the primary key, read in its order; a few rows come back, not every bucket."""
         g = _STAGE.c
-        statement = sa.select(g.key, g.first, g.stage, g.bucket, g.n).where(
-            g.dim == dim, g.span == span, g.first.in_((previous, current)), g.n != 0
+        histogram = (g.first, g.key, g.stage)
+        seen = sa.func.sum(g.n).over(partition_by=histogram, order_by=g.bucket, rows=(None, 0))
+        total = sa.func.sum(g.n).over(partition_by=histogram)
+        running = (
+            sa.select(g.first, g.key, g.stage, g.bucket, seen.label("seen"), total.label("total"))
+            .where(g.dim == dim, g.span == span, g.first.in_((previous, current)), g.n != 0)
+            .subquery()
         )
-        rows = self.db.execute(statement)
-        return [(key, _as_date(first) == current, stage, b, n) for key, first, stage, b, n in rows]
+        r = running.c
+        reached = sa.func.min(sa.case((10 * r.seen >= 9 * r.total, r.bucket)))
+        statement = sa.select(
+            r.key, (r.first == current).label("current"), r.stage, sa.func.coalesce(reached, sa.func.max(r.bucket))
+        ).group_by(r.first, r.key, r.stage)
+        return [(key, bool(side), stage, int(b)) for key, side, stage, b in self.db.execute(statement)]
 
     def overdue_open(self, dim: str, now: datetime) -> list[tuple[str, int]]:
         """Work still owed past its deadline at ``now`` (超期未处置), counted per key of ``dim``."""
