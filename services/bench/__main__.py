@@ -192,7 +192,14 @@ def read(
             help="A PostgreSQL server (as a database URL): the run makes a database of its own there, and drops it.",
         ),
     ] = "",
-    repeats: Annotated[int, typer.Option(min=1, help="Timed requests per endpoint.")] = 20,
+    read_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A read model filled before (tests/readmodel_fill.py), repeatable: no history is published and "
+            "nothing rebuilt; it is served and read as it is, and the live events fold into it."
+        ),
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed requests per endpoint.")] = 100,
     budget_s: Annotated[
         float, typer.Option(min=0.0, help="Fewer requests (at least 3) once an endpoint has taken this long.")
     ] = 10.0,
@@ -216,7 +223,8 @@ def read(
         seed=seed,
         bootstrap=bootstrap,
         databases=tuple(database_url or ()),
-        postgres_url=postgres_url if not database_url else "",
+        postgres_url=postgres_url if not (database_url or read_model) else "",
+        read_models=tuple(read_model or ()),
         repeats=repeats,
         budget_s=budget_s,
         live_s=live_s,
