@@ -312,17 +312,12 @@ class ReadBench:
 
     def _targets(self) -> list[Target]:
         o = self.o
-        if o.read_models:
-            labels = [db.dialect(url) for url in o.read_models]
+        if o.read_models or o.databases:
+            urls = o.read_models or o.databases
+            labels = [db.dialect(url) for url in urls]
             return [
-                Target(label if labels.count(label) == 1 else f"{label}-{i + 1}", url, filled=True)
-                for i, (label, url) in enumerate(zip(labels, o.read_models, strict=True))
-            ]
-        if o.databases:
-            labels = [db.dialect(url) for url in o.databases]
-            return [
-                Target(label if labels.count(label) == 1 else f"{label}-{i + 1}", url)
-                for i, (label, url) in enumerate(zip(labels, o.databases, strict=True))
+                Target(label if labels.count(label) == 1 else f"{label}-{i + 1}", url, filled=bool(o.read_models))
+                for i, (label, url) in enumerate(zip(labels, urls, strict=True))
             ]
         targets = [Target("sqlite", f"sqlite:///{self.var_dir / 'db' / 'opscenter.sqlite'}")]
         if o.postgres_url:
