@@ -206,7 +206,14 @@ class Reading:
             help="A PostgreSQL server (as a database URL): the run makes a database of its own there, and drops it.",
         ),
     ] = ""
-    repeats: Annotated[int, typer.Option(min=1, help="Timed requests per endpoint.")] = 20
+    read_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A read model filled before (tests/readmodel_fill.py), repeatable: no history is published and "
+            "nothing rebuilt; it is served and read as it is, and the live events fold into it."
+        ),
+    ] = None
+    repeats: Annotated[int, typer.Option(min=1, help="Timed requests per endpoint.")] = 100
     budget_s: Annotated[
         float, typer.Option(min=0.0, help="Fewer requests (at least 3) once an endpoint has taken this long.")
     ] = 10.0
@@ -223,7 +230,9 @@ class Reading:
         ``postgres_url``'s server among them)."""
         values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         named = tuple(values.pop("database_url") or ())
-        return ReadOptions(**values | {"databases": named, "postgres_url": "" if named else self.postgres_url})
+        filled = tuple(values.pop("read_model") or ())
+        postgres_url = "" if named or filled else self.postgres_url
+        return ReadOptions(**values | {"databases": named, "read_models": filled, "postgres_url": postgres_url})
 
 
 @app.command()

@@ -104,6 +104,15 @@ def size(url: str) -> Size:
     return Size(sum(tables.values()), tables)
 
 
+def incidents(url: str) -> int:
+    """How many incidents the read model at ``url`` holds (a model filled before the run says its own size)."""
+    if dialect(url) == "sqlite":
+        with contextlib.closing(sqlite3.connect(f"file:{sqlite_path(url)}?mode=ro", uri=True, timeout=30)) as conn:
+            return int(conn.execute("SELECT count(*) FROM ops_incident").fetchone()[0])
+    with contextlib.closing(_connect_pg(url)) as conn:
+        return int(conn.execute("SELECT count(*) FROM ops_incident").fetchone()[0])
+
+
 class Marks(Protocol):
     """Which of some events the read model has marked processed."""
 
@@ -167,6 +176,7 @@ __all__ = [
     "create_database",
     "dialect",
     "drop_database",
+    "incidents",
     "libpq",
     "marks",
     "size",

@@ -17,15 +17,18 @@ from schemas import Event, encode_event
 from . import stats
 from ._read_db import Marks
 
+TOWN_VIEW = "zoom=13&bbox=121.56,31.27,121.63,31.33"
+"""The map of the whole town as the dashboard asks for it once it has fitted the town (its zoom and box)."""
 DASHBOARD = (
     "/api/kpis?period=day&by=department",
     "/api/backlog",
-    "/api/overdue",
+    "/api/overdue?limit=50",
     "/api/trend?days=14",
     "/api/map/grids",
-    "/api/map/incidents",
+    f"/api/map/incidents?{TOWN_VIEW}",
 )
-"""What the dashboard asks for on each refresh (``static/dashboard.js``), all at once."""
+"""What the dashboard asks for on each refresh (``static/dashboard.js``: its overdue page of 50, its map's view),
+all at once."""
 POLL_S = 0.05
 """How often the processed marks are looked at: the lag is measured to within this."""
 
@@ -162,4 +165,4 @@ async def _dashboard(client: httpx.AsyncClient, refresh_s: float, finished: asyn
             continue
 
 
-__all__ = ["DASHBOARD", "POLL_S", "LiveResult", "measure_live"]
+__all__ = ["DASHBOARD", "POLL_S", "TOWN_VIEW", "LiveResult", "measure_live"]

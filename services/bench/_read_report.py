@@ -39,7 +39,9 @@ def rebuild_table(result: Mapping[str, Any]) -> Table:
     for column in ("database", "events", "seconds", "events/s", "peak RSS MB", "database MB", "bytes/event"):
         table.add_column(column, justify="right")
     for label, round_ in result["databases"].items():
-        r = round_["rebuild"]
+        r = round_.get("rebuild")
+        if not r:
+            continue  # a read model filled before the run
         table.add_row(
             label,
             _n(r["events"]),
@@ -55,9 +57,9 @@ def rebuild_table(result: Mapping[str, Any]) -> Table:
 def reads_table(label: str, round_: Mapping[str, Any]) -> Table:
     table = Table(title=f"reads on {label} (one client, ms)")
     table.add_column("endpoint")
-    for column in ("n", "p50", "p95", "p99", "max", "bytes", "status"):
+    for column in ("n", "p50", "p95", "p99", "max", "server CPU", "bytes", "status"):
         table.add_column(column, justify="right")
-    for name, t in round_["endpoints"].items():
+    for name, t in round_.get("endpoints", {}).items():
         status = " ".join(f"{code}×{n}" for code, n in t["status"].items())
         table.add_row(
             name,
@@ -66,6 +68,7 @@ def reads_table(label: str, round_: Mapping[str, Any]) -> Table:
             _n(t.get("p95_ms"), 1),
             _n(t.get("p99_ms"), 1),
             _n(t.get("max_ms"), 1),
+            _n(t.get("server_cpu_ms"), 1),
             _n(t["bytes"]),
             status if set(t["status"]) == {"200"} else f"[red]{status}[/red]",
         )
@@ -101,8 +104,9 @@ def print_read(result: Mapping[str, Any], console: Console) -> None:
             f"host: {host['cpus']} CPUs, load {host['load_start']} → {host.get('load_end')}, "
             f"probe {host['probe_ms_start']} → {host.get('probe_ms_end')} ms (higher: a busier host, slower figures)"
         )
-    console.print(history_table(result))
-    console.print(rebuild_table(result))
+    if result.get("history"):
+        console.print(history_table(result))
+        console.print(rebuild_table(result))
     for label, round_ in result["databases"].items():
         console.print(reads_table(label, round_))
     console.print(live_table(result))

@@ -11,7 +11,13 @@ operations center rebuilds and reads a town's history of ``N`` incidents.
    timed over repeated requests (p50/p95/p99, payload bytes), and the live fold's lag while a dashboard refreshes
    every 5 s and fresh events arrive at a steady rate.
 
-It prints tables, then the result as one JSON object on the last line.
+With ``read_models`` (``--read-model URL``), steps 2 and the rebuild are skipped: the read models named, filled
+before (``tests/readmodel_fill.py`` writes a year of a district straight into one), are served and read as they
+are, and the live events fold into them.
+
+The result is written to ``result.json`` in the run's directory as each phase ends (the history, each database's
+rebuild, each endpoint's timing, the live phase), ``"complete": false`` until the run has ended: a long run that
+dies late leaves every figure it got. It prints tables, then the result as one JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from services.common.settings import LOAD_RATE_LIMITS, REPO_ROOT, ServiceSetting
 
 from . import _read_db as db
 from . import stats
-from ._read_live import LiveResult, measure_live
+from ._read_live import TOWN_VIEW, LiveResult, measure_live
 from .harness import new_namespace, write_json
 from .history import lifecycle, publish
 
@@ -62,7 +68,9 @@ class ReadOptions:
     """Read models to rebuild and read (their tables are dropped); none: a SQLite file in the run's directory,
     and a scratch database on ``postgres_url``'s server if one is given."""
     postgres_url: str = ""
-    repeats: int = 20
+    read_models: tuple[str, ...] = ()
+    """Read models filled before, served and read as they are (no history is published, nothing rebuilt)."""
+    repeats: int = 100
     """Timed requests per endpoint (after one untimed)…"""
     budget_s: float = 10.0
     """…or fewer, once an endpoint has taken this long (at least ``min_repeats``)."""
@@ -102,8 +110,10 @@ def endpoints(last: date, middle: date) -> list[Endpoint]:
     out += [
         Endpoint("backlog", "/api/backlog"),
         Endpoint("overdue", "/api/overdue"),
+        Endpoint("overdue, the dashboard's page", "/api/overdue?limit=50"),
         Endpoint("trend 14 days", "/api/trend?days=14"),
         Endpoint("map incidents", "/api/map/incidents"),
+        Endpoint("map incidents, the dashboard's view", f"/api/map/incidents?{TOWN_VIEW}"),
         Endpoint("map grids", "/api/map/grids"),
     ]
     return out
@@ -117,6 +127,9 @@ class Timing:
     ms: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
     bytes: int = 0
+    server_cpu_ms: float | None = None
+    """The CPU the service spent per timed request, on average (user and system, every thread): what a busy host
+    does not inflate as it does the wall time."""
 
     @property
     def ok(self) -> bool:
@@ -128,19 +141,23 @@ class Timing:
             "path": self.endpoint.path,
             "n": summary["n"],
             **{f"{k}_ms": round(float(v), 1) for k in ("p50", "p95", "p99", "max") if (v := summary[k]) is not None},
+            "server_cpu_ms": round(self.server_cpu_ms, 1) if self.server_cpu_ms is not None else None,
             "bytes": self.bytes,
             "status": {str(code): n for code, n in sorted(self.statuses.items())},
         }
 
 
-def time_endpoints(base_url: str, token: str, reads: Iterable[Endpoint], options: ReadOptions) -> list[Timing]:
-    """Each read once untimed, then ``repeats`` times one after the other (fewer past the budget), one client."""
-    timings = []
+def time_endpoints(
+    base_url: str, token: str, reads: Iterable[Endpoint], options: ReadOptions, server_pid: int | None = None
+) -> Iterator[Timing]:
+    """Each read once untimed, then ``repeats`` times one after the other (fewer past the budget), one client;
+    each endpoint's timing as soon as it is done, with the CPU the process ``server_pid`` spent on it."""
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=base_url, headers=headers, timeout=600.0) as client:
         for endpoint in reads:
             timing = Timing(endpoint)
             client.get(endpoint.path)  # connections, caches, the first compile of a statement
+            cpu = _cpu_s(server_pid)
             began = time.monotonic()
             for n in range(options.repeats):
                 if n >= options.min_repeats and time.monotonic() - began > options.budget_s:
@@ -151,8 +168,20 @@ def time_endpoints(base_url: str, token: str, reads: Iterable[Endpoint], options
                 timing.ms.append((time.perf_counter() - t) * 1000)
                 timing.statuses[response.status_code] = timing.statuses.get(response.status_code, 0) + 1
                 timing.bytes = len(body)
-            timings.append(timing)
-    return timings
+            if cpu is not None and (after := _cpu_s(server_pid)) is not None and timing.ms:
+                timing.server_cpu_ms = (after - cpu) * 1000 / len(timing.ms)
+            yield timing
+
+
+def _cpu_s(pid: int | None) -> float | None:
+    """The CPU seconds (user and system) process ``pid`` and its children have spent; None without one."""
+    if pid is None:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        return sum(sum(p.cpu_times()[:2]) for p in (proc, *proc.children(recursive=True)))
+    except psutil.Error:
+        return None
 
 
 class _TimedEvents:
@@ -207,6 +236,8 @@ class Target:
     url: str
     scratch: tuple[str, str] | None = None
     """(server URL, database name) of a scratch PostgreSQL database the run made, and drops."""
+    filled: bool = False
+    """A read model filled before the run: served as it is (not rebuilt, nor deleted after)."""
 
 
 class ReadBench:
@@ -219,6 +250,8 @@ class ReadBench:
         self.ns = new_namespace("benchread")
         self.t0 = time.time()
         self.targets: list[Target] = []
+        self.result: dict[str, Any] = {}
+        """What the run has measured so far: written to ``result.json`` as each phase ends."""
         self.security = ServiceSettings().kafka_client_options()
         """The Kafka client's credentials, from the environment (none on the local broker)."""
 
@@ -241,35 +274,50 @@ class ReadBench:
             self.targets = self._targets()
             end = datetime.now(UTC).replace(microsecond=0)
             start = end - timedelta(days=o.days)
-            history = self._publish_history(start)
-            result: dict[str, Any] = {
+            result = self.result = {
                 "bench": "read",
+                "complete": False,
                 "incidents": o.incidents,
                 "days": o.days,
                 "seed": o.seed,
-                "history": history,
+                "history": None,
                 "databases": {},
+                "host": self._host(),
             }
-            result["host"] = self._host()
+            if o.read_models:  # what they hold, not what the options say
+                result["incidents"] = [db.incidents(t.url) for t in self.targets]
+            else:
+                result["history"] = self._publish_history(start)
+                self._save()
             token = self._token()
             last, middle = (end - timedelta(microseconds=1)).date(), (start + (end - start) / 2).date()
             for index, target in enumerate(self.targets):
-                result["databases"][target.label] = self._round(index, target, token, endpoints(last, middle))
+                result["databases"][target.label] = {"url": _without_password(target.url)}
+                self._round(index, target, token, endpoints(last, middle), result["databases"][target.label])
             result["host"]["probe_ms_end"] = _probe()
             result["host"]["load_end"] = round(os.getloadavg()[0], 2)
             result["duration_s"] = round(time.time() - self.t0, 1)
-            write_json(self.out_dir / "result.json", result)
+            result["complete"] = True
+            self._save()
             return result
         finally:
             self._clean_up()
 
+    def _save(self) -> None:
+        """The result so far, on disk (written aside and renamed: a run killed meanwhile leaves the last one)."""
+        path = self.out_dir / "result.json"
+        partial = path.with_suffix(".json.part")
+        write_json(partial, {**self.result, "duration_s": round(time.time() - self.t0, 1)})
+        partial.replace(path)
+
     def _targets(self) -> list[Target]:
         o = self.o
-        if o.databases:
-            labels = [db.dialect(url) for url in o.databases]
+        if o.read_models or o.databases:
+            urls = o.read_models or o.databases
+            labels = [db.dialect(url) for url in urls]
             return [
-                Target(label if labels.count(label) == 1 else f"{label}-{i + 1}", url)
-                for i, (label, url) in enumerate(zip(labels, o.databases, strict=True))
+                Target(label if labels.count(label) == 1 else f"{label}-{i + 1}", url, filled=bool(o.read_models))
+                for i, (label, url) in enumerate(zip(labels, urls, strict=True))
             ]
         targets = [Target("sqlite", f"sqlite:///{self.var_dir / 'db' / 'opscenter.sqlite'}")]
         if o.postgres_url:
@@ -324,7 +372,33 @@ class ReadBench:
 
     # -- one database -----------------------------------------------------------------------------------------
 
-    def _round(self, index: int, target: Target, token: str, reads: list[Endpoint]) -> dict[str, Any]:
+    def _round(self, index: int, target: Target, token: str, reads: list[Endpoint], out: dict[str, Any]) -> None:
+        """Rebuild (unless filled before), time every read and the live fold on one database, into ``out`` (saved
+        as each phase ends)."""
+        o = self.o
+        out["rebuild"] = None if target.filled else self._rebuild(target)
+        out["endpoints"], out["errors"], out["live"] = {}, 0, None
+        self._save()
+        self._start_at_the_end()
+        group = self._serve(target)
+        try:
+            base_url = group.urls["opscenter"]
+            self.log(f"  timing {len(reads)} reads ({o.repeats} each, at most ~{o.budget_s:g} s an endpoint)")
+            pid = group.procs["opscenter"].pid
+            for t in time_endpoints(base_url, token, reads, o, pid):
+                p99 = stats.percentile(t.ms, 99)
+                answers = "" if t.ok else f"  [red]answers {dict(sorted(t.statuses.items()))}[/red]"
+                self.log(f"    {t.endpoint.name:<36} p99 {p99 or 0:9.1f} ms {t.bytes:>10,} B{answers}")
+                out["endpoints"][t.endpoint.name] = t.as_dict()
+                out["errors"] += sum(n for code, n in t.statuses.items() if code != 200)
+                self._save()
+            live = self._live(index, target, base_url, token)
+            out["live"] = live.as_dict() if live is not None else None
+            self._save()
+        finally:
+            group.stop()
+
+    def _rebuild(self, target: Target) -> dict[str, Any]:
         from services.opscenter.rebuild import rebuild
 
         o = self.o
@@ -348,26 +422,7 @@ class ReadBench:
             f"  {applied:,} events in {seconds:.1f} s ({rebuilt['events_per_s'] or 0:,}/s), peak RSS "
             f"{rebuilt['peak_rss_mb']} MB, {size.total / 2**20:.0f} MB ({rebuilt['bytes_per_event']} B an event)"
         )
-        self._start_at_the_end()
-        group = self._serve(target)
-        try:
-            base_url = group.urls["opscenter"]
-            self.log(f"  timing {len(reads)} reads ({o.repeats} each, at most ~{o.budget_s:g} s an endpoint)")
-            timings = time_endpoints(base_url, token, reads, o)
-            for t in timings:
-                p99 = stats.percentile(t.ms, 99)
-                answers = "" if t.ok else f"  [red]answers {dict(sorted(t.statuses.items()))}[/red]"
-                self.log(f"    {t.endpoint.name:<32} p99 {p99 or 0:9.1f} ms {t.bytes:>10,} B{answers}")
-            live = self._live(index, target, base_url, token)
-        finally:
-            group.stop()
-        return {
-            "url": _without_password(target.url),
-            "rebuild": rebuilt,
-            "endpoints": {t.endpoint.name: t.as_dict() for t in timings},
-            "errors": sum(n for t in timings for code, n in t.statuses.items() if code != 200),
-            "live": live.as_dict() if live is not None else None,
-        }
+        return rebuilt
 
     def _start_at_the_end(self) -> None:
         """Commit opscenter's consumer group at the log's end: the service starts where the rebuild stopped (it
@@ -470,7 +525,7 @@ class ReadBench:
                     db.drop_database(*target.scratch)
                 except Exception as exc:
                     self.log(f"[yellow]database {target.scratch[1]} not dropped ({type(exc).__name__}: {exc})[/yellow]")
-        shutil.rmtree(self.var_dir / "db", ignore_errors=True)
+        shutil.rmtree(self.var_dir / "db", ignore_errors=True)  # a model filled before is elsewhere: kept
 
 
 def _probe() -> float:

@@ -26,7 +26,7 @@ and closures for every department that worked on the incident.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from enum import StrEnum
@@ -140,22 +140,27 @@ def _rate(num: float, den: float) -> float | None:
     return round(num / den, 4) if den else None
 
 
-def _p90(histogram: dict[int, int]) -> float:
-    """The nearest-rank 90th percentile of the durations a histogram counts, as the middle of its bucket."""
-    rank, seen = -(-9 * sum(histogram.values()) // 10), 0
+def p90_bucket(histogram: Mapping[int, int]) -> int:
+    """The bucket of a histogram (bucket → count) that holds the nearest-rank 90th percentile of the durations it
+    counts: the first bucket, in order, at which the running count reaches ⌈0.9 × total⌉ (that is, ten times the
+    running count reaches nine times the total); the last bucket if none does. ``ReadModel.stage_p90`` reads the
+    same bucket in SQL."""
+    total = sum(histogram.values())
+    seen = 0
     for b in sorted(histogram):
         seen += histogram[b]
-        if seen >= rank:
-            return bucket_value(b)
-    return bucket_value(max(histogram))
+        if 10 * seen >= 9 * total:
+            return b
+    return max(histogram)
 
 
-def _stat(count: float, total_s: float, histogram: dict[int, int] | None) -> Stat | None:
+def _stat(count: float, total_s: float, p90: int | None) -> Stat | None:
+    """A stage's figures: its count and mean from the daily sums, its p90 from the bucket that holds it (None:
+    no histogram)."""
     n = int(count)
     if n <= 0:
         return None
-    p90 = round(_p90(histogram), 3) if histogram else None
-    return Stat(count=n, mean_s=round(total_s / n, 3), p90_s=p90)
+    return Stat(count=n, mean_s=round(total_s / n, 3), p90_s=round(bucket_value(p90), 3) if p90 is not None else None)
 
 
 def _names(by: Dimension, key: str, town: Town) -> tuple[str, str]:
@@ -170,8 +175,8 @@ def _names(by: Dimension, key: str, town: Town) -> tuple[str, str]:
     return key, key
 
 
-Bucket = tuple[str, bool, str, int, int]
-"""A key's count of durations in one histogram bucket: (key, of the current period?, stage, bucket, count)."""
+P90 = tuple[str, bool, str, int]
+"""The bucket that holds a key's p90 of a stage: (key, of the current period?, stage, bucket)."""
 
 
 class KpiReads(Protocol):
@@ -186,8 +191,9 @@ class KpiReads(Protocol):
         """Cases due in a period without closing in it."""
         ...
 
-    def stage_buckets(self, dim: str, span: str, previous: date, current: date) -> list[Bucket]:
-        """The duration histograms of the two periods, by their first days: (key, current, stage, bucket, count)."""
+    def stage_p90(self, dim: str, span: str, previous: date, current: date) -> list[P90]:
+        """The bucket of each duration histogram of the two periods (by their first days) that holds its p90 (see
+        :func:`p90_bucket`): (key, current, stage, bucket); a histogram with no duration left is absent."""
         ...
 
     def overdue_open(self, dim: str, now: datetime) -> list[tuple[str, int]]:
@@ -195,8 +201,24 @@ class KpiReads(Protocol):
         ...
 
 
+Overdue = dict[tuple[bool, str], int]
+"""Work still owed past its deadline now, per (of the current period?, key): shown in the period that holds now."""
+
+
+def _overdue(reads: KpiReads, by: Dimension, periods: tuple[Window, Window], now: datetime) -> tuple[Overdue, Overdue]:
+    """超期未处置 per key of ``by`` and for the whole town, from one count of the work owed: each work order has
+    one key of each dimension, so the town's figure is the sum of its keys'. Empty unless ``now`` is in a period."""
+    current, previous = periods
+    side = True if now in current else False if now in previous else None
+    if side is None:
+        return {}, {}
+    cut = {(side, key): n for key, n in reads.overdue_open(by.value, now) if n}
+    total = sum(cut.values())
+    return cut, ({(side, TOTAL): total} if total else {})
+
+
 def _compute(
-    reads: KpiReads, by: Dimension, period: Period, periods: tuple[Window, Window], now: datetime
+    reads: KpiReads, by: Dimension, period: Period, periods: tuple[Window, Window], overdue: Overdue
 ) -> dict[bool, dict[str, Kpi]]:
     """Every key's KPIs in the current period (True) and the previous one (False)."""
     current, previous = periods
@@ -205,13 +227,10 @@ def _compute(
     for key, side, figures in reads.daily_sums(*span):
         sums[(side, key)] = figures
     due: dict[tuple[bool, str], int] = {(side, key): n for key, side, n in reads.still_due(*span)}
-    histograms: dict[tuple[bool, str, str], dict[int, int]] = defaultdict(dict)
-    for key, side, stage, b, n in reads.stage_buckets(by.value, period.value, previous.first, current.first):
-        histograms[(side, key, stage)][b] = n
-    overdue: dict[tuple[bool, str], int] = {}
-    for side, w in ((True, current), (False, previous)):
-        if now in w:  # a snapshot, shown in the period that holds it
-            overdue.update(((side, key), n) for key, n in reads.overdue_open(by.value, now) if n)
+    p90s = {
+        (side, key, stage): b
+        for key, side, stage, b in reads.stage_p90(by.value, period.value, previous.first, current.first)
+    }
     out: dict[bool, dict[str, Kpi]] = {True: {}, False: {}}
     for side, key in sums.keys() | due.keys() | overdue.keys():
         a = sums.get((side, key), {})
@@ -231,7 +250,7 @@ def _compute(
             rework_rate=_rate(count("reworks"), count("handled")),
             accurate_dispatch_rate=_rate(count("dispatched") - count("returned"), count("dispatched")),
             **{
-                figure: _stat(a.get(stage + "_n", 0), a.get(stage + "_s", 0.0), histograms.get((side, key, stage)))
+                figure: _stat(a.get(stage + "_n", 0), a.get(stage + "_s", 0.0), p90s.get((side, key, stage)))
                 for stage, figure in STAGES.items()
             },
         )
@@ -245,8 +264,10 @@ def kpi_report(
     of ``town``, from the rollups ``reads`` sums; ``now``: when the snapshot figures are taken."""
     current, previous = window(period, at, town)
     periods = (current, previous)
-    cut = _compute(reads, by, period, periods, now) if by is not Dimension.NONE else {True: {}, False: {}}
-    total = _compute(reads, Dimension.NONE, period, periods, now)
+    overdue_cut, overdue_total = _overdue(reads, by, periods, now)
+    none: dict[bool, dict[str, Kpi]] = {True: {}, False: {}}
+    cut = _compute(reads, by, period, periods, overdue_cut) if by is not Dimension.NONE else none
+    total = _compute(reads, Dimension.NONE, period, periods, overdue_total)
     cur, prev = cut[True], cut[False]
     keys = sorted(cur.keys() | prev.keys())
 

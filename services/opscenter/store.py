@@ -25,8 +25,8 @@ from schemas.reference import Town
 from services.common.db import SHARED_TABLES, Rows, UnitOfWork, create_tables, insert_adding
 
 from ._map import Box, Cluster, Extent
-from .domain import COUNTED, PER_EVENT, SPANS, SUMMED, Incident, Tally, WorkOrder, first_day
-from .kpis import Bucket
+from .domain import COUNTED, FLOOR, PER_EVENT, SPANS, SUMMED, Incident, Tally, WorkOrder, first_day
+from .kpis import P90, p90_bucket
 from .models import OPS_DAILY, TABLES, OpsDue, OpsIncident, OpsLogPosition, OpsParked, OpsStage, OpsWorkOrder
 
 INCIDENTS = Rows(OpsIncident, Incident)
@@ -410,15 +410,63 @@ class ReadModel:
         )
         return [(row[0], bool(row[1]), int(row[2])) for row in self._rows(statement)]
 
-    def stage_buckets(self, dim: str, span: str, previous: date, current: date) -> list[Bucket]:
-        """Each key's duration histograms (stage, bucket, count) of the ``span`` starting on ``previous`` (False)
-        and the one starting on ``current`` (True)."""
+    def stage_p90(self, dim: str, span: str, previous: date, current: date) -> list[P90]:
+        """The bucket holding the p90 of each key's duration histogram (per stage) of the ``span`` starting on
+        ``previous`` (False) and the one starting on ``current`` (True), as :func:`.kpis.p90_bucket` reads it, in
+        two steps: each histogram's counts summed per group of :data:`_COARSE` consecutive buckets (in SQL), the
+        group where the running count reaches nine tenths of the total, then that group's own buckets only. A
+        period's histograms are one range of the primary key; some rows per histogram come back, not every
+        bucket. (A histogram with a bucket below zero, which a fold never leaves, is read whole.)"""
         g = _STAGE.c
-        statement = sa.select(g.key, g.first, g.stage, g.bucket, g.n).where(
-            g.dim == dim, g.span == span, g.first.in_((previous, current)), g.n != 0
+        coarse = ((g.bucket - _LOWEST) // _COARSE).label("coarse")  # of a whole number from 0: the same everywhere
+        statement = (
+            sa.select(g.first, g.key, g.stage, coarse, sa.func.sum(g.n), sa.func.min(g.n))
+            .where(g.dim == dim, g.span == span, g.first.in_((previous, current)), g.n != 0)
+            .group_by(g.first, g.key, g.stage, coarse)
         )
-        rows = self.db.execute(statement)
-        return [(key, _as_date(first) == current, stage, b, n) for key, first, stage, b, n in rows]
+        groups: dict[tuple[Any, str, str], list[tuple[int, int]]] = {}
+        whole: set[tuple[Any, str, str]] = set()
+        for first, key, stage, c, n, least in self.db.execute(statement):
+            groups.setdefault((first, key, stage), []).append((int(c), int(n)))
+            if least < 0:
+                whole.add((first, key, stage))
+        wanted: dict[tuple[Any, str, str], tuple[int, int]] = {}  # (the group, the count before it)
+        for histogram, sums in groups.items():
+            if histogram in whole:
+                wanted[histogram] = (0, 0)
+                continue
+            sums.sort()
+            total, seen, group = sum(n for _, n in sums), 0, sums[-1][0]
+            for c, n in sums:
+                if 10 * (seen + n) >= 9 * total:
+                    group = c
+                    break
+                seen += n
+            wanted[histogram] = (group, seen)
+        if not wanted:
+            return []
+        fine: dict[tuple[Any, str, str], dict[int, int]] = {}
+        for histogram, (c, _) in wanted.items():
+            first, key, stage = histogram
+            low, high = _bucket_range(c, histogram in whole)
+            bounds = {"dim": dim, "span": span, "first": first, "key": key, "stage": stage, "low": low, "high": high}
+            fine[histogram] = {int(b): int(n) for b, n in self.db.execute(_FINE_BUCKETS, bounds)}
+        out: list[P90] = []
+        for histogram, (_, before) in wanted.items():
+            first, key, stage = histogram
+            total = sum(n for _, n in groups[histogram])
+            buckets = fine.get(histogram, {})
+            if histogram in whole:
+                b = p90_bucket(buckets)
+            else:
+                b, seen = max(buckets), before
+                for fb in sorted(buckets):
+                    seen += buckets[fb]
+                    if 10 * seen >= 9 * total:
+                        b = fb
+                        break
+            out.append((key, _as_date(first) == current, stage, b))
+        return out
 
     def overdue_open(self, dim: str, now: datetime) -> list[tuple[str, int]]:
         """Work still owed past its deadline at ``now`` (超期未处置), counted per key of ``dim``."""
@@ -573,6 +621,41 @@ class ReadModel:
         i = _INCIDENT.c
         statement = sa.select(i.grid_id, sa.func.count()).where(*_open_in(None)).group_by(i.grid_id)
         return {grid: int(n) for grid, n in self.db.execute(statement)}
+
+
+_COARSE = 16
+"""Buckets in a group of the p90's first step (a doubling of the duration, at ``domain.GAMMA`` = 2^(1/16))."""
+_LOWEST = 16 * (FLOOR // 16)
+"""Where the first group starts: at or below every bucket (``domain.FLOOR``, a millisecond or less), so that the
+groups are the buckets' distance from it divided by :data:`_COARSE`, a whole number from 0 that every database
+divides alike."""
+
+
+def _bucket_range(group: int, whole: bool) -> tuple[int, int]:
+    """The lowest and highest buckets in ``group`` (see :meth:`ReadModel.stage_p90`); every bucket for a histogram
+    read whole."""
+    if whole:
+        return -(2**31), 2**31 - 1
+    low = _LOWEST + group * _COARSE
+    return low, low + _COARSE - 1
+
+
+def _fine_buckets() -> Any:
+    """One histogram's buckets from ``low`` to ``high`` with their counts: a range of the primary key (the
+    statement is the same for every histogram, compiled once)."""
+    g = _STAGE.c
+    return sa.select(g.bucket, g.n).where(
+        g.dim == sa.bindparam("dim"),
+        g.span == sa.bindparam("span"),
+        g.first == sa.bindparam("first"),
+        g.key == sa.bindparam("key"),
+        g.stage == sa.bindparam("stage"),
+        g.bucket.between(sa.bindparam("low"), sa.bindparam("high")),
+        g.n != 0,
+    )
+
+
+_FINE_BUCKETS = _fine_buckets()
 
 
 def _open_in(box: Box | None) -> list[Any]:

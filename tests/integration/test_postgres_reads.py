@@ -1,4 +1,4 @@
-"""The operations center's lists and map answer the same on PostgreSQL as on SQLite.
+"""The operations center's lists, map and KPIs answer the same on PostgreSQL as on SQLite.
 
 One read model (tests/readmodel_fill.py, the same seed) is written into both databases; the backlog, every page of
 the overdue list, the map at every zoom (points and clusters) and the grids must be equal. Runs where
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from services.common.bus import MessageBus
 from services.common.db import SHARED_TABLES, UnitOfWork, make_engine
 from services.opscenter import handlers, views
 from services.opscenter._map import Box, MapQuery
+from services.opscenter.kpis import Dimension, Period
 from services.opscenter.models import TABLES
 from tests.readmodel_fill import NOW, fill
 
@@ -89,3 +91,15 @@ def test_the_lists_and_the_map_are_the_same_on_both(both: tuple[Query, Query]) -
             a = pg(handlers.show_map, MapQuery(zoom, box), GAOHANG)
             b = lite(handlers.show_map, MapQuery(zoom, box), GAOHANG)
             assert _clusters(a) == _clusters(b), (box, zoom)
+
+
+def test_the_kpis_are_the_same_on_both(both: tuple[Query, Query]) -> None:
+    """The rollups' sums, the p90s found in two steps and the work overdue, for every period and cut, on days
+    across the year of the filled read model."""
+    pg, lite = both
+    for days_back in (0, 40, 150, 300):
+        at = GAOHANG.local_day(NOW - timedelta(days=days_back))
+        for period in Period:
+            for by in Dimension:
+                want = lite(handlers.report_kpis, period, at, by, GAOHANG).model_dump()
+                assert pg(handlers.report_kpis, period, at, by, GAOHANG).model_dump() == want, (at, period, by)

@@ -3,6 +3,7 @@ read model's database."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from datetime import date
 from pathlib import Path
@@ -16,7 +17,7 @@ from rich.console import Console
 
 from services.bench import _read_db as db
 from services.bench._read_report import print_read
-from services.bench.read import Endpoint, Timing, endpoints
+from services.bench.read import Endpoint, ReadBench, ReadOptions, Timing, endpoints
 from services.opscenter.api import build_api
 
 LAST, MIDDLE = date(2026, 12, 7), date(2026, 6, 8)
@@ -65,6 +66,7 @@ def test_a_timing_sums_up_its_requests_and_says_whether_all_answered_200() -> No
         "p95_ms": 29.0,
         "p99_ms": 29.8,
         "max_ms": 30.0,
+        "server_cpu_ms": None,
         "bytes": 1234,
         "status": {"200": 3},
     }
@@ -138,3 +140,27 @@ def test_the_tables_print_a_result() -> None:
     print_read(result, console)
     text = console.export_text()
     assert "backlog" in text and "rebuild" in text and "sqlite" in text
+
+
+def test_a_read_model_filled_before_is_read_as_it_is_and_its_tables_print_without_a_rebuild(tmp_path: Path) -> None:
+    options = ReadOptions(read_models=(f"sqlite:///{tmp_path / 'a.sqlite'}", f"sqlite:///{tmp_path / 'b.sqlite'}"))
+    targets = ReadBench(options)._targets()
+    assert [(t.label, t.filled, t.scratch) for t in targets] == [("sqlite-1", True, None), ("sqlite-2", True, None)]
+    round_: dict[str, Any] = {"url": targets[0].url, "rebuild": None, "endpoints": {}, "errors": 0, "live": None}
+    result = {"incidents": 1, "days": 1, "seed": 1, "history": None, "databases": {"sqlite-1": round_}}
+    console = Console(width=200, record=True)
+    print_read(result, console)
+    assert "reads on sqlite-1" in console.export_text()
+
+
+def test_the_result_so_far_is_on_disk_as_each_phase_ends(tmp_path: Path) -> None:
+    bench = ReadBench(ReadOptions(out_root=tmp_path))
+    bench.out_dir.mkdir(parents=True)
+    bench.result = {"bench": "read", "complete": False, "history": {"events": 10}}
+    bench._save()
+    bench.result["databases"] = {"sqlite": {"endpoints": {"backlog": {"n": 3}}}}
+    bench._save()
+    saved = json.loads((bench.out_dir / "result.json").read_text())
+    assert saved["complete"] is False and saved["databases"]["sqlite"]["endpoints"]["backlog"] == {"n": 3}
+    assert "duration_s" in saved
+    assert [p.name for p in bench.out_dir.iterdir()] == ["result.json"]  # written aside, then renamed

@@ -12,7 +12,7 @@ from schemas import events as ev
 from schemas.reference import GAOHANG, Category, Department, Grid, Town
 from services.opscenter import _map, domain, views
 from services.opscenter.domain import Incident, Tally, WorkOrder
-from services.opscenter.kpis import Bucket, Dimension, Period, kpi_report
+from services.opscenter.kpis import P90, Dimension, Period, kpi_report, p90_bucket
 
 T0 = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
 
@@ -344,13 +344,14 @@ class TallyReads:
                 out[(key, current)] += n
         return [(key, side, n) for (key, side), n in out.items()]
 
-    def stage_buckets(self, dim: str, span: str, previous: date, current: date) -> list[Bucket]:
-        out: dict[tuple[str, bool, str, int], int] = defaultdict(int)
+    def stage_p90(self, dim: str, span: str, previous: date, current: date) -> list[P90]:
+        histograms: dict[tuple[str, bool, str], dict[int, int]] = defaultdict(lambda: defaultdict(int))
         for (day, d, key, stage, b), n in self.tally.stages.items():
             first = domain.first_day(span, day)
             if d == dim and first in (previous, current):
-                out[(key, first == current, stage, b)] += n
-        return [(*k, n) for k, n in out.items() if n]
+                histograms[(key, first == current, stage)][b] += n
+        kept = {k: {b: n for b, n in h.items() if n} for k, h in histograms.items()}
+        return [(*k, p90_bucket(h)) for k, h in kept.items() if h]
 
     def overdue_open(self, dim: str, now: datetime) -> list[tuple[str, int]]:
         out: dict[str, int] = defaultdict(int)
