@@ -28,6 +28,7 @@ import aiohttp
 import orjson
 
 from schemas import GAOHANG, Town
+from schemas.reference import Grid
 
 from .stats import TIMED_EVENTS, StepOutcome, stage_latencies_ms
 
@@ -81,6 +82,13 @@ class Tokens:
     departments: dict[str, str]
 
 
+def reporter_and_verifier(grid: Grid) -> tuple[str, str]:
+    """The grid's worker who reports the driver's incidents, and the one dispatch asks to verify them: its first
+    worker who neither reported nor handled the incident."""
+    reporter = grid.workers[0]
+    return reporter, next(w for w in grid.workers if w != reporter)
+
+
 def issue_tokens(auth_database_url: str, town: Town = GAOHANG) -> Tokens:
     from services.common.auth import Role, TokenStore
     from services.common.db import make_engine
@@ -88,7 +96,7 @@ def issue_tokens(auth_database_url: str, town: Town = GAOHANG) -> Tokens:
     store = TokenStore(make_engine(auth_database_url))
     reporters, verifiers = {}, {}
     for code, grid in town.grids.items():
-        reporter, verifier = grid.workers[0], grid.workers[-1]
+        reporter, verifier = reporter_and_verifier(grid)
         reporters[code] = (reporter, store.issue(Role.GRID_WORKER, reporter)[0])
         verifiers[code] = store.issue(Role.GRID_WORKER, verifier)[0]
     departments = {d: store.issue(Role.DEPARTMENT, f"bench-{d}", department=d)[0] for d in town.departments}

@@ -666,3 +666,18 @@ def test_the_command_line_hands_its_options_to_the_run(command: str, monkeypatch
         )
     else:
         assert (chosen.raw_s, chosen.refine) == (0.0, 1)
+
+
+def test_the_driver_verifies_as_the_worker_dispatch_asks() -> None:
+    """Under the ``assigned`` policy only the worker a task is asked of decides it: the driver's verifier of each
+    grid is the one dispatch's rule picks for an incident the driver's reporter filed."""
+    from datetime import UTC, datetime
+
+    from schemas import GAOHANG
+    from services.bench.driver import reporter_and_verifier
+    from services.dispatch.domain import Case, verifier
+
+    for code, grid in GAOHANG.grids.items():
+        reporter, chosen = reporter_and_verifier(grid)
+        case = Case("i", "c", "dispatched", "exposed_garbage", code, 0.0, 0.0, reporter, datetime.now(UTC))
+        assert chosen == verifier(case, [], GAOHANG) != reporter
